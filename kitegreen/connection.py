@@ -1,0 +1,287 @@
+"""One client connection: protocol detection, the request loop, timeouts and panics.
+
+kite's ``processRequests`` and ``onPanic``. The loop runs in the connection's own pooled
+greenlet; the handler is called in that greenlet, so ``real_ip()`` sees this connection's peer.
+Everything the loop needs is resolved once in :class:`ConnectionContext`, so a request costs a
+dict lookup, a decode, the handler, an encode and (usually) one ``send``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from thriftpy2.thrift import TApplicationException, TMessageType, TType
+from thriftpy2.transport import TTransportException
+
+from kitegreen import context
+from kitegreen.exceptions import ProtocolError
+from kitegreen.limiter import Limiter
+from kitegreen.metrics import Metrics
+from kitegreen.processor import Method
+from kitegreen.protocol import RECV_SIZE, Codec, SocketReader, Wire, detect, is_disconnect, send_all
+from kitegreen.reporter import PANIC, QPS_OVERLOAD, ReportGate
+
+LOADSHEDDING = 11
+"""``TApplicationException`` type for a request refused by a QPS limit: fbthrift's
+``LOADSHEDDING``, so clients can tell an overload from a crash (``INTERNAL_ERROR``, 6)."""
+
+_CALL = TMessageType.CALL
+_ONEWAY = TMessageType.ONEWAY
+_REPLY = TMessageType.REPLY
+_EXCEPTION = TMessageType.EXCEPTION
+
+
+class CloseConnection(Exception):  # noqa: N818 - control flow, never seen outside this module
+    """End the request loop; ``reason`` goes to the debug log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class ConnectionContext:
+    """What every connection of one server shares, resolved at start."""
+
+    methods: dict[str, Method]
+    limiter: Limiter
+    reports: ReportGate
+    metrics: Metrics | None
+    log: Any
+    read_write_timeout: float
+    idle_timeout: float
+    max_frame_size: int
+    get_real_ip: bool
+    access_log: bool
+    stopping: bool = False
+    """Set by ``RpcServer.stop()``: finish the request at hand, then close."""
+    active: set[Connection] = field(default_factory=set)
+
+
+def peer_ip(address: Any) -> str | None:
+    """The client IP from an accept() address; None on a Unix socket."""
+    if not isinstance(address, tuple) or not address:
+        return None
+    ip = str(address[0])
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; users want a.b.c.d.
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+class Connection:
+    """Serve Thrift requests on one accepted socket until it closes or the server stops."""
+
+    __slots__ = ("codec", "ctx", "greenlet", "peer", "reader", "sock", "wire")
+
+    def __init__(self, sock: Any, address: Any, ctx: ConnectionContext, greenlet: Any) -> None:
+        self.sock = sock
+        self.ctx = ctx
+        self.peer = peer_ip(address)
+        self.greenlet = greenlet
+        self.wire: Wire | None = None
+        self.codec: Codec | None = None
+        self.reader = SocketReader(
+            sock,
+            rw_timeout=ctx.read_write_timeout,
+            idle_timeout=ctx.idle_timeout,
+            max_frame_size=ctx.max_frame_size,
+        )
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a request to start: safe to close without losing work."""
+        return self.reader.idle
+
+    def serve(self) -> None:
+        """Run the request loop; return when the connection is done. Never raises Exception."""
+        ctx = self.ctx
+        if ctx.get_real_ip:
+            context.set_real_ip(self.peer)
+        try:
+            self._detect()
+            self._loop()
+        except CloseConnection as exc:
+            ctx.log.debug("connection closed", peer=self.peer, reason=exc.reason)
+        except TTransportException as exc:
+            ctx.log.debug("connection closed", peer=self.peer, reason=_why_closed(exc, self.reader))
+        except Exception as exc:  # noqa: BLE001 - whatever a peer sends must not crash the server
+            if is_disconnect(exc):
+                ctx.log.debug("connection closed", peer=self.peer, reason=_why_closed(exc, self.reader))
+            else:
+                ctx.log.debug(
+                    "connection closed on bad input",
+                    peer=self.peer,
+                    wire=self.wire.describe() if self.wire else None,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+
+    def _detect(self) -> None:
+        reader = self.reader
+        reader.start_request()
+        head = b""
+        while True:
+            chunk = reader.read(RECV_SIZE)
+            if not chunk:
+                raise CloseConnection("closed by peer before sending a request")
+            head += chunk
+            wire = detect(head)
+            if wire is not None:
+                break
+        reader.pending = head
+        self.wire = wire
+        self.codec = Codec(wire, reader)
+
+    def _loop(self) -> None:
+        ctx = self.ctx
+        codec = self.codec
+        assert codec is not None
+        iprot = codec.iprot
+        reader = self.reader
+        methods = ctx.methods
+        limiter = ctx.limiter
+        limits_on = limiter.enabled
+        metrics_on = ctx.metrics is not None
+        access_log = ctx.access_log
+        clock = time.monotonic
+
+        while not ctx.stopping:
+            reader.start_request()
+            name, mtype, seqid = iprot.read_message_begin()
+            start = clock()
+            method = methods.get(name)
+            if method is None or (mtype != _CALL and mtype != _ONEWAY):
+                self._refuse(name, mtype, seqid)
+                continue
+            args = method.args_cls()
+            try:
+                iprot.read_struct(args)
+            except Exception as exc:
+                if is_disconnect(exc) or isinstance(exc, TTransportException):
+                    raise
+                self._send_error(name, seqid, TApplicationException.PROTOCOL_ERROR,
+                                 f"cannot decode {name} arguments: {type(exc).__name__}")
+                raise CloseConnection(f"undecodable {name} arguments: {exc!r}") from None
+
+            if limits_on:
+                refused = limiter.admit_request(name, start)
+                if refused is not None:
+                    self._overloaded(method, seqid, refused, start)
+                    continue
+
+            result = method.result_cls()
+            outcome = "ok"
+            try:
+                result.success = method.call(args)
+            except method.declared_types as exc:
+                setattr(result, method.declared_field(exc) or "success", exc)
+                outcome = "declared"
+            except TApplicationException as exc:
+                if not method.oneway:
+                    self._send(name, _EXCEPTION, seqid, exc)
+                self._finish(method, start, "application")
+                continue
+            except Exception as exc:  # noqa: BLE001 - kite's onPanic: report, answer, keep serving
+                self._panic(method, exc)
+                if not method.oneway:
+                    self._send_error(name, seqid, TApplicationException.INTERNAL_ERROR,
+                                     f"internal error in {name}: {type(exc).__name__}")
+                self._finish(method, start, "internal")
+                continue
+
+            if not method.oneway:
+                self._send_result(method, seqid, result)
+            if metrics_on or access_log:
+                self._finish(method, start, outcome)
+
+    def _send(self, name: str, mtype: int, seqid: int, payload: Any) -> None:
+        codec = self.codec
+        assert codec is not None
+        oprot = codec.oprot
+        oprot.write_message_begin(name, mtype, seqid)
+        oprot.write_struct(payload)
+        oprot.write_message_end()
+        send_all(self.sock, codec.take_output(), self.ctx.read_write_timeout)
+
+    def _send_result(self, method: Method, seqid: int, result: Any) -> None:
+        try:
+            self._send(method.name, _REPLY, seqid, result)
+        except Exception as exc:
+            if is_disconnect(exc):
+                raise
+            # The handler returned something the IDL cannot encode. Nothing reached the wire:
+            # the reply was being built in memory.
+            assert self.codec is not None
+            self.codec.discard_output()
+            self._panic(method, exc, stage="encoding its result")
+            self._send_error(method.name, seqid, TApplicationException.INTERNAL_ERROR,
+                             f"internal error in {method.name}: result does not match the IDL")
+
+    def _send_error(self, name: str, seqid: int, kind: int, message: str) -> None:
+        self._send(name, _EXCEPTION, seqid, TApplicationException(kind, message))
+
+    def _refuse(self, name: str, mtype: int, seqid: int) -> None:
+        """Answer an unknown method or a message that is not a call, and skip its body."""
+        assert self.codec is not None
+        self.codec.iprot.skip(TType.STRUCT)
+        if mtype not in (_CALL, _ONEWAY):
+            self._send_error(name, seqid, TApplicationException.INVALID_MESSAGE_TYPE,
+                             f"expected a call, got message type {mtype}")
+            return
+        self.ctx.log.debug("unknown method", method=name, peer=self.peer)
+        if mtype == _CALL:
+            self._send_error(name, seqid, TApplicationException.UNKNOWN_METHOD,
+                             f"unknown method {name!r}")
+
+    def _overloaded(self, method: Method, seqid: int, limit: str, start: float) -> None:
+        ctx = self.ctx
+        if ctx.metrics is not None:
+            ctx.metrics.overloads.labels(limit=limit).inc()
+        ctx.reports.report(
+            QPS_OVERLOAD,
+            f"{method.name} refused by {limit} limit "
+            f"({ctx.limiter.limits.qps if limit == 'qps' else ctx.limiter.limits.endpoint_qps.get(method.name)}"
+            f" QPS), peer {self.peer}",
+        )
+        if not method.oneway:
+            self._send_error(method.name, seqid, LOADSHEDDING,
+                             f"QPS Overload: {method.name} refused by the {limit} limit")
+        self._finish(method, start, "overload")
+
+    def _panic(self, method: Method, exc: BaseException, stage: str = "") -> None:
+        ctx = self.ctx
+        ctx.log.error(
+            "handler panic",
+            method=method.name,
+            peer=self.peer,
+            stage=stage or "calling the handler",
+            error=f"{type(exc).__name__}: {exc}",
+            exc_info=exc,
+        )
+        if ctx.metrics is not None:
+            ctx.metrics.panics.inc()
+        ctx.reports.report(PANIC, f"{method.name}: {type(exc).__name__}: {exc}")
+
+    def _finish(self, method: Method, start: float, outcome: str) -> None:
+        elapsed = time.monotonic() - start
+        if method.stats is not None:
+            method.stats.observe(elapsed, outcome)
+        if self.ctx.access_log:
+            self.ctx.log.info(
+                "access",
+                method=method.name,
+                peer=self.peer,
+                latency_ms=round(elapsed * 1000, 3),
+                outcome=outcome,
+            )
+
+
+def _why_closed(exc: BaseException, reader: SocketReader) -> str:
+    mid_request = reader.deadline is not None
+    if isinstance(exc, TimeoutError):
+        return "read_write_timeout" if mid_request else "idle_timeout"
+    if isinstance(exc, TTransportException):
+        return "truncated request" if mid_request else "closed by peer"
+    if isinstance(exc, ProtocolError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,97 @@
+"""The dispatch table: one precomputed entry per IDL method, so a request costs a dict lookup.
+
+thriftpy2's ``TProcessor`` rebuilds the argument list, looks the handler method up and scans
+the result spec for exceptions on every call; here all of that is done once, at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kitegreen.exceptions import KitegreenError
+
+
+class HandlerError(KitegreenError, TypeError):
+    """The handler object does not fit the Thrift service (raised at construction)."""
+
+
+@dataclass(slots=True)
+class Method:
+    """One IDL method, ready to call.
+
+    Attributes:
+        name: the method name on the wire.
+        args_cls: the generated ``<name>_args`` struct.
+        result_cls: the generated ``<name>_result`` struct.
+        func: the handler's bound method.
+        arg_names: argument attribute names, in IDL order.
+        oneway: whether the method sends no reply.
+        declared: ``(exception class, result field name)`` for each ``throws`` clause.
+        stats: per-method instruments, attached by the server (metrics, limits).
+    """
+
+    name: str
+    args_cls: type
+    result_cls: type
+    func: Callable[..., Any]
+    arg_names: tuple[str, ...]
+    oneway: bool
+    declared: tuple[tuple[type[BaseException], str], ...]
+    declared_types: tuple[type[BaseException], ...]
+    stats: Any = field(default=None)
+
+    def call(self, args: Any) -> Any:
+        """Call the handler with the decoded ``args`` struct."""
+        return self.func(*[getattr(args, n) for n in self.arg_names])
+
+    def declared_field(self, exc: BaseException) -> str | None:
+        """The result field that carries ``exc``, if the IDL declares it."""
+        for cls, name in self.declared:
+            if isinstance(exc, cls):
+                return name
+        return None
+
+
+def build_methods(service: Any, handler: object) -> dict[str, Method]:
+    """Build the dispatch table for ``service`` served by ``handler``.
+
+    Raises:
+        HandlerError: ``service`` is not a thriftpy2 service, or ``handler`` lacks one of its
+            methods.
+    """
+    names = getattr(service, "thrift_services", None)
+    if not isinstance(names, (list, tuple)):
+        raise HandlerError(
+            f"service must be a thriftpy2 service (thrift_module.ServiceName), got {service!r}"
+        )
+    missing = [n for n in names if not callable(getattr(handler, n, None))]
+    if missing:
+        raise HandlerError(
+            f"handler {type(handler).__name__} does not implement "
+            f"{', '.join(missing)} of service {getattr(service, '__name__', service)}"
+        )
+    methods: dict[str, Method] = {}
+    for name in names:
+        args_cls = getattr(service, f"{name}_args")
+        result_cls = getattr(service, f"{name}_result")
+        # IDL declaration order, which is how thriftpy2's own TProcessor passes arguments.
+        arg_names = tuple(spec[1] for spec in args_cls.thrift_spec.values())
+        declared = tuple(
+            (spec[2], spec[1])
+            for fid, spec in sorted(result_cls.thrift_spec.items())
+            if fid != 0 and spec[1] != "success"
+        )
+        methods[name] = Method(
+            name=name,
+            args_cls=args_cls,
+            result_cls=result_cls,
+            func=getattr(handler, name),
+            arg_names=arg_names,
+            oneway=bool(getattr(result_cls, "oneway", False)),
+            declared=declared,
+            declared_types=tuple(cls for cls, _ in declared),
+        )
+    return methods
+

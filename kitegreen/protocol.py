@@ -1,0 +1,210 @@
+"""Wire formats: detecting a connection's protocol and reading from its socket under deadlines.
+
+A Thrift connection announces itself in its first bytes:
+
+==========================  =======================================================
+first bytes                 protocol / transport
+==========================  =======================================================
+``80 01 ..``                binary, buffered (strict binary message header)
+``82 ..``                   compact, buffered (compact protocol id)
+``LL LL LL LL 80 01 ..``    binary, framed (4-byte big-endian frame length first)
+``LL LL LL LL 82 ..``       compact, framed
+==========================  =======================================================
+
+Anything else (HTTP, TLS, non-strict binary, THeader) is refused by closing the connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from typing import Any, NamedTuple
+
+from thriftpy2.protocol.compact import TCompactProtocol
+from thriftpy2.protocol.cybin import TCyBinaryProtocol
+from thriftpy2.transport.buffered import TCyBufferedTransport
+from thriftpy2.transport.framed import TCyFramedTransport
+from thriftpy2.transport.memory import TCyMemoryBuffer
+
+from kitegreen.exceptions import FrameTooLarge, ProtocolError
+
+BINARY_MAGIC = 0x80
+BINARY_VERSION = 0x01
+COMPACT_MAGIC = 0x82
+RECV_SIZE = 64 * 1024
+"""Upper bound on one recv: a peer announcing a huge length cannot make us reserve it."""
+BUFFER_SIZE = 4096
+
+_FRAME_HEADER = struct.Struct("!i")
+
+
+class Wire(NamedTuple):
+    """A detected protocol/transport combination."""
+
+    protocol: str
+    """``binary`` or ``compact``."""
+    framed: bool
+
+    def describe(self) -> str:
+        """For logs and metrics labels: ``binary/buffered``, ``compact/framed``, ..."""
+        return f"{self.protocol}/{'framed' if self.framed else 'buffered'}"
+
+
+def detect(head: bytes) -> Wire | None:
+    """Tell the wire format from a connection's first bytes.
+
+    Args:
+        head: the bytes received so far (at least one).
+
+    Returns:
+        The format, or None when more bytes are needed to tell (at most five are).
+
+    Raises:
+        ProtocolError: the bytes are not a Thrift message this server speaks.
+    """
+    first = head[0]
+    if first == BINARY_MAGIC:
+        if len(head) < 2:
+            return None
+        if head[1] != BINARY_VERSION:
+            raise ProtocolError(f"unsupported binary protocol version 0x80{head[1]:02x}")
+        return Wire("binary", framed=False)
+    if first == COMPACT_MAGIC:
+        return Wire("compact", framed=False)
+    if len(head) < 5:
+        if first != 0:
+            # A frame length starts with 0x00 below 16 MiB; anything else is not Thrift we speak
+            # (b"GET ", b"\x16\x03" TLS, ...): refuse now rather than wait for more bytes.
+            raise ProtocolError(f"not a Thrift message: starts with {bytes(head[:4])!r}")
+        return None
+    marker = head[4]
+    if marker == BINARY_MAGIC:
+        return Wire("binary", framed=True)
+    if marker == COMPACT_MAGIC:
+        return Wire("compact", framed=True)
+    raise ProtocolError(f"not a Thrift message: starts with {bytes(head[:5])!r}")
+
+
+class SocketReader:
+    """The byte source under thriftpy2's Cython transports, enforcing kitegreen's bounds.
+
+    The transports call :meth:`read` only when their buffer runs dry. Between requests (no
+    deadline set) the wait is bounded by ``idle_timeout``; the first byte of a request starts
+    a deadline of ``read_write_timeout`` for the whole request, however it trickles in. Every
+    request may consume at most ``max_frame_size`` bytes, and a transport that asks for more
+    than that at once (a frame or string length field that large) is refused before a byte
+    of it is read.
+    """
+
+    __slots__ = (
+        "budget",
+        "deadline",
+        "idle",
+        "idle_timeout",
+        "max_frame_size",
+        "pending",
+        "rw_timeout",
+        "sock",
+    )
+
+    def __init__(
+        self, sock: Any, *, rw_timeout: float, idle_timeout: float, max_frame_size: int
+    ) -> None:
+        self.sock = sock
+        self.rw_timeout = rw_timeout
+        self.idle_timeout = idle_timeout or None
+        self.max_frame_size = max_frame_size
+        self.deadline: float | None = None
+        self.budget = max_frame_size
+        self.pending = b""
+        self.idle = False
+        """True while blocked waiting for the next request: the only state stop() may cut."""
+
+    def start_request(self) -> None:
+        """Forget the previous request's deadline and byte budget."""
+        self.deadline = None
+        self.budget = self.max_frame_size
+
+    def read(self, n: int) -> bytes:
+        """Return up to ``n`` bytes (at least one, or ``b""`` at end of stream)."""
+        if n > self.max_frame_size + BUFFER_SIZE:
+            # The transport grew its buffer to hold one field of n bytes: a length field over
+            # the limit. Refuse before reading it.
+            raise FrameTooLarge(f"peer announced {n} bytes, max_frame_size is {self.max_frame_size}")
+        if self.pending:
+            data, self.pending = self.pending[:n], self.pending[n:]
+            return data
+        sock = self.sock
+        if self.deadline is None:
+            sock.settimeout(self.idle_timeout)
+            self.idle = True
+            try:
+                data = sock.recv(RECV_SIZE if n > RECV_SIZE else n)
+            finally:
+                self.idle = False
+            self.deadline = time.monotonic() + self.rw_timeout
+        else:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("request not received within read_write_timeout")
+            sock.settimeout(remaining)
+            data = sock.recv(RECV_SIZE if n > RECV_SIZE else n)
+        self.budget -= len(data)
+        if self.budget < 0 and data:
+            raise FrameTooLarge(f"request exceeds max_frame_size ({self.max_frame_size} bytes)")
+        return data
+
+
+class Codec:
+    """One connection's protocol objects: input over the socket, output into memory.
+
+    Replies are encoded into a memory buffer and sent in one piece, so a reply that fails to
+    encode (a handler returning the wrong type) never leaves half a message on the wire, and
+    cleaning the output never discards pipelined input.
+    """
+
+    __slots__ = ("framed", "iprot", "oprot", "out")
+
+    def __init__(self, wire: Wire, reader: SocketReader) -> None:
+        trans: Any = (TCyFramedTransport if wire.framed else TCyBufferedTransport)(
+            reader, BUFFER_SIZE
+        )
+        self.out = TCyMemoryBuffer()
+        self.framed = wire.framed
+        if wire.protocol == "binary":
+            self.iprot = TCyBinaryProtocol(trans)
+            self.oprot = TCyBinaryProtocol(self.out)
+        else:
+            self.iprot = TCompactProtocol(trans)
+            self.oprot = TCompactProtocol(self.out)
+
+    def take_output(self) -> bytes:
+        """The encoded reply, framed if the connection is, and an empty output buffer."""
+        out = self.out
+        data: bytes = out.getvalue()
+        out.clean()
+        if self.framed:
+            return _FRAME_HEADER.pack(len(data)) + data
+        return data
+
+    def discard_output(self) -> None:
+        """Drop a partly encoded reply."""
+        self.out.clean()
+
+
+def send_all(sock: Any, data: bytes, timeout: float) -> None:
+    """Send ``data`` within ``timeout`` seconds in all.
+
+    One ``send`` covers a reply that fits the socket buffer, which is nearly all of them;
+    gevent's ``sendall`` asks the kernel for SO_SNDBUF on every call, a syscall we skip.
+    """
+    sock.settimeout(timeout)
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether ``exc`` is a peer going away or timing out, which closes quietly."""
+    return isinstance(exc, (TimeoutError, socket.timeout, ConnectionError, BrokenPipeError))

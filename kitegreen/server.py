@@ -1,0 +1,402 @@
+"""``RpcServer``: kite's server lifecycle (Listen, AcceptLoop, Serve, Stop) on gevent.
+
+The stop sequence is fixed: deregister from the registry, stop accepting (the listening socket
+closes, so new connections are refused at once), let requests in flight finish and send their
+replies, close kept-alive connections as they fall idle, give up on what is left after
+``exit_wait_time``, stop background greenlets.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import gevent
+import structlog
+from gevent.event import Event as GEvent
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from kitegreen._version import VERSION
+from kitegreen.config import Config
+from kitegreen.connection import Connection, ConnectionContext
+from kitegreen.events import Event, EventQueue
+from kitegreen.exceptions import ConfigError
+from kitegreen.limiter import Limiter, Limits
+from kitegreen.listener import ListenSpec, listen, remove_unix_socket
+from kitegreen.metrics import Metrics
+from kitegreen.processor import build_methods
+from kitegreen.reporter import CONNECTION_OVERLOAD, NullReporter, ReportGate, Reporter
+
+SERVER_START = "Server Start"
+SERVER_STOP = "Server Stop"
+CONFIG_CHANGE = "Config Change"
+
+
+class _Acceptor(StreamServer):  # type: ignore[misc]
+    """gevent's accept loop, with the connection limit checked before a greenlet is spawned.
+
+    Over the limit a connection is accepted and closed at once: leaving it in the kernel
+    backlog would make the client wait for a timeout instead of failing fast (kite's rule).
+    """
+
+    def __init__(self, listener: Any, server: RpcServer, pool: Pool) -> None:
+        super().__init__(listener, handle=server._handle, spawn=pool)
+        self._server = server
+
+    def do_handle(self, *args: Any) -> None:
+        client_socket, address = args
+        if not self._server._admit(client_socket, address):
+            return
+        super().do_handle(*args)
+
+
+class RpcServer:
+    """A Thrift server for one thriftpy2 service, served from pooled gevent greenlets.
+
+    Args:
+        service: the thriftpy2 service, e.g. ``echo_thrift.Echo``.
+        handler: an object implementing every method of ``service``.
+        config: settings; defaults when None. ``service_name`` defaults to the service's name.
+        reporter: where rate-limited reports go besides the log and the event ring.
+
+    Raises:
+        HandlerError: ``handler`` does not implement ``service``.
+
+    Example::
+
+        server = RpcServer(echo_thrift.Echo, EchoHandler(), Config(port=0, host="127.0.0.1"))
+        with server:
+            print(server.address)
+    """
+
+    def __init__(
+        self,
+        service: Any,
+        handler: object,
+        config: Config | None = None,
+        *,
+        reporter: Reporter | None = None,
+    ) -> None:
+        self.service = service
+        self.handler = handler
+        self._methods = build_methods(service, handler)
+        self._reporter: Reporter = reporter or NullReporter()
+        self._configure(config or Config())
+
+    def _configure(self, config: Config) -> None:
+        """Build the parts that depend on config; only before start()."""
+        if not config.service_name:
+            config = config.replace(service_name=getattr(self.service, "__name__", "kitegreen"))
+        self.config = config
+        self.log = structlog.get_logger("kitegreen").bind(service=config.service_name)
+        self.events = EventQueue(config.event_capacity)
+        self.reports = ReportGate(config.report_interval, self.events, self._reporter, self.log)
+        self.limiter = Limiter(
+            Limits(config.limit_connections, config.limit_qps, dict(config.endpoint_qps_limits)),
+            config.qps_fill_interval,
+            enabled=not config.service_mesh_mode,
+        )
+        self.metrics: Metrics | None = Metrics(self._runtime_figures) if config.enable_metrics else None
+        for name, method in self._methods.items():
+            method.stats = self.metrics.method(name) if self.metrics else None
+        self._ctx = ConnectionContext(
+            methods=self._methods,
+            limiter=self.limiter,
+            reports=self.reports,
+            metrics=self.metrics,
+            log=self.log,
+            read_write_timeout=config.read_write_timeout,
+            idle_timeout=config.idle_timeout,
+            max_frame_size=config.max_frame_size,
+            get_real_ip=config.get_real_ip,
+            access_log=config.access_log,
+        )
+        self._pool = Pool()
+        self._acceptor: _Acceptor | None = None
+        self._listen_spec: ListenSpec | None = None
+        self._unix_inode: int | None = None
+        self._started = False
+        self._stopping = False
+        self._stopped = GEvent()
+        self._stop_greenlet: gevent.Greenlet | None = None
+        self._clean_stop = True
+        self._remote_configs: dict[str, Any] = {}
+        self._background: list[Any] = []
+
+    def reconfigure(self, config: Config) -> None:
+        """Replace the configuration before the server starts (the launcher uses this).
+
+        Raises:
+            RuntimeError: the server has already started.
+        """
+        if self._started:
+            raise RuntimeError("reconfigure() must be called before start()")
+        self._configure(config)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int] | str:
+        """Where the server listens: ``(host, port)`` for TCP, the path for a Unix socket.
+
+        Raises:
+            RuntimeError: the server has not started.
+        """
+        if self._acceptor is None or self._listen_spec is None:
+            raise RuntimeError("the server is not listening; call start() first")
+        if self._listen_spec.kind == "unix":
+            return self._listen_spec.path
+        host, port = self._acceptor.socket.getsockname()[:2]
+        return str(host), int(port)
+
+    @property
+    def started(self) -> bool:
+        """Whether start() has succeeded and stop() has not finished."""
+        return self._started and not self._stopped.is_set()
+
+    def start(self) -> None:
+        """Listen and start accepting; return at once (kite's Listen + AcceptLoop).
+
+        Raises:
+            ListenError: the listening socket could not be created.
+            RuntimeError: the server was already started.
+        """
+        if self._started:
+            raise RuntimeError("the server was already started; a stopped server cannot restart")
+        spec = ListenSpec.from_config(self.config)
+        sock = listen(spec, self.config.backlog)
+        self._listen_spec = spec
+        if spec.kind == "unix":
+            self._unix_inode = os.stat(spec.path).st_ino
+        try:
+            self._acceptor = _Acceptor(sock, self, self._pool)
+            self._acceptor.start()
+            self._started = True
+            for part in self._background:
+                part.start()
+        except BaseException:
+            self._cleanup_listener()
+            sock.close()
+            raise
+        where = self.describe_address()
+        self.log.info(
+            "listening",
+            address=where,
+            pid=os.getpid(),
+            limits=dict(conn=self.config.limit_connections, qps=self.config.limit_qps),
+        )
+        self.events.push(SERVER_START, f"listening on {where}")
+
+    def serve(self) -> None:
+        """Start if needed, then block until the server has stopped (kite's Serve)."""
+        if not self._started:
+            self.start()
+        self._stopped.wait()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop gracefully and wait for it; safe to call more than once, from any greenlet.
+
+        Args:
+            timeout: how long requests in flight may take to finish; ``exit_wait_time``
+                when None.
+
+        Returns:
+            True if every request in flight finished; False if some were cut off.
+        """
+        if not self._started:
+            self._stopped.set()
+            return True
+        if self._stop_greenlet is None:
+            self._stop_greenlet = gevent.spawn(self._stop, timeout)
+        self._stopped.wait()
+        return self._clean_stop
+
+    def _stop(self, timeout: float | None) -> None:
+        wait = self.config.exit_wait_time if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        ctx = self._ctx
+        try:
+            self.log.info("stopping", in_flight=len(ctx.active), exit_wait_time=wait)
+            assert self._acceptor is not None
+            # close() rather than stop(): gevent's stop() would also kill our handlers.
+            self._acceptor.close()
+            self._cleanup_listener()
+            ctx.stopping = True
+            while ctx.active:
+                for conn in list(ctx.active):
+                    if conn.idle:
+                        conn.greenlet.kill(block=False)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._pool.join(timeout=min(remaining, 0.05))
+            if ctx.active:
+                self._clean_stop = False
+                self.log.error(
+                    "exit_wait_time passed with requests in flight; cutting them off",
+                    connections=len(ctx.active),
+                )
+                self._pool.kill(block=True, timeout=1.0)
+            for part in reversed(self._background):
+                part.stop()
+            self.events.push(SERVER_STOP, "clean" if self._clean_stop else "requests cut off")
+            self.log.info("stopped", clean=self._clean_stop)
+        finally:
+            self._stopped.set()
+
+    def _cleanup_listener(self) -> None:
+        spec = self._listen_spec
+        if spec is not None and spec.kind == "unix" and self._unix_inode is not None:
+            remove_unix_socket(spec.path, self._unix_inode)
+            self._unix_inode = None
+
+    def __enter__(self) -> RpcServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def describe_address(self) -> str:
+        """The bound address as text: ``127.0.0.1:8888``, ``[::1]:8888``, ``unix:/path``."""
+        addr = self.address
+        if isinstance(addr, str):
+            return f"unix:{addr}"
+        host, port = addr
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _admit(self, sock: Any, address: Any) -> bool:
+        if self._ctx.stopping:
+            sock.close()
+            return False
+        if self.limiter.admit_connection():
+            return True
+        sock.close()
+        if self.metrics is not None:
+            self.metrics.overloads.labels(limit="connections").inc()
+        self.reports.report(
+            CONNECTION_OVERLOAD,
+            f"connection from {address!r} refused: {self.limiter.connections} open, "
+            f"limit {self.limiter.limits.connections}",
+        )
+        return False
+
+    def _handle(self, sock: Any, address: Any) -> None:
+        ctx = self._ctx
+        conn = Connection(sock, address, ctx, gevent.getcurrent())
+        ctx.active.add(conn)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.connections.inc()
+            metrics.connections_open.inc()
+        try:
+            conn.serve()
+        finally:
+            ctx.active.discard(conn)
+            self.limiter.release_connection()
+            if metrics is not None:
+                metrics.connections_open.dec()
+
+    # -- kite's accessors ------------------------------------------------------------------
+
+    def push_event(self, name: str, detail: str = "") -> Event:
+        """Record an event in the recent-event ring (kite's PushEvent)."""
+        return self.events.push(name, detail)
+
+    def recent_events(self, limit: int | None = None) -> list[Event]:
+        """Recent events, newest first (kite's RecentEvents)."""
+        return self.events.recent(limit)
+
+    def report(self, kind: str, message: str) -> bool:
+        """Report ``message``, at most once per ``report_interval`` per ``kind``.
+
+        Returns:
+            True if it went out, False if it was counted and held back.
+        """
+        return self.reports.report(kind, message)
+
+    def overload(self) -> dict[str, Any]:
+        """Connections open and the limits in force (kite's OverLoad)."""
+        limits = self.limiter.limits
+        return {
+            "conn_now": self.limiter.connections,
+            "conn_limit": limits.connections,
+            "qps_limit": limits.qps,
+            "endpoint_qps_limits": dict(limits.endpoint_qps),
+            "limits_enabled": self.limiter.enabled,
+        }
+
+    def remote_configs(self) -> dict[str, Any]:
+        """The remote configuration in force (kite's RemoteConfigs); empty without Consul."""
+        return dict(self._remote_configs)
+
+    def update_limits(
+        self,
+        *,
+        limit_connections: int | None = None,
+        limit_qps: int | None = None,
+        endpoint_qps_limits: Mapping[str, int] | None = None,
+        source: str = "api",
+    ) -> Limits:
+        """Change the connection and QPS limits at run time; None keeps a limit.
+
+        Args:
+            limit_connections: the new connection limit (0: off).
+            limit_qps: the new server-wide QPS limit (0: off).
+            endpoint_qps_limits: the new per-method QPS limits, replacing the old ones.
+            source: who asked, for the event and the log.
+
+        Returns:
+            The limits now in force.
+
+        Raises:
+            ConfigError: a limit is negative or not an integer.
+        """
+        for name, value in (("limit_connections", limit_connections), ("limit_qps", limit_qps)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}", field=name)
+        if endpoint_qps_limits is not None:
+            Config(endpoint_qps_limits=endpoint_qps_limits)  # validates the values
+        before = self.limiter.limits
+        after = self.limiter.update(
+            connections=limit_connections, qps=limit_qps, endpoint_qps=endpoint_qps_limits
+        )
+        if after != before:
+            detail = (
+                f"{source}: conn {before.connections}->{after.connections}, "
+                f"qps {before.qps}->{after.qps}, endpoint_qps {dict(after.endpoint_qps)}"
+            )
+            self.log.info("limits changed", source=source, conn=after.connections, qps=after.qps,
+                          endpoint_qps=dict(after.endpoint_qps))
+            self.events.push(CONFIG_CHANGE, detail)
+        return after
+
+    def runtime_info(self) -> dict[str, Any]:
+        """What ``GET /runtime/kite`` shows."""
+        return {
+            "service": self.config.service_name,
+            "cluster": self.config.cluster,
+            "version": {"service": self.config.version, "kitegreen": VERSION},
+            "address": self.describe_address() if self._acceptor is not None else None,
+            "overload": self.overload(),
+            "remote_configs": self.remote_configs(),
+            "events": [e.as_dict() for e in self.recent_events()],
+        }
+
+    def _runtime_figures(self) -> dict[str, float]:
+        hub = gevent.get_hub()
+        return {
+            "greenlets": len(self._pool) + len(self._background),
+            "pending_callbacks": float(getattr(hub.loop, "pendingcnt", 0) or 0),
+        }

@@ -1,0 +1,132 @@
+"""Shared fixtures: the test service, its handler, servers on loopback and real clients.
+
+gevent patches the standard library first, as the launcher does, so that the blocking clients
+(thriftpy2's and Apache Thrift's) yield to the in-process server instead of starving it.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+import pytest  # noqa: E402
+import thriftpy2  # noqa: E402
+
+import kitegreen  # noqa: E402
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS / "gen_apache"))
+sys.path.insert(0, str(TESTS))
+
+testsvc_thrift = thriftpy2.load(str(TESTS / "idl" / "testsvc.thrift"), module_name="testsvc_thrift")
+
+
+class Handler:
+    """Implements TestService; records what oneway calls delivered."""
+
+    def __init__(self) -> None:
+        self.notified_tags: dict[str, int] = {}
+        self.in_flight = 0
+
+    def ping(self) -> None:
+        return None
+
+    def echo(self, message: str) -> str:
+        return message
+
+    def echo_binary(self, data: bytes) -> bytes:
+        return data
+
+    def roundtrip(self, item: Any) -> Any:
+        return item
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def client_ip(self) -> str:
+        return kitegreen.real_ip() or ""
+
+    def slow(self, seconds: float, message: str) -> str:
+        self.in_flight += 1
+        try:
+            gevent.sleep(seconds)
+        finally:
+            self.in_flight -= 1
+        return message
+
+    def raise_declared(self, message: str, code: int) -> None:
+        raise testsvc_thrift.Declared(message=message, code=code)
+
+    def raise_undeclared(self, message: str) -> None:
+        raise RuntimeError(message)
+
+    def wrong_return(self) -> Any:
+        return 12345  # the IDL says string
+
+    def notify(self, tag: str) -> None:
+        self.notified_tags[tag] = self.notified_tags.get(tag, 0) + 1
+
+    def notified(self, tag: str) -> int:
+        return self.notified_tags.get(tag, 0)
+
+    def block_hub(self, seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+
+def loopback_config(**overrides: Any) -> kitegreen.Config:
+    """A config for tests: loopback, an ephemeral port, no debug server unless asked."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "enable_debug_server": False,
+        "exit_wait_time": 5.0,
+    }
+    values.update(overrides)
+    return kitegreen.Config(**values)
+
+
+@pytest.fixture
+def handler() -> Handler:
+    return Handler()
+
+
+@pytest.fixture
+def make_server(handler: Handler) -> Iterator[Callable[..., kitegreen.RpcServer]]:
+    """Factory: ``make_server(**config)`` starts a server on loopback; all are stopped after."""
+    servers: list[kitegreen.RpcServer] = []
+
+    def make(**overrides: Any) -> kitegreen.RpcServer:
+        server = kitegreen.RpcServer(testsvc_thrift.TestService, handler, loopback_config(**overrides))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop(timeout=2.0)
+
+
+@pytest.fixture
+def server(make_server: Callable[..., kitegreen.RpcServer]) -> kitegreen.RpcServer:
+    """A started server with default settings on 127.0.0.1."""
+    return make_server()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it is truthy or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        gevent.sleep(interval)
