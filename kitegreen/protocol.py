@@ -143,7 +143,8 @@ class SocketReader:
                 data = sock.recv(RECV_SIZE if n > RECV_SIZE else n)
             finally:
                 self.idle = False
-            self.deadline = time.monotonic() + self.rw_timeout
+            if data:
+                self.deadline = time.monotonic() + self.rw_timeout
         else:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:

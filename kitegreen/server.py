@@ -23,13 +23,21 @@ from gevent.server import StreamServer
 from kitegreen._version import VERSION
 from kitegreen.config import Config
 from kitegreen.connection import Connection, ConnectionContext
+from kitegreen.debug import DebugServer
 from kitegreen.events import Event, EventQueue
 from kitegreen.exceptions import ConfigError
+from kitegreen.hubwatch import HubWatch
 from kitegreen.limiter import Limiter, Limits
 from kitegreen.listener import ListenSpec, listen, remove_unix_socket
 from kitegreen.metrics import Metrics
 from kitegreen.processor import build_methods
-from kitegreen.reporter import CONNECTION_OVERLOAD, NullReporter, ReportGate, Reporter
+from kitegreen.reporter import (
+    CONNECTION_OVERLOAD,
+    HUB_BLOCKED,
+    NullReporter,
+    ReportGate,
+    Reporter,
+)
 
 SERVER_START = "Server Start"
 SERVER_STOP = "Server Stop"
@@ -125,7 +133,21 @@ class RpcServer:
         self._stop_greenlet: gevent.Greenlet | None = None
         self._clean_stop = True
         self._remote_configs: dict[str, Any] = {}
-        self._background: list[Any] = []
+        self.debug_server: DebugServer | None = None
+        if config.enable_debug_server:
+            self.debug_server = DebugServer(
+                config.debug_host,
+                config.effective_debug_port(config.port),
+                runtime=self.runtime_info,
+                metrics=self.metrics.exposition if self.metrics else None,
+                healthy=lambda: self.started and not self._ctx.stopping,
+                log=self.log,
+            )
+        self.hub_watch: HubWatch | None = None
+        if config.hub_block_threshold > 0:
+            self.hub_watch = HubWatch(config.hub_block_threshold, self._on_hub_blocked)
+        # Started in this order after the listener, stopped in reverse after the drain.
+        self._background: list[Any] = [p for p in (self.debug_server, self.hub_watch) if p]
 
     def reconfigure(self, config: Config) -> None:
         """Replace the configuration before the server starts (the launcher uses this).
@@ -393,6 +415,19 @@ class RpcServer:
             "remote_configs": self.remote_configs(),
             "events": [e.as_dict() for e in self.recent_events()],
         }
+
+    @property
+    def debug_address(self) -> tuple[str, int] | None:
+        """Where the debug server listens, or None if it is off or could not bind."""
+        return self.debug_server.address if self.debug_server else None
+
+    def _on_hub_blocked(self, seconds: float, stack: list[str]) -> None:
+        where = stack[-1].strip().splitlines()[0] if stack else "unknown"
+        self.log.warning("hub blocked", seconds=round(seconds, 3), where=where,
+                         stack="".join(stack))
+        if self.metrics is not None:
+            self.metrics.hub_blocks.inc()
+        self.reports.report(HUB_BLOCKED, f"gevent hub blocked for {seconds:.3f}s at {where}")
 
     def _runtime_figures(self) -> dict[str, float]:
         hub = gevent.get_hub()
