@@ -15,7 +15,7 @@ if _sys.argv[:1] == ["-m"]:
 
     _patch()
 
-from kitegreen._version import VERSION as __version__
+from kitegreen._version import VERSION as __version__  # noqa: N811
 from kitegreen.config import Config
 from kitegreen.context import real_ip
 from kitegreen.events import Event

@@ -47,10 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("target", metavar="MODULE:ATTR", help="the server to run")
-    parser.add_argument("--config", metavar="FILE", help="YAML or TOML config file "
-                        "(also KITE_CONFIG_FILE)")
-    parser.add_argument("--unix", dest="unix_socket", metavar="PATH",
-                        help=FIELD_HELP["unix_socket"])
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML or TOML config file (also KITE_CONFIG_FILE)"
+    )
+    parser.add_argument(
+        "--unix", dest="unix_socket", metavar="PATH", help=FIELD_HELP["unix_socket"]
+    )
     import dataclasses
 
     for f in dataclasses.fields(Config):
@@ -58,11 +60,17 @@ def _parser() -> argparse.ArgumentParser:
         if f.name == "unix_socket":
             continue
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=FIELD_HELP.get(f.name))
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=FIELD_HELP.get(f.name),
+            )
         else:
-            parser.add_argument(flag, dest=f.name, metavar="VALUE", default=None,
-                                help=FIELD_HELP.get(f.name))
+            parser.add_argument(
+                flag, dest=f.name, metavar="VALUE", default=None, help=FIELD_HELP.get(f.name)
+            )
     return parser
 
 
@@ -103,8 +111,10 @@ def load_target(target: str) -> Any:
     if not isinstance(obj, RpcServer) and callable(obj):
         obj = obj()
     if not isinstance(obj, RpcServer):
-        raise LaunchError(f"{target} is a {type(obj).__name__}, expected a kitegreen.RpcServer "
-                          "or a callable returning one")
+        raise LaunchError(
+            f"{target} is a {type(obj).__name__}, expected a kitegreen.RpcServer "
+            "or a callable returning one"
+        )
     return obj
 
 

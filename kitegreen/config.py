@@ -273,7 +273,14 @@ _TYPES: dict[str, Any] = typing.get_type_hints(Config)
 _NORMALISED = {f.replace("_", ""): f for f in _FIELDS}
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s|m|h)?\s*$")
 _DURATION_UNITS = {
-    None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9, "m": 60.0, "h": 3600.0,
+    None: 1.0,
+    "s": 1.0,
+    "ms": 1e-3,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ns": 1e-9,
+    "m": 60.0,
+    "h": 3600.0,
 }
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -281,9 +288,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(
-            f"{name} must be one of {', '.join(choices)}, got {value!r}", field=name
-        )
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}", field=name)
 
 
 def _check_range(name: str, value: float, low: float, high: float | None) -> None:
@@ -374,15 +379,16 @@ def _read_file(path: Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text) or {}
         else:
-            raise ConfigError(
-                f"config file {path} must end in .yml, .yaml or .toml, got {suffix or 'no suffix'!r}"
-            )
+            got = suffix or "no suffix"
+            raise ConfigError(f"config file {path} must end in .yml, .yaml or .toml, got {got!r}")
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - both parsers raise their own error families
         raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of settings, got {type(data).__name__}"
+        )
     out: dict[str, Any] = {}
     for key, value in data.items():
         norm = str(key).replace("_", "").replace("-", "").lower()

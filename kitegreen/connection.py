@@ -33,7 +33,7 @@ _REPLY = TMessageType.REPLY
 _EXCEPTION = TMessageType.EXCEPTION
 
 
-class CloseConnection(Exception):  # noqa: N818 - control flow, never seen outside this module
+class CloseConnection(Exception):
     """End the request loop; ``reason`` goes to the debug log."""
 
     def __init__(self, reason: str) -> None:
@@ -107,7 +107,9 @@ class Connection:
             ctx.log.debug("connection closed", peer=self.peer, reason=_why_closed(exc, self.reader))
         except Exception as exc:  # noqa: BLE001 - whatever a peer sends must not crash the server
             if is_disconnect(exc):
-                ctx.log.debug("connection closed", peer=self.peer, reason=_why_closed(exc, self.reader))
+                ctx.log.debug(
+                    "connection closed", peer=self.peer, reason=_why_closed(exc, self.reader)
+                )
             else:
                 ctx.log.debug(
                     "connection closed on bad input",
@@ -150,7 +152,7 @@ class Connection:
             name, mtype, seqid = iprot.read_message_begin()
             start = clock()
             method = methods.get(name)
-            if method is None or (mtype != _CALL and mtype != _ONEWAY):
+            if method is None or mtype not in (_CALL, _ONEWAY):
                 self._refuse(name, mtype, seqid)
                 continue
             args = method.args_cls()
@@ -159,8 +161,12 @@ class Connection:
             except Exception as exc:
                 if is_disconnect(exc) or isinstance(exc, TTransportException):
                     raise
-                self._send_error(name, seqid, TApplicationException.PROTOCOL_ERROR,
-                                 f"cannot decode {name} arguments: {type(exc).__name__}")
+                self._send_error(
+                    name,
+                    seqid,
+                    TApplicationException.PROTOCOL_ERROR,
+                    f"cannot decode {name} arguments: {type(exc).__name__}",
+                )
                 raise CloseConnection(f"undecodable {name} arguments: {exc!r}") from None
 
             if limits_on:
@@ -184,8 +190,12 @@ class Connection:
             except Exception as exc:  # noqa: BLE001 - kite's onPanic: report, answer, keep serving
                 self._panic(method, exc)
                 if not method.oneway:
-                    self._send_error(name, seqid, TApplicationException.INTERNAL_ERROR,
-                                     f"internal error in {name}: {type(exc).__name__}")
+                    self._send_error(
+                        name,
+                        seqid,
+                        TApplicationException.INTERNAL_ERROR,
+                        f"internal error in {name}: {type(exc).__name__}",
+                    )
                 self._finish(method, start, "internal")
                 continue
 
@@ -214,8 +224,12 @@ class Connection:
             assert self.codec is not None
             self.codec.discard_output()
             self._panic(method, exc, stage="encoding its result")
-            self._send_error(method.name, seqid, TApplicationException.INTERNAL_ERROR,
-                             f"internal error in {method.name}: result does not match the IDL")
+            self._send_error(
+                method.name,
+                seqid,
+                TApplicationException.INTERNAL_ERROR,
+                f"internal error in {method.name}: result does not match the IDL",
+            )
 
     def _send_error(self, name: str, seqid: int, kind: int, message: str) -> None:
         self._send(name, _EXCEPTION, seqid, TApplicationException(kind, message))
@@ -225,27 +239,36 @@ class Connection:
         assert self.codec is not None
         self.codec.iprot.skip(TType.STRUCT)
         if mtype not in (_CALL, _ONEWAY):
-            self._send_error(name, seqid, TApplicationException.INVALID_MESSAGE_TYPE,
-                             f"expected a call, got message type {mtype}")
+            self._send_error(
+                name,
+                seqid,
+                TApplicationException.INVALID_MESSAGE_TYPE,
+                f"expected a call, got message type {mtype}",
+            )
             return
         self.ctx.log.debug("unknown method", method=name, peer=self.peer)
         if mtype == _CALL:
-            self._send_error(name, seqid, TApplicationException.UNKNOWN_METHOD,
-                             f"unknown method {name!r}")
+            self._send_error(
+                name, seqid, TApplicationException.UNKNOWN_METHOD, f"unknown method {name!r}"
+            )
 
     def _overloaded(self, method: Method, seqid: int, limit: str, start: float) -> None:
         ctx = self.ctx
         if ctx.metrics is not None:
             ctx.metrics.overloads.labels(limit=limit).inc()
+        limits = ctx.limiter.limits
+        qps = limits.qps if limit == "qps" else limits.endpoint_qps.get(method.name)
         ctx.reports.report(
             QPS_OVERLOAD,
-            f"{method.name} refused by {limit} limit "
-            f"({ctx.limiter.limits.qps if limit == 'qps' else ctx.limiter.limits.endpoint_qps.get(method.name)}"
-            f" QPS), peer {self.peer}",
+            f"{method.name} refused by the {limit} limit ({qps} QPS), peer {self.peer}",
         )
         if not method.oneway:
-            self._send_error(method.name, seqid, LOADSHEDDING,
-                             f"QPS Overload: {method.name} refused by the {limit} limit")
+            self._send_error(
+                method.name,
+                seqid,
+                LOADSHEDDING,
+                f"QPS Overload: {method.name} refused by the {limit} limit",
+            )
         self._finish(method, start, "overload")
 
     def _panic(self, method: Method, exc: BaseException, stage: str = "") -> None:

@@ -67,14 +67,17 @@ class DebugServer:
         try:
             sock = listen(self._spec, backlog=128)
         except ListenError as exc:
-            self._log.warning("debug server not started; the RPC service runs without it",
-                              error=str(exc))
+            self._log.warning(
+                "debug server not started; the RPC service runs without it", error=str(exc)
+            )
             return
         self._server = pywsgi.WSGIServer(sock, self._app, log=None, error_log=None)
         self._server.start()
         host, port = sock.getsockname()[:2]
         self.address = (str(host), int(port))
-        self._log.info("debug server listening", address=ListenSpec("tcp", str(host), port).describe())
+        self._log.info(
+            "debug server listening", address=ListenSpec("tcp", str(host), port).describe()
+        )
 
     def stop(self) -> None:
         """Stop serving; idempotent."""
@@ -106,13 +109,18 @@ class DebugServer:
                 return _reply(start_response, "200 OK", body)
         except Exception as exc:  # noqa: BLE001 - a debug page must not take the server down
             self._log.exception("debug endpoint failed", path=path)
-            return _reply(start_response, "500 Internal Server Error",
-                          f"{type(exc).__name__}: {exc}\n".encode())
+            return _reply(
+                start_response,
+                "500 Internal Server Error",
+                f"{type(exc).__name__}: {exc}\n".encode(),
+            )
         return _reply(start_response, "404 Not Found", b"unknown path; see /\n")
 
 
 def _reply(
-    start_response: StartResponse, status: str, body: bytes,
+    start_response: StartResponse,
+    status: str,
+    body: bytes,
     content_type: str = "text/plain; charset=utf-8",
 ) -> list[bytes]:
     start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])

@@ -109,7 +109,6 @@ class HubWatch:
             self.blocks += 1
             self._hub.loop.run_callback_threadsafe(self._report, self._beat, stack)
 
-
     def _report(self, last_beat: float, stack: list[str]) -> None:
         # Runs in the hub after the block: now minus the last beat is how long it lasted.
         self._on_block(time.monotonic() - last_beat, stack)

@@ -98,7 +98,9 @@ class Limiter:
             endpoint_qps=self.limits.endpoint_qps if endpoint_qps is None else dict(endpoint_qps),
         )
         if new.qps != self.limits.qps:
-            self._qps = TokenBucket(new.qps if self.enabled else 0, self._fill_interval, self._clock())
+            self._qps = TokenBucket(
+                new.qps if self.enabled else 0, self._fill_interval, self._clock()
+            )
         if new.endpoint_qps != self.limits.endpoint_qps:
             self._endpoints = self._buckets(new.endpoint_qps)
         self.limits = new

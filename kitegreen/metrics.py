@@ -18,8 +18,22 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 
 
@@ -86,11 +100,13 @@ class Metrics:
             registry=reg,
         )
         self.panics = Counter(
-            "kitegreen_panics", "Handlers that raised an exception their IDL does not declare.",
+            "kitegreen_panics",
+            "Handlers that raised an exception their IDL does not declare.",
             registry=reg,
         )
         self.hub_blocks = Counter(
-            "kitegreen_hub_blocked", "Times the gevent hub was blocked past the threshold.",
+            "kitegreen_hub_blocked",
+            "Times the gevent hub was blocked past the threshold.",
             registry=reg,
         )
         ProcessCollector(registry=reg)
@@ -116,11 +132,13 @@ class _RuntimeCollector:
     def collect(self) -> Iterable[Any]:
         figures = self._runtime()
         yield GaugeMetricFamily(
-            "kitegreen_greenlets", "Greenlets owned by the server (connections and background).",
+            "kitegreen_greenlets",
+            "Greenlets owned by the server (connections and background).",
             value=figures.get("greenlets", 0),
         )
         yield GaugeMetricFamily(
-            "kitegreen_hub_pending_callbacks", "Callbacks queued on the gevent hub's loop.",
+            "kitegreen_hub_pending_callbacks",
+            "Callbacks queued on the gevent hub's loop.",
             value=figures.get("pending_callbacks", 0),
         )
 

@@ -94,4 +94,3 @@ def build_methods(service: Any, handler: object) -> dict[str, Method]:
             declared_types=tuple(cls for cls, _ in declared),
         )
     return methods
-

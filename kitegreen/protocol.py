@@ -22,10 +22,12 @@ import time
 from typing import Any, NamedTuple
 
 from thriftpy2.protocol.compact import TCompactProtocol
-from thriftpy2.protocol.cybin import TCyBinaryProtocol
-from thriftpy2.transport.buffered import TCyBufferedTransport
-from thriftpy2.transport.framed import TCyFramedTransport
-from thriftpy2.transport.memory import TCyMemoryBuffer
+
+# thriftpy2's Cython codecs ship without type information.
+from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
+from thriftpy2.transport.buffered import TCyBufferedTransport  # type: ignore[attr-defined]
+from thriftpy2.transport.framed import TCyFramedTransport  # type: ignore[attr-defined]
+from thriftpy2.transport.memory import TCyMemoryBuffer  # type: ignore[attr-defined]
 
 from kitegreen.exceptions import FrameTooLarge, ProtocolError
 
@@ -131,7 +133,9 @@ class SocketReader:
         if n > self.max_frame_size + BUFFER_SIZE:
             # The transport grew its buffer to hold one field of n bytes: a length field over
             # the limit. Refuse before reading it.
-            raise FrameTooLarge(f"peer announced {n} bytes, max_frame_size is {self.max_frame_size}")
+            raise FrameTooLarge(
+                f"peer announced {n} bytes, max_frame_size is {self.max_frame_size}"
+            )
         if self.pending:
             data, self.pending = self.pending[:n], self.pending[n:]
             return data
@@ -154,7 +158,7 @@ class SocketReader:
         self.budget -= len(data)
         if self.budget < 0 and data:
             raise FrameTooLarge(f"request exceeds max_frame_size ({self.max_frame_size} bytes)")
-        return data
+        return data  # type: ignore[no-any-return]
 
 
 class Codec:
@@ -177,8 +181,8 @@ class Codec:
             self.iprot = TCyBinaryProtocol(trans)
             self.oprot = TCyBinaryProtocol(self.out)
         else:
-            self.iprot = TCompactProtocol(trans)
-            self.oprot = TCompactProtocol(self.out)
+            self.iprot = TCompactProtocol(trans)  # type: ignore[no-untyped-call]
+            self.oprot = TCompactProtocol(self.out)  # type: ignore[no-untyped-call]
 
     def take_output(self) -> bytes:
         """The encoded reply, framed if the connection is, and an empty output buffer."""

@@ -23,6 +23,7 @@ from gevent.server import StreamServer
 from kitegreen._version import VERSION
 from kitegreen.config import Config
 from kitegreen.connection import Connection, ConnectionContext
+from kitegreen.consul_client import make_consul
 from kitegreen.debug import DebugServer
 from kitegreen.events import Event, EventQueue
 from kitegreen.exceptions import ConfigError
@@ -31,17 +32,24 @@ from kitegreen.limiter import Limiter, Limits
 from kitegreen.listener import ListenSpec, listen, remove_unix_socket
 from kitegreen.metrics import Metrics
 from kitegreen.processor import build_methods
+from kitegreen.registry import ConsulRegistry, Registrar, Registry, make_registration
+from kitegreen.remote_config import RemoteConfigWatcher
 from kitegreen.reporter import (
     CONNECTION_OVERLOAD,
     HUB_BLOCKED,
+    REGISTRY,
+    REMOTE_CONFIG,
     NullReporter,
-    ReportGate,
     Reporter,
+    ReportGate,
 )
 
 SERVER_START = "Server Start"
 SERVER_STOP = "Server Stop"
 CONFIG_CHANGE = "Config Change"
+REGISTRY_CHANGE = "Registry Change"
+REGISTRY_REFRESH_INTERVAL = 10.0
+"""Seconds between checks that the Consul agent still knows this instance."""
 
 
 class _Acceptor(StreamServer):  # type: ignore[misc]
@@ -70,6 +78,8 @@ class RpcServer:
         handler: an object implementing every method of ``service``.
         config: settings; defaults when None. ``service_name`` defaults to the service's name.
         reporter: where rate-limited reports go besides the log and the event ring.
+        registry: where to register when ``config.register`` is on; Consul at
+            ``config.consul_addr`` when None.
 
     Raises:
         HandlerError: ``handler`` does not implement ``service``.
@@ -88,11 +98,13 @@ class RpcServer:
         config: Config | None = None,
         *,
         reporter: Reporter | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.service = service
         self.handler = handler
         self._methods = build_methods(service, handler)
         self._reporter: Reporter = reporter or NullReporter()
+        self._registry = registry
         self._configure(config or Config())
 
     def _configure(self, config: Config) -> None:
@@ -108,7 +120,9 @@ class RpcServer:
             config.qps_fill_interval,
             enabled=not config.service_mesh_mode,
         )
-        self.metrics: Metrics | None = Metrics(self._runtime_figures) if config.enable_metrics else None
+        self.metrics: Metrics | None = (
+            Metrics(self._runtime_figures) if config.enable_metrics else None
+        )
         for name, method in self._methods.items():
             method.stats = self.metrics.method(name) if self.metrics else None
         self._ctx = ConnectionContext(
@@ -132,7 +146,18 @@ class RpcServer:
         self._stopped = GEvent()
         self._stop_greenlet: gevent.Greenlet | None = None
         self._clean_stop = True
-        self._remote_configs: dict[str, Any] = {}
+        self._consul: Any = None
+        self.registrar: Registrar | None = None
+        self.remote_config: RemoteConfigWatcher | None = None
+        if config.remote_config:
+            self.remote_config = RemoteConfigWatcher(
+                self._consul_client(),
+                config.service_name,
+                config.cluster,
+                apply=self._apply_remote_limits,
+                on_event=self._on_remote_config_event,
+                log=self.log,
+            )
         self.debug_server: DebugServer | None = None
         if config.enable_debug_server:
             self.debug_server = DebugServer(
@@ -147,7 +172,9 @@ class RpcServer:
         if config.hub_block_threshold > 0:
             self.hub_watch = HubWatch(config.hub_block_threshold, self._on_hub_blocked)
         # Started in this order after the listener, stopped in reverse after the drain.
-        self._background: list[Any] = [p for p in (self.debug_server, self.hub_watch) if p]
+        self._background: list[Any] = [
+            p for p in (self.debug_server, self.hub_watch, self.remote_config) if p
+        ]
 
     def reconfigure(self, config: Config) -> None:
         """Replace the configuration before the server starts (the launcher uses this).
@@ -198,6 +225,7 @@ class RpcServer:
             self._acceptor = _Acceptor(sock, self, self._pool)
             self._acceptor.start()
             self._started = True
+            self._make_registrar(spec)
             for part in self._background:
                 part.start()
         except BaseException:
@@ -209,7 +237,7 @@ class RpcServer:
             "listening",
             address=where,
             pid=os.getpid(),
-            limits=dict(conn=self.config.limit_connections, qps=self.config.limit_qps),
+            limits={"conn": self.config.limit_connections, "qps": self.config.limit_qps},
         )
         self.events.push(SERVER_START, f"listening on {where}")
 
@@ -243,6 +271,9 @@ class RpcServer:
         ctx = self._ctx
         try:
             self.log.info("stopping", in_flight=len(ctx.active), exit_wait_time=wait)
+            if self.registrar is not None:
+                # First, so that clients stop picking this instance before it stops accepting.
+                self.registrar.deregister()
             assert self._acceptor is not None
             # close() rather than stop(): gevent's stop() would also kill our handlers.
             self._acceptor.close()
@@ -360,8 +391,13 @@ class RpcServer:
         }
 
     def remote_configs(self) -> dict[str, Any]:
-        """The remote configuration in force (kite's RemoteConfigs); empty without Consul."""
-        return dict(self._remote_configs)
+        """The remote configuration in force (kite's RemoteConfigs); empty without Consul.
+
+        Returns:
+            ``{limit name: {"value", "key", "index"}}`` for each limit Consul sets, plus
+            ``"rejected": {key: reason}`` while a key holds a malformed value.
+        """
+        return self.remote_config.snapshot() if self.remote_config else {}
 
     def update_limits(
         self,
@@ -386,7 +422,9 @@ class RpcServer:
             ConfigError: a limit is negative or not an integer.
         """
         for name, value in (("limit_connections", limit_connections), ("limit_qps", limit_qps)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 0
+            ):
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}", field=name)
         if endpoint_qps_limits is not None:
             Config(endpoint_qps_limits=endpoint_qps_limits)  # validates the values
@@ -399,8 +437,13 @@ class RpcServer:
                 f"{source}: conn {before.connections}->{after.connections}, "
                 f"qps {before.qps}->{after.qps}, endpoint_qps {dict(after.endpoint_qps)}"
             )
-            self.log.info("limits changed", source=source, conn=after.connections, qps=after.qps,
-                          endpoint_qps=dict(after.endpoint_qps))
+            self.log.info(
+                "limits changed",
+                source=source,
+                conn=after.connections,
+                qps=after.qps,
+                endpoint_qps=dict(after.endpoint_qps),
+            )
             self.events.push(CONFIG_CHANGE, detail)
         return after
 
@@ -416,6 +459,60 @@ class RpcServer:
             "events": [e.as_dict() for e in self.recent_events()],
         }
 
+    # -- Consul ------------------------------------------------------------------------------
+
+    def _consul_client(self) -> Any:
+        if self._consul is None:
+            self._consul = make_consul(self.config.consul_addr, self.config.consul_token)
+        return self._consul
+
+    def _make_registrar(self, spec: ListenSpec) -> None:
+        config = self.config
+        if not config.register:
+            return
+        if spec.kind != "tcp" or config.service_mesh_mode:
+            self.log.info("not registering: only a TCP listener outside service-mesh mode is")
+            return
+        port = self.address[1] if isinstance(self.address, tuple) else 0
+        registration = make_registration(
+            service=config.service_name,
+            cluster=config.cluster,
+            version=config.version,
+            host=spec.host,
+            port=port,
+            check=config.health_check,
+        )
+        self.registrar = Registrar(
+            self._registry or ConsulRegistry(self._consul_client()),
+            registration,
+            delay=config.register_delay,
+            refresh=REGISTRY_REFRESH_INTERVAL,
+            on_change=self._on_registry_event,
+            log=self.log,
+        )
+        self._background.insert(0, self.registrar)
+
+    def _on_registry_event(self, kind: str, detail: str) -> None:
+        if kind == "failed":
+            self.reports.report(REGISTRY, detail)
+        else:
+            self.events.push(REGISTRY_CHANGE, f"{kind}: {detail}")
+
+    def _apply_remote_limits(self, changes: dict[str, Any]) -> None:
+        local = self.config
+        self.update_limits(
+            limit_connections=_or_local(changes, "limit_connections", local.limit_connections),
+            limit_qps=_or_local(changes, "limit_qps", local.limit_qps),
+            endpoint_qps_limits=_or_local(
+                changes, "endpoint_qps_limits", dict(local.endpoint_qps_limits)
+            ),
+            source="consul",
+        )
+
+    def _on_remote_config_event(self, kind: str, detail: str) -> None:
+        if kind != "changed":  # applied changes are events through update_limits
+            self.reports.report(REMOTE_CONFIG, f"{kind}: {detail}")
+
     @property
     def debug_address(self) -> tuple[str, int] | None:
         """Where the debug server listens, or None if it is off or could not bind."""
@@ -423,8 +520,9 @@ class RpcServer:
 
     def _on_hub_blocked(self, seconds: float, stack: list[str]) -> None:
         where = stack[-1].strip().splitlines()[0] if stack else "unknown"
-        self.log.warning("hub blocked", seconds=round(seconds, 3), where=where,
-                         stack="".join(stack))
+        self.log.warning(
+            "hub blocked", seconds=round(seconds, 3), where=where, stack="".join(stack)
+        )
         if self.metrics is not None:
             self.metrics.hub_blocks.inc()
         self.reports.report(HUB_BLOCKED, f"gevent hub blocked for {seconds:.3f}s at {where}")
@@ -435,3 +533,11 @@ class RpcServer:
             "greenlets": len(self._pool) + len(self._background),
             "pending_callbacks": float(getattr(hub.loop, "pendingcnt", 0) or 0),
         }
+
+
+def _or_local(changes: dict[str, Any], name: str, local: Any) -> Any:
+    """The remote value for ``name``; the local setting if Consul dropped it; None if untouched."""
+    if name not in changes:
+        return None
+    value = changes[name]
+    return local if value is None else value

@@ -1,0 +1,43 @@
+"""Making a py-consul client from kitegreen settings.
+
+py-consul (the maintained fork of python-consul) is imported here and only here, lazily: it
+pulls in ``requests`` and ``ssl``, which a server without Consul should not pay for, and which
+must be imported after gevent has patched the standard library.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kitegreen.config import DEFAULT_CONSUL_ADDR
+from kitegreen.exceptions import ConfigError
+
+CONSUL_TIMEOUT = 5.0
+"""Seconds a Consul call may take before it counts as failed (blocking queries add their wait)."""
+
+
+def make_consul(addr: str, token: str) -> Any:
+    """A ``consul.Consul`` client for ``addr`` (``host:port``, optionally with a scheme).
+
+    Raises:
+        ConfigError: ``addr`` is not host:port.
+    """
+    import consul
+
+    addr = addr or DEFAULT_CONSUL_ADDR
+    scheme = "http"
+    if "://" in addr:
+        scheme, addr = addr.split("://", 1)
+    host, sep, port = addr.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(
+            f"consul_addr must be host:port or scheme://host:port, got {addr!r}",
+            field="consul_addr",
+        )
+    return consul.Consul(
+        host=host.strip("[]"),
+        port=int(port),
+        token=token or None,
+        scheme=scheme,
+        connections_timeout=CONSUL_TIMEOUT,
+    )
