@@ -8,6 +8,7 @@ sees it is being run that way; the ``kitegreen`` console script calls it from :f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -53,12 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--unix", dest="unix_socket", metavar="PATH", help=FIELD_HELP["unix_socket"]
     )
-    import dataclasses
-
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
         if f.name == "unix_socket":
             continue
+        # --version conventionally prints the program's version; the field is the service's.
+        flag = "--service-version" if f.name == "version" else "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             parser.add_argument(
                 flag,
