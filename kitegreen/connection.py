@@ -255,7 +255,7 @@ class Connection:
     def _overloaded(self, method: Method, seqid: int, limit: str, start: float) -> None:
         ctx = self.ctx
         if ctx.metrics is not None:
-            ctx.metrics.overloads.labels(limit=limit).inc()
+            ctx.metrics.overload(limit)
         limits = ctx.limiter.limits
         qps = limits.qps if limit == "qps" else limits.endpoint_qps.get(method.name)
         ctx.reports.report(
@@ -282,7 +282,7 @@ class Connection:
             exc_info=exc,
         )
         if ctx.metrics is not None:
-            ctx.metrics.panics.inc()
+            ctx.metrics.panics += 1
         ctx.reports.report(PANIC, f"{method.name}: {type(exc).__name__}: {exc}")
 
     def _finish(self, method: Method, start: float, outcome: str) -> None:

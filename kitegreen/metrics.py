@@ -1,136 +1,156 @@
 """Prometheus metrics (kite's ``GoStatMetrics`` and per-method stats), one registry per server.
 
-Each server owns a ``CollectorRegistry`` so that two servers in one process (tests, a
-monolith serving two IDLs) do not collide. Per-method children are resolved once at start:
-``labels()`` on the request path would hash and lock on every call.
+The request path only bumps plain integers; a collector turns them into Prometheus families
+when ``/metrics`` is scraped. prometheus-client's own ``Counter.inc()`` plus
+``Histogram.observe()`` take a lock each (a gevent lock once ``threading`` is patched) and cost
+about 3.4 µs per request here, against 0.2 µs for the integers. Plain integers are safe because
+every greenlet of a server runs in one hub thread and greenlets never preempt one another.
+
+Each server owns a ``CollectorRegistry`` so that two servers in one process (tests, a monolith
+serving two IDLs) do not collide.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 LATENCY_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
+ERROR_KINDS = ("declared", "internal", "application", "overload", "protocol")
+"""``kind`` label values of ``kitegreen_request_errors_total``."""
+OVERLOAD_LIMITS = ("connections", "qps", "endpoint_qps")
 
 
 class MethodStats:
-    """The instruments of one method, bound to its label values."""
+    """The counters of one method."""
 
-    __slots__ = ("errors", "latency", "requests")
+    __slots__ = ("buckets", "errors", "latency_sum", "requests")
 
-    def __init__(self, metrics: Metrics, method: str) -> None:
-        self.requests = metrics.requests.labels(method=method)
-        self.latency = metrics.latency.labels(method=method)
-        self.errors = {
-            kind: metrics.errors.labels(method=method, kind=kind) for kind in metrics.ERROR_KINDS
-        }
+    def __init__(self) -> None:
+        self.requests = 0
+        self.latency_sum = 0.0
+        # One slot per bucket bound plus +Inf; cumulated only when scraped.
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.errors = dict.fromkeys(ERROR_KINDS, 0)
 
     def observe(self, seconds: float, outcome: str) -> None:
         """Count one finished request."""
-        self.requests.inc()
-        self.latency.observe(seconds)
+        self.requests += 1
+        self.latency_sum += seconds
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         if outcome != "ok":
-            self.errors[outcome].inc()
+            self.errors[outcome] += 1
 
 
 class Metrics:
     """Every metric of one server.
 
     Args:
-        runtime: a callable returning runtime figures (greenlets, hub blocks) for the gauges.
+        runtime: returns gauges read at scrape time: ``connections_open``, ``greenlets``,
+            ``pending_callbacks``.
     """
 
-    ERROR_KINDS = ("declared", "internal", "application", "overload", "protocol")
-    """``kind`` label values of ``kitegreen_request_errors_total``."""
-
-    def __init__(self, runtime: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, runtime: Callable[[], Mapping[str, float]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        reg = self.registry
-        self.requests = Counter(
-            "kitegreen_requests", "Requests handled, by method.", ["method"], registry=reg
-        )
-        self.errors = Counter(
-            "kitegreen_request_errors",
-            "Requests that did not succeed, by method and kind "
-            "(declared exception, internal error, application exception, overload, protocol).",
-            ["method", "kind"],
-            registry=reg,
-        )
-        self.latency = Histogram(
-            "kitegreen_request_duration_seconds",
-            "Time from a request's decoded header to its reply being sent, by method.",
-            ["method"],
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.connections_open = Gauge(
-            "kitegreen_connections_open", "Client connections open now.", registry=reg
-        )
-        self.connections = Counter(
-            "kitegreen_connections", "Client connections accepted.", registry=reg
-        )
-        self.overloads = Counter(
-            "kitegreen_overload_rejections",
-            "Connections and requests refused by a limit, by limit.",
-            ["limit"],
-            registry=reg,
-        )
-        self.panics = Counter(
-            "kitegreen_panics",
-            "Handlers that raised an exception their IDL does not declare.",
-            registry=reg,
-        )
-        self.hub_blocks = Counter(
-            "kitegreen_hub_blocked",
-            "Times the gevent hub was blocked past the threshold.",
-            registry=reg,
-        )
-        ProcessCollector(registry=reg)
-        PlatformCollector(registry=reg)
-        GCCollector(registry=reg)
-        reg.register(_RuntimeCollector(runtime))
+        self.methods: dict[str, MethodStats] = {}
+        self.connections = 0
+        self.overloads = dict.fromkeys(OVERLOAD_LIMITS, 0)
+        self.panics = 0
+        self.hub_blocks = 0
+        self._runtime = runtime
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(self)
 
     def method(self, name: str) -> MethodStats:
-        """Instruments for method ``name``."""
-        return MethodStats(self, name)
+        """The counters of method ``name``, created on first use."""
+        stats = self.methods.get(name)
+        if stats is None:
+            stats = self.methods[name] = MethodStats()
+        return stats
+
+    def overload(self, limit: str) -> None:
+        """Count one connection or request refused by ``limit``."""
+        self.overloads[limit] = self.overloads.get(limit, 0) + 1
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
 
-
-class _RuntimeCollector:
-    """gevent's counterpart of Go's runtime stats (GC comes from ``python_gc_*``)."""
-
-    def __init__(self, runtime: Callable[[], dict[str, float]]) -> None:
-        self._runtime = runtime
+    def describe(self) -> Iterable[Any]:
+        """Nothing to pre-describe: families are built at collection."""
+        return []
 
     def collect(self) -> Iterable[Any]:
+        """Build the kitegreen_* families from the counters (called by the registry)."""
+        requests = CounterMetricFamily(
+            "kitegreen_requests", "Requests handled, by method.", labels=["method"]
+        )
+        errors = CounterMetricFamily(
+            "kitegreen_request_errors",
+            "Requests that did not succeed, by method and kind (declared exception, internal "
+            "error, application exception, overload, protocol).",
+            labels=["method", "kind"],
+        )
+        latency = HistogramMetricFamily(
+            "kitegreen_request_duration_seconds",
+            "Time from a request's decoded header to its reply being sent, by method.",
+            labels=["method"],
+        )
+        for name, stats in self.methods.items():
+            requests.add_metric([name], stats.requests)
+            for kind, count in stats.errors.items():
+                errors.add_metric([name, kind], count)
+            cumulative, running = [], 0
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), stats.buckets, strict=True):
+                running += count
+                cumulative.append((_bound(bound), running))
+            latency.add_metric([name], cumulative, stats.latency_sum)
+        yield from (requests, errors, latency)
+
+        overloads = CounterMetricFamily(
+            "kitegreen_overload_rejections",
+            "Connections and requests refused by a limit, by limit.",
+            labels=["limit"],
+        )
+        for limit, count in self.overloads.items():
+            overloads.add_metric([limit], count)
+        yield overloads
+        yield CounterMetricFamily(
+            "kitegreen_connections", "Client connections accepted.", value=self.connections
+        )
+        yield CounterMetricFamily(
+            "kitegreen_panics",
+            "Handlers that raised an exception their IDL does not declare.",
+            value=self.panics,
+        )
+        yield CounterMetricFamily(
+            "kitegreen_hub_blocked",
+            "Times the gevent hub was blocked past the threshold.",
+            value=self.hub_blocks,
+        )
         figures = self._runtime()
+        yield GaugeMetricFamily(
+            "kitegreen_connections_open",
+            "Client connections open now.",
+            value=figures.get("connections_open", 0),
+        )
         yield GaugeMetricFamily(
             "kitegreen_greenlets",
             "Greenlets owned by the server (connections and background).",
@@ -142,5 +162,6 @@ class _RuntimeCollector:
             value=figures.get("pending_callbacks", 0),
         )
 
-    def describe(self) -> Iterable[Any]:
-        return []
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)

@@ -337,7 +337,7 @@ class RpcServer:
             return True
         sock.close()
         if self.metrics is not None:
-            self.metrics.overloads.labels(limit="connections").inc()
+            self.metrics.overload("connections")
         self.reports.report(
             CONNECTION_OVERLOAD,
             f"connection from {address!r} refused: {self.limiter.connections} open, "
@@ -349,17 +349,13 @@ class RpcServer:
         ctx = self._ctx
         conn = Connection(sock, address, ctx, gevent.getcurrent())
         ctx.active.add(conn)
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.connections.inc()
-            metrics.connections_open.inc()
+        if self.metrics is not None:
+            self.metrics.connections += 1
         try:
             conn.serve()
         finally:
             ctx.active.discard(conn)
             self.limiter.release_connection()
-            if metrics is not None:
-                metrics.connections_open.dec()
 
     # -- kite's accessors ------------------------------------------------------------------
 
@@ -524,12 +520,13 @@ class RpcServer:
             "hub blocked", seconds=round(seconds, 3), where=where, stack="".join(stack)
         )
         if self.metrics is not None:
-            self.metrics.hub_blocks.inc()
+            self.metrics.hub_blocks += 1
         self.reports.report(HUB_BLOCKED, f"gevent hub blocked for {seconds:.3f}s at {where}")
 
     def _runtime_figures(self) -> dict[str, float]:
         hub = gevent.get_hub()
         return {
+            "connections_open": float(self.limiter.connections),
             "greenlets": len(self._pool) + len(self._background),
             "pending_callbacks": float(getattr(hub.loop, "pendingcnt", 0) or 0),
         }
