@@ -104,6 +104,7 @@ class SocketReader:
         "deadline",
         "idle",
         "idle_timeout",
+        "idle_timeout_set",
         "max_frame_size",
         "pending",
         "rw_timeout",
@@ -120,6 +121,10 @@ class SocketReader:
         self.deadline: float | None = None
         self.budget = max_frame_size
         self.pending = b""
+        # gevent's settimeout() costs ~0.5 us; the socket keeps idle_timeout except while a
+        # request trickles in, and replies pass their timeout to send() directly.
+        sock.settimeout(self.idle_timeout)
+        self.idle_timeout_set = True
         self.idle = False
         """True while blocked waiting for the next request: the only state stop() may cut."""
 
@@ -141,7 +146,9 @@ class SocketReader:
             return data
         sock = self.sock
         if self.deadline is None:
-            sock.settimeout(self.idle_timeout)
+            if not self.idle_timeout_set:
+                sock.settimeout(self.idle_timeout)
+                self.idle_timeout_set = True
             self.idle = True
             try:
                 data = sock.recv(RECV_SIZE if n > RECV_SIZE else n)
@@ -154,6 +161,7 @@ class SocketReader:
             if remaining <= 0:
                 raise TimeoutError("request not received within read_write_timeout")
             sock.settimeout(remaining)
+            self.idle_timeout_set = False
             data = sock.recv(RECV_SIZE if n > RECV_SIZE else n)
         self.budget -= len(data)
         if self.budget < 0 and data:
@@ -202,12 +210,23 @@ def send_all(sock: Any, data: bytes, timeout: float) -> None:
     """Send ``data`` within ``timeout`` seconds in all.
 
     One ``send`` covers a reply that fits the socket buffer, which is nearly all of them;
-    gevent's ``sendall`` asks the kernel for SO_SNDBUF on every call, a syscall we skip.
+    gevent's ``sendall`` would ask the kernel for SO_SNDBUF on every call, a syscall we skip,
+    and would need the socket's timeout changed, which costs more than the send's own argument.
+
+    Raises:
+        TimeoutError: the peer did not take the reply in time (it is not reading).
     """
-    sock.settimeout(timeout)
-    sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
+    sent = sock.send(data, 0, timeout)
+    size = len(data)
+    if sent == size:
+        return
+    deadline = time.monotonic() + timeout
+    view = memoryview(data)
+    while sent < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("reply not sent within read_write_timeout")
+        sent += sock.send(view[sent:], 0, remaining)
 
 
 def is_disconnect(exc: BaseException) -> bool:
