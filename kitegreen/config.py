@@ -42,6 +42,7 @@ DEFAULT_REPORT_INTERVAL = 10.0
 DEFAULT_EVENT_CAPACITY = 200
 DEFAULT_HUB_BLOCK_THRESHOLD = 0.1
 DEFAULT_REGISTER_DELAY = 0.5
+DEFAULT_REGISTER_INTERVAL = 10.0
 DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
 
 ENV_PREFIX = "KITE_"
@@ -137,6 +138,9 @@ class Config:
     consul_addr: str = ""
     consul_token: str = ""
     register_delay: float = DEFAULT_REGISTER_DELAY
+    register_interval: float = DEFAULT_REGISTER_INTERVAL
+    """Seconds between checks that the agent still knows this instance (and TTL heartbeats,
+    at most a third of the TTL)."""
     health_check: str = "tcp"
     """Consul health check: ``tcp`` on the service port, ``ttl`` kept alive by a heartbeat,
     or ``none``."""
@@ -162,6 +166,7 @@ class Config:
         _check_positive("read_write_timeout", self.read_write_timeout)
         _check_positive("qps_fill_interval", self.qps_fill_interval)
         _check_positive("report_interval", self.report_interval)
+        _check_positive("register_interval", self.register_interval)
         for name in ("idle_timeout", "exit_wait_time", "hub_block_threshold", "register_delay"):
             _check_range(name, getattr(self, name), 0, None)
         for method, qps in self.endpoint_qps_limits.items():
@@ -444,6 +449,8 @@ FIELD_HELP: Mapping[str, str] = types.MappingProxyType(
         "consul_token": "Consul ACL token",
         "register_delay": "seconds between listening and registering "
         f"(default {DEFAULT_REGISTER_DELAY:g})",
+        "register_interval": "seconds between checks that Consul still knows this instance "
+        f"(default {DEFAULT_REGISTER_INTERVAL:g})",
         "health_check": "Consul health check: tcp, ttl or none (default tcp)",
         "remote_config": "watch kite's limit keys in Consul KV and apply them live (default off)",
         "log_format": "json or console (default json)",

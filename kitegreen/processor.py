@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from kitegreen.exceptions import KitegreenError
@@ -42,9 +43,21 @@ class Method:
     declared_types: tuple[type[BaseException], ...]
     stats: Any = field(default=None)
 
-    def call(self, args: Any) -> Any:
-        """Call the handler with the decoded ``args`` struct."""
-        return self.func(*[getattr(args, n) for n in self.arg_names])
+    call: Callable[[Any], Any] = field(init=False, repr=False)
+    """Call the handler with a decoded ``args`` struct (built in __post_init__)."""
+
+    def __post_init__(self) -> None:
+        # A closure per arity: a list comprehension of getattr() costs 0.5 us per request,
+        # attrgetter 0.15 us.
+        func = self.func
+        if not self.arg_names:
+            self.call = lambda args: func()
+        elif len(self.arg_names) == 1:
+            get_one = attrgetter(self.arg_names[0])
+            self.call = lambda args: func(get_one(args))
+        else:
+            get_all = attrgetter(*self.arg_names)
+            self.call = lambda args: func(*get_all(args))
 
     def declared_field(self, exc: BaseException) -> str | None:
         """The result field that carries ``exc``, if the IDL declares it."""

@@ -48,8 +48,6 @@ SERVER_START = "Server Start"
 SERVER_STOP = "Server Stop"
 CONFIG_CHANGE = "Config Change"
 REGISTRY_CHANGE = "Registry Change"
-REGISTRY_REFRESH_INTERVAL = 10.0
-"""Seconds between checks that the Consul agent still knows this instance."""
 
 
 class _Acceptor(StreamServer):  # type: ignore[misc]
@@ -482,7 +480,7 @@ class RpcServer:
             self._registry or ConsulRegistry(self._consul_client()),
             registration,
             delay=config.register_delay,
-            refresh=REGISTRY_REFRESH_INTERVAL,
+            refresh=config.register_interval,
             on_change=self._on_registry_event,
             log=self.log,
         )

@@ -1,0 +1,319 @@
+"""Consul: registration and live remote configuration, against the Consul agent double over real
+HTTP with the real py-consul client (and against a real agent when CONSUL_HTTP_ADDR is set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from consul_double import ConsulDouble
+from thriftpy2.thrift import TApplicationException
+
+import kitegreen
+from clients import thriftpy2_client
+from conftest import TESTS, Handler, loopback_config, testsvc_thrift, wait_until
+
+SERVICE = "consul-test"
+
+
+@pytest.fixture
+def agent() -> Iterator[ConsulDouble]:
+    with ConsulDouble() as double:
+        yield double
+
+
+@pytest.fixture
+def consul_server(agent: ConsulDouble) -> Iterator[Any]:
+    """Factory for servers wired to the double; all stopped afterwards."""
+    servers: list[kitegreen.RpcServer] = []
+
+    def make(registry: Any = None, **overrides: Any) -> kitegreen.RpcServer:
+        values: dict[str, Any] = {
+            "service_name": SERVICE,
+            "cluster": "blue",
+            "version": "1.2.3",
+            "consul_addr": agent.address,
+            "register_delay": 0.0,
+            "register_interval": 0.2,
+        }
+        values.update(overrides)
+        server = kitegreen.RpcServer(
+            testsvc_thrift.TestService, Handler(), loopback_config(**values), registry=registry
+        )
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop(timeout=2.0)
+
+
+def can_connect(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+class TestRegistration:
+    def test_registers_with_tags_address_and_tcp_check(self, agent, consul_server):
+        """A TCP server registers its port, kite's tags and a TCP check on its port."""
+        server = consul_server(register=True)
+        service = agent.wait_for_registration(SERVICE, timeout=5.0)
+        port = server.address[1]
+        assert service["Port"] == port
+        assert service["Address"] == "127.0.0.1"
+        tags = set(service["Tags"])
+        assert {"cluster=blue", "version=1.2.3"} <= tags
+        assert any(t.startswith("transport=") for t in tags)
+        assert any(t.startswith("protocol=") for t in tags)
+        checks = [c for c in agent.checks.values() if c.get("ServiceID") == service["ID"]]
+        assert len(checks) == 1
+        assert checks[0]["Definition"]["TCP"] == f"127.0.0.1:{port}" or (
+            checks[0].get("TCP") == f"127.0.0.1:{port}"
+        )
+
+    def test_instance_ids_are_unique(self, agent, consul_server):
+        """Two instances of one service register under two IDs."""
+        consul_server(register=True)
+        consul_server(register=True)
+        assert wait_until(lambda: len(agent.services) == 2)
+        ids = list(agent.services)
+        assert len(set(ids)) == 2
+        assert all(s["Service"] == SERVICE for s in agent.services.values())
+
+    def test_ttl_check_is_kept_passing(self, agent, consul_server):
+        """health_check=ttl registers a TTL check that the heartbeat keeps passing."""
+        consul_server(register=True, health_check="ttl")
+        service = agent.wait_for_registration(SERVICE, timeout=5.0)
+        check_id = f"service:{service['ID']}"
+        assert wait_until(lambda: agent.check_status(check_id) == "passing")
+
+    def test_token_is_sent(self, agent, consul_server):
+        """consul_token goes to the agent with every request."""
+        consul_server(register=True, consul_token="s3cret")
+        agent.wait_for_registration(SERVICE, timeout=5.0)
+        registering = [r for r in agent.requests if "service/register" in r[1]]
+        assert registering
+        assert all(token == "s3cret" for _, _, token in registering)
+
+    def test_reregisters_after_agent_restarts_empty(self, agent, consul_server):
+        """An agent that restarts without its state gets the service back."""
+        server = consul_server(register=True)
+        first = agent.wait_for_registration(SERVICE, timeout=5.0)
+        agent.restart_empty()
+        again = agent.wait_for_registration(SERVICE, timeout=5.0)
+        assert again["ID"] == first["ID"]
+        assert again["Port"] == server.address[1]
+        assert any(e.name == "Registry Change" for e in server.recent_events())
+
+    def test_agent_down_at_start_is_not_fatal(self, agent, consul_server):
+        """With the agent down, the server serves; it registers once the agent is back."""
+        agent.go_down()
+        server = consul_server(register=True)
+        with thriftpy2_client(testsvc_thrift.TestService, server.address) as client:
+            assert client.echo("still serving") == "still serving"
+        assert wait_until(
+            lambda: any(e.name == "Registry" for e in server.recent_events()), timeout=5.0
+        )
+        agent.come_back()
+        agent.wait_for_registration(SERVICE, timeout=10.0)
+
+    def test_unix_socket_is_not_registered(self, agent, consul_server, tmp_path):
+        """A Unix-socket listener serves but does not register."""
+        server = consul_server(register=True, unix_socket=str(tmp_path / "s.sock"))
+        with thriftpy2_client(testsvc_thrift.TestService, server.address) as client:
+            assert client.ping() is None
+        assert server.registrar is None
+        assert agent.services == {}
+
+    def test_deregisters_before_the_listener_closes(self, consul_server):
+        """stop() deregisters first, while the port still accepts connections."""
+        seen: dict[str, Any] = {}
+
+        class Recording:
+            def register(self, reg):
+                seen["registered"] = reg
+
+            def deregister(self, reg):
+                seen["listening_at_deregister"] = can_connect(server.address)
+
+            def is_registered(self, reg):
+                return True
+
+            def heartbeat(self, reg):
+                return None
+
+        server = consul_server(registry=Recording(), register=True)
+        assert wait_until(lambda: "registered" in seen)
+        assert isinstance(Recording(), kitegreen.Registry)
+        server.stop()
+        assert seen["listening_at_deregister"] is True
+        assert not can_connect(server.address)
+
+
+class TestRemoteConfig:
+    def test_kv_change_applies_live(self, agent, consul_server):
+        """A QPS limit put in Consul applies without a restart, and shows where it came from."""
+        server = consul_server(remote_config=True, limit_qps=1000)
+        agent.kv_put(f"kite/limit/qps/{SERVICE}", "7")
+        assert wait_until(lambda: server.overload()["qps_limit"] == 7, timeout=2.0)
+        remote = server.remote_configs()["limit_qps"]
+        assert remote["value"] == 7
+        assert remote["key"] == f"kite/limit/qps/{SERVICE}"
+        assert remote["index"] > 0
+        assert any(
+            e.name == "Config Change" and "qps" in e.detail for e in server.recent_events()
+        )
+
+    def test_cluster_key_wins_and_removal_restores(self, agent, consul_server):
+        """The cluster key beats the service key; removing keys falls back step by step."""
+        server = consul_server(remote_config=True, limit_connections=300)
+        agent.kv_put(f"kite/limit/conn/{SERVICE}", "50")
+        assert wait_until(lambda: server.overload()["conn_limit"] == 50, timeout=2.0)
+        agent.kv_put(f"kite/limit/conn/{SERVICE}/blue", "40")
+        assert wait_until(lambda: server.overload()["conn_limit"] == 40, timeout=2.0)
+        agent.kv_put(f"kite/limit/conn/{SERVICE}/green", "30")  # another cluster's key
+        agent.kv_delete(f"kite/limit/conn/{SERVICE}/blue")
+        assert wait_until(lambda: server.overload()["conn_limit"] == 50, timeout=2.0)
+        agent.kv_delete(f"kite/limit/conn/{SERVICE}")
+        assert wait_until(lambda: server.overload()["conn_limit"] == 300, timeout=2.0)
+        assert "limit_connections" not in server.remote_configs()
+
+    def test_endpoint_qps_limits_apply_to_their_method(self, agent, consul_server):
+        """endpoint_qps JSON limits one method; others are untouched."""
+        server = consul_server(remote_config=True, limit_qps=0)
+        payload = {"payload": [{"endpoint": "echo", "qps_limit": 1}]}
+        agent.kv_put(f"kite/limit/endpoint_qps/{SERVICE}", json.dumps(payload))
+        assert wait_until(
+            lambda: server.overload()["endpoint_qps_limits"] == {"echo": 1}, timeout=2.0
+        )
+        refused = 0
+        with thriftpy2_client(testsvc_thrift.TestService, server.address) as client:
+            for _ in range(10):
+                try:
+                    client.echo("x")
+                except TApplicationException as exc:
+                    assert exc.type == 11
+                    refused += 1
+            assert all(client.add(1, 1) == 2 for _ in range(10))
+        assert refused > 0
+
+    def test_malformed_value_is_rejected_and_last_good_kept(self, agent, consul_server):
+        """A malformed value is reported and ignored; the last good value stays in force."""
+        server = consul_server(remote_config=True, limit_qps=1000)
+        key = f"kite/limit/qps/{SERVICE}"
+        agent.kv_put(key, "9")
+        assert wait_until(lambda: server.overload()["qps_limit"] == 9, timeout=2.0)
+        agent.kv_put(key, "nine")
+        assert wait_until(lambda: key in server.remote_configs().get("rejected", {}), timeout=2.0)
+        assert server.overload()["qps_limit"] == 9
+        assert any(e.name == "Remote Config" for e in server.recent_events())
+        agent.kv_put(f"kite/limit/endpoint_qps/{SERVICE}", '{"payload": [{"endpoint": 3}]}')
+        assert wait_until(
+            lambda: f"kite/limit/endpoint_qps/{SERVICE}" in server.remote_configs()["rejected"],
+            timeout=2.0,
+        )
+        assert server.overload()["endpoint_qps_limits"] == {}
+
+    def test_consul_down_keeps_serving_and_last_config(self, agent, consul_server):
+        """While Consul is unreachable the server serves with the last good limits."""
+        server = consul_server(remote_config=True, limit_qps=1000)
+        agent.kv_put(f"kite/limit/qps/{SERVICE}", "500")
+        assert wait_until(lambda: server.overload()["qps_limit"] == 500, timeout=2.0)
+        agent.go_down()
+        with thriftpy2_client(testsvc_thrift.TestService, server.address) as client:
+            for _ in range(5):
+                assert client.echo("up") == "up"
+        assert wait_until(
+            lambda: any(e.name == "Remote Config" for e in server.recent_events()), timeout=5.0
+        )
+        assert server.overload()["qps_limit"] == 500
+        agent.come_back()
+        agent.kv_put(f"kite/limit/qps/{SERVICE}", "600")
+        assert wait_until(lambda: server.overload()["qps_limit"] == 600, timeout=10.0)
+
+    def test_runtime_endpoint_shows_remote_configs(self, agent, consul_server):
+        """/runtime/kite shows the remote value, its key and its index."""
+        import urllib.request
+
+        server = consul_server(remote_config=True, enable_debug_server=True, debug_port=0)
+        agent.kv_put(f"kite/limit/conn/{SERVICE}", "77")
+        assert wait_until(lambda: server.overload()["conn_limit"] == 77, timeout=2.0)
+        host, port = server.debug_address
+        with urllib.request.urlopen(f"http://{host}:{port}/runtime/kite", timeout=5) as resp:
+            doc = json.load(resp)
+        assert doc["remote_configs"]["limit_connections"]["value"] == 77
+        assert doc["remote_configs"]["limit_connections"]["key"] == f"kite/limit/conn/{SERVICE}"
+        assert doc["overload"]["conn_limit"] == 77
+
+
+class TestLauncherDeregistration:
+    def test_sigterm_deregisters_and_exits_zero(self, agent, tmp_path):
+        """Through the launcher, SIGTERM deregisters the service and the process exits 0."""
+        target = tmp_path / "target.py"
+        target.write_text(
+            "import sys\n"
+            f"sys.path.insert(0, {str(TESTS)!r})\n"
+            "import kitegreen\n"
+            "from conftest import Handler, testsvc_thrift\n"
+            "server = kitegreen.RpcServer(testsvc_thrift.TestService, Handler())\n"
+        )
+        env = {**os.environ, "CONSUL_HTTP_ADDR": agent.address, "KITE_SERVICE_NAME": SERVICE}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kitegreen", f"{target}:server", "--host", "127.0.0.1",
+             "--port", "0", "--no-enable-debug-server", "--register", "--register-delay", "0"],
+            env=env, cwd=str(Path(TESTS).parent), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            agent.wait_for_registration(SERVICE, timeout=10.0)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+            assert agent.services == {}
+            assert any("deregister" in path for _, path, _ in agent.requests)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+@pytest.mark.skipif(not os.environ.get("CONSUL_HTTP_ADDR"), reason="needs a real Consul agent")
+class TestRealAgent:
+    def test_register_and_live_limit(self):
+        """Against a real agent: registration shows in the catalog and a KV limit applies."""
+        import consul
+
+        addr = os.environ["CONSUL_HTTP_ADDR"]
+        host, _, port = addr.rpartition("://")[2].rpartition(":")
+        client = consul.Consul(host=host, port=int(port), token=os.environ.get("CONSUL_HTTP_TOKEN"))
+        name = f"kitegreen-test-{os.getpid()}"
+        key = f"kite/limit/qps/{name}"
+        server = kitegreen.RpcServer(
+            testsvc_thrift.TestService,
+            Handler(),
+            loopback_config(service_name=name, register=True, remote_config=True,
+                            consul_addr=addr, register_delay=0.0),
+        )
+        server.start()
+        try:
+            assert wait_until(
+                lambda: any(s["Service"] == name for s in client.agent.services().values()),
+                timeout=10.0,
+            )
+            client.kv.put(key, "11")
+            assert wait_until(lambda: server.overload()["qps_limit"] == 11, timeout=5.0)
+        finally:
+            server.stop()
+            client.kv.delete(key)
+        assert not any(s["Service"] == name for s in client.agent.services().values())
