@@ -29,20 +29,25 @@ from kitegreen.exceptions import (
     RegistryError,
 )
 from kitegreen.processor import HandlerError
+from kitegreen.registry import ConsulRegistry, NullRegistry, Registration, Registry
 from kitegreen.reporter import NullReporter, Reporter
 from kitegreen.server import RpcServer
 
 __all__ = [
     "Config",
     "ConfigError",
+    "ConsulRegistry",
     "Event",
     "FrameTooLarge",
     "HandlerError",
     "KitegreenError",
     "LaunchError",
     "ListenError",
+    "NullRegistry",
     "NullReporter",
     "ProtocolError",
+    "Registration",
+    "Registry",
     "RegistryError",
     "Reporter",
     "RpcServer",

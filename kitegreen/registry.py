@@ -164,8 +164,14 @@ class ConsulRegistry:
         return reg.instance_id in self._client.agent.services()
 
     def heartbeat(self, reg: Registration) -> None:
-        """PUT /v1/agent/check/pass/service:<id>."""
-        self._client.agent.check.ttl_pass(reg.check_id, notes="kitegreen heartbeat")
+        """PUT /v1/agent/check/pass/service:<id>.
+
+        Raises:
+            RegistryError: the agent does not know the check (it restarted): py-consul answers
+                False for that rather than raising.
+        """
+        if self._client.agent.check.ttl_pass(reg.check_id, notes="kitegreen heartbeat") is False:
+            raise RegistryError(f"the agent does not know check {reg.check_id}")
 
 
 class Registrar:

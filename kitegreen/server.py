@@ -138,6 +138,7 @@ class RpcServer:
         self._pool = Pool()
         self._acceptor: _Acceptor | None = None
         self._listen_spec: ListenSpec | None = None
+        self._address: tuple[str, int] | str | None = None
         self._unix_inode: int | None = None
         self._started = False
         self._stopping = False
@@ -188,17 +189,15 @@ class RpcServer:
 
     @property
     def address(self) -> tuple[str, int] | str:
-        """Where the server listens: ``(host, port)`` for TCP, the path for a Unix socket.
+        """Where the server listens (or listened, once stopped): ``(host, port)`` for TCP, the
+        path for a Unix socket.
 
         Raises:
             RuntimeError: the server has not started.
         """
-        if self._acceptor is None or self._listen_spec is None:
+        if self._address is None:
             raise RuntimeError("the server is not listening; call start() first")
-        if self._listen_spec.kind == "unix":
-            return self._listen_spec.path
-        host, port = self._acceptor.socket.getsockname()[:2]
-        return str(host), int(port)
+        return self._address
 
     @property
     def started(self) -> bool:
@@ -218,7 +217,11 @@ class RpcServer:
         sock = listen(spec, self.config.backlog)
         self._listen_spec = spec
         if spec.kind == "unix":
+            self._address = spec.path
             self._unix_inode = os.stat(spec.path).st_ino
+        else:
+            host, port = sock.getsockname()[:2]
+            self._address = (str(host), int(port))
         try:
             self._acceptor = _Acceptor(sock, self, self._pool)
             self._acceptor.start()
@@ -447,7 +450,7 @@ class RpcServer:
             "service": self.config.service_name,
             "cluster": self.config.cluster,
             "version": {"service": self.config.version, "kitegreen": VERSION},
-            "address": self.describe_address() if self._acceptor is not None else None,
+            "address": self.describe_address() if self._address is not None else None,
             "overload": self.overload(),
             "remote_configs": self.remote_configs(),
             "events": [e.as_dict() for e in self.recent_events()],

@@ -79,9 +79,8 @@ class TestRegistration:
         assert any(t.startswith("protocol=") for t in tags)
         checks = [c for c in agent.checks.values() if c.get("ServiceID") == service["ID"]]
         assert len(checks) == 1
-        assert checks[0]["Definition"]["TCP"] == f"127.0.0.1:{port}" or (
-            checks[0].get("TCP") == f"127.0.0.1:{port}"
-        )
+        assert checks[0]["Type"] == "tcp"
+        assert checks[0]["Definition"]["TCP"] == f"127.0.0.1:{port}"
 
     def test_instance_ids_are_unique(self, agent, consul_server):
         """Two instances of one service register under two IDs."""
@@ -172,9 +171,7 @@ class TestRemoteConfig:
         assert remote["value"] == 7
         assert remote["key"] == f"kite/limit/qps/{SERVICE}"
         assert remote["index"] > 0
-        assert any(
-            e.name == "Config Change" and "qps" in e.detail for e in server.recent_events()
-        )
+        assert any(e.name == "Config Change" and "qps" in e.detail for e in server.recent_events())
 
     def test_cluster_key_wins_and_removal_restores(self, agent, consul_server):
         """The cluster key beats the service key; removing keys falls back step by step."""
@@ -271,9 +268,23 @@ class TestLauncherDeregistration:
         )
         env = {**os.environ, "CONSUL_HTTP_ADDR": agent.address, "KITE_SERVICE_NAME": SERVICE}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kitegreen", f"{target}:server", "--host", "127.0.0.1",
-             "--port", "0", "--no-enable-debug-server", "--register", "--register-delay", "0"],
-            env=env, cwd=str(Path(TESTS).parent), stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "kitegreen",
+                f"{target}:server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-enable-debug-server",
+                "--register",
+                "--register-delay",
+                "0",
+            ],
+            env=env,
+            cwd=str(Path(TESTS).parent),
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         try:
@@ -302,8 +313,13 @@ class TestRealAgent:
         server = kitegreen.RpcServer(
             testsvc_thrift.TestService,
             Handler(),
-            loopback_config(service_name=name, register=True, remote_config=True,
-                            consul_addr=addr, register_delay=0.0),
+            loopback_config(
+                service_name=name,
+                register=True,
+                remote_config=True,
+                consul_addr=addr,
+                register_delay=0.0,
+            ),
         )
         server.start()
         try:
