@@ -24,16 +24,25 @@ class TokenBucket:
         self.tokens = float(limit)
         self.last_fill = now
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one."""
+    def ready(self, now: float) -> bool:
+        """Refill for the time passed; whether a token is there to take."""
         if not self.limit:
             return True
         if now - self.last_fill >= self.fill_interval:
             fills = int((now - self.last_fill) / self.fill_interval)
             self.tokens = min(float(self.limit), self.tokens + fills * self.per_fill)
             self.last_fill += fills * self.fill_interval
-        if self.tokens >= 1.0:
+        return self.tokens >= 1.0
+
+    def spend(self) -> None:
+        """Take the token :meth:`ready` found."""
+        if self.limit:
             self.tokens -= 1.0
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one."""
+        if self.ready(now):
+            self.spend()
             return True
         return False
 
@@ -121,12 +130,18 @@ class Limiter:
     def admit_request(self, method: str, now: float) -> str | None:
         """Take a token for one request.
 
+        A request refused by one limit costs no token of the other: a flood of one limited
+        method must not use up the server-wide tokens every other method needs.
+
         Returns:
             None when admitted, else which limit refused it: ``"qps"`` or ``"endpoint_qps"``.
         """
-        if not self._qps.take(now):
-            return "qps"
         bucket = self._endpoints.get(method)
-        if bucket is not None and not bucket.take(now):
+        if bucket is None:
+            return None if self._qps.take(now) else "qps"
+        if not self._qps.ready(now):
+            return "qps"
+        if not bucket.take(now):
             return "endpoint_qps"
+        self._qps.spend()
         return None
