@@ -20,7 +20,15 @@ from kitegreen.exceptions import ProtocolError
 from kitegreen.limiter import Limiter
 from kitegreen.metrics import Metrics
 from kitegreen.processor import Method
-from kitegreen.protocol import RECV_SIZE, Codec, SocketReader, Wire, detect, is_disconnect, send_all
+from kitegreen.protocol import (
+    BUFFER_SIZE,
+    Codec,
+    SocketReader,
+    Wire,
+    detect,
+    is_disconnect,
+    send_all,
+)
 from kitegreen.reporter import PANIC, QPS_OVERLOAD, ReportGate
 
 LOADSHEDDING = 11
@@ -123,7 +131,9 @@ class Connection:
         reader.start_request()
         head = b""
         while True:
-            chunk = reader.read(RECV_SIZE)
+            # BUFFER_SIZE, not more: read() takes a larger request for a length field and checks
+            # it against max_frame_size, which may be as small as 1 KiB.
+            chunk = reader.read(BUFFER_SIZE)
             if not chunk:
                 raise CloseConnection("closed by peer before sending a request")
             head += chunk

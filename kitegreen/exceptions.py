@@ -52,7 +52,12 @@ class ProtocolError(KitegreenError, ValueError):
 
 
 class FrameTooLarge(ProtocolError):
-    """A frame or length field is larger than ``max_frame_size``; nothing was allocated for it."""
+    """A frame or length field is larger than ``max_frame_size``; refused before it is read.
+
+    thriftpy2's Cython transports reserve address space for an announced length before asking
+    for its bytes; kitegreen refuses at that first request, so no byte of it is read and no
+    page of the reservation is touched (resident memory does not grow).
+    """
 
 
 class RegistryError(KitegreenError, RuntimeError):

@@ -142,7 +142,13 @@ class SocketReader:
                 f"peer announced {n} bytes, max_frame_size is {self.max_frame_size}"
             )
         if self.pending:
+            # The bytes protocol detection read: they are the start of the first request.
             data, self.pending = self.pending[:n], self.pending[n:]
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.rw_timeout
+            self.budget -= len(data)
+            if self.budget < 0:
+                raise FrameTooLarge(f"request exceeds max_frame_size ({self.max_frame_size} bytes)")
             return data
         sock = self.sock
         if self.deadline is None:

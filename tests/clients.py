@@ -1,4 +1,4 @@
-"""Real Thrift clients for tests: thriftpy2's, and Apache Thrift's as an independent implementation."""
+"""Real Thrift clients for tests: thriftpy2's, and Apache Thrift's as an independent one."""
 
 from __future__ import annotations
 
@@ -21,19 +21,35 @@ WIRES = [
 
 @contextlib.contextmanager
 def thriftpy2_client(
-    service: Any, address: Any, protocol: str = "binary", transport: str = "buffered",
+    service: Any,
+    address: Any,
+    protocol: str = "binary",
+    transport: str = "buffered",
     timeout: float = 5.0,
 ) -> Iterator[Any]:
     """A thriftpy2 client for ``address`` ((host, port) or a Unix socket path)."""
     proto = TCyBinaryProtocolFactory() if protocol == "binary" else TCompactProtocolFactory()
-    trans = TCyBufferedTransportFactory() if transport == "buffered" else TCyFramedTransportFactory()
+    trans = (
+        TCyBufferedTransportFactory() if transport == "buffered" else TCyFramedTransportFactory()
+    )
     if isinstance(address, str):
-        client = make_client(service, unix_socket=address, proto_factory=proto,
-                             trans_factory=trans, timeout=int(timeout * 1000))
+        client = make_client(
+            service,
+            unix_socket=address,
+            proto_factory=proto,
+            trans_factory=trans,
+            timeout=int(timeout * 1000),
+        )
     else:
         host, port = address
-        client = make_client(service, host, port, proto_factory=proto, trans_factory=trans,
-                             timeout=int(timeout * 1000))
+        client = make_client(
+            service,
+            host,
+            port,
+            proto_factory=proto,
+            trans_factory=trans,
+            timeout=int(timeout * 1000),
+        )
     try:
         yield client
     finally:
@@ -54,10 +70,14 @@ def apache_client(
     else:
         sock = TSocket.TSocket(address[0], address[1])
     sock.setTimeout(timeout * 1000)
-    trans = (TTransport.TBufferedTransport if transport == "buffered"
-             else TTransport.TFramedTransport)(sock)
-    proto = (TBinaryProtocol.TBinaryProtocol if protocol == "binary"
-             else TCompactProtocol.TCompactProtocol)(trans)
+    trans = (
+        TTransport.TBufferedTransport if transport == "buffered" else TTransport.TFramedTransport
+    )(sock)
+    proto = (
+        TBinaryProtocol.TBinaryProtocol
+        if protocol == "binary"
+        else TCompactProtocol.TCompactProtocol
+    )(trans)
     client = TestService.Client(proto)
     trans.open()
     try:

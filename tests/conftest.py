@@ -106,7 +106,9 @@ def make_server(handler: Handler) -> Iterator[Callable[..., kitegreen.RpcServer]
     servers: list[kitegreen.RpcServer] = []
 
     def make(**overrides: Any) -> kitegreen.RpcServer:
-        server = kitegreen.RpcServer(testsvc_thrift.TestService, handler, loopback_config(**overrides))
+        server = kitegreen.RpcServer(
+            testsvc_thrift.TestService, handler, loopback_config(**overrides)
+        )
         server.start()
         servers.append(server)
         return server

@@ -1,0 +1,413 @@
+"""Config: validation, the layering of its sources, kite's spellings, and the public API."""
+
+from __future__ import annotations
+import __future__
+
+import dataclasses
+import inspect
+import textwrap
+
+import pytest
+
+import kitegreen
+from kitegreen import Config, ConfigError
+
+
+def write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+class TestValidation:
+    @pytest.mark.parametrize(
+        ("field", "value", "expected"),
+        [
+            ("port", 70000, "port must be an integer between 0 and 65535, got 70000"),
+            ("port", -1, "port must be an integer between 0 and 65535, got -1"),
+            ("debug_port", 65536, "debug_port must be an integer between 0 and 65535"),
+            ("backlog", 0, "backlog must be an integer between 1 and 65535, got 0"),
+            ("limit_qps", -5, "limit_qps must be an integer >= 0, got -5"),
+            ("limit_connections", -1, "limit_connections must be an integer >= 0, got -1"),
+            ("max_frame_size", 100, "max_frame_size must be an integer between 1024"),
+            ("read_write_timeout", 0, "read_write_timeout must be a number of seconds > 0, got 0"),
+            ("read_write_timeout", float("inf"), "read_write_timeout must be a number of seconds"),
+            ("idle_timeout", -1.0, "idle_timeout must be a number >= 0, got -1.0"),
+            ("exit_wait_time", float("nan"), "exit_wait_time must be a finite number"),
+            ("listen_type", "udp", "listen_type must be one of auto, tcp, unix, got 'udp'"),
+            ("log_format", "xml", "log_format must be one of json, console, got 'xml'"),
+            ("log_level", "loud", "log_level must be one of debug, info, warning"),
+            ("health_check", "http", "health_check must be one of tcp, ttl, none, got 'http'"),
+        ],
+    )
+    def test_wrong_value_names_field_and_expectation(self, field, value, expected):
+        """A value out of range raises ConfigError saying which field and what was expected."""
+        with pytest.raises(ConfigError) as info:
+            Config(**{field: value})
+        assert expected in str(info.value)
+        assert info.value.field == field
+        assert isinstance(info.value, ValueError)
+        assert isinstance(info.value, kitegreen.KitegreenError)
+
+    def test_endpoint_qps_limit_must_be_a_non_negative_integer(self):
+        """A per-method QPS limit that is negative is refused, naming the method."""
+        with pytest.raises(
+            ConfigError, match=r"endpoint_qps_limits\['echo'\] must be an integer >= 0"
+        ):
+            Config(endpoint_qps_limits={"echo": -1})
+
+    def test_unix_listen_type_needs_a_path(self):
+        """listen_type unix without unix_socket says the path is missing."""
+        with pytest.raises(ConfigError, match="unix_socket") as info:
+            Config(listen_type="unix")
+        assert info.value.field == "unix_socket"
+
+    def test_service_mesh_mode_needs_an_address(self):
+        """service_mesh_mode without an ingress address is refused."""
+        with pytest.raises(ConfigError, match="service_mesh_ingress_addr"):
+            Config(service_mesh_mode=True)
+
+    def test_defaults_are_valid(self):
+        """The defaults form a valid config with kite's port and cluster."""
+        config = Config()
+        assert config.port == 8888
+        assert config.cluster == "default"
+        assert config.effective_listen_type == "tcp"
+
+    def test_unix_socket_makes_auto_listen_unix(self):
+        """listen_type auto listens on the Unix socket when a path is given."""
+        assert Config(unix_socket="/tmp/x.sock").effective_listen_type == "unix"
+        assert Config(unix_socket="/tmp/x.sock", listen_type="tcp").effective_listen_type == "tcp"
+
+    def test_config_is_frozen(self):
+        """A Config cannot be changed in place; replace() validates the copy."""
+        config = Config()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            config.port = 1  # type: ignore[misc]
+        assert config.replace(port=1).port == 1
+        with pytest.raises(ConfigError, match="port"):
+            config.replace(port=-1)
+
+    def test_endpoint_limits_do_not_follow_the_callers_dict(self):
+        """Changing the dict passed in does not change the config's limits."""
+        limits = {"echo": 5}
+        config = Config(endpoint_qps_limits=limits)
+        limits["echo"] = 500
+        assert config.endpoint_qps_limits["echo"] == 5
+        with pytest.raises(TypeError):
+            config.endpoint_qps_limits["echo"] = 1  # type: ignore[index]
+
+
+class TestLayering:
+    BASE = Config(
+        port=1000, cluster="from-base", limit_qps=1, service_name="from-base", idle_timeout=1.0
+    )
+
+    @pytest.mark.parametrize(
+        ("name", "text"),
+        [
+            (
+                "kite.yml",
+                """
+                port: 2000
+                cluster: from-file
+                limit_qps: 2
+                idle_timeout: 2
+                """,
+            ),
+            (
+                "kite.toml",
+                """
+                port = 2000
+                cluster = "from-file"
+                limit_qps = 2
+                idle_timeout = 2
+                """,
+            ),
+        ],
+    )
+    def test_flags_beat_env_beat_file_beat_base_beat_defaults(self, tmp_path, name, text):
+        """Each source overrides the ones below it, field by field."""
+        path = write(tmp_path, name, text)
+        config = Config.load(
+            base=self.BASE,
+            file=path,
+            env={"KITE_PORT": "3000", "KITE_CLUSTER": "from-env", "KITE_IDLE_TIMEOUT": "3"},
+            flags={"port": "4000", "idle_timeout": None},
+        )
+        assert config.port == 4000  # flag over env, file, base
+        assert config.cluster == "from-env"  # env over file, base
+        assert config.idle_timeout == 3.0  # a None flag is no flag
+        assert config.limit_qps == 2  # file over base
+        assert config.service_name == "from-base"  # base over default
+        assert config.backlog == 1024  # default
+
+    def test_no_sources_gives_the_base(self):
+        """With an empty environment and no file or flags, load returns the base values."""
+        assert Config.load(base=self.BASE, env={}) == self.BASE
+        assert Config.load(env={}) == Config()
+
+    def test_empty_env_value_is_unset(self):
+        """An empty KITE_ variable is treated as unset."""
+        assert Config.load(env={"KITE_PORT": ""}).port == 8888
+
+    def test_typed_flags_are_accepted(self):
+        """Flags given as Python values (not strings) are taken as they are."""
+        config = Config.load(
+            env={}, flags={"port": 0, "access_log": True, "read_write_timeout": 0.5}
+        )
+        assert (config.port, config.access_log, config.read_write_timeout) == (0, True, 0.5)
+
+    def test_endpoint_limits_from_env(self):
+        """KITE_ENDPOINT_QPS_LIMITS takes method=qps pairs."""
+        config = Config.load(env={"KITE_ENDPOINT_QPS_LIMITS": "echo=10, add=20"})
+        assert dict(config.endpoint_qps_limits) == {"echo": 10, "add": 20}
+
+    def test_malformed_endpoint_limits_from_env(self):
+        """A malformed pair list names the variable and the expected form."""
+        with pytest.raises(
+            ConfigError, match=r"method=qps pairs.*\(from KITE_ENDPOINT_QPS_LIMITS\)"
+        ):
+            Config.load(env={"KITE_ENDPOINT_QPS_LIMITS": "echo:10"})
+
+
+class TestKiteAliases:
+    def test_kite_environment_variables(self):
+        """kite's KITE_SERVICE_PORT, SERVICE_CLUSTER and SERVICE_MESH_INGRESS_ADDR are read."""
+        config = Config.load(
+            env={
+                "KITE_SERVICE_PORT": "9100",
+                "SERVICE_CLUSTER": "kite-cluster",
+                "SERVICE_MESH_INGRESS_ADDR": "127.0.0.1:9200",
+                "KITE_SERVICE_ADDR": "127.0.0.2",
+            }
+        )
+        assert config.port == 9100
+        assert config.cluster == "kite-cluster"
+        assert config.service_mesh_ingress_addr == "127.0.0.1:9200"
+        assert config.host == "127.0.0.2"
+
+    def test_canonical_name_beats_alias(self):
+        """KITE_PORT wins over kite's KITE_SERVICE_PORT when both are set."""
+        assert Config.load(env={"KITE_SERVICE_PORT": "9100", "KITE_PORT": "9300"}).port == 9300
+
+    def test_kite_config_file_variable(self, tmp_path):
+        """KITE_CONFIG_FILE names the file when none is passed."""
+        path = write(tmp_path, "kite.yml", "port: 9400\n")
+        assert Config.load(env={"KITE_CONFIG_FILE": str(path)}).port == 9400
+
+    def test_explicit_file_beats_kite_config_file(self, tmp_path):
+        """A file passed in wins over the one KITE_CONFIG_FILE names."""
+        named = write(tmp_path, "named.yml", "port: 9400\n")
+        given = write(tmp_path, "given.yml", "port: 9500\n")
+        assert Config.load(file=given, env={"KITE_CONFIG_FILE": str(named)}).port == 9500
+
+    def test_kite_camel_case_yaml_keys(self, tmp_path):
+        """kite.yml's CamelCase keys (ServicePort, LimitQPS, ReadWriteTimeout...) are understood."""
+        path = write(
+            tmp_path,
+            "kite.yml",
+            """
+            ServicePort: 9600
+            ServiceCluster: camel
+            QPSLimit: 300
+            LimitConn: 40
+            ReadWriteTimeout: 500ms
+            GetRealIP: false
+            EnableDebug: false
+            """,
+        )
+        config = Config.load(file=path, env={})
+        assert config.port == 9600
+        assert config.cluster == "camel"
+        assert config.limit_qps == 300
+        assert config.limit_connections == 40
+        assert config.read_write_timeout == 0.5
+        assert config.get_real_ip is False
+        assert config.enable_debug_server is False
+
+    def test_unknown_file_key_is_rejected(self, tmp_path):
+        """A key the loader does not know is an error naming the key and the file."""
+        path = write(tmp_path, "kite.yml", "port: 9000\nprot: 9001\n")
+        with pytest.raises(ConfigError, match="unknown setting 'prot'") as info:
+            Config.load(file=path, env={})
+        assert str(path) in str(info.value)
+
+    def test_unknown_flag_is_rejected(self):
+        """A flag naming no setting is an error naming it."""
+        with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+            Config.load(env={}, flags={"prot": "1"})
+
+    @pytest.mark.parametrize(
+        ("name", "text", "expected"),
+        [
+            ("kite.ini", "port=1\n", "must end in .yml, .yaml or .toml"),
+            ("kite.yml", "port: [1\n", "is not valid YML"),
+            ("kite.toml", "port = \n", "is not valid TOML"),
+            ("kite.yml", "- port\n", "must hold a mapping of settings, got list"),
+        ],
+    )
+    def test_bad_file_is_a_clear_error(self, tmp_path, name, text, expected):
+        """A file of the wrong kind or malformed says so and names the file."""
+        path = write(tmp_path, name, text)
+        with pytest.raises(ConfigError, match=expected) as info:
+            Config.load(file=path, env={})
+        assert str(path) in str(info.value)
+
+    def test_missing_file_is_a_clear_error(self, tmp_path):
+        """A config file that does not exist is an error naming it."""
+        path = tmp_path / "missing.yml"
+        with pytest.raises(ConfigError, match="cannot read config file") as info:
+            Config.load(file=path, env={})
+        assert str(path) in str(info.value)
+
+
+class TestParsing:
+    @pytest.mark.parametrize(
+        ("text", "seconds"),
+        [("500ms", 0.5), ("3s", 3.0), ("2.5", 2.5), ("1m", 60.0), ("250us", 0.00025), (" 7 ", 7.0)],
+    )
+    def test_duration_strings(self, text, seconds):
+        """Durations take Go-style units as kite's YAML did, or plain seconds."""
+        config = Config.load(env={"KITE_READ_WRITE_TIMEOUT": text})
+        assert config.read_write_timeout == pytest.approx(seconds)
+
+    def test_duration_in_a_file(self, tmp_path):
+        """A duration string in YAML is parsed too."""
+        path = write(tmp_path, "kite.yml", 'exit_wait_time: "3s"\nidle_timeout: 1500ms\n')
+        config = Config.load(file=path, env={})
+        assert (config.exit_wait_time, config.idle_timeout) == (3.0, 1.5)
+
+    def test_bad_duration_names_field_and_source(self):
+        """A malformed duration names the field, the expected form and the variable."""
+        with pytest.raises(ConfigError) as info:
+            Config.load(env={"KITE_IDLE_TIMEOUT": "soon"})
+        message = str(info.value)
+        assert "idle_timeout must be a duration" in message
+        assert "500ms" in message
+        assert message.endswith("(from KITE_IDLE_TIMEOUT)")
+
+    @pytest.mark.parametrize(
+        ("text", "value"),
+        [
+            ("true", True),
+            ("1", True),
+            ("yes", True),
+            ("ON", True),
+            ("false", False),
+            ("0", False),
+            ("no", False),
+            ("Off", False),
+        ],
+    )
+    def test_booleans_from_env(self, text, value):
+        """Booleans from the environment accept true/false, 1/0, yes/no, on/off."""
+        assert Config.load(env={"KITE_ACCESS_LOG": text}).access_log is value
+
+    def test_bad_boolean_names_source(self):
+        """A value that is not a boolean names the field and the variable."""
+        with pytest.raises(
+            ConfigError,
+            match=r"access_log must be true or false, got 'maybe' "
+            r"\(from KITE_ACCESS_LOG\)",
+        ):
+            Config.load(env={"KITE_ACCESS_LOG": "maybe"})
+
+    def test_bad_integer_names_source(self):
+        """A value that is not an integer names the field and the variable."""
+        with pytest.raises(
+            ConfigError, match=r"port must be an integer, got 'http' \(from KITE_PORT\)"
+        ):
+            Config.load(env={"KITE_PORT": "http"})
+
+    def test_out_of_range_names_source(self):
+        """A parsed value out of range names the variable it came from."""
+        with pytest.raises(ConfigError) as info:
+            Config.load(env={"KITE_LIMIT_QPS": "-5"})
+        assert str(info.value) == "limit_qps must be an integer >= 0, got -5 (from KITE_LIMIT_QPS)"
+        assert info.value.source == "KITE_LIMIT_QPS"
+        assert info.value.field == "limit_qps"
+
+    def test_out_of_range_in_file_names_the_file(self, tmp_path):
+        """A value from the config file that is out of range names the file."""
+        path = write(tmp_path, "kite.yml", "port: 99999\n")
+        with pytest.raises(ConfigError, match=rf"port must be .* \(from config file {path}\)"):
+            Config.load(file=path, env={})
+
+    def test_out_of_range_flag_names_the_flag(self):
+        """A flag value out of range names the flag."""
+        with pytest.raises(ConfigError, match=r"\(from --limit-qps\)"):
+            Config.load(env={}, flags={"limit_qps": "-1"})
+
+    def test_alias_error_names_the_alias(self):
+        """An error in a kite-style variable names that variable."""
+        with pytest.raises(ConfigError, match=r"\(from KITE_SERVICE_PORT\)"):
+            Config.load(env={"KITE_SERVICE_PORT": "eighty"})
+
+    def test_debug_port_may_be_emptied(self, tmp_path):
+        """An empty debug_port in a file unsets the one in code (back to kite's rule)."""
+        path = write(tmp_path, "kite.yml", "debug_port:\n")
+        assert Config.load(base=Config(debug_port=5), file=path, env={}).debug_port is None
+
+
+class TestDebugPort:
+    @pytest.mark.parametrize(
+        ("service_port", "debug_port"),
+        [(8888, 18888), (80, 180), (9999, 19999), (10000, 0), (65000, 0), (0, 0)],
+    )
+    def test_kite_rule(self, service_port, debug_port):
+        """The debug port is "1" + the service port when that is a port, else 0 (ephemeral)."""
+        assert Config().effective_debug_port(service_port) == debug_port
+
+    def test_explicit_debug_port_wins(self):
+        """A debug_port that is set is used as it is."""
+        assert Config(debug_port=9999).effective_debug_port(8888) == 9999
+        assert Config(debug_port=0).effective_debug_port(8888) == 0
+
+
+class TestEnvironmentVariables:
+    def test_every_field_has_a_kite_variable(self):
+        """Every setting can be set from a KITE_ variable, and the kite aliases are listed."""
+        names = Config.env_variables()
+        for field in dataclasses.fields(Config):
+            assert names[f"KITE_{field.name.upper()}"] == field.name
+        for alias in (
+            "KITE_SERVICE_PORT",
+            "SERVICE_CLUSTER",
+            "SERVICE_MESH_INGRESS_ADDR",
+            "KITE_CONFIG_FILE",
+        ):
+            assert alias in names
+
+
+class TestPublicApi:
+    def test_all_is_sorted(self):
+        """kitegreen.__all__ is sorted."""
+        assert kitegreen.__all__ == sorted(kitegreen.__all__)
+
+    def test_all_matches_the_module(self):
+        """__all__ lists exactly the public names the package exports, and each exists."""
+        exported = {
+            name
+            for name, value in vars(kitegreen).items()
+            if not name.startswith("_")
+            and not inspect.ismodule(value)
+            and not isinstance(value, __future__._Feature)
+        }
+        assert set(kitegreen.__all__) == exported | {"__version__"}
+        for name in kitegreen.__all__:
+            assert hasattr(kitegreen, name), name
+
+    def test_star_import_gives_all(self):
+        """``from kitegreen import *`` brings in exactly __all__."""
+        namespace: dict[str, object] = {}
+        exec("from kitegreen import *", namespace)
+        namespace.pop("__builtins__")
+        assert sorted(namespace) == sorted(kitegreen.__all__)
+
+    def test_exceptions_share_one_root(self):
+        """Every exception kitegreen exports derives from KitegreenError."""
+        for name in kitegreen.__all__:
+            value = getattr(kitegreen, name)
+            if isinstance(value, type) and issubclass(value, BaseException):
+                assert issubclass(value, kitegreen.KitegreenError), name
