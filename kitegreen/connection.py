@@ -109,15 +109,12 @@ class Connection:
         try:
             self._detect()
             self._loop()
-        except CloseConnection as exc:
-            ctx.log.debug("connection closed", peer=self.peer, reason=exc.reason)
-        except TTransportException as exc:
-            ctx.log.debug("connection closed", peer=self.peer, reason=_why_closed(exc, self.reader))
         except Exception as exc:  # noqa: BLE001 - whatever a peer sends must not crash the server
-            if is_disconnect(exc):
-                ctx.log.debug(
-                    "connection closed", peer=self.peer, reason=_why_closed(exc, self.reader)
-                )
+            if isinstance(exc, CloseConnection):
+                ctx.log.debug("connection closed", peer=self.peer, reason=exc.reason)
+            elif isinstance(exc, TTransportException) or is_disconnect(exc):
+                reason = _why_closed(exc, self.reader)
+                ctx.log.debug("connection closed", peer=self.peer, reason=reason)
             else:
                 ctx.log.debug(
                     "connection closed on bad input",
@@ -177,6 +174,7 @@ class Connection:
                     TApplicationException.PROTOCOL_ERROR,
                     f"cannot decode {name} arguments: {type(exc).__name__}",
                 )
+                self._finish(method, start, "protocol")
                 raise CloseConnection(f"undecodable {name} arguments: {exc!r}") from None
 
             if limits_on:
