@@ -8,7 +8,8 @@ from pathlib import Path
 import thriftpy2
 from thriftpy2.rpc import make_client
 
-echo_thrift = thriftpy2.load(str(Path(__file__).with_name("echo.thrift")), module_name="echo_thrift")
+IDL = Path(__file__).with_name("echo.thrift")
+echo_thrift = thriftpy2.load(str(IDL), module_name="echo_thrift")
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ import thriftpy2
 
 import kitegreen
 
-echo_thrift = thriftpy2.load(str(Path(__file__).with_name("echo.thrift")), module_name="echo_thrift")
+IDL = Path(__file__).with_name("echo.thrift")
+echo_thrift = thriftpy2.load(str(IDL), module_name="echo_thrift")
 log = structlog.get_logger("echo")
 
 
