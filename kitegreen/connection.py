@@ -9,9 +9,11 @@ dict lookup, a decode, the handler, an encode and (usually) one ``send``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import gevent
 from thriftpy2.thrift import TApplicationException, TMessageType, TType
 from thriftpy2.transport import TTransportException
 
@@ -23,11 +25,11 @@ from kitegreen.processor import Method
 from kitegreen.protocol import (
     BUFFER_SIZE,
     Codec,
+    IdleTimeout,
     SocketReader,
     Wire,
     detect,
     is_disconnect,
-    send_all,
 )
 from kitegreen.reporter import PANIC, QPS_OVERLOAD, ReportGate
 
@@ -59,7 +61,6 @@ class ConnectionContext:
     metrics: Metrics | None
     log: Any
     read_write_timeout: float
-    idle_timeout: float
     max_frame_size: int
     get_real_ip: bool
     access_log: bool
@@ -92,7 +93,6 @@ class Connection:
         self.reader = SocketReader(
             sock,
             rw_timeout=ctx.read_write_timeout,
-            idle_timeout=ctx.idle_timeout,
             max_frame_size=ctx.max_frame_size,
         )
 
@@ -122,6 +122,8 @@ class Connection:
                     wire=self.wire.describe() if self.wire else None,
                     error=f"{type(exc).__name__}: {exc}",
                 )
+        finally:
+            self.reader.close()
 
     def _detect(self) -> None:
         reader = self.reader
@@ -219,7 +221,7 @@ class Connection:
         oprot.write_message_begin(name, mtype, seqid)
         oprot.write_struct(payload)
         oprot.write_message_end()
-        send_all(self.sock, codec.take_output(), self.ctx.read_write_timeout)
+        self.reader.send(codec.take_output())
 
     def _send_result(self, method: Method, seqid: int, result: Any) -> None:
         try:
@@ -316,3 +318,55 @@ def _why_closed(exc: BaseException, reader: SocketReader) -> str:
     if isinstance(exc, ProtocolError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+class IdleSweeper:
+    """Closes connections that have waited longer than ``idle_timeout`` for their next request.
+
+    One greenlet checks every connection a few times per timeout, instead of a gevent timer
+    armed and disarmed around every single wait on the request path.
+
+    Args:
+        ctx: the connections to watch.
+        idle_timeout: seconds a connection may wait between requests (> 0).
+        clock: monotonic clock, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        ctx: ConnectionContext,
+        idle_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ctx = ctx
+        self.idle_timeout = idle_timeout
+        self.interval = min(max(idle_timeout / 4, 0.05), 1.0)
+        self._clock = clock
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Start sweeping; idempotent."""
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        """Stop sweeping; idempotent."""
+        greenlet, self._greenlet = self._greenlet, None
+        if greenlet is not None:
+            greenlet.kill(block=False)
+
+    def _run(self) -> None:
+        while True:
+            gevent.sleep(self.interval)
+            self.sweep()
+
+    def sweep(self) -> int:
+        """Close every connection idle past the timeout now; return how many."""
+        now = self._clock()
+        closed = 0
+        for conn in list(self._ctx.active):
+            reader = conn.reader
+            if reader.idle and now - reader.idle_since > self.idle_timeout:
+                conn.greenlet.kill(IdleTimeout("idle_timeout"), block=False)
+                closed += 1
+        return closed

@@ -16,14 +16,16 @@ Anything else (HTTP, TLS, non-strict binary, THeader) is refused by closing the 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
 from typing import Any, NamedTuple
 
+import gevent
 from thriftpy2.protocol.compact import TCompactProtocol
 
-# thriftpy2's Cython codecs ship without type information.
+# thriftpy2's Cython codecs ship without type information, hence the ignores.
 from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
 from thriftpy2.transport.buffered import TCyBufferedTransport  # type: ignore[attr-defined]
 from thriftpy2.transport.framed import TCyFramedTransport  # type: ignore[attr-defined]
@@ -88,50 +90,64 @@ def detect(head: bytes) -> Wire | None:
     raise ProtocolError(f"not a Thrift message: starts with {bytes(head[:5])!r}")
 
 
-class SocketReader:
-    """The byte source under thriftpy2's Cython transports, enforcing kitegreen's bounds.
+class IdleTimeout(TimeoutError):
+    """Raised into a connection's greenlet when it has waited longer than ``idle_timeout``."""
 
-    The transports call :meth:`read` only when their buffer runs dry. Between requests (no
-    deadline set) the wait is bounded by ``idle_timeout``; the first byte of a request starts
-    a deadline of ``read_write_timeout`` for the whole request, however it trickles in. Every
-    request may consume at most ``max_frame_size`` bytes, and a transport that asks for more
-    than that at once (a frame or string length field that large) is refused before a byte
-    of it is read.
+
+class SocketReader:
+    """A connection's socket: the byte source under thriftpy2's Cython transports, and the
+    sink of replies, enforcing kitegreen's bounds.
+
+    It drives a plain non-blocking socket with two gevent io watchers instead of gevent's
+    cooperative socket: between requests it waits for readability first and then reads, so
+    the common case costs one ``recv`` and no ``BlockingIOError``, and no gevent ``Timeout``
+    is armed per wait (the server's idle sweeper enforces ``idle_timeout`` for all connections).
+
+    The transports call :meth:`read` only when their buffer runs dry. The first byte of a
+    request starts a deadline of ``read_write_timeout`` for the whole request, however it
+    trickles in. Every request may consume at most ``max_frame_size`` bytes, and a transport
+    that asks for more than that at once (a frame or string length field that large) is
+    refused before a byte of it is read.
     """
 
     __slots__ = (
         "budget",
         "deadline",
+        "hub",
         "idle",
-        "idle_timeout",
-        "idle_timeout_set",
+        "idle_since",
         "max_frame_size",
         "pending",
+        "raw",
         "rw_timeout",
-        "sock",
+        "rwatch",
+        "wwatch",
     )
 
-    def __init__(
-        self, sock: Any, *, rw_timeout: float, idle_timeout: float, max_frame_size: int
-    ) -> None:
-        self.sock = sock
+    def __init__(self, raw: Any, *, rw_timeout: float, max_frame_size: int) -> None:
+        self.raw = raw
+        self.hub = gevent.get_hub()
+        fd = raw.fileno()
+        self.rwatch = self.hub.loop.io(fd, 1)
+        self.wwatch = self.hub.loop.io(fd, 2)
         self.rw_timeout = rw_timeout
-        self.idle_timeout = idle_timeout or None
         self.max_frame_size = max_frame_size
         self.deadline: float | None = None
         self.budget = max_frame_size
         self.pending = b""
-        # gevent's settimeout() costs ~0.5 us; the socket keeps idle_timeout except while a
-        # request trickles in, and replies pass their timeout to send() directly.
-        sock.settimeout(self.idle_timeout)
-        self.idle_timeout_set = True
         self.idle = False
         """True while blocked waiting for the next request: the only state stop() may cut."""
+        self.idle_since = 0.0
 
     def start_request(self) -> None:
         """Forget the previous request's deadline and byte budget."""
         self.deadline = None
         self.budget = self.max_frame_size
+
+    def close(self) -> None:
+        """Release the watchers; call before the socket is closed."""
+        self.rwatch.close()
+        self.wwatch.close()
 
     def read(self, n: int) -> bytes:
         """Return up to ``n`` bytes (at least one, or ``b""`` at end of stream)."""
@@ -146,33 +162,72 @@ class SocketReader:
             data, self.pending = self.pending[:n], self.pending[n:]
             if self.deadline is None:
                 self.deadline = time.monotonic() + self.rw_timeout
-            self.budget -= len(data)
-            if self.budget < 0:
-                raise FrameTooLarge(f"request exceeds max_frame_size ({self.max_frame_size} bytes)")
-            return data
-        sock = self.sock
-        if self.deadline is None:
-            if not self.idle_timeout_set:
-                sock.settimeout(self.idle_timeout)
-                self.idle_timeout_set = True
-            self.idle = True
-            try:
-                data = sock.recv(RECV_SIZE if n > RECV_SIZE else n)
-            finally:
-                self.idle = False
-            if data:
-                self.deadline = time.monotonic() + self.rw_timeout
+        elif self.deadline is None:
+            data = self._read_idle(RECV_SIZE if n > RECV_SIZE else n)
         else:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("request not received within read_write_timeout")
-            sock.settimeout(remaining)
-            self.idle_timeout_set = False
-            data = sock.recv(RECV_SIZE if n > RECV_SIZE else n)
+            data = self._read_within_deadline(RECV_SIZE if n > RECV_SIZE else n)
         self.budget -= len(data)
         if self.budget < 0 and data:
             raise FrameTooLarge(f"request exceeds max_frame_size ({self.max_frame_size} bytes)")
-        return data  # type: ignore[no-any-return]
+        return data
+
+    def _read_idle(self, n: int) -> bytes:
+        # Between requests the peer has usually not sent the next one yet: wait, then read.
+        self.idle_since = time.monotonic()
+        self.idle = True
+        try:
+            self.hub.wait(self.rwatch)
+        finally:
+            self.idle = False
+        while True:
+            try:
+                data: bytes = self.raw.recv(n)
+                break
+            except BlockingIOError:  # a spurious wake-up
+                self.hub.wait(self.rwatch)
+        if data:
+            self.deadline = time.monotonic() + self.rw_timeout
+        return data
+
+    def _read_within_deadline(self, n: int) -> bytes:
+        assert self.deadline is not None
+        while True:
+            try:
+                data: bytes = self.raw.recv(n)
+                return data
+            except BlockingIOError:
+                pass
+            self._wait(self.rwatch, "request not received within read_write_timeout")
+
+    def _wait(self, watcher: Any, what: str) -> None:
+        assert self.deadline is not None
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(what)
+        with gevent.Timeout(remaining, TimeoutError(what)):
+            self.hub.wait(watcher)
+
+    def send(self, data: bytes) -> None:
+        """Send a whole reply within ``read_write_timeout``.
+
+        One ``send`` covers a reply that fits the socket buffer, which is nearly all of them.
+
+        Raises:
+            TimeoutError: the peer did not take the reply in time (it is not reading).
+        """
+        size = len(data)
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == size:
+            return
+        self.deadline = time.monotonic() + self.rw_timeout
+        view = memoryview(data)
+        while sent < size:
+            self._wait(self.wwatch, "reply not sent within read_write_timeout")
+            with contextlib.suppress(BlockingIOError):
+                sent += self.raw.send(view[sent:])
 
 
 class Codec:
@@ -210,29 +265,6 @@ class Codec:
     def discard_output(self) -> None:
         """Drop a partly encoded reply."""
         self.out.clean()
-
-
-def send_all(sock: Any, data: bytes, timeout: float) -> None:
-    """Send ``data`` within ``timeout`` seconds in all.
-
-    One ``send`` covers a reply that fits the socket buffer, which is nearly all of them;
-    gevent's ``sendall`` would ask the kernel for SO_SNDBUF on every call, a syscall we skip,
-    and would need the socket's timeout changed, which costs more than the send's own argument.
-
-    Raises:
-        TimeoutError: the peer did not take the reply in time (it is not reading).
-    """
-    sent = sock.send(data, 0, timeout)
-    size = len(data)
-    if sent == size:
-        return
-    deadline = time.monotonic() + timeout
-    view = memoryview(data)
-    while sent < size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("reply not sent within read_write_timeout")
-        sent += sock.send(view[sent:], 0, remaining)
 
 
 def is_disconnect(exc: BaseException) -> bool:

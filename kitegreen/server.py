@@ -8,6 +8,7 @@ replies, close kept-alive connections as they fall idle, give up on what is left
 
 from __future__ import annotations
 
+import _socket
 import os
 import time
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from gevent.server import StreamServer
 
 from kitegreen._version import VERSION
 from kitegreen.config import Config
-from kitegreen.connection import Connection, ConnectionContext
+from kitegreen.connection import Connection, ConnectionContext, IdleSweeper
 from kitegreen.consul_client import make_consul
 from kitegreen.debug import DebugServer
 from kitegreen.events import Event, EventQueue
@@ -60,6 +61,22 @@ class _Acceptor(StreamServer):  # type: ignore[misc]
     def __init__(self, listener: Any, server: RpcServer, pool: Pool) -> None:
         super().__init__(listener, handle=server._handle, spawn=pool)
         self._server = server
+
+    def do_read(self) -> tuple[Any, Any] | None:
+        # A plain non-blocking socket rather than gevent's cooperative one: the connection
+        # drives it with io watchers directly (see protocol.SocketReader), which takes the
+        # per-request cost of gevent's socket methods off the hot path.
+        listener = self.socket
+        try:
+            fd, address = listener._accept()
+        except BlockingIOError:
+            return None
+        raw = _socket.socket(listener.family, listener.type, listener.proto, fd)
+        raw.setblocking(False)
+        if listener.family in (_socket.AF_INET, _socket.AF_INET6):
+            # One write per reply: Nagle could only hold it back behind a delayed ACK.
+            raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        return raw, address
 
     def do_handle(self, *args: Any) -> None:
         client_socket, address = args
@@ -130,7 +147,6 @@ class RpcServer:
             metrics=self.metrics,
             log=self.log,
             read_write_timeout=config.read_write_timeout,
-            idle_timeout=config.idle_timeout,
             max_frame_size=config.max_frame_size,
             get_real_ip=config.get_real_ip,
             access_log=config.access_log,
@@ -170,9 +186,14 @@ class RpcServer:
         self.hub_watch: HubWatch | None = None
         if config.hub_block_threshold > 0:
             self.hub_watch = HubWatch(config.hub_block_threshold, self._on_hub_blocked)
+        self.idle_sweeper: IdleSweeper | None = None
+        if config.idle_timeout > 0:
+            self.idle_sweeper = IdleSweeper(self._ctx, config.idle_timeout)
         # Started in this order after the listener, stopped in reverse after the drain.
         self._background: list[Any] = [
-            p for p in (self.debug_server, self.hub_watch, self.remote_config) if p
+            p
+            for p in (self.idle_sweeper, self.debug_server, self.hub_watch, self.remote_config)
+            if p
         ]
 
     def reconfigure(self, config: Config) -> None:
