@@ -24,12 +24,13 @@ from kitegreen.metrics import Metrics
 from kitegreen.processor import Method
 from kitegreen.protocol import (
     BUFFER_SIZE,
-    Codec,
     IdleTimeout,
+    ReplyEncoder,
     SocketReader,
     Wire,
     detect,
     is_disconnect,
+    make_input_protocol,
 )
 from kitegreen.reporter import PANIC, QPS_OVERLOAD, ReportGate
 
@@ -64,6 +65,8 @@ class ConnectionContext:
     max_frame_size: int
     get_real_ip: bool
     access_log: bool
+    encoder: ReplyEncoder = field(default_factory=ReplyEncoder)
+    """Encodes every reply of the server (see ReplyEncoder)."""
     stopping: bool = False
     """Set by ``RpcServer.stop()``: finish the request at hand, then close."""
     active: set[Connection] = field(default_factory=set)
@@ -81,7 +84,7 @@ def peer_ip(address: Any) -> str | None:
 class Connection:
     """Serve Thrift requests on one accepted socket until it closes or the server stops."""
 
-    __slots__ = ("codec", "ctx", "greenlet", "peer", "reader", "sock", "wire")
+    __slots__ = ("ctx", "greenlet", "iprot", "peer", "reader", "sock", "wire")
 
     def __init__(self, sock: Any, address: Any, ctx: ConnectionContext, greenlet: Any) -> None:
         self.sock = sock
@@ -89,7 +92,7 @@ class Connection:
         self.peer = peer_ip(address)
         self.greenlet = greenlet
         self.wire: Wire | None = None
-        self.codec: Codec | None = None
+        self.iprot: Any = None
         self.reader = SocketReader(
             sock,
             rw_timeout=ctx.read_write_timeout,
@@ -141,13 +144,11 @@ class Connection:
                 break
         reader.pending = head
         self.wire = wire
-        self.codec = Codec(wire, reader)
+        self.iprot = make_input_protocol(wire, reader)
 
     def _loop(self) -> None:
         ctx = self.ctx
-        codec = self.codec
-        assert codec is not None
-        iprot = codec.iprot
+        iprot = self.iprot
         reader = self.reader
         methods = ctx.methods
         limiter = ctx.limiter
@@ -215,24 +216,16 @@ class Connection:
                 self._finish(method, start, outcome)
 
     def _send(self, name: str, mtype: int, seqid: int, payload: Any) -> None:
-        codec = self.codec
-        assert codec is not None
-        oprot = codec.oprot
-        oprot.write_message_begin(name, mtype, seqid)
-        oprot.write_struct(payload)
-        oprot.write_message_end()
-        self.reader.send(codec.take_output())
+        assert self.wire is not None
+        self.reader.send(self.ctx.encoder.encode(self.wire, name, mtype, seqid, payload))
 
     def _send_result(self, method: Method, seqid: int, result: Any) -> None:
+        assert self.wire is not None
         try:
-            self._send(method.name, _REPLY, seqid, result)
-        except Exception as exc:
-            if is_disconnect(exc):
-                raise
+            data = self.ctx.encoder.encode(self.wire, method.name, _REPLY, seqid, result)
+        except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
             # The handler returned something the IDL cannot encode. Nothing reached the wire:
             # the reply was being built in memory.
-            assert self.codec is not None
-            self.codec.discard_output()
             self._panic(method, exc, stage="encoding its result")
             self._send_error(
                 method.name,
@@ -240,14 +233,15 @@ class Connection:
                 TApplicationException.INTERNAL_ERROR,
                 f"internal error in {method.name}: result does not match the IDL",
             )
+            return
+        self.reader.send(data)
 
     def _send_error(self, name: str, seqid: int, kind: int, message: str) -> None:
         self._send(name, _EXCEPTION, seqid, TApplicationException(kind, message))
 
     def _refuse(self, name: str, mtype: int, seqid: int) -> None:
         """Answer an unknown method or a message that is not a call, and skip its body."""
-        assert self.codec is not None
-        self.codec.iprot.skip(TType.STRUCT)
+        self.iprot.skip(TType.STRUCT)
         if mtype not in (_CALL, _ONEWAY):
             self._send_error(
                 name,

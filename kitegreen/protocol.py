@@ -230,41 +230,55 @@ class SocketReader:
                 sent += self.raw.send(view[sent:])
 
 
-class Codec:
-    """One connection's protocol objects: input over the socket, output into memory.
+INPUT_BUFFER_SIZE = 1024
+"""The input transport's buffer (thriftpy2's minimum). It also allocates an output buffer of
+the same size that kitegreen never uses: 4096 would cost 6 KiB more per idle connection, and
+the buffer grows by itself for a field that needs more."""
 
-    Replies are encoded into a memory buffer and sent in one piece, so a reply that fails to
-    encode (a handler returning the wrong type) never leaves half a message on the wire, and
-    cleaning the output never discards pipelined input.
+
+class ReplyEncoder:
+    """Encodes replies for every connection of one server into one memory buffer.
+
+    Replies are built in memory and sent in one piece, so a reply that fails to encode (a
+    handler returning the wrong type) never leaves half a message on the wire. One buffer is
+    enough for all connections: encoding never yields to another greenlet, and the bytes are
+    copied out before the send. Per connection it would cost 4 KiB of every idle connection.
     """
 
-    __slots__ = ("framed", "iprot", "oprot", "out")
+    def __init__(self) -> None:
+        self._out = TCyMemoryBuffer()
+        self._binary = TCyBinaryProtocol(self._out)
+        self._compact = TCompactProtocol(self._out)  # type: ignore[no-untyped-call]
 
-    def __init__(self, wire: Wire, reader: SocketReader) -> None:
-        trans: Any = (TCyFramedTransport if wire.framed else TCyBufferedTransport)(
-            reader, BUFFER_SIZE
-        )
-        self.out = TCyMemoryBuffer()
-        self.framed = wire.framed
-        if wire.protocol == "binary":
-            self.iprot = TCyBinaryProtocol(trans)
-            self.oprot = TCyBinaryProtocol(self.out)
-        else:
-            self.iprot = TCompactProtocol(trans)  # type: ignore[no-untyped-call]
-            self.oprot = TCompactProtocol(self.out)  # type: ignore[no-untyped-call]
+    def encode(self, wire: Wire, name: str, mtype: int, seqid: int, payload: Any) -> bytes:
+        """One whole message, framed if ``wire`` is.
 
-    def take_output(self) -> bytes:
-        """The encoded reply, framed if the connection is, and an empty output buffer."""
-        out = self.out
-        data: bytes = out.getvalue()
-        out.clean()
-        if self.framed:
+        Raises:
+            Exception: whatever the codec raises for a payload that does not match its spec;
+                the buffer is left empty.
+        """
+        out = self._out
+        oprot = self._binary if wire.protocol == "binary" else self._compact
+        try:
+            oprot.write_message_begin(name, mtype, seqid)
+            oprot.write_struct(payload)
+            oprot.write_message_end()
+            data: bytes = out.getvalue()
+        finally:
+            out.clean()
+        if wire.framed:
             return _FRAME_HEADER.pack(len(data)) + data
         return data
 
-    def discard_output(self) -> None:
-        """Drop a partly encoded reply."""
-        self.out.clean()
+
+def make_input_protocol(wire: Wire, reader: SocketReader) -> Any:
+    """The protocol that decodes requests from ``reader`` in ``wire``'s format."""
+    trans: Any = (TCyFramedTransport if wire.framed else TCyBufferedTransport)(
+        reader, INPUT_BUFFER_SIZE
+    )
+    if wire.protocol == "binary":
+        return TCyBinaryProtocol(trans)
+    return TCompactProtocol(trans)  # type: ignore[no-untyped-call]
 
 
 def is_disconnect(exc: BaseException) -> bool:
