@@ -143,6 +143,7 @@ class Connection:
             if wire is not None:
                 break
         reader.pending = head
+        reader.framed = wire.framed
         self.wire = wire
         self.iprot = make_input_protocol(wire, reader)
 
@@ -239,10 +240,15 @@ class Connection:
     def _send_error(self, name: str, seqid: int, kind: int, message: str) -> None:
         self._send(name, _EXCEPTION, seqid, TApplicationException(kind, message))
 
-    def _refuse(self, name: str, mtype: int, seqid: int) -> None:
+    def _refuse(self, name: str | bytes, mtype: int, seqid: int) -> None:
         """Answer an unknown method or a message that is not a call, and skip its body."""
+        if isinstance(name, bytes):
+            # thriftpy2 hands over a name that is not UTF-8 as bytes; echoing them back would
+            # give strict clients a reply they cannot decode.
+            name = name.decode("utf-8", "backslashreplace")
         self.iprot.skip(TType.STRUCT)
         if mtype not in (_CALL, _ONEWAY):
+            self.ctx.log.debug("not a call", method=name, message_type=mtype, peer=self.peer)
             self._send_error(
                 name,
                 seqid,

@@ -9,6 +9,8 @@ nor a busy connection is mistaken for a block:
 - a native watchdog thread samples the hub thread's running frame; if the same greenlet (the
   same outermost frame) is running at every sample across the stall, that greenlet is blocking.
   A lagging loop shows different greenlets at different samples and is not reported.
+- C code that holds the GIL throughout (thriftpy2's Cython decoder in a long loop) starves the
+  watchdog thread too; the heartbeat then reports the stall, without a stack, once it runs.
 
 gevent's own monitor thread would also do this, but it installs a trace function that runs
 on every greenlet switch, a cost on every request; this costs four wake-ups per threshold.
@@ -51,6 +53,7 @@ class HubWatch:
         self._stop_lock: Any = None
         self._hub: Any = None
         self._hub_thread = 0
+        self._sampled_beat = -1.0
         self.blocks = 0
         """Blocks reported so far."""
 
@@ -78,7 +81,14 @@ class HubWatch:
     def _heartbeat(self) -> None:
         interval = self.threshold / 4
         while True:
-            self._beat = time.monotonic()
+            now = time.monotonic()
+            stalled = now - self._beat
+            if stalled > self.threshold + interval and self._sampled_beat != self._beat:
+                # The watchdog could not take a sample: C code held the GIL the whole time
+                # (a Cython decode loop, say). Report the stall without a stack.
+                self.blocks += 1
+                self._on_block(stalled, [])
+            self._beat = now
             gevent.sleep(interval)
 
     def _watch(self, stop_lock: Any) -> None:
@@ -107,7 +117,9 @@ class HubWatch:
             reported = id(root)
             stack = traceback.format_stack(frame, limit=STACK_LIMIT)
             self.blocks += 1
-            self._hub.loop.run_callback_threadsafe(self._report, self._beat, stack)
+            beat = self._beat
+            self._sampled_beat = beat
+            self._hub.loop.run_callback_threadsafe(self._report, beat, stack)
 
     def _report(self, last_beat: float, stack: list[str]) -> None:
         # Runs in the hub after the block: now minus the last beat is how long it lasted.

@@ -27,6 +27,7 @@ from thriftpy2.protocol.compact import TCompactProtocol
 
 # thriftpy2's Cython codecs ship without type information, hence the ignores.
 from thriftpy2.protocol.cybin import TCyBinaryProtocol  # type: ignore[attr-defined]
+from thriftpy2.thrift import TType
 from thriftpy2.transport.buffered import TCyBufferedTransport  # type: ignore[attr-defined]
 from thriftpy2.transport.framed import TCyFramedTransport  # type: ignore[attr-defined]
 from thriftpy2.transport.memory import TCyMemoryBuffer  # type: ignore[attr-defined]
@@ -113,9 +114,13 @@ class SocketReader:
     __slots__ = (
         "budget",
         "deadline",
+        "frame_header",
+        "frame_left",
+        "framed",
         "hub",
         "idle",
         "idle_since",
+        "last_read",
         "max_frame_size",
         "pending",
         "raw",
@@ -138,11 +143,23 @@ class SocketReader:
         self.idle = False
         """True while blocked waiting for the next request: the only state stop() may cut."""
         self.idle_since = 0.0
+        self.framed = False
+        """Set once the wire is known to be framed: frame headers are then checked here."""
+        self.frame_left = 0
+        self.frame_header = b""
+        self.last_read = 0.0
 
     def start_request(self) -> None:
-        """Forget the previous request's deadline and byte budget."""
-        self.deadline = None
+        """Forget the previous request's deadline and byte budget.
+
+        On a framed wire a frame that is under way arrived with the previous request's bytes:
+        its deadline runs from that read. (A buffered wire has no boundaries to tell.)
+        """
         self.budget = self.max_frame_size
+        if self.framed and (self.frame_left or self.frame_header):
+            self.deadline = self.last_read + self.rw_timeout
+        else:
+            self.deadline = None
 
     def close(self) -> None:
         """Release the watchers; call before the socket is closed."""
@@ -169,7 +186,38 @@ class SocketReader:
         self.budget -= len(data)
         if self.budget < 0 and data:
             raise FrameTooLarge(f"request exceeds max_frame_size ({self.max_frame_size} bytes)")
+        if self.framed:
+            self._check_frames(data)
         return data
+
+    def _check_frames(self, data: bytes) -> None:
+        """Check every frame header in ``data`` before the framed transport sees it.
+
+        thriftpy2's framed transport allocates a frame's announced length as soon as it has
+        read the header; checking here refuses a bad length before that, at any size.
+        """
+        i, size, left = 0, len(data), self.frame_left
+        while i < size:
+            if left:
+                step = min(left, size - i)
+                left -= step
+                i += step
+                continue
+            need = 4 - len(self.frame_header)
+            self.frame_header += data[i : i + need]
+            i += need
+            if len(self.frame_header) < 4:
+                break
+            (length,) = _FRAME_HEADER.unpack(self.frame_header)
+            self.frame_header = b""
+            if length <= 0:
+                raise ProtocolError(f"frame length must be positive, got {length}")
+            if length > self.max_frame_size:
+                raise FrameTooLarge(
+                    f"frame of {length} bytes, max_frame_size is {self.max_frame_size}"
+                )
+            left = length
+        self.frame_left = left
 
     def _read_idle(self, n: int) -> bytes:
         # Between requests the peer has usually not sent the next one yet: wait, then read.
@@ -186,7 +234,8 @@ class SocketReader:
             except BlockingIOError:  # a spurious wake-up
                 self.hub.wait(self.rwatch)
         if data:
-            self.deadline = time.monotonic() + self.rw_timeout
+            self.last_read = time.monotonic()
+            self.deadline = self.last_read + self.rw_timeout
         return data
 
     def _read_within_deadline(self, n: int) -> bytes:
@@ -194,9 +243,11 @@ class SocketReader:
         while True:
             try:
                 data: bytes = self.raw.recv(n)
-                return data
             except BlockingIOError:
                 pass
+            else:
+                self.last_read = time.monotonic()
+                return data
             self._wait(self.rwatch, "request not received within read_write_timeout")
 
     def _wait(self, watcher: Any, what: str) -> None:
@@ -248,7 +299,7 @@ class ReplyEncoder:
     def __init__(self) -> None:
         self._out = TCyMemoryBuffer()
         self._binary = TCyBinaryProtocol(self._out)
-        self._compact = TCompactProtocol(self._out)  # type: ignore[no-untyped-call]
+        self._compact = TCompactProtocol(self._out)
 
     def encode(self, wire: Wire, name: str, mtype: int, seqid: int, payload: Any) -> bytes:
         """One whole message, framed if ``wire`` is.
@@ -271,6 +322,39 @@ class ReplyEncoder:
         return data
 
 
+class GuardedCompactProtocol(TCompactProtocol):
+    """thriftpy2's compact protocol, refusing lengths no valid message can hold.
+
+    Every length (string, binary, container) passes through ``_read_size``, which refuses one
+    over ``max_frame_size`` before anything is allocated for it. thriftpy2 skips a container
+    by looping over its announced size, and skipping a STOP element reads nothing: a 20-byte
+    message announcing 2**31 STOP elements would hold the hub for minutes, so a container of
+    STOP elements is refused too (every other element takes at least one byte).
+    """
+
+    def __init__(self, trans: Any, max_size: int) -> None:
+        super().__init__(trans)
+        self._max_size = max_size
+
+    def _read_size(self) -> int:
+        size: int = super()._read_size()
+        if size > self._max_size:
+            raise FrameTooLarge(f"length of {size}, max_frame_size is {self._max_size}")
+        return size
+
+    def _read_collection_begin(self) -> tuple[int, int]:
+        etype, size = super()._read_collection_begin()
+        if size and etype == TType.STOP:
+            raise ProtocolError(f"container of {size} elements of type STOP")
+        return etype, size
+
+    def _read_map_begin(self) -> tuple[int, int, int]:
+        ktype, vtype, size = super()._read_map_begin()
+        if size and TType.STOP in (ktype, vtype):
+            raise ProtocolError(f"map of {size} entries of type STOP")
+        return ktype, vtype, size
+
+
 def make_input_protocol(wire: Wire, reader: SocketReader) -> Any:
     """The protocol that decodes requests from ``reader`` in ``wire``'s format."""
     trans: Any = (TCyFramedTransport if wire.framed else TCyBufferedTransport)(
@@ -278,7 +362,7 @@ def make_input_protocol(wire: Wire, reader: SocketReader) -> Any:
     )
     if wire.protocol == "binary":
         return TCyBinaryProtocol(trans)
-    return TCompactProtocol(trans)  # type: ignore[no-untyped-call]
+    return GuardedCompactProtocol(trans, reader.max_frame_size)
 
 
 def is_disconnect(exc: BaseException) -> bool:

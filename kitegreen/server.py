@@ -537,7 +537,11 @@ class RpcServer:
         return self.debug_server.address if self.debug_server else None
 
     def _on_hub_blocked(self, seconds: float, stack: list[str]) -> None:
-        where = stack[-1].strip().splitlines()[0] if stack else "unknown"
+        where = (
+            stack[-1].strip().splitlines()[0]
+            if stack
+            else "no stack: C code held the GIL throughout (a Cython decode loop, say)"
+        )
         self.log.warning(
             "hub blocked", seconds=round(seconds, 3), where=where, stack="".join(stack)
         )
