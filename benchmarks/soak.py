@@ -64,7 +64,21 @@ from gevent.pool import Pool  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+sys.path.insert(0, str(HERE.parent / "tests"))
+
 import soak_target  # noqa: E402 - the benchmarks folder is not a package
+from wire import (  # noqa: E402 - shared with tests/test_hostile.py
+    EXCEPTION,
+    INT32_MAX,
+    ONEWAY,
+    REPLY,
+    encode,
+    head,
+    sample_item,
+    server_wire,
+    varint,
+    wrap,
+)
 
 TARGET = f"{HERE / 'soak_target.py'}:make_server"
 START_TIMEOUT = 30.0
@@ -76,53 +90,13 @@ WIRES = (
     ("compact", "buffered"),
     ("compact", "framed"),
 )
-CALL, REPLY, EXCEPTION, ONEWAY = 1, 2, 3, 4
 LOADSHEDDING = 11
-INT32_MAX = 2**31 - 1
 STOP = b"\x00"
 
 testsvc = soak_target.load_testsvc()
 
 
 # -- encoding ------------------------------------------------------------------------------------
-
-
-def encode(protocol: str, method: str, seqid: int = 1, mtype: int = CALL, **args: Any) -> bytes:
-    from thriftpy2.protocol.compact import TCompactProtocol
-    from thriftpy2.protocol.cybin import TCyBinaryProtocol
-    from thriftpy2.transport.memory import TCyMemoryBuffer
-
-    out = TCyMemoryBuffer()
-    proto = TCyBinaryProtocol(out) if protocol == "binary" else TCompactProtocol(out)
-    proto.write_message_begin(method, mtype, seqid)
-    proto.write_struct(getattr(testsvc.TestService, f"{method}_args")(**args))
-    proto.write_message_end()
-    return bytes(out.getvalue())
-
-
-def wrap(transport: str, message: bytes) -> bytes:
-    return struct.pack("!i", len(message)) + message if transport == "framed" else message
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def head(protocol: str, name: str, mtype: int = CALL, seqid: int = 1) -> bytes:
-    raw = name.encode()
-    if protocol == "binary":
-        return struct.pack("!HHI", 0x8001, mtype, len(raw)) + raw + struct.pack("!i", seqid)
-    return bytes([0x82, (mtype << 5) | 1]) + varint(seqid) + varint(len(raw)) + raw
-
-
-def sample_item() -> Any:
-    child = testsvc.Item(id=8, name="child", tags=[], counts={})
-    return testsvc.Item(id=7, name="item", tags=["a", "bc"], counts={"x": 1}, child=child)
 
 
 def valid_calls(protocol: str, transport: str) -> list[bytes]:
@@ -230,16 +204,6 @@ def random_input(rng: random.Random) -> bytes:
 
 
 # -- reading replies -------------------------------------------------------------------------------
-
-
-def server_wire(data: bytes) -> tuple[str, str] | None:
-    if data[:2] == b"\x80\x01":
-        return ("binary", "buffered")
-    if data[:1] == b"\x82":
-        return ("compact", "buffered")
-    if len(data) >= 5 and data[0] == 0:
-        return {0x80: ("binary", "framed"), 0x82: ("compact", "framed")}.get(data[4])
-    return None
 
 
 def message_length(data: bytes, protocol: str) -> int | None:

@@ -39,18 +39,26 @@ from thrift.protocol import TBinaryProtocol
 from thrift.protocol import TCompactProtocol as ApacheCompact
 from thrift.Thrift import TApplicationException
 from thrift.transport import TTransport
-from thriftpy2.protocol.compact import TCompactProtocol
-from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TApplicationException as Py2ApplicationException
-from thriftpy2.transport.memory import TCyMemoryBuffer
+from wire import (
+    CALL,
+    EXCEPTION,
+    INT32_MAX,
+    ONEWAY,
+    REPLY,
+    encode,
+    head,
+    sample_item,
+    server_wire,
+    varint,
+    wrap,
+)
 
 import kitegreen
 
-CALL, REPLY, EXCEPTION, ONEWAY = 1, 2, 3, 4
 T_STOP, T_I32, T_STRING, T_STRUCT, T_MAP, T_LIST = 0, 8, 11, 12, 13, 15
 C_STOP, C_I32, C_BINARY, C_LIST, C_MAP, C_STRUCT = 0x00, 0x05, 0x08, 0x09, 0x0B, 0x0C
 STOP = b"\x00"
-INT32_MAX = 2**31 - 1
 DEPTH = 10_000
 MIB = 1 << 20
 LOADSHEDDING = 11
@@ -71,38 +79,6 @@ GARBAGE = {
 
 
 # -- encoding -------------------------------------------------------------------------------------
-
-
-def encode(protocol: str, method: str, seqid: int = 1, mtype: int = CALL, **args: Any) -> bytes:
-    """A message encoded by thriftpy2's own codec, unframed."""
-    out = TCyMemoryBuffer()
-    proto = TCyBinaryProtocol(out) if protocol == "binary" else TCompactProtocol(out)
-    proto.write_message_begin(method, mtype, seqid)
-    proto.write_struct(getattr(testsvc_thrift.TestService, f"{method}_args")(**args))
-    proto.write_message_end()
-    return bytes(out.getvalue())
-
-
-def wrap(transport: str, message: bytes) -> bytes:
-    """``message`` as the transport sends it: behind a 4-byte length when framed."""
-    return struct.pack("!i", len(message)) + message if transport == "framed" else message
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def head(protocol: str, name: str, mtype: int = CALL, seqid: int = 1) -> bytes:
-    """A message header, by hand: strict binary or compact."""
-    raw = name.encode()
-    if protocol == "binary":
-        return struct.pack("!HHI", 0x8001, mtype, len(raw)) + raw + struct.pack("!i", seqid)
-    return bytes([0x82, (mtype << 5) | 1]) + varint(seqid) + varint(len(raw)) + raw
 
 
 def bfield(ttype: int, fid: int) -> bytes:
@@ -221,13 +197,6 @@ def zero_width_bomb(protocol: str, shape: str, etype: int, count: int) -> bytes:
         + bytes([(etype << 4) | etype])
         + STOP
         + STOP
-    )
-
-
-def sample_item() -> Any:
-    child = testsvc_thrift.Item(id=8, name="child", tags=[], counts={})
-    return testsvc_thrift.Item(
-        id=7, name="item", tags=["a", "bc"], counts={"x": 1, "y": -2}, child=child
     )
 
 
@@ -405,17 +374,6 @@ def parse_replies(data: bytes, protocol: str, transport: str) -> tuple[list[Mess
             data = data[used:]
         messages.append(message)
     return messages, data
-
-
-def server_wire(data: bytes) -> tuple[str, str] | None:
-    """The wire a Thrift peer would take ``data`` for; None if it is not one kitegreen speaks."""
-    if data[:2] == b"\x80\x01":
-        return ("binary", "buffered")
-    if data[:1] == b"\x82":
-        return ("compact", "buffered")
-    if len(data) >= 5 and data[0] == 0:
-        return {0x80: ("binary", "framed"), 0x82: ("compact", "framed")}.get(data[4])
-    return None
 
 
 # -- sockets --------------------------------------------------------------------------------------
