@@ -41,3 +41,18 @@ def make_consul(addr: str, token: str) -> Any:
         scheme=scheme,
         connections_timeout=CONSUL_TIMEOUT,
     )
+
+
+class StopConsulCall(ConnectionAbortedError):
+    """Thrown into a greenlet that may be inside a Consul call, to stop it.
+
+    An ``OSError``, so that urllib3 closes the connection the call was using; a plain
+    ``GreenletExit`` passes through urllib3 untouched and leaks the socket.
+    """
+
+
+def close_client(client: Any) -> None:
+    """Close the pooled HTTP connections of a ``consul.Consul`` (py-consul's close() does not)."""
+    session = getattr(getattr(client, "http", None), "session", None)
+    if session is not None:
+        session.close()

@@ -18,6 +18,7 @@ import gevent
 from gevent.event import Event as GEvent
 
 from kitegreen.backoff import Backoff
+from kitegreen.consul_client import StopConsulCall
 from kitegreen.exceptions import RegistryError
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -218,7 +219,7 @@ class Registrar:
         self._stopping.set()
         greenlet, self._greenlet = self._greenlet, None
         if greenlet is not None:
-            greenlet.kill(block=True, timeout=1.0)
+            greenlet.kill(StopConsulCall, block=True, timeout=1.0)
         if not self.registered:
             return
         self.registered = False
@@ -237,6 +238,12 @@ class Registrar:
         self.deregister()
 
     def _run(self) -> None:
+        try:
+            self._keep_registered()
+        except StopConsulCall:
+            return
+
+    def _keep_registered(self) -> None:
         if self._stopping.wait(self._delay):
             return
         backoff = Backoff()
@@ -263,6 +270,8 @@ class Registrar:
                 backoff.reset()
                 delay = self._refresh
             except Exception as exc:  # noqa: BLE001 - a registry outage is never fatal
+                if self._stopping.is_set():
+                    return  # the call was cut short by deregister()
                 # A failed TTL pass usually means the agent lost the check: register again.
                 self.registered = False
                 delay = backoff.next()

@@ -28,6 +28,7 @@ import gevent
 from gevent.event import Event as GEvent
 
 from kitegreen.backoff import Backoff
+from kitegreen.consul_client import StopConsulCall
 
 KEY_PREFIX = "kite/limit"
 WATCH_WAIT = "30s"
@@ -149,7 +150,7 @@ class RemoteConfigWatcher:
         """Stop the watches (an open blocking query is abandoned); idempotent."""
         self._stopping.set()
         greenlets, self._greenlets = self._greenlets, []
-        gevent.killall(greenlets, block=True, timeout=1.0)
+        gevent.killall(greenlets, exception=StopConsulCall, block=True, timeout=1.0)
 
     def snapshot(self) -> dict[str, Any]:
         """What /runtime/kite shows: each remote value in force, and rejected keys."""
@@ -159,6 +160,12 @@ class RemoteConfigWatcher:
         return doc
 
     def _watch(self, kind: str) -> None:
+        try:
+            self._watch_loop(kind)
+        except StopConsulCall:
+            return
+
+    def _watch_loop(self, kind: str) -> None:
         service_key, cluster_key = keys_for(kind, self._service, self._cluster)
         index: int | None = None
         backoff = Backoff()
@@ -169,6 +176,8 @@ class RemoteConfigWatcher:
                     service_key, recurse=True, index=index, wait=self._wait
                 )
             except Exception as exc:  # noqa: BLE001 - keep the last good config, retry
+                if self._stopping.is_set():
+                    return  # the call was cut short by stop()
                 delay = backoff.next()
                 if not failing:
                     self._log.warning(

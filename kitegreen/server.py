@@ -24,7 +24,7 @@ from gevent.server import StreamServer
 from kitegreen._version import VERSION
 from kitegreen.config import Config
 from kitegreen.connection import Connection, ConnectionContext, IdleSweeper
-from kitegreen.consul_client import make_consul
+from kitegreen.consul_client import close_client, make_consul
 from kitegreen.debug import DebugServer
 from kitegreen.events import Event, EventQueue
 from kitegreen.exceptions import ConfigError
@@ -318,6 +318,8 @@ class RpcServer:
                 self._pool.kill(block=True, timeout=1.0)
             for part in reversed(self._background):
                 part.stop()
+            if self._consul is not None:
+                close_client(self._consul)
             self.events.push(SERVER_STOP, "clean" if self._clean_stop else "requests cut off")
             self.log.info("stopped", clean=self._clean_stop)
         finally:
