@@ -18,7 +18,6 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import pytest  # noqa: E402
-import thriftpy2  # noqa: E402
 
 import kitegreen  # noqa: E402
 
@@ -26,61 +25,9 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS / "gen_apache"))
 sys.path.insert(0, str(TESTS))
 
-testsvc_thrift = thriftpy2.load(str(TESTS / "idl" / "testsvc.thrift"), module_name="testsvc_thrift")
+from service import Handler, testsvc_thrift  # noqa: E402
 
-
-class Handler:
-    """Implements TestService; records what oneway calls delivered."""
-
-    def __init__(self) -> None:
-        self.notified_tags: dict[str, int] = {}
-        self.in_flight = 0
-
-    def ping(self) -> None:
-        return None
-
-    def echo(self, message: str) -> str:
-        return message
-
-    def echo_binary(self, data: bytes) -> bytes:
-        return data
-
-    def roundtrip(self, item: Any) -> Any:
-        return item
-
-    def add(self, a: int, b: int) -> int:
-        return a + b
-
-    def client_ip(self) -> str:
-        return kitegreen.real_ip() or ""
-
-    def slow(self, seconds: float, message: str) -> str:
-        self.in_flight += 1
-        try:
-            gevent.sleep(seconds)
-        finally:
-            self.in_flight -= 1
-        return message
-
-    def raise_declared(self, message: str, code: int) -> None:
-        raise testsvc_thrift.Declared(message=message, code=code)
-
-    def raise_undeclared(self, message: str) -> None:
-        raise RuntimeError(message)
-
-    def wrong_return(self) -> Any:
-        return 12345  # the IDL says string
-
-    def notify(self, tag: str) -> None:
-        self.notified_tags[tag] = self.notified_tags.get(tag, 0) + 1
-
-    def notified(self, tag: str) -> int:
-        return self.notified_tags.get(tag, 0)
-
-    def block_hub(self, seconds: float) -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            pass
+__all__ = ["Handler", "loopback_config", "testsvc_thrift", "wait_until"]
 
 
 def loopback_config(**overrides: Any) -> kitegreen.Config:

@@ -504,7 +504,7 @@ class TestHubBlocking:
             blocked = wait_until(lambda: events_named(server, "Hub Blocked"))
         assert blocked
         assert "block_hub" in blocked[0].detail
-        assert "conftest.py" in blocked[0].detail
+        assert "service.py" in blocked[0].detail
         assert metric(server, "kitegreen_hub_blocked_total") >= 1
 
     def test_cooperative_sleep_is_not_reported(self, make_server, handler):

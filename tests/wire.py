@@ -4,20 +4,15 @@ soak script (``benchmarks/soak.py``)."""
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 from typing import Any
 
-import thriftpy2
+from service import testsvc_thrift as testsvc
 from thriftpy2.protocol.compact import TCompactProtocol
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
 CALL, REPLY, EXCEPTION, ONEWAY = 1, 2, 3, 4
 INT32_MAX = 2**31 - 1
-
-testsvc = thriftpy2.load(
-    str(Path(__file__).with_name("idl") / "testsvc.thrift"), module_name="testsvc_thrift"
-)
 
 
 def encode(protocol: str, method: str, seqid: int = 1, mtype: int = CALL, **args: Any) -> bytes:
