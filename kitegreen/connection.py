@@ -84,10 +84,9 @@ def peer_ip(address: Any) -> str | None:
 class Connection:
     """Serve Thrift requests on one accepted socket until it closes or the server stops."""
 
-    __slots__ = ("ctx", "greenlet", "iprot", "peer", "reader", "sock", "wire")
+    __slots__ = ("ctx", "greenlet", "iprot", "peer", "reader", "wire")
 
     def __init__(self, sock: Any, address: Any, ctx: ConnectionContext, greenlet: Any) -> None:
-        self.sock = sock
         self.ctx = ctx
         self.peer = peer_ip(address)
         self.greenlet = greenlet

@@ -17,7 +17,6 @@ Anything else (HTTP, TLS, non-strict binary, THeader) is refused by closing the 
 from __future__ import annotations
 
 import contextlib
-import socket
 import struct
 import time
 from typing import Any, NamedTuple
@@ -367,4 +366,5 @@ def make_input_protocol(wire: Wire, reader: SocketReader) -> Any:
 
 def is_disconnect(exc: BaseException) -> bool:
     """Whether ``exc`` is a peer going away or timing out, which closes quietly."""
-    return isinstance(exc, (TimeoutError, socket.timeout, ConnectionError, BrokenPipeError))
+    # socket.timeout is TimeoutError, and BrokenPipeError is a ConnectionError.
+    return isinstance(exc, (TimeoutError, ConnectionError))

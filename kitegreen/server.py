@@ -157,7 +157,6 @@ class RpcServer:
         self._address: tuple[str, int] | str | None = None
         self._unix_inode: int | None = None
         self._started = False
-        self._stopping = False
         self._stopped = GEvent()
         self._stop_greenlet: gevent.Greenlet | None = None
         self._clean_stop = True

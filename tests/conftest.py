@@ -10,6 +10,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -27,7 +28,7 @@ sys.path.insert(0, str(TESTS))
 
 from service import Handler, testsvc_thrift  # noqa: E402
 
-__all__ = ["Handler", "loopback_config", "testsvc_thrift", "wait_until"]
+__all__ = ["Handler", "can_connect", "loopback_config", "testsvc_thrift", "wait_until"]
 
 
 def loopback_config(**overrides: Any) -> kitegreen.Config:
@@ -79,3 +80,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         if value or time.monotonic() >= deadline:
             return value
         gevent.sleep(interval)
+
+
+def can_connect(address: tuple[str, int]) -> bool:
+    """Whether a new connection to ``address`` is accepted right now."""
+    try:
+        with socket.create_connection(address, timeout=1.0):
+            return True
+    except OSError:
+        return False

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 from clients import thriftpy2_client
-from conftest import TESTS, Handler, loopback_config, testsvc_thrift, wait_until
+from conftest import TESTS, Handler, can_connect, loopback_config, testsvc_thrift, wait_until
 from consul_double import ConsulDouble
 from thriftpy2.thrift import TApplicationException
 
@@ -55,14 +54,6 @@ def consul_server(agent: ConsulDouble) -> Iterator[Any]:
     yield make
     for server in servers:
         server.stop(timeout=2.0)
-
-
-def can_connect(address: tuple[str, int]) -> bool:
-    try:
-        with socket.create_connection(address, timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 class TestRegistration:

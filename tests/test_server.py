@@ -17,7 +17,7 @@ from typing import Any
 import gevent
 import pytest
 from clients import WIRES, apache_client, thriftpy2_client
-from conftest import loopback_config, testsvc_thrift, wait_until
+from conftest import can_connect, loopback_config, testsvc_thrift, wait_until
 from thrift.protocol import TBinaryProtocol as ApacheBinary
 from thrift.protocol import TCompactProtocol as ApacheCompact
 from thrift.Thrift import TApplicationException as ApacheAppError
@@ -124,15 +124,6 @@ class RawClient:
             return True
         except TimeoutError:
             return False
-        return False
-
-
-def can_connect(address: tuple[str, int]) -> bool:
-    """Whether a new connection to ``address`` is accepted right now."""
-    try:
-        with socket.create_connection(address, timeout=1.0):
-            return True
-    except OSError:
         return False
 
 
