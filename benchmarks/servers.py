@@ -65,6 +65,9 @@ class BenchHandler:
     def ping(self) -> None:
         return None
 
+    def records(self, records: list[Any]) -> list[Any]:
+        return records
+
     def echo(self, msg: str) -> str:
         return msg
 

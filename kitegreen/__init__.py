@@ -22,13 +22,13 @@ from kitegreen.events import Event
 from kitegreen.exceptions import (
     ConfigError,
     FrameTooLarge,
+    HandlerError,
     KitegreenError,
     LaunchError,
     ListenError,
     ProtocolError,
     RegistryError,
 )
-from kitegreen.processor import HandlerError
 from kitegreen.registry import ConsulRegistry, NullRegistry, Registration, Registry
 from kitegreen.reporter import NullReporter, Reporter
 from kitegreen.server import RpcServer

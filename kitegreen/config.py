@@ -33,6 +33,7 @@ DEFAULT_CLUSTER = "default"
 DEFAULT_READ_WRITE_TIMEOUT = 3.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_EXIT_WAIT_TIME = 5.0
+DEFAULT_DRAIN_TIME_REGISTERED = 3.0
 DEFAULT_LIMIT_CONNECTIONS = 10_000
 DEFAULT_LIMIT_QPS = 50_000
 DEFAULT_QPS_FILL_INTERVAL = 0.1
@@ -114,6 +115,9 @@ class Config:
     """Bound on the wait for the next request on a kept-alive connection; 0 waits forever."""
     exit_wait_time: float = DEFAULT_EXIT_WAIT_TIME
     """How long ``stop()`` lets requests in flight finish before it gives up on them."""
+    drain_time: float | None = None
+    """Seconds the server keeps serving after deregistering, before its listener closes;
+    None: 3 when it registers in Consul, 0 otherwise."""
     limit_connections: int = DEFAULT_LIMIT_CONNECTIONS
     limit_qps: int = DEFAULT_LIMIT_QPS
     qps_fill_interval: float = DEFAULT_QPS_FILL_INTERVAL
@@ -158,6 +162,8 @@ class Config:
         _check_range("port", self.port, 0, 65535)
         if self.debug_port is not None:
             _check_range("debug_port", self.debug_port, 0, 65535)
+        if self.drain_time is not None:
+            _check_range("drain_time", self.drain_time, 0, None)
         _check_range("backlog", self.backlog, 1, 65535)
         _check_range("limit_connections", self.limit_connections, 0, None)
         _check_range("limit_qps", self.limit_qps, 0, None)
@@ -209,6 +215,12 @@ class Config:
             return self.debug_port
         derived = int(f"1{service_port}") if service_port else 0
         return derived if 0 < derived <= 65535 else 0
+
+    def effective_drain_time(self, registered: bool) -> float:
+        """``drain_time``, or its default: 3 s for a server registered in Consul, else 0."""
+        if self.drain_time is not None:
+            return self.drain_time
+        return DEFAULT_DRAIN_TIME_REGISTERED if registered else 0.0
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated."""
@@ -323,7 +335,9 @@ def _set(values: dict[str, Any], sources: dict[str, str], name: str, raw: Any, s
 def _parse(name: str, raw: Any) -> Any:
     """Turn a raw value (a string from the environment, or YAML/TOML data) into the field's type."""
     hint = _TYPES[name]
-    if hint in (int | None,) and (raw is None or (isinstance(raw, str) and raw.strip() == "")):
+    if hint in (int | None, float | None) and (
+        raw is None or (isinstance(raw, str) and raw.strip() == "")
+    ):
         return None
     if hint is bool or hint == "bool":
         if isinstance(raw, bool):
@@ -341,7 +355,7 @@ def _parse(name: str, raw: Any) -> Any:
             return int(str(raw).strip())
         except ValueError:
             raise ConfigError(f"{name} must be an integer, got {raw!r}", field=name) from None
-    if hint is float:
+    if hint is float or hint == (float | None):
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
             return float(raw)
         match = _DURATION.match(str(raw))
@@ -425,6 +439,8 @@ FIELD_HELP: Mapping[str, str] = types.MappingProxyType(
         f"(default {DEFAULT_IDLE_TIMEOUT:g})",
         "exit_wait_time": "seconds stop() lets requests in flight finish "
         f"(default {DEFAULT_EXIT_WAIT_TIME:g})",
+        "drain_time": "seconds to keep serving after deregistering, before the listener closes "
+        f"(default {DEFAULT_DRAIN_TIME_REGISTERED:g} when registered in Consul, else 0)",
         "limit_connections": f"most connections open at once; 0: no limit "
         f"(default {DEFAULT_LIMIT_CONNECTIONS})",
         "limit_qps": f"most requests per second; 0: no limit (default {DEFAULT_LIMIT_QPS})",

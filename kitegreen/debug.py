@@ -22,7 +22,7 @@ from gevent import pywsgi
 from gevent.util import format_run_info
 
 from kitegreen.exceptions import ListenError
-from kitegreen.listener import ListenSpec, listen
+from kitegreen.transport.listener import ListenSpec, listen
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 

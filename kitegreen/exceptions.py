@@ -5,6 +5,7 @@ caller would catch anyway where there is one::
 
     KitegreenError
     ├── ConfigError (ValueError)       a setting is missing, malformed or out of range
+    ├── HandlerError (TypeError)       the handler object does not fit the Thrift service
     ├── ListenError (OSError)          the listening socket could not be created
     ├── LaunchError (RuntimeError)     ``python -m kitegreen MODULE:ATTR`` could not load the target
     ├── ProtocolError (ValueError)     a peer sent bytes that are not a Thrift message we accept
@@ -39,6 +40,10 @@ class ConfigError(KitegreenError, ValueError):
         return ConfigError(self.reason, field=self.field, source=source)
 
 
+class HandlerError(KitegreenError, TypeError):
+    """The handler object does not fit the Thrift service (raised at construction)."""
+
+
 class ListenError(KitegreenError, OSError):
     """The server could not create its listening socket (address in use, bad address, ...)."""
 
@@ -52,13 +57,14 @@ class ProtocolError(KitegreenError, ValueError):
 
 
 class FrameTooLarge(ProtocolError):
-    """A frame or length field is larger than ``max_frame_size``; refused before it is read.
-
-    thriftpy2's Cython transports reserve address space for an announced length before asking
-    for its bytes; kitegreen refuses at that first request, so no byte of it is read and no
-    page of the reservation is touched (resident memory does not grow).
-    """
+    """A frame, string or container would exceed ``max_frame_size``; refused before any memory
+    is set aside for it."""
 
 
 class RegistryError(KitegreenError, RuntimeError):
     """The service registry refused or failed a registration call."""
+
+
+def describe(exc: BaseException) -> str:
+    """``"TypeName: message"``, the form every log line and report gives an exception in."""
+    return f"{type(exc).__name__}: {exc}"

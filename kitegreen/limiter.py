@@ -115,10 +115,10 @@ class Limiter:
         self.limits = new
         return new
 
-    def admit_connection(self) -> bool:
-        """Count a new connection in, unless that would exceed the limit."""
+    def admit_connection(self, *, force: bool = False) -> bool:
+        """Count a new connection in, unless that would exceed the limit (or ``force``)."""
         limit = self.limits.connections
-        if self.enabled and limit and self.connections >= limit:
+        if not force and self.enabled and limit and self.connections >= limit:
             return False
         self.connections += 1
         return True

@@ -19,7 +19,7 @@ from gevent.event import Event as GEvent
 
 from kitegreen.backoff import Backoff
 from kitegreen.consul_client import StopConsulCall
-from kitegreen.exceptions import RegistryError
+from kitegreen.exceptions import RegistryError, describe
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 TCP_CHECK_INTERVAL = "10s"
@@ -283,4 +283,4 @@ class Registrar:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:300]
+    return describe(exc)[:300]

@@ -29,6 +29,7 @@ from gevent.event import Event as GEvent
 
 from kitegreen.backoff import Backoff
 from kitegreen.consul_client import StopConsulCall
+from kitegreen.exceptions import describe
 
 KEY_PREFIX = "kite/limit"
 WATCH_WAIT = "30s"
@@ -96,7 +97,7 @@ def parse_value(kind: str, raw: bytes | None) -> Any:
     except (ValueError, KeyError, TypeError) as exc:
         raise MalformedValue(
             'expected {"payload": [{"endpoint": "method", "qps_limit": N}]}, '
-            f"got {text[:80]!r} ({type(exc).__name__}: {exc})"
+            f"got {text[:80]!r} ({describe(exc)})"
         ) from None
     return limits
 
@@ -183,10 +184,10 @@ class RemoteConfigWatcher:
                     self._log.warning(
                         "remote config unreachable; keeping the last good values",
                         kind=kind,
-                        error=f"{type(exc).__name__}: {exc}"[:300],
+                        error=describe(exc)[:300],
                         retry_in=round(delay, 2),
                     )
-                    self._on_event("unreachable", f"{kind}: {type(exc).__name__}: {exc}"[:300])
+                    self._on_event("unreachable", f"{kind}: {describe(exc)}"[:300])
                 failing = True
                 self._stopping.wait(delay)
                 continue

@@ -8,7 +8,6 @@ replies, close kept-alive connections as they fall idle, give up on what is left
 
 from __future__ import annotations
 
-import _socket
 import os
 import time
 from collections.abc import Mapping
@@ -19,20 +18,16 @@ import gevent
 import structlog
 from gevent.event import Event as GEvent
 from gevent.pool import Pool
-from gevent.server import StreamServer
 
 from kitegreen._version import VERSION
 from kitegreen.config import Config
-from kitegreen.connection import Connection, ConnectionContext, IdleSweeper
 from kitegreen.consul_client import close_client, make_consul
 from kitegreen.debug import DebugServer
 from kitegreen.events import Event, EventQueue
 from kitegreen.exceptions import ConfigError
 from kitegreen.hubwatch import HubWatch
 from kitegreen.limiter import Limiter, Limits
-from kitegreen.listener import ListenSpec, listen, remove_unix_socket
 from kitegreen.metrics import Metrics
-from kitegreen.processor import build_methods
 from kitegreen.registry import ConsulRegistry, Registrar, Registry, make_registration
 from kitegreen.remote_config import RemoteConfigWatcher
 from kitegreen.reporter import (
@@ -44,45 +39,17 @@ from kitegreen.reporter import (
     Reporter,
     ReportGate,
 )
+from kitegreen.rpc.loop import Connection, ServeContext
+from kitegreen.rpc.methods import build_methods
+from kitegreen.rpc.panics import PanicLog
+from kitegreen.transport.acceptor import Acceptor
+from kitegreen.transport.listener import ListenSpec, listen, remove_unix_socket
+from kitegreen.transport.streams import IdleSweeper
 
 SERVER_START = "Server Start"
 SERVER_STOP = "Server Stop"
 CONFIG_CHANGE = "Config Change"
 REGISTRY_CHANGE = "Registry Change"
-
-
-class _Acceptor(StreamServer):  # type: ignore[misc]
-    """gevent's accept loop, with the connection limit checked before a greenlet is spawned.
-
-    Over the limit a connection is accepted and closed at once: leaving it in the kernel
-    backlog would make the client wait for a timeout instead of failing fast (kite's rule).
-    """
-
-    def __init__(self, listener: Any, server: RpcServer, pool: Pool) -> None:
-        super().__init__(listener, handle=server._handle, spawn=pool)
-        self._server = server
-
-    def do_read(self) -> tuple[Any, Any] | None:
-        # A plain non-blocking socket rather than gevent's cooperative one: the connection
-        # drives it with io watchers directly (see protocol.SocketReader), which takes the
-        # per-request cost of gevent's socket methods off the hot path.
-        listener = self.socket
-        try:
-            fd, address = listener._accept()
-        except BlockingIOError:
-            return None
-        raw = _socket.socket(listener.family, listener.type, listener.proto, fd)
-        raw.setblocking(False)
-        if listener.family in (_socket.AF_INET, _socket.AF_INET6):
-            # One write per reply: Nagle could only hold it back behind a delayed ACK.
-            raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        return raw, address
-
-    def do_handle(self, *args: Any) -> None:
-        client_socket, address = args
-        if not self._server._admit(client_socket, address):
-            return
-        super().do_handle(*args)
 
 
 class RpcServer:
@@ -140,25 +107,27 @@ class RpcServer:
         )
         for name, method in self._methods.items():
             method.stats = self.metrics.method(name) if self.metrics else None
-        self._ctx = ConnectionContext(
+        self._ctx = ServeContext(
             methods=self._methods,
             limiter=self.limiter,
             reports=self.reports,
             metrics=self.metrics,
             log=self.log,
+            panics=PanicLog(self.log),
             read_write_timeout=config.read_write_timeout,
             max_frame_size=config.max_frame_size,
             get_real_ip=config.get_real_ip,
             access_log=config.access_log,
         )
         self._pool = Pool()
-        self._acceptor: _Acceptor | None = None
+        self._acceptor: Acceptor | None = None
         self._listen_spec: ListenSpec | None = None
         self._address: tuple[str, int] | str | None = None
         self._unix_inode: int | None = None
         self._started = False
         self._stopped = GEvent()
         self._stop_greenlet: gevent.Greenlet | None = None
+        self._stop_began = False
         self._clean_stop = True
         self._consul: Any = None
         self.registrar: Registrar | None = None
@@ -179,7 +148,7 @@ class RpcServer:
                 config.effective_debug_port(config.port),
                 runtime=self.runtime_info,
                 metrics=self.metrics.exposition if self.metrics else None,
-                healthy=lambda: self.started and not self._ctx.stopping,
+                healthy=lambda: self.started and not self._stop_began,
                 log=self.log,
             )
         self.hub_watch: HubWatch | None = None
@@ -187,7 +156,7 @@ class RpcServer:
             self.hub_watch = HubWatch(config.hub_block_threshold, self._on_hub_blocked)
         self.idle_sweeper: IdleSweeper | None = None
         if config.idle_timeout > 0:
-            self.idle_sweeper = IdleSweeper(self._ctx, config.idle_timeout)
+            self.idle_sweeper = IdleSweeper(self._ctx.streams, config.idle_timeout)
         # Started in this order after the listener, stopped in reverse after the drain.
         self._background: list[Any] = [
             p
@@ -243,7 +212,7 @@ class RpcServer:
             host, port = sock.getsockname()[:2]
             self._address = (str(host), int(port))
         try:
-            self._acceptor = _Acceptor(sock, self, self._pool)
+            self._acceptor = Acceptor(sock, self._handle, self._admit, self._pool)
             self._acceptor.start()
             self._started = True
             self._make_registrar(spec)
@@ -271,9 +240,14 @@ class RpcServer:
     def stop(self, timeout: float | None = None) -> bool:
         """Stop gracefully and wait for it; safe to call more than once, from any greenlet.
 
+        The sequence: ``/health`` turns 503 and the server deregisters; it keeps serving for
+        ``drain_time``; the listener stops accepting, takes in its backlog and closes; each
+        connection finishes the requests that reached it and closes with a FIN once nothing
+        more waits in it; after ``timeout``, what is still running is cut off.
+
         Args:
-            timeout: how long requests in flight may take to finish; ``exit_wait_time``
-                when None.
+            timeout: how long requests in flight may take to finish once the listener is
+                closed; ``exit_wait_time`` when None.
 
         Returns:
             True if every request in flight finished; False if some were cut off.
@@ -288,41 +262,74 @@ class RpcServer:
 
     def _stop(self, timeout: float | None) -> None:
         wait = self.config.exit_wait_time if timeout is None else timeout
-        deadline = time.monotonic() + wait
         ctx = self._ctx
         try:
-            self.log.info("stopping", in_flight=len(ctx.active), exit_wait_time=wait)
+            self._stop_began = True
+            registered = self.registrar is not None
+            drain = self.config.effective_drain_time(registered)
+            self.log.info(
+                "stopping",
+                connections=len(ctx.streams),
+                drain_time=drain,
+                exit_wait_time=wait,
+            )
             if self.registrar is not None:
                 # First, so that clients stop picking this instance before it stops accepting.
                 self.registrar.deregister()
-            assert self._acceptor is not None
-            # close() rather than stop(): gevent's stop() would also kill our handlers.
-            self._acceptor.close()
-            self._cleanup_listener()
+            if drain > 0:
+                # Clients that find servers through Consul need a moment to see the change;
+                # until then this server serves them as usual (/health says 503 already).
+                gevent.sleep(drain)
+            self._close_listener()
             ctx.stopping = True
-            while ctx.active:
-                for conn in list(ctx.active):
-                    if conn.idle:
-                        conn.greenlet.kill(block=False)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._pool.join(timeout=min(remaining, 0.05))
-            if ctx.active:
-                self._clean_stop = False
-                self.log.error(
-                    "exit_wait_time passed with requests in flight; cutting them off",
-                    connections=len(ctx.active),
-                )
-                self._pool.kill(block=True, timeout=1.0)
+            clean = self._drain_connections(time.monotonic() + wait)
+            self._clean_stop = clean
             for part in reversed(self._background):
                 part.stop()
+            ctx.panics.flush()
             if self._consul is not None:
                 close_client(self._consul)
-            self.events.push(SERVER_STOP, "clean" if self._clean_stop else "requests cut off")
-            self.log.info("stopped", clean=self._clean_stop)
+            self.events.push(SERVER_STOP, "clean" if clean else "requests cut off")
+            self.log.info("stopped", clean=clean)
         finally:
             self._stopped.set()
+
+    def _close_listener(self) -> None:
+        """Stop accepting, take in what the kernel already accepted, close the socket."""
+        acceptor = self._acceptor
+        assert acceptor is not None
+        acceptor.stop_accepting()
+        # Closing the listener would reset connections still in its backlog; they are taken in
+        # and served like the others (a request they sent gets its reply, then a FIN).
+        taken = acceptor.drain_backlog(self._take_in)
+        if taken:
+            self.log.info("took in the listen backlog", connections=taken)
+        # close() rather than stop(): gevent's stop() would also kill our handlers.
+        acceptor.close()
+        self._cleanup_listener()
+
+    def _take_in(self, sock: Any, address: Any) -> None:
+        self.limiter.admit_connection(force=True)
+        self._pool.spawn(self._handle, sock, address)
+
+    def _drain_connections(self, deadline: float) -> bool:
+        """End connections as they fall idle; True if none had a request cut off."""
+        streams = self._ctx.streams
+        while len(self._pool):
+            streams.end_idle()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._pool.join(timeout=min(remaining, 0.05))
+        busy = streams.busy()
+        if len(self._pool):
+            if busy:
+                self.log.error(
+                    "exit_wait_time passed with requests in flight; cutting them off",
+                    connections=busy,
+                )
+            self._pool.kill(block=True, timeout=1.0)
+        return busy == 0
 
     def _cleanup_listener(self) -> None:
         spec = self._listen_spec
@@ -369,15 +376,11 @@ class RpcServer:
         return False
 
     def _handle(self, sock: Any, address: Any) -> None:
-        ctx = self._ctx
-        conn = Connection(sock, address, ctx, gevent.getcurrent())
-        ctx.active.add(conn)
         if self.metrics is not None:
             self.metrics.connections += 1
         try:
-            conn.serve()
+            Connection(sock, address, self._ctx).serve()
         finally:
-            ctx.active.discard(conn)
             self.limiter.release_connection()
 
     # -- kite's accessors ------------------------------------------------------------------
@@ -399,10 +402,12 @@ class RpcServer:
         return self.reports.report(kind, message)
 
     def overload(self) -> dict[str, Any]:
-        """Connections open and the limits in force (kite's OverLoad)."""
+        """Connections open, how many are in a request, and the limits in force (kite's
+        OverLoad)."""
         limits = self.limiter.limits
         return {
             "conn_now": self.limiter.connections,
+            "conn_busy": self._ctx.streams.busy(),
             "conn_limit": limits.connections,
             "qps_limit": limits.qps,
             "endpoint_qps_limits": dict(limits.endpoint_qps),

@@ -22,10 +22,10 @@ from thrift.Thrift import TApplicationException as ApacheAppError
 from thriftpy2.thrift import TApplicationException
 
 import kitegreen
-from kitegreen.connection import LOADSHEDDING
 from kitegreen.events import EventQueue
 from kitegreen.hubwatch import HubWatch
 from kitegreen.reporter import ReportGate
+from kitegreen.rpc.loop import LOADSHEDDING
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -339,7 +339,7 @@ class TestDebugServer:
         assert status == 200
         text = body.decode()
         assert "Greenlet" in text
-        assert "kitegreen/connection.py" in text
+        assert "kitegreen/rpc/loop.py" in text
 
     def test_health_while_serving(self, debug_server):
         """/health answers 200 "ok" while the server serves."""

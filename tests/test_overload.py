@@ -24,8 +24,8 @@ from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TTransportException
 
 import kitegreen
-from kitegreen.connection import LOADSHEDDING
 from kitegreen.limiter import Limiter, Limits
+from kitegreen.rpc.loop import LOADSHEDDING
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -60,6 +60,6 @@ def server_wire(data: bytes) -> tuple[str, str] | None:
         return ("binary", "buffered")
     if data[:1] == b"\x82":
         return ("compact", "buffered")
-    if len(data) >= 5 and data[0] == 0:
+    if len(data) >= 5:
         return {0x80: ("binary", "framed"), 0x82: ("compact", "framed")}.get(data[4])
     return None

@@ -1,0 +1,34 @@
+# Type information for the compiled codec (kitegreen/codec/_thrift.c).
+from typing import Any, Final
+
+from typing_extensions import Buffer
+
+BINARY: Final[int]
+COMPACT: Final[int]
+MAX_DEPTH: Final[int]
+
+class StructSpec:
+    @property
+    def cls(self) -> type: ...
+
+class Scanner:
+    @property
+    def consumed(self) -> int: ...
+    def feed(self, buf: Buffer, start: int, end: int, /) -> int: ...
+
+def compile(cls: type, /) -> StructSpec: ...
+def scan(protocol: int, buf: Buffer, start: int, end: int, max_size: int, /) -> int | Scanner: ...
+def read_message_begin(
+    protocol: int, buf: Buffer, start: int, end: int, /
+) -> tuple[str | bytes, int, int, int]: ...
+def read_struct(protocol: int, buf: Buffer, start: int, end: int, spec: StructSpec, /) -> Any: ...
+def write_message(
+    protocol: int,
+    name: str,
+    mtype: int,
+    seqid: int,
+    obj: Any,
+    spec: StructSpec,
+    framed: bool,
+    /,
+) -> bytes: ...

@@ -1,0 +1,77 @@
+"""Telling a connection's wire format from its first bytes.
+
+==========================  =======================================================
+first bytes                 protocol / transport
+==========================  =======================================================
+``80 01 ..``                binary, buffered (strict binary message header)
+``82 ..``                   compact, buffered (compact protocol id)
+``LL LL LL LL 80 01 ..``    binary, framed (4-byte big-endian frame length first)
+``LL LL LL LL 82 ..``       compact, framed
+==========================  =======================================================
+
+Anything else (HTTP, TLS, non-strict binary) is refused.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from kitegreen.codec._thrift import BINARY, COMPACT
+from kitegreen.exceptions import ProtocolError
+
+BINARY_MAGIC = 0x80
+BINARY_VERSION = 0x01
+COMPACT_MAGIC = 0x82
+DETECT_BYTES = 5
+"""The most bytes :func:`detect` needs to decide."""
+
+_NAMES = {BINARY: "binary", COMPACT: "compact"}
+
+
+class Wire(NamedTuple):
+    """A detected protocol/transport combination."""
+
+    protocol: int
+    """The codec's protocol id: ``_thrift.BINARY`` or ``_thrift.COMPACT``."""
+    framed: bool
+
+    def describe(self) -> str:
+        """For logs and metrics labels: ``binary/buffered``, ``compact/framed``, ..."""
+        return f"{_NAMES[self.protocol]}/{'framed' if self.framed else 'buffered'}"
+
+
+def detect(head: bytes, max_frame_size: int) -> Wire | None:
+    """Tell the wire format from a connection's first bytes.
+
+    Args:
+        head: the bytes received so far (at least one).
+        max_frame_size: the largest frame accepted; a first byte that no frame length within it
+            can start with is refused at once.
+
+    Returns:
+        The format, or None when more bytes are needed to tell (at most :data:`DETECT_BYTES`).
+
+    Raises:
+        ProtocolError: the bytes are not a Thrift message this server speaks.
+    """
+    first = head[0]
+    if first == BINARY_MAGIC:
+        if len(head) < 2:
+            return None
+        if head[1] != BINARY_VERSION:
+            raise ProtocolError(f"unsupported binary protocol version 0x80{head[1]:02x}")
+        return Wire(BINARY, framed=False)
+    if first == COMPACT_MAGIC:
+        return Wire(COMPACT, framed=False)
+    if len(head) < 5:
+        if first > max_frame_size >> 24:
+            # Not the first byte of a frame length we would accept, nor a message header
+            # (b"GET ", b"\x16\x03" TLS, ...): refuse now rather than wait for more bytes.
+            raise ProtocolError(f"not a Thrift message: starts with {bytes(head[:4])!r}")
+        return None
+    marker = head[4]
+    if marker == BINARY_MAGIC:
+        return Wire(BINARY, framed=True)
+    if marker == COMPACT_MAGIC:
+        return Wire(COMPACT, framed=True)
+    raise ProtocolError(f"not a Thrift message: starts with {bytes(head[:5])!r}")

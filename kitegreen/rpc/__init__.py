@@ -1,0 +1,1 @@
+"""Thrift calls over connections: the method table, the request loop, panics."""

@@ -1,0 +1,327 @@
+"""One client connection's request loop: kite's ``processRequests`` and ``onPanic``.
+
+The loop runs in the connection's own pooled greenlet, and the handler is called in it, so
+``real_ip()`` sees this connection's peer. A request is: one whole message from the
+:class:`~kitegreen.transport.stream.MessageStream`, decoded from memory by the compiled codec,
+the limits, the handler, the reply encoded in one piece and sent with (usually) one ``send``.
+Everything the loop needs is resolved once in :class:`ServeContext`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gevent import GreenletExit
+from thriftpy2.thrift import TApplicationException, TMessageType
+
+from kitegreen import context
+from kitegreen.codec import _thrift
+from kitegreen.exceptions import ProtocolError, describe
+from kitegreen.limiter import Limiter
+from kitegreen.metrics import Metrics
+from kitegreen.reporter import PANIC, QPS_OVERLOAD, ReportGate
+from kitegreen.rpc.methods import Method
+from kitegreen.rpc.panics import PanicLog
+from kitegreen.transport.stream import (
+    CLOSE_LINGER,
+    IdleTimeout,
+    MessageStream,
+    PeerClosed,
+    StopServing,
+)
+from kitegreen.transport.streams import StreamSet
+
+LOADSHEDDING = 11
+"""``TApplicationException`` type for a request refused by a QPS limit: fbthrift's
+``LOADSHEDDING``, so clients can tell an overload from a crash (``INTERNAL_ERROR``, 6)."""
+
+_CALL = TMessageType.CALL
+_ONEWAY = TMessageType.ONEWAY
+_REPLY = TMessageType.REPLY
+_EXCEPTION = TMessageType.EXCEPTION
+_APP_EXC_SPEC = _thrift.compile(TApplicationException)
+_read_message_begin = _thrift.read_message_begin
+_read_struct = _thrift.read_struct
+_write_message = _thrift.write_message
+
+
+class CloseConnection(Exception):
+    """End the request loop; ``reason`` goes to the debug log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class ServeContext:
+    """What every connection of one server shares, resolved at start."""
+
+    methods: dict[str, Method]
+    limiter: Limiter
+    reports: ReportGate
+    metrics: Metrics | None
+    log: Any
+    panics: PanicLog
+    read_write_timeout: float
+    max_frame_size: int
+    get_real_ip: bool
+    access_log: bool
+    streams: StreamSet = field(default_factory=StreamSet)
+    stopping: bool = False
+    """Set by ``RpcServer.stop()`` once the listener is closed: each connection finishes the
+    requests that reached it, then closes."""
+
+
+def peer_ip(address: Any) -> str | None:
+    """The client IP from an accept() address; None on a Unix socket."""
+    if not isinstance(address, tuple) or not address:
+        return None
+    ip = str(address[0])
+    # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d; users want a.b.c.d.
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+class Connection:
+    """Serve Thrift requests on one accepted socket until it closes or the server stops."""
+
+    __slots__ = ("ctx", "peer", "stream")
+
+    def __init__(self, sock: Any, address: Any, ctx: ServeContext) -> None:
+        self.ctx = ctx
+        self.peer = peer_ip(address)
+        self.stream = MessageStream(
+            sock, rw_timeout=ctx.read_write_timeout, max_frame_size=ctx.max_frame_size
+        )
+
+    def serve(self) -> None:
+        """Run the request loop; return when the connection is done. Never raises Exception."""
+        ctx = self.ctx
+        stream = self.stream
+        if ctx.get_real_ip:
+            context.set_real_ip(self.peer)
+        ctx.streams.add(stream)
+        linger = CLOSE_LINGER
+        try:
+            self._loop()
+        except GreenletExit:
+            # Cut off at the end of a stop: nothing more to wait for.
+            linger = 0.0
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a peer sends must not crash the server
+            if isinstance(exc, CloseConnection):
+                ctx.log.debug("connection closed", peer=self.peer, reason=exc.reason)
+            elif isinstance(exc, ProtocolError):
+                ctx.log.debug(
+                    "connection closed on bad input",
+                    peer=self.peer,
+                    wire=stream.wire.describe() if stream.wire else None,
+                    error=describe(exc),
+                )
+            else:
+                ctx.log.debug("connection closed", peer=self.peer, reason=_why_closed(exc))
+        finally:
+            ctx.streams.discard(stream)
+            stream.close(linger)
+
+    def _loop(self) -> None:
+        ctx = self.ctx
+        stream = self.stream
+        read = stream.read_message
+        while True:
+            try:
+                message = read()
+            except ProtocolError as exc:
+                self._answer_refused(exc)
+                raise
+            if message is None:
+                return
+            self._handle(*message)
+            if ctx.stopping and not stream.has_input():
+                # Nothing more arrived: the FIN that follows tells the client a request it
+                # sends from now on was never seen.
+                return
+
+    def _handle(self, buf: bytes | bytearray, start: int, end: int) -> None:
+        ctx = self.ctx
+        wire = self.stream.wire
+        assert wire is not None
+        proto = wire.protocol
+        name, mtype, seqid, pos = _read_message_begin(proto, buf, start, end)
+        begun = time.monotonic()
+        method = ctx.methods.get(name)  # type: ignore[arg-type]
+        if method is None or mtype not in (_CALL, _ONEWAY):
+            self._refuse(name, mtype, seqid)
+            return
+        try:
+            args = _read_struct(proto, buf, pos, end, method.args_spec)
+        except Exception as exc:  # noqa: BLE001 - malformed arguments, in any way
+            self._send_error(
+                method.name,
+                seqid,
+                TApplicationException.PROTOCOL_ERROR,
+                f"cannot decode {method.name} arguments: {exc}",
+            )
+            self._finish(method, begun, "protocol")
+            raise CloseConnection(f"undecodable {method.name} arguments: {describe(exc)}") from None
+
+        limiter = ctx.limiter
+        if limiter.enabled:
+            refused = limiter.admit_request(method.name, begun)
+            if refused is not None:
+                self._overloaded(method, seqid, refused, begun)
+                return
+
+        result = method.result_cls()
+        outcome = "ok"
+        try:
+            result.success = method.call(args)
+        except method.declared_types as exc:
+            setattr(result, method.declared_field(exc) or "success", exc)
+            outcome = "declared"
+        except TApplicationException as exc:
+            if not method.oneway:
+                self._send(method.name, _EXCEPTION, seqid, exc, _APP_EXC_SPEC)
+            self._finish(method, begun, "application")
+            return
+        except Exception as exc:  # noqa: BLE001 - kite's onPanic: report, answer, keep serving
+            self._panic(method, exc)
+            if not method.oneway:
+                self._send_error(
+                    method.name,
+                    seqid,
+                    TApplicationException.INTERNAL_ERROR,
+                    f"internal error in {method.name}: {type(exc).__name__}",
+                )
+            self._finish(method, begun, "internal")
+            return
+
+        if not method.oneway:
+            self._send_result(method, seqid, result)
+        if ctx.metrics is not None or ctx.access_log:
+            self._finish(method, begun, outcome)
+
+    def _answer_refused(self, exc: ProtocolError) -> None:
+        """Tell the client why its message was refused, if its header could be read: a clear
+        PROTOCOL_ERROR beats a connection that just closes."""
+        wire = self.stream.wire
+        if wire is None:
+            return
+        buf, start, end = self.stream.unread()
+        try:
+            name, mtype, seqid, _ = _read_message_begin(wire.protocol, buf, start, end)
+        except ProtocolError:
+            return
+        if mtype != _CALL:
+            return
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "backslashreplace")
+        with contextlib.suppress(Exception):
+            self._send_error(
+                name, seqid, TApplicationException.PROTOCOL_ERROR, f"request refused: {exc}"
+            )
+
+    def _send(self, name: str, mtype: int, seqid: int, payload: Any, spec: Any) -> None:
+        wire = self.stream.wire
+        assert wire is not None
+        self.stream.send(
+            _write_message(wire.protocol, name, mtype, seqid, payload, spec, wire.framed)
+        )
+
+    def _send_result(self, method: Method, seqid: int, result: Any) -> None:
+        wire = self.stream.wire
+        assert wire is not None
+        try:
+            data = _write_message(
+                wire.protocol, method.name, _REPLY, seqid, result, method.result_spec, wire.framed
+            )
+        except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
+            # The handler returned something the IDL cannot encode. Nothing reached the wire:
+            # the reply is built in memory.
+            self._panic(method, exc, stage="encoding its result")
+            self._send_error(
+                method.name,
+                seqid,
+                TApplicationException.INTERNAL_ERROR,
+                f"internal error in {method.name}: result does not match the IDL",
+            )
+            return
+        self.stream.send(data)
+
+    def _send_error(self, name: str, seqid: int, kind: int, message: str) -> None:
+        self._send(name, _EXCEPTION, seqid, TApplicationException(kind, message), _APP_EXC_SPEC)
+
+    def _refuse(self, name: str | bytes, mtype: int, seqid: int) -> None:
+        """Answer an unknown method or a message that is not a call (its body was read whole)."""
+        if isinstance(name, bytes):
+            # The codec hands over a name that is not UTF-8 as bytes; echoing them back would
+            # give strict clients a reply they cannot decode.
+            name = name.decode("utf-8", "backslashreplace")
+        if mtype not in (_CALL, _ONEWAY):
+            self.ctx.log.debug("not a call", method=name, message_type=mtype, peer=self.peer)
+            self._send_error(
+                name,
+                seqid,
+                TApplicationException.INVALID_MESSAGE_TYPE,
+                f"expected a call, got message type {mtype}",
+            )
+            return
+        self.ctx.log.debug("unknown method", method=name, peer=self.peer)
+        if mtype == _CALL:
+            self._send_error(
+                name, seqid, TApplicationException.UNKNOWN_METHOD, f"unknown method {name!r}"
+            )
+
+    def _overloaded(self, method: Method, seqid: int, limit: str, begun: float) -> None:
+        ctx = self.ctx
+        if ctx.metrics is not None:
+            ctx.metrics.overload(limit)
+        limits = ctx.limiter.limits
+        qps = limits.qps if limit == "qps" else limits.endpoint_qps.get(method.name)
+        ctx.reports.report(
+            QPS_OVERLOAD,
+            f"{method.name} refused by the {limit} limit ({qps} QPS), peer {self.peer}",
+        )
+        if not method.oneway:
+            self._send_error(
+                method.name,
+                seqid,
+                LOADSHEDDING,
+                f"QPS Overload: {method.name} refused by the {limit} limit",
+            )
+        self._finish(method, begun, "overload")
+
+    def _panic(self, method: Method, exc: BaseException, stage: str = "") -> None:
+        ctx = self.ctx
+        ctx.panics.panic(method.name, exc, peer=self.peer, stage=stage or "calling the handler")
+        if ctx.metrics is not None:
+            ctx.metrics.panics += 1
+        ctx.reports.report(PANIC, f"{method.name}: {describe(exc)}")
+
+    def _finish(self, method: Method, begun: float, outcome: str) -> None:
+        elapsed = time.monotonic() - begun
+        if method.stats is not None:
+            method.stats.observe(elapsed, outcome)
+        if self.ctx.access_log:
+            self.ctx.log.info(
+                "access",
+                method=method.name,
+                peer=self.peer,
+                latency_ms=round(elapsed * 1000, 3),
+                outcome=outcome,
+            )
+
+
+def _why_closed(exc: BaseException) -> str:
+    if isinstance(exc, IdleTimeout):
+        return "idle_timeout"
+    if isinstance(exc, TimeoutError):
+        return "read_write_timeout"
+    if isinstance(exc, StopServing):
+        return "server stopping"
+    if isinstance(exc, PeerClosed):
+        return "truncated request"
+    return describe(exc)

@@ -1,0 +1,316 @@
+"""A client connection's socket, read one whole message at a time under its deadlines.
+
+:class:`MessageStream` owns everything about a connection's bytes: the wire detected from its
+first bytes, the bytes received and not yet handed out, the deadline of the message being read,
+whether it is idle, and how it closes. It knows where a message ends (a frame's length, or the
+codec's scanner on a buffered wire) but decodes nothing: the request loop gets the whole
+message's bytes and decodes them from memory.
+
+Memory follows the bytes that arrived, never a length a peer announced: a frame header
+announcing 16 MiB reserves nothing, the buffer grows as bytes come, and once a message has been
+handed out the buffer is dropped, so an idle connection holds no buffer at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from typing import Any
+
+import gevent
+from gevent import getcurrent
+
+from kitegreen.codec import _thrift
+from kitegreen.codec.wire import DETECT_BYTES, Wire, detect
+from kitegreen.exceptions import FrameTooLarge, ProtocolError
+
+RECV_SIZE = 64 * 1024
+"""Upper bound on one recv."""
+CLOSE_LINGER = 1.0
+"""Seconds a closing connection keeps reading (and discarding) after it sent its FIN, so that
+bytes the peer sent meanwhile never turn the close into a reset."""
+
+_MSG_PEEK_DONTWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+class IdleTimeout(TimeoutError):
+    """Raised into a connection waiting longer than ``idle_timeout`` for its next request."""
+
+
+class StopServing(Exception):
+    """Raised into an idle connection to end it while the server stops."""
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed its side in the middle of a message."""
+
+
+class MessageStream:
+    """One accepted socket, read a whole message at a time.
+
+    It drives a plain non-blocking socket with two gevent io watchers rather than gevent's
+    cooperative socket: between messages it waits for readability first and then reads, so the
+    common case costs one ``recv``, no ``BlockingIOError`` and no gevent ``Timeout`` (an idle
+    sweeper enforces ``idle_timeout`` for every connection at once).
+
+    Args:
+        raw: a connected, non-blocking socket.
+        rw_timeout: seconds to receive a whole message from its first byte, and to send a reply.
+        max_frame_size: the largest message (or frame) accepted, in bytes.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_pos",
+        "_received_at",
+        "_waiter",
+        "hub",
+        "idle",
+        "idle_since",
+        "max_frame_size",
+        "raw",
+        "rw_timeout",
+        "rwatch",
+        "started_at",
+        "wire",
+        "wwatch",
+    )
+
+    def __init__(self, raw: Any, *, rw_timeout: float, max_frame_size: int) -> None:
+        self.raw = raw
+        self.hub = gevent.get_hub()
+        fd = raw.fileno()
+        self.rwatch = self.hub.loop.io(fd, 1)
+        self.wwatch = self.hub.loop.io(fd, 2)
+        self.rw_timeout = rw_timeout
+        self.max_frame_size = max_frame_size
+        self.wire: Wire | None = None
+        """The connection's wire, once its first bytes told it."""
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self._received_at = 0.0
+        self._waiter: Any = None
+        self.idle = False
+        """True while waiting for the first byte of a message: the only state a stop or the
+        idle sweeper may cut without losing a request."""
+        self.idle_since = 0.0
+        self.started_at = 0.0
+        """When the first byte of the message being read (or last read) arrived."""
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read_message(self) -> tuple[bytes | bytearray, int, int] | None:
+        """Receive one whole message.
+
+        Returns:
+            ``(buffer, start, end)``: the message is ``buffer[start:end]`` (a frame's payload on
+            a framed wire), valid until the next call. None when the peer closed the connection
+            between messages.
+
+        Raises:
+            TimeoutError: the message did not arrive within ``read_write_timeout`` of its first
+                byte (detection included).
+            ProtocolError: the bytes are not a message this server accepts (FrameTooLarge when
+                it would exceed ``max_frame_size``).
+            PeerClosed: the peer closed the connection in the middle of a message.
+            IdleTimeout, StopServing: raised into the connection while it was idle.
+        """
+        if self._pos >= len(self._buf):
+            data = self._recv_first()
+            if not data:
+                return None
+            self._buf, self._pos = data, 0
+        # Bytes left over from the previous read came with its last recv: their deadline runs
+        # from then, so a pipelined request gets no more time than any other.
+        self.started_at = self._received_at
+        deadline = self._received_at + self.rw_timeout
+        wire = self.wire
+        if wire is None:
+            while (wire := self._detect()) is None:
+                self._recv_more(deadline)
+            self.wire = wire
+        if wire.framed:
+            start, end = self._frame(deadline)
+        else:
+            start, end = self._scan(wire.protocol, deadline)
+        buf = self._buf
+        if end == len(buf):
+            # Nothing pipelined behind it: the connection drops its buffer until the next
+            # message, however large this one was.
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = end
+        return buf, start, end
+
+    def unread(self) -> tuple[bytes | bytearray, int, int]:
+        """The bytes received of the message being read (after a frame's length), for an error
+        reply that names the request a refused message was."""
+        start = self._pos + (4 if self.wire is not None and self.wire.framed else 0)
+        end = len(self._buf)
+        return self._buf, min(start, end), end
+
+    def _detect(self) -> Wire | None:
+        head = bytes(self._buf[self._pos : self._pos + DETECT_BYTES])
+        return detect(head, self.max_frame_size)
+
+    def _frame(self, deadline: float) -> tuple[int, int]:
+        while len(self._buf) - self._pos < 4:
+            self._recv_more(deadline)
+        pos = self._pos
+        length = int.from_bytes(self._buf[pos : pos + 4], "big", signed=True)
+        if length <= 0:
+            # Nothing after it can be read as a message: the stream forgets it all.
+            self._buf, self._pos = b"", 0
+            raise ProtocolError(f"frame length must be positive, got {length}")
+        if length > self.max_frame_size:
+            raise FrameTooLarge(f"frame of {length} bytes, max_frame_size is {self.max_frame_size}")
+        while len(self._buf) - self._pos < 4 + length:
+            self._recv_more(deadline)
+        return self._pos + 4, self._pos + 4 + length
+
+    def _scan(self, protocol: int, deadline: float) -> tuple[int, int]:
+        found = _thrift.scan(protocol, self._buf, self._pos, len(self._buf), self.max_frame_size)
+        while not isinstance(found, int):
+            # The scanner keeps its place: each recv costs a walk over the new bytes only.
+            scanner = found
+            self._recv_more(deadline)
+            end = scanner.feed(self._buf, self._pos, len(self._buf))
+            if end >= 0:
+                found = end
+        return self._pos, found
+
+    def _recv_first(self) -> bytes:
+        # Between messages the peer has usually not sent the next one yet: wait, then read.
+        self.idle_since = time.monotonic()
+        self.idle = True
+        self._waiter = getcurrent()
+        try:
+            self.hub.wait(self.rwatch)
+        finally:
+            self.idle = False
+            self._waiter = None
+        while True:
+            try:
+                data: bytes = self.raw.recv(RECV_SIZE)
+                break
+            except BlockingIOError:  # a spurious wake-up
+                self.hub.wait(self.rwatch)
+        self._received_at = time.monotonic()
+        return data
+
+    def _recv_more(self, deadline: float) -> None:
+        """Append the next bytes of the message being read, waiting no later than ``deadline``."""
+        buf = self._buf
+        if self._pos or not isinstance(buf, bytearray):
+            # From here on the buffer grows in place.
+            buf = self._buf = bytearray(memoryview(buf)[self._pos :])
+            self._pos = 0
+        while True:
+            try:
+                data: bytes = self.raw.recv(RECV_SIZE)
+            except BlockingIOError:
+                self._wait(self.rwatch, deadline, "request not received within read_write_timeout")
+                continue
+            if not data:
+                raise PeerClosed(f"closed by peer after {len(buf)} bytes of a message")
+            self._received_at = time.monotonic()
+            buf += data
+            return
+
+    def _wait(self, watcher: Any, deadline: float, what: str) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(what)
+        with gevent.Timeout(remaining, TimeoutError(what)):
+            self.hub.wait(watcher)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Send a whole reply within ``read_write_timeout``.
+
+        One ``send`` covers a reply that fits the socket buffer, which is nearly all of them.
+
+        Raises:
+            TimeoutError: the peer did not take the reply in time (it is not reading).
+        """
+        size = len(data)
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == size:
+            return
+        deadline = time.monotonic() + self.rw_timeout
+        view = memoryview(data)
+        while sent < size:
+            self._wait(self.wwatch, deadline, "reply not sent within read_write_timeout")
+            with contextlib.suppress(BlockingIOError):
+                sent += self.raw.send(view[sent:])
+
+    # -- state and closing -----------------------------------------------------------------
+
+    def has_input(self) -> bool:
+        """Whether request bytes wait: received and not handed out, or in the kernel's buffer."""
+        if self._pos < len(self._buf):
+            return True
+        try:
+            return bool(self.raw.recv(1, _MSG_PEEK_DONTWAIT))
+        except BlockingIOError:
+            return False
+        except OSError:
+            return False
+
+    def interrupt_if_idle(self, exc: BaseException) -> bool:
+        """Raise ``exc`` into the connection if it is waiting for a message with nothing unread.
+
+        Returns:
+            Whether it was idle. The check is made again in the hub just before raising: a
+            connection that started a message meanwhile is left alone.
+        """
+        if not self.idle or self.has_input():
+            return False
+        self.hub.loop.run_callback(self._interrupt, exc)
+        return True
+
+    def _interrupt(self, exc: BaseException) -> None:
+        # Runs in the hub. Still idle means still parked on the read watcher with no wake-up
+        # pending (io callbacks switch to their greenlet at once), so nothing can be lost.
+        waiter = self._waiter
+        if self.idle and waiter is not None and not self.has_input():
+            waiter.throw(exc)
+
+    def close(self, linger: float = CLOSE_LINGER) -> None:
+        """Close with a FIN, never a reset.
+
+        Closing a socket with unread bytes makes the kernel send a reset, which can destroy a
+        reply still in flight to the peer. So the write side is shut first (the peer reads
+        end-of-stream after whatever it was sent), then whatever the peer still sends is read
+        and discarded until it closes too or ``linger`` seconds pass.
+        """
+        raw = self.raw
+        try:
+            if linger > 0:
+                with contextlib.suppress(OSError):
+                    raw.shutdown(socket.SHUT_WR)
+                    self._discard(time.monotonic() + linger)
+        finally:
+            self._buf = b""
+            self.rwatch.close()
+            self.wwatch.close()
+            raw.close()
+
+    def _discard(self, deadline: float) -> None:
+        while True:
+            try:
+                if not self.raw.recv(RECV_SIZE):
+                    return
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                with gevent.Timeout(remaining, False):
+                    self.hub.wait(self.rwatch)
+                    continue
+                return

@@ -1,0 +1,93 @@
+"""The open connections of one server: counting them, sweeping the idle ones, ending them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import gevent
+
+from kitegreen.transport.stream import IdleTimeout, MessageStream, StopServing
+
+
+class StreamSet:
+    """The streams a server has open."""
+
+    def __init__(self) -> None:
+        self._streams: set[MessageStream] = set()
+
+    def add(self, stream: MessageStream) -> None:
+        """Track ``stream`` until :meth:`discard`."""
+        self._streams.add(stream)
+
+    def discard(self, stream: MessageStream) -> None:
+        """Stop tracking ``stream``."""
+        self._streams.discard(stream)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __iter__(self) -> Iterator[MessageStream]:
+        return iter(list(self._streams))
+
+    def busy(self) -> int:
+        """Streams in the middle of a request: reading it, running its handler, replying."""
+        return sum(1 for s in self._streams if not s.idle)
+
+    def end_idle(self) -> int:
+        """End every stream that waits for a request with nothing unread (for a stop).
+
+        Returns:
+            How many were told to end; they close with a FIN from their own greenlets.
+        """
+        return sum(1 for s in self if s.interrupt_if_idle(StopServing("server stopping")))
+
+
+class IdleSweeper:
+    """Closes connections that have waited longer than ``idle_timeout`` for their next request.
+
+    One greenlet checks every connection a few times per timeout, instead of a gevent timer
+    armed and disarmed around every wait on the request path.
+
+    Args:
+        streams: the connections to watch.
+        idle_timeout: seconds a connection may wait between requests (> 0).
+        clock: monotonic clock, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        streams: StreamSet,
+        idle_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._streams = streams
+        self.idle_timeout = idle_timeout
+        self.interval = min(max(idle_timeout / 4, 0.05), 1.0)
+        self._clock = clock
+        self._greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        """Start sweeping; idempotent."""
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        """Stop sweeping; idempotent."""
+        greenlet, self._greenlet = self._greenlet, None
+        if greenlet is not None:
+            greenlet.kill(block=False)
+
+    def _run(self) -> None:
+        while True:
+            gevent.sleep(self.interval)
+            self.sweep()
+
+    def sweep(self) -> int:
+        """Close every connection idle past the timeout now; return how many."""
+        now = self._clock()
+        closed = 0
+        for stream in self._streams:
+            if stream.idle and now - stream.idle_since > self.idle_timeout:
+                closed += stream.interrupt_if_idle(IdleTimeout("idle_timeout"))
+        return closed
