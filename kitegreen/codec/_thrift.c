@@ -531,7 +531,8 @@ rd_varint(Reader *r, uint64_t *out, int max_bytes, const char *what)
             return 0;
         }
         if (i + 1 == max_bytes)
-            return bad("%s: varint longer than %d bytes", what, max_bytes);
+            return bad("%s overflows %d bits (a varint of over %d bytes)", what,
+                       max_bytes == 5 ? 32 : 64, max_bytes);
     }
 }
 
