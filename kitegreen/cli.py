@@ -1,8 +1,9 @@
 """The launcher: ``python -m kitegreen MODULE:ATTR [flags]``.
 
-This is the only module that monkey-patches. ``python -m kitegreen`` imports the package
-before this module runs, so ``kitegreen/__init__.py`` calls :func:`patch` first thing when it
-sees it is being run that way; the ``kitegreen`` console script calls it from :func:`main`.
+This is the only module that monkey-patches, first thing in :func:`main`. Both
+``python -m kitegreen`` and the ``kitegreen`` console script import the package before this
+module runs; ``kitegreen/__init__.py`` is a lazy facade so that nothing it imports has imported
+ssl by then.
 """
 
 from __future__ import annotations

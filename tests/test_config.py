@@ -5,6 +5,8 @@ import __future__
 
 import dataclasses
 import inspect
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -411,3 +413,26 @@ class TestPublicApi:
             value = getattr(kitegreen, name)
             if isinstance(value, type) and issubclass(value, BaseException):
                 assert issubclass(value, kitegreen.KitegreenError), name
+
+    def test_importing_the_package_is_lazy(self):
+        """``import kitegreen`` imports neither the server nor ssl until a name is used, and
+        using one name brings in the whole API."""
+        code = (
+            "import sys, kitegreen\n"
+            "print('ssl' in sys.modules, 'kitegreen.server' in sys.modules)\n"
+            "kitegreen.Config\n"
+            "print('RpcServer' in vars(kitegreen), 'kitegreen.server' in sys.modules)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+        )
+        assert result.stdout.split() == ["False", "False", "True", "True"]
+
+    def test_dir_lists_the_api_before_it_is_loaded(self):
+        """dir(kitegreen) shows every exported name, loaded or not."""
+        assert set(kitegreen.__all__) <= set(dir(kitegreen))
+
+    def test_unknown_name_is_an_attribute_error(self):
+        """A name the package does not export raises AttributeError, as for any module."""
+        with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+            kitegreen.Nope  # noqa: B018

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from kitegreen import Config
 ROOT = TESTS.parent
 TARGET = "tests/launcher_target.py:server"
 QUIET = ("--port", "0", "--host", "127.0.0.1", "--no-enable-debug-server")
+PYTHON_M = (sys.executable, "-m", "kitegreen")
 
 
 def launcher_env(**extra: str) -> dict[str, str]:
@@ -35,15 +37,21 @@ def launcher_env(**extra: str) -> dict[str, str]:
 
 
 class Launcher:
-    """``python -m kitegreen ARGS`` with its output collected by reader greenlets.
+    """``python -m kitegreen ARGS`` (or another ``command``) with its output collected by reader
+    greenlets.
 
     Always used as a context manager: on exit the process is killed if it still runs, reaped,
     and its pipes closed.
     """
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        command: tuple[str, ...] = PYTHON_M,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kitegreen", *args],
+            [*command, *args],
             cwd=ROOT,
             env=env if env is not None else launcher_env(),
             stdin=subprocess.DEVNULL,
@@ -163,6 +171,23 @@ class TestStartup:
             with thriftpy2_client(testsvc_thrift.TestService, (host, port)) as client:
                 assert client.echo("launched") == "launched"
                 assert client.client_ip() == "127.0.0.1"
+
+    def test_console_script_patches_before_ssl_is_imported(self):
+        """The installed ``kitegreen`` script serves without gevent's MonkeyPatchWarning.
+
+        The script imports the package before the launcher can patch; the package must not
+        import ssl (through thriftpy2 or the server) until a name of it is used.
+        """
+        script = shutil.which("kitegreen", path=os.path.dirname(sys.executable))
+        assert script is not None, "the kitegreen console script is not installed"
+        with Launcher(TARGET, *QUIET, command=(script,)) as launcher:
+            with thriftpy2_client(testsvc_thrift.TestService, launcher.address()) as client:
+                assert client.echo("still serving") == "still serving"
+            launcher.proc.send_signal(signal.SIGTERM)
+            assert launcher.wait() == 0
+        stderr = "".join(launcher.stderr)
+        assert "MonkeyPatchWarning" not in stderr
+        assert "Warning" not in stderr
 
     def test_module_path_target(self):
         """A dotted module path works as a target as well as a file path."""
