@@ -9,7 +9,6 @@ ssl by then.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import importlib.util
 import os
@@ -34,44 +33,22 @@ def patch() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kitegreen.config import FIELD_HELP, Config
+    from kitegreen.config.help import HelpFormatter, add_setting_flags
+    from kitegreen.config.loader import CONFIG_FILE_ENV
 
-    env_lines = "\n".join(
-        f"  {var:<32} {field}" for var, field in sorted(Config.env_variables().items())
-    )
     parser = argparse.ArgumentParser(
         prog="python -m kitegreen",
         description="Serve a kitegreen RpcServer. MODULE:ATTR names an RpcServer, or a "
         "callable taking no arguments that returns one (MODULE may be a dotted module "
         "or a path to a .py file). Settings: flags beat environment variables beat the "
         "config file beat the values in code.",
-        epilog="environment variables:\n" + env_lines,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("target", metavar="MODULE:ATTR", help="the server to run")
     parser.add_argument(
-        "--config", metavar="FILE", help="YAML or TOML config file (also KITE_CONFIG_FILE)"
+        "--config", metavar="PATH", help=f"YAML or TOML config file [env {CONFIG_FILE_ENV}]"
     )
-    parser.add_argument(
-        "--unix", dest="unix_socket", metavar="PATH", help=FIELD_HELP["unix_socket"]
-    )
-    for f in dataclasses.fields(Config):
-        if f.name == "unix_socket":
-            continue
-        # --version conventionally prints the program's version; the field is the service's.
-        flag = "--service-version" if f.name == "version" else "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=FIELD_HELP.get(f.name),
-            )
-        else:
-            parser.add_argument(
-                flag, dest=f.name, metavar="VALUE", default=None, help=FIELD_HELP.get(f.name)
-            )
+    add_setting_flags(parser)
     return parser
 
 

@@ -13,6 +13,14 @@ import pytest
 
 import kitegreen
 from kitegreen import Config, ConfigError
+from kitegreen.config import (
+    DEFAULT_CONSUL_ADDR,
+    DEFAULT_LIMIT_QPS,
+    check_endpoint_qps_limits,
+    check_int,
+)
+from kitegreen.config.help import help_line, placeholder
+from kitegreen.config.settings import GROUPS
 
 
 def write(tmp_path, name: str, text: str):
@@ -40,6 +48,8 @@ class TestValidation:
             ("log_format", "xml", "log_format must be one of json, console, got 'xml'"),
             ("log_level", "loud", "log_level must be one of debug, info, warning"),
             ("health_check", "http", "health_check must be one of tcp, ttl, none, got 'http'"),
+            ("limit_qps", 2.5, "limit_qps must be an integer >= 0, got 2.5"),
+            ("port", True, "port must be an integer between 0 and 65535, got True"),
         ],
     )
     def test_wrong_value_names_field_and_expectation(self, field, value, expected):
@@ -98,6 +108,32 @@ class TestValidation:
         assert config.endpoint_qps_limits["echo"] == 5
         with pytest.raises(TypeError):
             config.endpoint_qps_limits["echo"] = 1  # type: ignore[index]
+
+
+class TestSharedChecks:
+    """One check for counts and limits, used by Config and by update_limits alike."""
+
+    @pytest.mark.parametrize("value", [-5, 2.5, "10", True, None])
+    def test_check_int_refuses_what_is_not_a_count(self, value):
+        """Negative numbers, floats, strings, booleans and None are refused with one message."""
+        with pytest.raises(ConfigError) as info:
+            check_int("limit_qps", value)
+        assert str(info.value) == f"limit_qps must be an integer >= 0, got {value!r}"
+        assert info.value.field == "limit_qps"
+
+    def test_check_int_with_bounds(self):
+        """A bounded check says between which values."""
+        check_int("workers", 1024, 1, 1024)
+        with pytest.raises(ConfigError, match="workers must be an integer between 1 and 1024"):
+            check_int("workers", 1025, 1, 1024)
+
+    def test_endpoint_limits_name_the_method_and_the_field(self):
+        """A bad per-method limit names the method; the error's field is endpoint_qps_limits."""
+        check_endpoint_qps_limits({"echo": 0, "add": 5})
+        with pytest.raises(ConfigError) as info:
+            check_endpoint_qps_limits({"echo": "5"})
+        assert str(info.value) == "endpoint_qps_limits['echo'] must be an integer >= 0, got '5'"
+        assert info.value.field == "endpoint_qps_limits"
 
 
 class TestLayering:
@@ -228,24 +264,48 @@ class TestKiteAliases:
         assert config.get_real_ip is False
         assert config.enable_debug_server is False
 
-    def test_unknown_file_key_is_rejected(self, tmp_path):
-        """A key the loader does not know is an error naming the key and the file."""
+    def test_unknown_file_key_is_rejected_with_the_nearest_setting(self, tmp_path):
+        """A key the loader does not know is an error naming the key, the file and the setting
+        it most resembles, not the list of every setting."""
         path = write(tmp_path, "kite.yml", "port: 9000\nprot: 9001\n")
-        with pytest.raises(ConfigError, match="unknown setting 'prot'") as info:
+        with pytest.raises(ConfigError) as info:
             Config.load(file=path, env={})
-        assert str(path) in str(info.value)
+        assert str(info.value) == (
+            f"unknown setting 'prot' in config file {path}; did you mean 'port'?"
+        )
+
+    def test_unknown_camel_case_key_suggests_the_field(self, tmp_path):
+        """A misspelt kite-style key suggests the field it most resembles."""
+        path = write(tmp_path, "kite.yml", "ReadWriteTimeot: 1s\n")
+        with pytest.raises(ConfigError, match="did you mean 'read_write_timeout'"):
+            Config.load(file=path, env={})
+
+    def test_unknown_key_with_nothing_near(self, tmp_path):
+        """A key like no setting points at --help instead of listing every setting."""
+        path = write(tmp_path, "kite.yml", "colour: blue\n")
+        with pytest.raises(ConfigError) as info:
+            Config.load(file=path, env={})
+        message = str(info.value)
+        assert "unknown setting 'colour'" in message
+        assert "--help lists the settings" in message
+        assert "limit_qps" not in message
 
     def test_unknown_flag_is_rejected(self):
-        """A flag naming no setting is an error naming it."""
-        with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        """A flag naming no setting is an error naming it and the nearest setting."""
+        with pytest.raises(ConfigError) as info:
             Config.load(env={}, flags={"prot": "1"})
+        assert str(info.value) == "unknown setting 'prot'; did you mean 'port'? (from --prot)"
+
+    def test_unknown_kite_variables_are_not_errors(self):
+        """KITE_ variables that name no setting are left alone: they may be kite's own."""
+        assert Config.load(env={"KITE_PROT": "1", "KITE_SOMETHING": "x"}) == Config()
 
     @pytest.mark.parametrize(
         ("name", "text", "expected"),
         [
             ("kite.ini", "port=1\n", "must end in .yml, .yaml or .toml"),
-            ("kite.yml", "port: [1\n", "is not valid YML"),
-            ("kite.toml", "port = \n", "is not valid TOML"),
+            ("kite.yml", "port: [1\n", "is not valid YAML at line 2, column 1: "),
+            ("kite.toml", "port = \n", "is not valid TOML at line 1, column 8: Invalid value"),
             ("kite.yml", "- port\n", "must hold a mapping of settings, got list"),
         ],
     )
@@ -253,6 +313,22 @@ class TestKiteAliases:
         """A file of the wrong kind or malformed says so and names the file."""
         path = write(tmp_path, name, text)
         with pytest.raises(ConfigError, match=expected) as info:
+            Config.load(file=path, env={})
+        assert str(path) in str(info.value)
+
+    def test_yaml_error_does_not_name_pyyaml_s_stream(self, tmp_path):
+        """PyYAML's "<unicode string>" never reaches the message; the file's path does."""
+        path = write(tmp_path, "kite.yaml", "port: 1\n  host: x\n")
+        with pytest.raises(ConfigError) as info:
+            Config.load(file=path, env={})
+        assert str(info.value).startswith(f"config file {path} is not valid YAML at line 2")
+        assert "<unicode string>" not in str(info.value)
+
+    def test_file_that_is_not_utf8(self, tmp_path):
+        """A file that is not UTF-8 is a ConfigError naming the file, not a UnicodeDecodeError."""
+        path = tmp_path / "kite.yml"
+        path.write_bytes(b"port: 1\nservice_name: \xff\n")
+        with pytest.raises(ConfigError, match="is not UTF-8 text") as info:
             Config.load(file=path, env={})
         assert str(path) in str(info.value)
 
@@ -380,6 +456,60 @@ class TestEnvironmentVariables:
             "KITE_CONFIG_FILE",
         ):
             assert alias in names
+
+
+class TestHelpFromMetadata:
+    """--help is generated from each field's own metadata; nothing is written twice."""
+
+    def test_every_field_documents_itself(self):
+        """Each field has a help line and a known group in its metadata."""
+        for field in dataclasses.fields(Config):
+            doc = field.metadata["doc"]
+            assert doc.help, field.name
+            assert doc.group in GROUPS, field.name
+
+    def test_default_is_read_from_the_field(self):
+        """The default shown is the field's own default, with the variables that set it."""
+        (field,) = [f for f in dataclasses.fields(Config) if f.name == "limit_qps"]
+        assert help_line(field) == (
+            "most requests per second, server-wide "
+            f"(default: {DEFAULT_LIMIT_QPS}) [env KITE_LIMIT_QPS]"
+        )
+
+    def test_defaults_that_mean_something_else_say_what(self):
+        """An empty or None default that stands for a derived value says what it becomes."""
+        fields = {f.name: f for f in dataclasses.fields(Config)}
+        assert f"(default: {DEFAULT_CONSUL_ADDR})" in help_line(fields["consul_addr"])
+        assert "(default: 1 followed by the service port)" in help_line(fields["debug_port"])
+
+    @pytest.mark.parametrize(
+        ("name", "expected"),
+        [
+            ("idle_timeout", "SECONDS"),
+            ("backlog", "INT"),
+            ("log_level", "{debug,info,warning,error,critical}"),
+            ("debug_port", "PORT"),
+        ],
+    )
+    def test_placeholders(self, name, expected):
+        """Placeholders come from the field's type, its choices, or its own metadata."""
+        assert placeholder(name) == expected
+
+    def test_bools_and_text_fields_have_typed_flags(self):
+        """No field falls back to an untyped VALUE placeholder."""
+        for field in dataclasses.fields(Config):
+            if field.type not in ("bool", bool):
+                assert placeholder(field.name) != "VALUE", field.name
+
+
+class TestConfigPackage:
+    def test_names_other_modules_import_are_re_exported(self):
+        """``from kitegreen.config import ...`` keeps working for what other modules use."""
+        from kitegreen.config import DEFAULT_CONSUL_ADDR as addr
+        from kitegreen.config import Config as config_class
+
+        assert config_class is Config
+        assert addr == "127.0.0.1:8500"
 
 
 class TestPublicApi:
