@@ -5,6 +5,7 @@ import __future__
 
 import dataclasses
 import inspect
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import kitegreen
 from kitegreen import Config, ConfigError
 from kitegreen.config import (
     DEFAULT_CONSUL_ADDR,
+    DEFAULT_DRAIN_TIME_REGISTERED,
     DEFAULT_LIMIT_QPS,
     check_endpoint_qps_limits,
     check_int,
@@ -50,6 +52,13 @@ class TestValidation:
             ("health_check", "http", "health_check must be one of tcp, ttl, none, got 'http'"),
             ("limit_qps", 2.5, "limit_qps must be an integer >= 0, got 2.5"),
             ("port", True, "port must be an integer between 0 and 65535, got True"),
+            ("workers", 0, "workers must be an integer between 1 and 1024, got 0"),
+            ("workers", 1025, "workers must be an integer between 1 and 1024, got 1025"),
+            ("worker_timeout", 0.0, "worker_timeout must be a number of seconds > 0, got 0.0"),
+            ("drain_time", -1.0, "drain_time must be a number >= 0, got -1.0"),
+            ("drain_time", float("inf"), "drain_time must be a finite number"),
+            ("debug_max_connections", 0, "debug_max_connections must be an integer between 1"),
+            ("debug_idle_timeout", 0.0, "debug_idle_timeout must be a number of seconds > 0"),
         ],
     )
     def test_wrong_value_names_field_and_expectation(self, field, value, expected):
@@ -67,6 +76,17 @@ class TestValidation:
             ConfigError, match=r"endpoint_qps_limits\['echo'\] must be an integer >= 0"
         ):
             Config(endpoint_qps_limits={"echo": -1})
+
+    def test_new_settings_have_their_defaults(self):
+        """workers, worker_timeout, drain_time, trusted_proxies, enforce_rpc_timeout and the debug
+        server's limits start at their documented defaults."""
+        config = Config()
+        assert config.workers == 1
+        assert config.worker_timeout == 30.0
+        assert config.drain_time is None
+        assert config.trusted_proxies == ()
+        assert config.enforce_rpc_timeout is False
+        assert (config.debug_max_connections, config.debug_idle_timeout) == (32, 10.0)
 
     def test_unix_listen_type_needs_a_path(self):
         """listen_type unix without unix_socket says the path is missing."""
@@ -134,6 +154,111 @@ class TestSharedChecks:
             check_endpoint_qps_limits({"echo": "5"})
         assert str(info.value) == "endpoint_qps_limits['echo'] must be an integer >= 0, got '5'"
         assert info.value.field == "endpoint_qps_limits"
+
+
+class TestDrainTime:
+    def test_unset_drain_time_depends_on_registration(self):
+        """Unset, a registered server drains for the default, an unregistered one not at all."""
+        config = Config()
+        assert config.effective_drain_time(registered=True) == DEFAULT_DRAIN_TIME_REGISTERED
+        assert config.effective_drain_time(registered=False) == 0.0
+
+    @pytest.mark.parametrize("registered", [True, False])
+    def test_set_drain_time_is_used_as_it_is(self, registered):
+        """A drain_time that is set applies whether or not the server registers."""
+        assert Config(drain_time=1.5).effective_drain_time(registered=registered) == 1.5
+        assert Config(drain_time=0.0).effective_drain_time(registered=registered) == 0.0
+
+
+class TestTrustedProxies:
+    def test_networks_are_normalised(self):
+        """Each entry is kept as ipaddress spells the network: host bits cleared, /32 added."""
+        config = Config(trusted_proxies=("10.1.2.3/8", "192.168.1.7", " fd00::1/8 "))
+        assert config.trusted_proxies == ("10.0.0.0/8", "192.168.1.7/32", "fd00::/8")
+
+    def test_a_list_becomes_a_tuple(self):
+        """A list given in code is copied into a tuple: the config stays frozen."""
+        proxies = ["10.0.0.0/8"]
+        config = Config(trusted_proxies=proxies)  # type: ignore[arg-type]
+        proxies.append("0.0.0.0/0")
+        assert config.trusted_proxies == ("10.0.0.0/8",)
+
+    @pytest.mark.parametrize("entry", ["10.0.0.0/33", "localhost", "", "10.0.0.300"])
+    def test_bad_entry_is_named(self, entry):
+        """An entry that is not a network is named in the error."""
+        with pytest.raises(ConfigError) as info:
+            Config(trusted_proxies=("10.0.0.0/8", entry))
+        assert f"trusted_proxies entry {entry!r} is not a network" in str(info.value)
+        assert info.value.field == "trusted_proxies"
+
+    def test_a_string_in_code_is_refused(self):
+        """A bare string in code is refused rather than read one character at a time."""
+        with pytest.raises(ConfigError, match="trusted_proxies must be a sequence of networks"):
+            Config(trusted_proxies="10.0.0.0/8")  # type: ignore[arg-type]
+
+    def test_comma_separated_from_the_environment(self):
+        """KITE_TRUSTED_PROXIES takes networks separated by commas."""
+        config = Config.load(env={"KITE_TRUSTED_PROXIES": "10.0.0.0/8, 172.16.0.0/12,"})
+        assert config.trusted_proxies == ("10.0.0.0/8", "172.16.0.0/12")
+
+    @pytest.mark.parametrize(
+        ("name", "text"),
+        [
+            ("kite.yml", "trusted_proxies:\n  - 10.0.0.0/8\n  - fd00::/8\n"),
+            ("kite.toml", 'trusted_proxies = ["10.0.0.0/8", "fd00::/8"]\n'),
+        ],
+    )
+    def test_list_in_a_file(self, tmp_path, name, text):
+        """A YAML or TOML list is read as the networks."""
+        config = Config.load(file=write(tmp_path, name, text), env={})
+        assert config.trusted_proxies == ("10.0.0.0/8", "fd00::/8")
+
+    def test_bad_entry_names_the_source(self):
+        """A bad network from the environment names the entry and the variable."""
+        with pytest.raises(ConfigError) as info:
+            Config.load(env={"KITE_TRUSTED_PROXIES": "10.0.0.0/8,nonsense"})
+        assert "trusted_proxies entry 'nonsense' is not a network" in str(info.value)
+        assert str(info.value).endswith("(from KITE_TRUSTED_PROXIES)")
+
+
+class TestNewSettingsFromOutside:
+    def test_workers_auto_is_the_cpu_count(self):
+        """workers accepts auto, one worker per CPU."""
+        assert Config.load(env={"KITE_WORKERS": "auto"}).workers == (os.cpu_count() or 1)
+        assert Config.load(env={}, flags={"workers": "AUTO"}).workers == (os.cpu_count() or 1)
+
+    def test_workers_that_is_neither_a_number_nor_auto(self):
+        """A workers value that is neither an integer nor auto says both forms."""
+        with pytest.raises(ConfigError) as info:
+            Config.load(env={"KITE_WORKERS": "many"})
+        assert str(info.value) == (
+            "workers must be an integer or auto, got 'many' (from KITE_WORKERS)"
+        )
+
+    def test_drain_time_takes_a_duration_and_may_be_emptied(self, tmp_path):
+        """drain_time is a duration; empty in a file puts it back to unset."""
+        assert Config.load(env={"KITE_DRAIN_TIME": "500ms"}).drain_time == 0.5
+        path = write(tmp_path, "kite.yml", "drain_time:\n")
+        assert Config.load(base=Config(drain_time=2.0), file=path, env={}).drain_time is None
+
+    def test_booleans_and_durations_of_the_new_settings(self):
+        """enforce_rpc_timeout, worker_timeout and the debug limits are read from KITE_ names."""
+        config = Config.load(
+            env={
+                "KITE_ENFORCE_RPC_TIMEOUT": "true",
+                "KITE_WORKER_TIMEOUT": "1m",
+                "KITE_DEBUG_MAX_CONNECTIONS": "4",
+                "KITE_DEBUG_IDLE_TIMEOUT": "2s",
+            }
+        )
+        assert config.enforce_rpc_timeout is True
+        assert config.worker_timeout == 60.0
+        assert (config.debug_max_connections, config.debug_idle_timeout) == (4, 2.0)
+
+    def test_a_worker_flag_out_of_range_names_the_flag(self):
+        """A workers flag out of range names --workers, the flag's long name."""
+        with pytest.raises(ConfigError, match=r"between 1 and 1024, got 0 \(from --workers\)"):
+            Config.load(env={}, flags={"workers": "0"})
 
 
 class TestLayering:
@@ -481,6 +606,9 @@ class TestHelpFromMetadata:
         fields = {f.name: f for f in dataclasses.fields(Config)}
         assert f"(default: {DEFAULT_CONSUL_ADDR})" in help_line(fields["consul_addr"])
         assert "(default: 1 followed by the service port)" in help_line(fields["debug_port"])
+        assert f"(default: {DEFAULT_DRAIN_TIME_REGISTERED:g} when registered" in help_line(
+            fields["drain_time"]
+        )
 
     @pytest.mark.parametrize(
         ("name", "expected"),
@@ -489,6 +617,7 @@ class TestHelpFromMetadata:
             ("backlog", "INT"),
             ("log_level", "{debug,info,warning,error,critical}"),
             ("debug_port", "PORT"),
+            ("workers", "INT|auto"),
         ],
     )
     def test_placeholders(self, name, expected):

@@ -17,7 +17,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,11 @@ _FILE_ALIASES: Mapping[str, str] = types.MappingProxyType(
         "realip": "get_real_ip",
         "enabledebug": "enable_debug_server",
     }
+)
+
+# Words a numeric setting accepts besides numbers, and what each stands for.
+_KEYWORDS: Mapping[str, Mapping[str, Callable[[], Any]]] = types.MappingProxyType(
+    {"workers": types.MappingProxyType({"auto": lambda: os.cpu_count() or 1})}
 )
 
 _FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
@@ -226,6 +231,9 @@ def _set(values: dict[str, Any], sources: dict[str, str], name: str, raw: Any, s
 
 def _parse(name: str, raw: Any) -> Any:
     """Turn a raw value (a string from the environment, or YAML/TOML data) into the field's type."""
+    keywords = _KEYWORDS.get(name, {})
+    if isinstance(raw, str) and raw.strip().lower() in keywords:
+        return keywords[raw.strip().lower()]()
     hint = _TYPES[name]
     if isinstance(hint, types.UnionType):  # X | None: empty means None
         if raw is None or (isinstance(raw, str) and raw.strip() == ""):
@@ -235,13 +243,15 @@ def _parse(name: str, raw: Any) -> Any:
     if hint is bool:
         return _parse_bool(name, raw)
     if hint is int:
-        return _parse_int(name, raw)
+        return _parse_int(name, raw, keywords)
     if hint is float:
         return _parse_duration(name, raw)
     if hint is str:
         if isinstance(raw, (dict, list)):
             raise ConfigError(f"{name} must be a string, got {raw!r}", field=name)
         return str(raw)
+    if origin is tuple:
+        return _parse_list(name, raw)
     if origin is Mapping:
         return _parse_pairs(name, raw)
     raise AssertionError(f"no parser for {name}: {hint!r}")  # pragma: no cover - a new type
@@ -258,13 +268,14 @@ def _parse_bool(name: str, raw: Any) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}", field=name)
 
 
-def _parse_int(name: str, raw: Any) -> int:
+def _parse_int(name: str, raw: Any, keywords: Mapping[str, Any]) -> int:
     if isinstance(raw, int) and not isinstance(raw, bool):
         return raw
     try:
         return int(str(raw).strip())
     except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}", field=name) from None
+        expected = " or ".join(["an integer", *keywords])
+        raise ConfigError(f"{name} must be {expected}, got {raw!r}", field=name) from None
 
 
 def _parse_duration(name: str, raw: Any) -> float:
@@ -278,6 +289,15 @@ def _parse_duration(name: str, raw: Any) -> float:
             field=name,
         )
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _parse_list(name: str, raw: Any) -> tuple[Any, ...]:
+    """A YAML/TOML list as it is; a string split at commas (``10.0.0.0/8, fd00::/8``)."""
+    if isinstance(raw, (list, tuple)):
+        return tuple(raw)
+    if isinstance(raw, str):
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    raise ConfigError(f"{name} must be a list or a comma-separated string, got {raw!r}", field=name)
 
 
 def _parse_pairs(name: str, raw: Any) -> dict[str, Any]:

@@ -11,10 +11,11 @@ given at start-up.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,10 @@ DEFAULT_DEBUG_HOST = "127.0.0.1"
 DEFAULT_READ_WRITE_TIMEOUT = 3.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_EXIT_WAIT_TIME = 5.0
+DEFAULT_DRAIN_TIME_REGISTERED = 3.0
+DEFAULT_WORKERS = 1
+MAX_WORKERS = 1024
+DEFAULT_WORKER_TIMEOUT = 30.0
 DEFAULT_LIMIT_CONNECTIONS = 10_000
 DEFAULT_LIMIT_QPS = 50_000
 DEFAULT_QPS_FILL_INTERVAL = 0.1
@@ -39,6 +44,8 @@ DEFAULT_HUB_BLOCK_THRESHOLD = 0.1
 DEFAULT_REGISTER_DELAY = 0.5
 DEFAULT_REGISTER_INTERVAL = 10.0
 DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
+DEFAULT_DEBUG_MAX_CONNECTIONS = 32
+DEFAULT_DEBUG_IDLE_TIMEOUT = 10.0
 
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -49,6 +56,7 @@ GROUPS: Mapping[str, str] = types.MappingProxyType(
     {
         "service": "who the service is",
         "listen": "where it listens",
+        "workers": "worker processes",
         "limits": "overload limits (0 switches a limit off)",
         "timeouts": "timeouts and stopping (seconds, or 500ms, 3s, 1m)",
         "callers": "callers' addresses",
@@ -193,6 +201,22 @@ class Config:
             placeholder="HOST:PORT|PATH",
         ),
     )
+    workers: int = field(
+        default=DEFAULT_WORKERS,
+        metadata=doc(
+            f"worker processes (1 to {MAX_WORKERS}); auto: one per CPU",
+            "workers",
+            placeholder="INT|auto",
+            flags=("-w", "--workers"),
+        ),
+    )
+    worker_timeout: float = field(
+        default=DEFAULT_WORKER_TIMEOUT,
+        metadata=doc(
+            "seconds a worker's gevent hub may stay blocked before the arbiter replaces it",
+            "workers",
+        ),
+    )
     read_write_timeout: float = field(
         default=DEFAULT_READ_WRITE_TIMEOUT,
         metadata=doc(
@@ -207,11 +231,24 @@ class Config:
             "timeouts",
         ),
     )
+    enforce_rpc_timeout: bool = field(
+        default=False,
+        metadata=doc("interrupt a handler that runs past the caller's RPC timeout", "timeouts"),
+    )
     exit_wait_time: float = field(
         default=DEFAULT_EXIT_WAIT_TIME,
         metadata=doc(
             "how long a stop lets requests in flight finish before cutting them off",
             "timeouts",
+        ),
+    )
+    drain_time: float | None = field(
+        default=None,
+        metadata=doc(
+            "how long the server keeps serving after deregistering from Consul, before its "
+            "listener closes",
+            "timeouts",
+            default_text=f"{DEFAULT_DRAIN_TIME_REGISTERED:g} when registered in Consul, else 0",
         ),
     )
     limit_connections: int = field(
@@ -245,6 +282,16 @@ class Config:
     get_real_ip: bool = field(
         default=True,
         metadata=doc("make the caller's address available to handlers as real_ip()", "callers"),
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(
+            "networks whose connections may set the caller's real IP through a header "
+            "(comma-separated, e.g. 10.0.0.0/8,fd00::/8)",
+            "callers",
+            placeholder="CIDRS",
+            default_text="none",
+        ),
     )
     enable_metrics: bool = field(
         default=True,
@@ -284,6 +331,17 @@ class Config:
             placeholder="PORT",
             default_text="1 followed by the service port",
         ),
+    )
+    debug_max_connections: int = field(
+        default=DEFAULT_DEBUG_MAX_CONNECTIONS,
+        metadata=doc(
+            "most debug connections open at once; more are accepted and closed at once",
+            "debug",
+        ),
+    )
+    debug_idle_timeout: float = field(
+        default=DEFAULT_DEBUG_IDLE_TIMEOUT,
+        metadata=doc("close a debug connection that sends nothing for this long", "debug"),
     )
     register: bool = field(
         default=False,
@@ -351,19 +409,25 @@ class Config:
         if self.debug_port is not None:
             check_int("debug_port", self.debug_port, 0, 65535)
         check_int("backlog", self.backlog, 1, 65535)
+        check_int("workers", self.workers, 1, MAX_WORKERS)
         check_int("limit_connections", self.limit_connections)
         check_int("limit_qps", self.limit_qps)
         check_int("event_capacity", self.event_capacity, 1, 1_000_000)
         check_int("max_frame_size", self.max_frame_size, MIN_MAX_FRAME_SIZE, 2**31 - 1)
+        check_int("debug_max_connections", self.debug_max_connections, 1, 65535)
         for name in (
             "read_write_timeout",
             "qps_fill_interval",
             "report_interval",
             "register_interval",
+            "worker_timeout",
+            "debug_idle_timeout",
         ):
             _check_positive(name, getattr(self, name))
         for name in ("idle_timeout", "exit_wait_time", "hub_block_threshold", "register_delay"):
             _check_at_least_zero(name, getattr(self, name))
+        if self.drain_time is not None:
+            _check_at_least_zero("drain_time", self.drain_time)
         check_endpoint_qps_limits(self.endpoint_qps_limits)
         if self.effective_listen_type == "unix" and not self.unix_socket:
             raise ConfigError(
@@ -374,11 +438,13 @@ class Config:
                 "service_mesh_mode needs service_mesh_ingress_addr (host:port or a socket path)",
                 field="service_mesh_ingress_addr",
             )
-        # Frozen means frozen: a caller's dict must not change the limits behind our back.
+        # Frozen means frozen: a caller's dict or list must not change the config behind our
+        # back, and networks are kept in one spelling so that equal configs compare equal.
         if not isinstance(self.endpoint_qps_limits, types.MappingProxyType):
             object.__setattr__(
                 self, "endpoint_qps_limits", types.MappingProxyType(dict(self.endpoint_qps_limits))
             )
+        object.__setattr__(self, "trusted_proxies", _normalise_networks(self.trusted_proxies))
 
     @property
     def effective_listen_type(self) -> str:
@@ -399,6 +465,17 @@ class Config:
             return self.debug_port
         derived = int(f"1{service_port}") if service_port else 0
         return derived if 0 < derived <= 65535 else 0
+
+    def effective_drain_time(self, registered: bool) -> float:
+        """Seconds to keep serving between deregistering and closing the listener.
+
+        ``drain_time`` if set. Otherwise :data:`DEFAULT_DRAIN_TIME_REGISTERED` for a server
+        registered in Consul, whose clients learn of the deregistration only at their next
+        catalogue refresh, and 0 for one that is not: nobody is being told to go elsewhere.
+        """
+        if self.drain_time is not None:
+            return self.drain_time
+        return DEFAULT_DRAIN_TIME_REGISTERED if registered else 0.0
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied and validated."""
@@ -526,3 +603,27 @@ def _check_at_least_zero(name: str, value: float) -> None:
 def _check_positive(name: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}", field=name)
+
+
+def _normalise_networks(entries: object) -> tuple[str, ...]:
+    """``trusted_proxies`` as a tuple of networks in ipaddress's spelling (``10.0.0.0/8``)."""
+    if isinstance(entries, str) or not isinstance(entries, Sequence):
+        raise ConfigError(
+            f"trusted_proxies must be a sequence of networks such as ('10.0.0.0/8',), "
+            f"got {entries!r}",
+            field="trusted_proxies",
+        )
+    out = []
+    for entry in entries:
+        try:
+            if not isinstance(entry, str):
+                raise TypeError(entry)
+            network = ipaddress.ip_network(entry.strip(), strict=False)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"trusted_proxies entry {entry!r} is not a network such as 10.0.0.0/8, "
+                "192.168.1.7 or fd00::/8",
+                field="trusted_proxies",
+            ) from None
+        out.append(str(network))
+    return tuple(out)
