@@ -176,6 +176,8 @@ class RpcServer:
             self.debug_server = DebugServer(
                 config.debug_host,
                 config.effective_debug_port(config.port),
+                max_connections=config.debug_max_connections,
+                idle_timeout=config.debug_idle_timeout,
                 runtime=self.runtime_info,
                 metrics=self.metrics.exposition if self.metrics else None,
                 healthy=lambda: self.started and not self._ctx.stopping,
