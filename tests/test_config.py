@@ -47,7 +47,7 @@ class TestValidation:
             ("idle_timeout", -1.0, "idle_timeout must be a number >= 0, got -1.0"),
             ("exit_wait_time", float("nan"), "exit_wait_time must be a finite number"),
             ("listen_type", "udp", "listen_type must be one of auto, tcp, unix, got 'udp'"),
-            ("log_format", "xml", "log_format must be one of json, console, got 'xml'"),
+            ("log_format", "xml", "log_format must be one of auto, json, console, got 'xml'"),
             ("log_level", "loud", "log_level must be one of debug, info, warning"),
             ("health_check", "http", "health_check must be one of tcp, ttl, none, got 'http'"),
             ("limit_qps", 2.5, "limit_qps must be an integer >= 0, got 2.5"),
@@ -87,6 +87,7 @@ class TestValidation:
         assert config.trusted_proxies == ()
         assert config.enforce_rpc_timeout is False
         assert (config.debug_max_connections, config.debug_idle_timeout) == (32, 10.0)
+        assert config.log_format == "auto"
 
     def test_unix_listen_type_needs_a_path(self):
         """listen_type unix without unix_socket says the path is missing."""

@@ -25,6 +25,8 @@ _TYPES: dict[str, Any] = typing.get_type_hints(Config)
 _TYPE_PLACEHOLDERS: Mapping[Any, str] = types.MappingProxyType(
     {int: "INT", float: "SECONDS", str: "TEXT"}
 )
+REDACTED = "(set, not shown)"
+"""What ``--check-config`` shows in place of a secret that is set."""
 
 
 _ENV_TAG = " [env "
@@ -116,3 +118,18 @@ def default_text(field: dataclasses.Field[Any]) -> str:
     if value in ("", None) or (isinstance(value, (tuple, Mapping)) and not value):
         return ""
     return str(value)
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """``config`` as plain JSON data, secrets redacted: what ``--check-config`` prints."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata["doc"].secret and value:
+            value = REDACTED
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out

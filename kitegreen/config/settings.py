@@ -47,7 +47,7 @@ DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
 DEFAULT_DEBUG_MAX_CONNECTIONS = 32
 DEFAULT_DEBUG_IDLE_TIMEOUT = 10.0
 
-LOG_FORMATS = ("json", "console")
+LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LISTEN_TYPES = ("auto", "tcp", "unix")
 HEALTH_CHECKS = ("tcp", "ttl", "none")
@@ -82,6 +82,7 @@ class Doc:
             mislead (empty strings and None that mean "derived from something else").
         choices: the values a text setting accepts; ``Config`` checks them.
         flags: the launcher's option strings; empty: ``--field-name``.
+        secret: hidden from ``--check-config`` output.
     """
 
     help: str
@@ -90,6 +91,7 @@ class Doc:
     default_text: str = ""
     choices: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
+    secret: bool = False
 
 
 def doc(
@@ -100,12 +102,13 @@ def doc(
     default_text: str = "",
     choices: tuple[str, ...] = (),
     flags: tuple[str, ...] = (),
+    secret: bool = False,
 ) -> Mapping[str, Any]:
     """Field metadata holding a :class:`Doc`: ``text`` is its help line, the rest as there."""
     if group not in GROUPS:
         raise ValueError(f"unknown --help group {group!r}")
     return types.MappingProxyType(
-        {"doc": Doc(text, group, placeholder, default_text, choices, flags)}
+        {"doc": Doc(text, group, placeholder, default_text, choices, flags, secret)}
     )
 
 
@@ -358,7 +361,7 @@ class Config:
     )
     consul_token: str = field(
         default="",
-        metadata=doc("Consul ACL token", "consul", placeholder="TOKEN"),
+        metadata=doc("Consul ACL token", "consul", placeholder="TOKEN", secret=True),
     )
     register_delay: float = field(
         default=DEFAULT_REGISTER_DELAY,
@@ -385,9 +388,9 @@ class Config:
         metadata=doc("watch kite's limit keys in Consul KV and apply them live", "consul"),
     )
     log_format: str = field(
-        default="json",
+        default="auto",
         metadata=doc(
-            "json (one object a line, for machines) or console (for people)",
+            "auto: console when standard error is a terminal, else json (one object a line)",
             "logging",
             choices=LOG_FORMATS,
         ),
