@@ -249,6 +249,7 @@ def _unknown_argument(parser: argparse.ArgumentParser, arg: str) -> str:
     if not arg.startswith("-"):
         return f"unexpected argument {arg!r}: the launcher takes one MODULE:ATTR"
     name = arg.partition("=")[0]
+    # argparse has no public list of its option strings.
     known = [s for action in parser._actions for s in action.option_strings]
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else "--help lists the flags"
