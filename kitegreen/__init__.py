@@ -1,37 +1,37 @@
 """kitegreen: a Thrift RPC server for gevent with kite's limits, events, debug endpoints and Consul.
 
 The public API is what this module exports; everything else is internal.
+
+The names are imported on first use (PEP 562), all at once: importing the package itself
+imports neither the server nor thriftpy2, which import ssl and socket. The launcher
+(``kitegreen`` and ``python -m kitegreen``) imports this package before it can monkey-patch,
+and gevent must patch ssl before anything imports it.
 """
 
 from __future__ import annotations
 
-import sys as _sys
-
-if _sys.argv[:1] == ["-m"]:
-    # ``python -m kitegreen`` imports this package before kitegreen.__main__ runs, and what we
-    # import below pulls in ssl and socket. gevent must patch them first (Python documents
-    # that argv[0] is "-m" while the -m target is being located).
-    from kitegreen.cli import patch as _patch
-
-    _patch()
+import importlib as _importlib
+import typing as _typing
 
 from kitegreen._version import VERSION as __version__  # noqa: N811
-from kitegreen.config import Config
-from kitegreen.context import real_ip
-from kitegreen.events import Event
-from kitegreen.exceptions import (
-    ConfigError,
-    FrameTooLarge,
-    HandlerError,
-    KitegreenError,
-    LaunchError,
-    ListenError,
-    ProtocolError,
-    RegistryError,
-)
-from kitegreen.registry import ConsulRegistry, NullRegistry, Registration, Registry
-from kitegreen.reporter import NullReporter, Reporter
-from kitegreen.server import RpcServer
+
+if _typing.TYPE_CHECKING:
+    from kitegreen.config import Config
+    from kitegreen.context import real_ip
+    from kitegreen.events import Event
+    from kitegreen.exceptions import (
+        ConfigError,
+        FrameTooLarge,
+        HandlerError,
+        KitegreenError,
+        LaunchError,
+        ListenError,
+        ProtocolError,
+        RegistryError,
+    )
+    from kitegreen.registry import ConsulRegistry, NullRegistry, Registration, Registry
+    from kitegreen.reporter import NullReporter, Reporter
+    from kitegreen.server import RpcServer
 
 __all__ = [
     "Config",
@@ -54,3 +54,39 @@ __all__ = [
     "__version__",
     "real_ip",
 ]
+
+_SOURCES = {
+    "Config": "kitegreen.config",
+    "ConfigError": "kitegreen.exceptions",
+    "ConsulRegistry": "kitegreen.registry",
+    "Event": "kitegreen.events",
+    "FrameTooLarge": "kitegreen.exceptions",
+    "HandlerError": "kitegreen.exceptions",
+    "KitegreenError": "kitegreen.exceptions",
+    "LaunchError": "kitegreen.exceptions",
+    "ListenError": "kitegreen.exceptions",
+    "NullRegistry": "kitegreen.registry",
+    "NullReporter": "kitegreen.reporter",
+    "ProtocolError": "kitegreen.exceptions",
+    "Registration": "kitegreen.registry",
+    "Registry": "kitegreen.registry",
+    "RegistryError": "kitegreen.exceptions",
+    "Reporter": "kitegreen.reporter",
+    "RpcServer": "kitegreen.server",
+    "real_ip": "kitegreen.context",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'kitegreen' has no attribute {name!r}")
+    # The whole API at once, so that the module never shows half of it: by the time anyone
+    # uses one name, what the package exports is what vars(kitegreen) holds.
+    namespace = globals()
+    for export, module in _SOURCES.items():
+        namespace[export] = getattr(_importlib.import_module(module), export)
+    return namespace[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

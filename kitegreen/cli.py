@@ -1,27 +1,42 @@
-"""The launcher: ``python -m kitegreen MODULE:ATTR [flags]``.
+"""The launcher: ``kitegreen MODULE:ATTR [flags]``, also ``python -m kitegreen``.
 
-This is the only module that monkey-patches. ``python -m kitegreen`` imports the package
-before this module runs, so ``kitegreen/__init__.py`` calls :func:`patch` first thing when it
-sees it is being run that way; the ``kitegreen`` console script calls it from :func:`main`.
+This is the only module that monkey-patches, first thing in :func:`main`. Whatever is imported
+before that must not import ssl, thriftpy2 or the server: this module imports only the
+standard library at the top, and ``kitegreen/__init__.py`` is a lazy facade for the same
+reason (the console script imports the package before it calls :func:`main`).
+
+Exit statuses: 0 after a clean stop, 1 when requests in flight had to be cut off (or SIGQUIT
+asked for that), 2 for a usage, configuration or target error, 3 when the listener could not
+be created.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import importlib
 import importlib.util
+import inspect
+import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kitegreen.server import RpcServer
 
 EXIT_OK = 0
 EXIT_UNCLEAN_STOP = 1
 EXIT_USAGE = 2
 EXIT_LISTEN = 3
+
+_MISSING = object()
 
 
 def patch() -> None:
@@ -32,54 +47,226 @@ def patch() -> None:
         monkey.patch_all()
 
 
-def _parser() -> argparse.ArgumentParser:
-    from kitegreen.config import FIELD_HELP, Config
+def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
+    """Run the launcher; return the process exit status.
 
-    env_lines = "\n".join(
-        f"  {var:<32} {field}" for var, field in sorted(Config.env_variables().items())
-    )
+    Args:
+        argv: the arguments after the program name; ``sys.argv[1:]`` when None.
+        prog: the program name for ``--help`` and usage errors.
+    """
+    patch()
+    import structlog
+
+    from kitegreen import logs
+    from kitegreen.config import Config
+    from kitegreen.config.help import describe
+    from kitegreen.exceptions import ConfigError, LaunchError
+
+    args, flags = _parse_args(argv, prog)
+    try:
+        # Logging first, from everything but the code's own config, so that importing the
+        # target already logs in the chosen shape. Until then an error is a plain line.
+        early = Config.load(file=args.config, flags=flags)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(early.log_format, early.log_level)
+    log = structlog.get_logger("kitegreen")
+    try:
+        server = load_target(args.target)
+        server.reconfigure(Config.load(base=server.config, file=args.config, flags=flags))
+    except (LaunchError, ConfigError) as exc:
+        _log_launch_error(log, args.target, exc)
+        return EXIT_USAGE
+    if args.check_config:
+        print(json.dumps(describe(server.config), indent=2))
+        return EXIT_OK
+    return serve_single(server, log)
+
+
+def serve_single(server: RpcServer, log: Any) -> int:
+    """Serve ``server`` in this process until a signal stops it; return the exit status."""
+    from kitegreen.exceptions import ListenError
+
+    if server.config.workers > 1:
+        log.warning(
+            "workers > 1 is not supported by this version; serving in one process",
+            workers=server.config.workers,
+        )
+    outcome = _Outcome()
+    install_signal_handlers(_single_process_actions(server, log, outcome))
+    try:
+        server.start()
+    except ListenError as exc:
+        log.error("cannot listen", error=str(exc))
+        return EXIT_LISTEN
+    server.serve()
+    clean = server.stop()
+    return EXIT_OK if clean and not outcome.quick else EXIT_UNCLEAN_STOP
+
+
+def install_signal_handlers(actions: Mapping[signal.Signals, Callable[[], object]]) -> list[Any]:
+    """Run ``actions[signum]`` in a new greenlet each time signal ``signum`` arrives.
+
+    gevent calls a signal handler from its hub, where nothing may block; spawning is all the
+    handler does, and the action (stopping, draining, logging stacks) runs as a greenlet like
+    any other. The arbiter for ``--workers`` > 1 installs its own actions the same way.
+
+    Returns:
+        gevent's handles, whose ``cancel()`` restores the previous handling.
+    """
+    import gevent
+
+    return [gevent.signal_handler(sig, gevent.spawn, action) for sig, action in actions.items()]
+
+
+@dataclasses.dataclass
+class _Outcome:
+    stopping: bool = False
+    quick: bool = False
+
+
+def _single_process_actions(
+    server: RpcServer, log: Any, outcome: _Outcome
+) -> dict[signal.Signals, Callable[[], object]]:
+    """What each signal does to a server running in the launcher's own process."""
+
+    def stop(signum: signal.Signals) -> None:
+        log.info("signal received, stopping", signal=signum.name)
+        outcome.stopping = True
+        server.stop()
+
+    def quit_now() -> None:
+        # Go's SIGQUIT dumps the goroutines and exits; gunicorn's is a quick shutdown.
+        log.warning(
+            "signal received, stopping at once without draining",
+            signal="SIGQUIT",
+            stack=_stacks(),
+        )
+        outcome.quick = True
+        if outcome.stopping:
+            # A graceful stop is already waiting for requests in flight and stop() is
+            # idempotent: only leaving the process cuts that wait short.
+            sys.stderr.flush()
+            os._exit(EXIT_UNCLEAN_STOP)
+        outcome.stopping = True
+        server.stop(timeout=0)
+
+    def reload() -> None:
+        log.warning(
+            "signal ignored: a rolling reload needs --workers 2 or more; still serving",
+            signal="SIGHUP",
+        )
+
+    def dump_stacks() -> None:
+        log.info("greenlet and thread stacks", signal="SIGUSR1", stack=_stacks())
+
+    def upgrade() -> None:
+        log.warning(
+            "signal ignored: binary upgrade is not supported; still serving", signal="SIGUSR2"
+        )
+
+    return {
+        signal.SIGTERM: functools.partial(stop, signal.SIGTERM),
+        signal.SIGINT: functools.partial(stop, signal.SIGINT),
+        signal.SIGQUIT: quit_now,
+        signal.SIGHUP: reload,
+        signal.SIGUSR1: dump_stacks,
+        signal.SIGUSR2: upgrade,
+    }
+
+
+def _stacks() -> str:
+    from gevent.util import format_run_info
+
+    return "\n".join(format_run_info())
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    from kitegreen._version import VERSION
+    from kitegreen.config.help import HelpFormatter, add_setting_flags
+    from kitegreen.config.loader import CONFIG_FILE_ENV
+
     parser = argparse.ArgumentParser(
-        prog="python -m kitegreen",
+        prog=prog,
+        usage="%(prog)s [options] MODULE:ATTR",
         description="Serve a kitegreen RpcServer. MODULE:ATTR names an RpcServer, or a "
-        "callable taking no arguments that returns one (MODULE may be a dotted module "
-        "or a path to a .py file). Settings: flags beat environment variables beat the "
-        "config file beat the values in code.",
-        epilog="environment variables:\n" + env_lines,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "callable taking no arguments that returns one (MODULE may be a dotted module or a "
+        "path to a .py file). Settings: flags beat environment variables beat the config "
+        "file beat the values in code.",
+        epilog="signals: TERM and INT stop gracefully; QUIT logs the stacks and stops at once "
+        "(exit 1); USR1 logs the stacks of every greenlet and thread; HUP and USR2 are logged "
+        "and ignored in one process.",
+        formatter_class=HelpFormatter,
+        # Prefixes of flags would silently change meaning when a flag is added.
+        allow_abbrev=False,
     )
     parser.add_argument("target", metavar="MODULE:ATTR", help="the server to run")
     parser.add_argument(
-        "--config", metavar="FILE", help="YAML or TOML config file (also KITE_CONFIG_FILE)"
+        "--version",
+        action="version",
+        version=f"kitegreen {VERSION}",
+        help="print kitegreen's version and exit (the service's is --service-version)",
     )
     parser.add_argument(
-        "--unix", dest="unix_socket", metavar="PATH", help=FIELD_HELP["unix_socket"]
+        "--config",
+        metavar="PATH",
+        help=f"YAML or TOML config file [env {CONFIG_FILE_ENV}]",
     )
-    for f in dataclasses.fields(Config):
-        if f.name == "unix_socket":
-            continue
-        # --version conventionally prints the program's version; the field is the service's.
-        flag = "--service-version" if f.name == "version" else "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=FIELD_HELP.get(f.name),
-            )
-        else:
-            parser.add_argument(
-                flag, dest=f.name, metavar="VALUE", default=None, help=FIELD_HELP.get(f.name)
-            )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="load the target and the settings, print the effective settings as JSON and "
+        "exit: 0 if they are valid, 2 if not; nothing is bound",
+    )
+    add_setting_flags(parser)
     return parser
 
 
-def load_target(target: str) -> Any:
-    """Import ``MODULE:ATTR`` and return the RpcServer it names.
+def _parse_args(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The parsed arguments, and the setting flags given, keyed by field name.
+
+    Exits with status 2 and a usage message on an unknown flag, suggesting the nearest one.
+    """
+    from kitegreen.config import Config
+
+    parser = _parser(prog)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.error(_unknown_argument(parser, extras[0]))
+    flags = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Config)
+        if getattr(args, f.name) is not None
+    }
+    return args, flags
+
+
+def _unknown_argument(parser: argparse.ArgumentParser, arg: str) -> str:
+    if not arg.startswith("-"):
+        return f"unexpected argument {arg!r}: the launcher takes one MODULE:ATTR"
+    name = arg.partition("=")[0]
+    # argparse has no public list of its option strings.
+    known = [s for action in parser._actions for s in action.option_strings]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "--help lists the flags"
+    return f"unknown flag {name}; {hint}"
+
+
+# -- the target --------------------------------------------------------------------------------
+
+
+def load_target(target: str) -> RpcServer:
+    """Import ``MODULE:ATTR`` and return the RpcServer it names (or makes).
 
     Raises:
-        LaunchError: the module or attribute is missing, or is not (and does not make) an
-            RpcServer.
+        LaunchError: the module or attribute is missing, the target is not an RpcServer nor a
+            callable taking no arguments that returns one, or the user's code raised while
+            being imported or called. In that last case the error's ``__cause__`` is the
+            exception the user's code raised, for its traceback.
     """
     from kitegreen.exceptions import LaunchError
     from kitegreen.server import RpcServer
@@ -87,29 +274,16 @@ def load_target(target: str) -> Any:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise LaunchError(f"target must be MODULE:ATTR, got {target!r}")
-    try:
-        if module_name.endswith(".py") or os.sep in module_name:
-            path = Path(module_name).resolve()
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            if spec is None or spec.loader is None or not path.exists():
-                raise LaunchError(f"cannot load {module_name}: no such file")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[path.stem] = module
-            sys.path.insert(0, str(path.parent))
-            spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path and os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(module_name)
-    except LaunchError:
-        raise
-    except ImportError as exc:
-        raise LaunchError(f"cannot import {module_name}: {exc}") from exc
-    obj = getattr(module, attr, None)
-    if obj is None:
+    module = _import(module_name)
+    obj = getattr(module, attr, _MISSING)
+    if obj is _MISSING:
         raise LaunchError(f"{module_name} has no attribute {attr!r}")
     if not isinstance(obj, RpcServer) and callable(obj):
-        obj = obj()
+        _check_takes_no_arguments(target, obj)
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise LaunchError(f"{target}() raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, RpcServer):
         raise LaunchError(
             f"{target} is a {type(obj).__name__}, expected a kitegreen.RpcServer "
@@ -118,48 +292,72 @@ def load_target(target: str) -> Any:
     return obj
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the launcher; return the process exit status."""
-    patch()
-    import gevent
+def _import(module_name: str) -> Any:
+    from kitegreen.exceptions import LaunchError
 
-    from kitegreen import logs
-    from kitegreen.config import Config
-    from kitegreen.exceptions import ConfigError, LaunchError, ListenError
-
-    args = _parser().parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("target", "config") and v is not None}
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = Path(module_name).resolve()
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None or not path.exists():
+            raise LaunchError(f"cannot load {module_name}: no such file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        sys.path.insert(0, str(path.parent))
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise LaunchError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
+        return module
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
-        # Logging first, from everything but the code's own config, so that importing the
-        # target already logs in the chosen shape.
-        early = Config.load(file=args.config, flags=flags)
-    except ConfigError as exc:
-        print(f"kitegreen: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    logs.configure(early.log_format, early.log_level)
-    import structlog
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            # The target itself is missing: its traceback would show only importlib.
+            raise LaunchError(f"cannot import {module_name}: {exc}") from None
+        raise LaunchError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        raise LaunchError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
 
-    log = structlog.get_logger("kitegreen")
+
+def _check_takes_no_arguments(target: str, obj: Callable[..., Any]) -> None:
+    from kitegreen.exceptions import LaunchError
+
     try:
-        server = load_target(args.target)
-        server.reconfigure(Config.load(base=server.config, file=args.config, flags=flags))
-    except (LaunchError, ConfigError) as exc:
-        log.error("cannot launch", target=args.target, error=str(exc))
-        print(f"kitegreen: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-
-    def request_stop(signum: int) -> None:
-        # Signals only request: the stop runs in its own greenlet, serve() returns after it.
-        log.info("signal received, stopping", signal=signal.Signals(signum).name)
-        gevent.spawn(server.stop)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        gevent.signal_handler(signum, request_stop, signum)
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return  # no signature to read (some C callables): calling it will tell
     try:
-        server.start()
-    except ListenError as exc:
-        log.error("cannot listen", error=str(exc))
-        print(f"kitegreen: {exc}", file=sys.stderr)
-        return EXIT_LISTEN
-    server.serve()
-    return EXIT_OK if server.stop() else EXIT_UNCLEAN_STOP
+        signature.bind()
+    except TypeError:
+        needed = [
+            p.name
+            for p in signature.parameters.values()
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        raise LaunchError(
+            f"{target} is a callable that needs arguments ({', '.join(needed)}); name an "
+            "RpcServer, or a callable that takes none and returns one"
+        ) from None
+
+
+def _log_launch_error(log: Any, target: str, exc: Exception) -> None:
+    """Log a launch error once; with the user's traceback when the user's code raised."""
+    cause = exc.__cause__
+    if cause is None:
+        log.error("cannot launch", target=target, error=str(exc))
+    else:
+        log.error("cannot launch", target=target, error=str(exc), exception=_user_traceback(cause))
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback from the first frame that is not the launcher's or importlib's."""
+    tb = exc.__traceback__
+    while tb is not None and _is_launcher_frame(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _is_launcher_frame(filename: str) -> bool:
+    return filename == __file__ or filename.startswith("<frozen importlib")

@@ -2,7 +2,10 @@
 
 Served by gevent's WSGI server in the same hub as the RPC server, bound to loopback unless
 configured otherwise. A port that is already taken is a warning, not a failure: the RPC
-service matters more than its debug page.
+service matters more than its debug page. For the same reason the debug server holds few
+descriptors: at most ``max_connections`` connections (more are accepted and closed at once),
+each closed once it has sent nothing for ``idle_timeout`` seconds, so that a pile of idle
+connections to a debug port cannot take the descriptors the RPC listener needs.
 
 =====================  ==========================================================
 ``GET /runtime/kite``  JSON: ``overload``, ``remote_configs``, ``events``, ``version``
@@ -19,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from gevent import pywsgi
+from gevent.pool import Pool
 from gevent.util import format_run_info
 
 from kitegreen.exceptions import ListenError
@@ -35,6 +39,9 @@ class DebugServer:
     Args:
         host: interface to bind (loopback by default in Config).
         port: port to bind; 0 for an ephemeral one.
+        max_connections: connections served at once; one more is accepted and closed.
+        idle_timeout: seconds a connection may send nothing (or not take what it is sent)
+            before it is closed.
         runtime: returns the /runtime/kite document.
         metrics: returns the Prometheus exposition, or None when metrics are off.
         healthy: whether the server is serving (not stopping).
@@ -46,12 +53,16 @@ class DebugServer:
         host: str,
         port: int,
         *,
+        max_connections: int,
+        idle_timeout: float,
         runtime: Callable[[], dict[str, Any]],
         metrics: Callable[[], bytes] | None,
         healthy: Callable[[], bool],
         log: Any,
     ) -> None:
         self._spec = ListenSpec("tcp", host=host, port=port)
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
         self._runtime = runtime
         self._metrics = metrics
         self._healthy = healthy
@@ -71,7 +82,13 @@ class DebugServer:
                 "debug server not started; the RPC service runs without it", error=str(exc)
             )
             return
-        self._server = pywsgi.WSGIServer(sock, self._app, log=None, error_log=None)
+        self._server = _CappedWSGIServer(
+            sock,
+            self._app,
+            max_connections=self._max_connections,
+            idle_timeout=self._idle_timeout,
+            log=self._log,
+        )
         self._server.start()
         host, port = sock.getsockname()[:2]
         self.address = (str(host), int(port))
@@ -115,6 +132,54 @@ class DebugServer:
                 f"{type(exc).__name__}: {exc}\n".encode(),
             )
         return _reply(start_response, "404 Not Found", b"unknown path; see /\n")
+
+
+class _CappedWSGIServer(pywsgi.WSGIServer):  # type: ignore[misc]
+    """gevent's WSGI server with a cap on connections and a timeout on idle ones.
+
+    Over the cap a connection is accepted and closed at once rather than left unaccepted:
+    gevent's own bounded pool stops accepting when full, which lets the kernel backlog fill
+    and makes every later client wait for a timeout instead of failing fast (kite's rule for
+    the RPC listener too).
+    """
+
+    def __init__(
+        self, sock: Any, app: Any, *, max_connections: int, idle_timeout: float, log: Any
+    ) -> None:
+        super().__init__(
+            sock, app, spawn=Pool(), log=None, error_log=None, handler_class=_QuietHandler
+        )
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
+        self._kg_log = log
+
+    def do_handle(self, *args: Any) -> None:
+        client_socket, address = args[0], args[1]
+        if len(self.pool) >= self._max_connections:
+            client_socket.close()
+            self._kg_log.debug(
+                "debug connection refused: too many open",
+                peer=str(address),
+                limit=self._max_connections,
+            )
+            return
+        # A socket timeout bounds every wait for the peer, before the request line, between
+        # headers, between kept-alive requests and while it takes the reply: the idle timeout.
+        client_socket.settimeout(self._idle_timeout)
+        super().do_handle(*args)
+
+
+class _QuietHandler(pywsgi.WSGIHandler):  # type: ignore[misc]
+    """pywsgi's handler, closing a connection that timed out without printing a traceback.
+
+    pywsgi treats an error while reading the headers as bad client input and prints its
+    traceback unless it is a ValueError; a peer that stopped sending is not news.
+    """
+
+    def _handle_client_error(self, ex: BaseException) -> Any:
+        if isinstance(ex, OSError):
+            return None
+        return super()._handle_client_error(ex)
 
 
 def _reply(

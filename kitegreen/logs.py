@@ -1,7 +1,9 @@
 """Log shape: structlog, one line per event, JSON for machines or console for people.
 
 Only the launcher calls :func:`configure`; a server embedded in an application logs through
-whatever structlog configuration that application has.
+whatever structlog configuration that application has. Logs go to standard error, as
+gunicorn's and most servers' do: standard output stays free for what a command prints
+(``--check-config``), and a terminal gets the console format without being asked.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from typing import Any, TextIO
 import structlog
 
 
-def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Set structlog up for a kitegreen process.
 
     Args:
-        fmt: ``json`` (one object per line, grep- and jq-friendly) or ``console``.
+        fmt: ``json`` (one object per line, grep- and jq-friendly), ``console``, or ``auto``:
+            console when ``stream`` is a terminal, json otherwise.
         level: the lowest level written: debug, info, warning, error or critical.
-        stream: where lines go; standard output when None.
+        stream: where lines go; standard error when None.
     """
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if _is_terminal(stream) else "json"
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -34,6 +40,13 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
     structlog.configure(
         processors=shared + renderer,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a stream without a descriptor, or a closed one
+        return False

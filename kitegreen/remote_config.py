@@ -28,8 +28,9 @@ import gevent
 from gevent.event import Event as GEvent
 
 from kitegreen.backoff import Backoff
+from kitegreen.config import check_int
 from kitegreen.consul_client import StopConsulCall
-from kitegreen.exceptions import describe
+from kitegreen.exceptions import ConfigError, describe
 
 KEY_PREFIX = "kite/limit"
 WATCH_WAIT = "30s"
@@ -87,10 +88,10 @@ def parse_value(kind: str, raw: bytes | None) -> Any:
             endpoint, qps = entry["endpoint"], entry["qps_limit"]
             if not isinstance(endpoint, str) or not endpoint:
                 raise MalformedValue(f"endpoint must be a method name, got {endpoint!r}")
-            if not isinstance(qps, int) or isinstance(qps, bool) or qps < 0:
-                raise MalformedValue(
-                    f"qps_limit of {endpoint} must be an integer >= 0, got {qps!r}"
-                )
+            try:
+                check_int(f"qps_limit of {endpoint}", qps)
+            except ConfigError as exc:
+                raise MalformedValue(str(exc)) from None
             limits[endpoint] = qps
     except MalformedValue:
         raise

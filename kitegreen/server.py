@@ -20,11 +20,10 @@ from gevent.event import Event as GEvent
 from gevent.pool import Pool
 
 from kitegreen._version import VERSION
-from kitegreen.config import Config
+from kitegreen.config import Config, check_endpoint_qps_limits, check_int
 from kitegreen.consul_client import close_client, make_consul
 from kitegreen.debug import DebugServer
 from kitegreen.events import Event, EventQueue
-from kitegreen.exceptions import ConfigError
 from kitegreen.hubwatch import HubWatch
 from kitegreen.limiter import Limiter, Limits
 from kitegreen.metrics import Metrics
@@ -146,6 +145,8 @@ class RpcServer:
             self.debug_server = DebugServer(
                 config.debug_host,
                 config.effective_debug_port(config.port),
+                max_connections=config.debug_max_connections,
+                idle_timeout=config.debug_idle_timeout,
                 runtime=self.runtime_info,
                 metrics=self.metrics.exposition if self.metrics else None,
                 healthy=lambda: self.started and not self._stop_began,
@@ -446,12 +447,10 @@ class RpcServer:
             ConfigError: a limit is negative or not an integer.
         """
         for name, value in (("limit_connections", limit_connections), ("limit_qps", limit_qps)):
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 0
-            ):
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}", field=name)
+            if value is not None:
+                check_int(name, value)
         if endpoint_qps_limits is not None:
-            Config(endpoint_qps_limits=endpoint_qps_limits)  # validates the values
+            check_endpoint_qps_limits(endpoint_qps_limits)
         before = self.limiter.limits
         after = self.limiter.update(
             connections=limit_connections, qps=limit_qps, endpoint_qps=endpoint_qps_limits

@@ -4,9 +4,11 @@ metrics, hub-block detection and the access log, against real servers on loopbac
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -394,6 +396,83 @@ class TestDebugServer:
     def test_off_by_request(self, server):
         """With enable_debug_server=False there is no debug address."""
         assert server.debug_address is None
+
+
+class TestDebugServerLimits:
+    """The debug server's connection cap and idle timeout: idle connections to the debug port
+    cannot pile up and take the descriptors the RPC listener needs."""
+
+    @staticmethod
+    def idle_connection(server: kitegreen.RpcServer) -> socket.socket:
+        assert server.debug_address is not None
+        return socket.create_connection(server.debug_address, timeout=5.0)
+
+    @staticmethod
+    def closed_within(sock: socket.socket, seconds: float) -> bool:
+        """Whether the server closes ``sock`` within ``seconds`` (EOF or reset)."""
+        sock.settimeout(seconds)
+        try:
+            return sock.recv(1) == b""
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    @staticmethod
+    def health(server: kitegreen.RpcServer) -> int | None:
+        """The /health status, or None when the connection is closed without an answer."""
+        try:
+            return fetch(debug_url(server, "/health"))[0]
+        except (OSError, http.client.HTTPException):
+            return None
+
+    def test_connection_over_the_cap_is_closed_at_once(self, make_server):
+        """With the cap reached, one more connection is accepted and closed at once, long before
+        the idle timeout; the connections within the cap stay open."""
+        server = make_server(
+            enable_debug_server=True, debug_port=0, debug_max_connections=2, debug_idle_timeout=30
+        )
+        held = [self.idle_connection(server) for _ in range(2)]
+        try:
+            with self.idle_connection(server) as extra:
+                assert self.closed_within(extra, 2.0)
+            for sock in held:
+                assert not self.closed_within(sock, 0.1)
+        finally:
+            for sock in held:
+                sock.close()
+
+    def test_idle_connection_is_closed_after_the_timeout(self, make_server):
+        """A connection that sends nothing is closed once debug_idle_timeout has passed."""
+        server = make_server(enable_debug_server=True, debug_port=0, debug_idle_timeout=0.3)
+        with self.idle_connection(server) as sock:
+            started = time.monotonic()
+            assert self.closed_within(sock, 5.0)
+            assert time.monotonic() - started >= 0.25
+
+    def test_half_sent_request_is_closed_quietly(self, make_server, capfd):
+        """A request line without its headers' end is closed after the timeout, and no
+        traceback is printed for it."""
+        server = make_server(enable_debug_server=True, debug_port=0, debug_idle_timeout=0.3)
+        with self.idle_connection(server) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            assert self.closed_within(sock, 5.0)
+        assert "Traceback" not in capfd.readouterr().err
+
+    def test_health_answers_again_once_idle_connections_time_out(self, make_server):
+        """Idle connections holding every slot make /health fail fast, then time out and free
+        the slots: /health answers again without anyone closing them."""
+        server = make_server(
+            enable_debug_server=True, debug_port=0, debug_max_connections=2, debug_idle_timeout=1.0
+        )
+        held = [self.idle_connection(server) for _ in range(2)]
+        try:
+            assert self.health(server) is None
+            assert wait_until(lambda: self.health(server) == 200, timeout=5.0)
+            assert all(self.closed_within(sock, 2.0) for sock in held)
+        finally:
+            for sock in held:
+                sock.close()
 
 
 # -- metrics ---------------------------------------------------------------------------------

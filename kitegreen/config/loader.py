@@ -1,0 +1,315 @@
+"""Layering a :class:`~kitegreen.Config` from a file, the environment and launcher flags.
+
+Precedence, highest first: launcher flags, environment variables, the config file, the values
+given in code (``RpcServer(config=...)``), the defaults. Every value read from outside is
+parsed knowing where it came from, so an error names the field, the source and what was
+expected::
+
+    ConfigError: limit_qps must be an integer >= 0, got -5 (from KITE_LIMIT_QPS)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from kitegreen.config.settings import Config, flag_name
+from kitegreen.exceptions import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "KITE_"
+CONFIG_FILE_ENV = "KITE_CONFIG_FILE"
+
+# Environment variables kite (and Consul's own tooling) use, mapped to our fields. The
+# canonical KITE_<FIELD> spelling is read after these, so it wins when both are set.
+ENV_ALIASES: Mapping[str, str] = types.MappingProxyType(
+    {
+        "KITE_SERVICE_PORT": "port",
+        "KITE_SERVICE_ADDR": "host",
+        "SERVICE_CLUSTER": "cluster",
+        "SERVICE_MESH_INGRESS_ADDR": "service_mesh_ingress_addr",
+        "CONSUL_HTTP_ADDR": "consul_addr",
+        "CONSUL_HTTP_TOKEN": "consul_token",
+    }
+)
+
+# kite's kite.yml spelled settings in CamelCase; file keys are matched case- and
+# underscore-insensitively, and these names from kite map onto ours.
+_FILE_ALIASES: Mapping[str, str] = types.MappingProxyType(
+    {
+        "serviceport": "port",
+        "serviceaddr": "host",
+        "servicecluster": "cluster",
+        "limitconn": "limit_connections",
+        "limitconns": "limit_connections",
+        "connlimit": "limit_connections",
+        "qpslimit": "limit_qps",
+        "realip": "get_real_ip",
+        "enabledebug": "enable_debug_server",
+    }
+)
+
+# Words a numeric setting accepts besides numbers, and what each stands for.
+_KEYWORDS: Mapping[str, Mapping[str, Callable[[], Any]]] = types.MappingProxyType(
+    {"workers": types.MappingProxyType({"auto": lambda: os.cpu_count() or 1})}
+)
+
+_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))
+_TYPES: dict[str, Any] = typing.get_type_hints(Config)
+_NORMALISED = {f.replace("_", ""): f for f in _FIELDS}
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s|m|h)?\s*$")
+_DURATION_UNITS = {
+    None: 1.0,
+    "s": 1.0,
+    "ms": 1e-3,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ns": 1e-9,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_TOML_POSITION = re.compile(r"^(?P<what>.*?)\s*\(at (?P<where>line \d+, column \d+)\)$")
+
+
+def load(
+    *,
+    base: Config,
+    file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Layer the config file, the environment and flags on top of ``base``.
+
+    See :meth:`Config.load`, the public way in, for the arguments.
+
+    Raises:
+        ConfigError: a value is malformed or out of range; the message names the source.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    path = file if file is not None else env.get(CONFIG_FILE_ENV) or None
+    if path is not None:
+        for name, raw in read_file(Path(path)).items():
+            _set(values, sources, name, raw, f"config file {path}")
+    for var, name in ENV_ALIASES.items():
+        if env.get(var):
+            _set(values, sources, name, env[var], var)
+    # Only variables naming a field are read: other KITE_ variables belong to kite's own
+    # tooling and to the platform, so an unknown one is not ours to refuse.
+    for name in _FIELDS:
+        var = ENV_PREFIX + name.upper()
+        if var in env and env[var] != "":
+            _set(values, sources, name, env[var], var)
+    for name, raw in (flags or {}).items():
+        if raw is not None:
+            source = flag_name(name) if name in _TYPES else "--" + name.replace("_", "-")
+            _set(values, sources, name, raw, source)
+
+    try:
+        return dataclasses.replace(base, **values)
+    except ConfigError as exc:
+        where = sources.get(exc.field or "")
+        raise (exc.with_source(where) if where else exc) from None
+
+
+def env_variables() -> dict[str, str]:
+    """Every environment variable the loader reads, mapped to the field it sets."""
+    names = {ENV_PREFIX + f.upper(): f for f in _FIELDS}
+    names.update(ENV_ALIASES)
+    names[CONFIG_FILE_ENV] = "(the config file to read)"
+    return names
+
+
+def env_names(name: str) -> list[str]:
+    """The environment variables that set the field ``name``, the one that wins first."""
+    return [ENV_PREFIX + name.upper()] + [v for v, f in ENV_ALIASES.items() if f == name]
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The settings in a YAML or TOML file, keyed by field name.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed (naming the file and the line), or
+            holds a key that is not a setting (suggesting the nearest one).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte {exc.start} is {exc.object[exc.start]:#x}"
+        ) from None
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        data = _parse_toml(path, text)
+    elif suffix in (".yml", ".yaml"):
+        data = _parse_yaml(path, text)
+    else:
+        got = suffix or "no suffix"
+        raise ConfigError(f"config file {path} must end in .yml, .yaml or .toml, got {got!r}")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of settings, got {type(data).__name__}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        norm = _normalise_key(str(key))
+        name = _NORMALISED.get(norm) or _FILE_ALIASES.get(norm)
+        if name is None:
+            raise ConfigError(f"unknown setting {key!r} in config file {path}; {_nearest(norm)}")
+        out[name] = value
+    return out
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as exc:
+        # PyYAML names the stream "<unicode string>"; the file and the line are what help.
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = exc.problem or exc.context or "malformed"
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+
+
+def _parse_toml(path: Path, text: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib puts the position at the end, "(at line 2, column 7)"; lead with it, as the
+        # YAML message does.
+        match = _TOML_POSITION.match(str(exc))
+        detail = f" at {match['where']}: {match['what']}" if match else f": {exc}"
+        raise ConfigError(f"config file {path} is not valid TOML{detail}") from None
+
+
+def _normalise_key(key: str) -> str:
+    return key.replace("_", "").replace("-", "").lower()
+
+
+def _nearest(norm: str) -> str:
+    """ "did you mean 'port'?", or where the settings are listed when nothing is near."""
+    candidates = {**_NORMALISED, **_FILE_ALIASES}
+    close = difflib.get_close_matches(norm, candidates, n=1, cutoff=0.75)
+    if close:
+        return f"did you mean {candidates[close[0]]!r}?"
+    return "python -m kitegreen --help lists the settings"
+
+
+def _set(values: dict[str, Any], sources: dict[str, str], name: str, raw: Any, source: str) -> None:
+    if name not in _TYPES:
+        raise ConfigError(
+            f"unknown setting {name!r}; {_nearest(_normalise_key(name))}", field=name, source=source
+        )
+    try:
+        values[name] = _parse(name, raw)
+    except ConfigError as exc:
+        raise exc.with_source(source) from None
+    sources[name] = source
+
+
+def _parse(name: str, raw: Any) -> Any:
+    """Turn a raw value (a string from the environment, or YAML/TOML data) into the field's type."""
+    keywords = _KEYWORDS.get(name, {})
+    if isinstance(raw, str) and raw.strip().lower() in keywords:
+        return keywords[raw.strip().lower()]()
+    hint = _TYPES[name]
+    if isinstance(hint, types.UnionType):  # X | None: empty means None
+        if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return _parse_bool(name, raw)
+    if hint is int:
+        return _parse_int(name, raw, keywords)
+    if hint is float:
+        return _parse_duration(name, raw)
+    if hint is str:
+        if isinstance(raw, (dict, list)):
+            raise ConfigError(f"{name} must be a string, got {raw!r}", field=name)
+        return str(raw)
+    if origin is tuple:
+        return _parse_list(name, raw)
+    if origin is Mapping:
+        return _parse_pairs(name, raw)
+    raise AssertionError(f"no parser for {name}: {hint!r}")  # pragma: no cover - a new type
+
+
+def _parse_bool(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}", field=name)
+
+
+def _parse_int(name: str, raw: Any, keywords: Mapping[str, Any]) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        expected = " or ".join(["an integer", *keywords])
+        raise ConfigError(f"{name} must be {expected}, got {raw!r}", field=name) from None
+
+
+def _parse_duration(name: str, raw: Any) -> float:
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw)
+    match = _DURATION.match(str(raw))
+    if not match:
+        raise ConfigError(
+            f"{name} must be a duration in seconds (3, 0.5) or with a unit (500ms, 3s, 1m), "
+            f"got {raw!r}",
+            field=name,
+        )
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _parse_list(name: str, raw: Any) -> tuple[Any, ...]:
+    """A YAML/TOML list as it is; a string split at commas (``10.0.0.0/8, fd00::/8``)."""
+    if isinstance(raw, (list, tuple)):
+        return tuple(raw)
+    if isinstance(raw, str):
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    raise ConfigError(f"{name} must be a list or a comma-separated string, got {raw!r}", field=name)
+
+
+def _parse_pairs(name: str, raw: Any) -> dict[str, Any]:
+    """A mapping as it is; ``method=qps,method=qps`` from the environment or a flag."""
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    pairs: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in str(raw).split(","))):
+        method, sep, qps = item.partition("=")
+        if not sep or not qps.strip().isdigit():
+            raise ConfigError(
+                f"{name} must be method=qps pairs separated by commas, got {raw!r}", field=name
+            )
+        pairs[method.strip()] = int(qps)
+    return pairs
