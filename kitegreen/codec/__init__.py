@@ -1,0 +1,1 @@
+"""Bytes to messages and back, without sockets: wire detection, Thrift codecs, header frames."""
