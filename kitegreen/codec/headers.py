@@ -646,7 +646,7 @@ def _read_ttheader(
                 key_id = cur.u16("integer key")
                 int_info[key_id] = cur.text(cur.u16("value length"), "integer value")
         elif info_id == TT_INFO_ACL_TOKEN:
-            total = cur.entries(1, 2, total, "ACL token")
+            total = cur.entries(1, 0, total, "ACL token")
             acl_token = cur.text(cur.u16("ACL token length"), "ACL token")
         else:
             raise ProtocolError(
