@@ -424,8 +424,9 @@ class TestTTHeaderCodecs:
         frame = ttheader.encode(TTHeader(payload=PING_BINARY_7, str_kv={b"ctx": raw}))
         value = parse(frame).str_info["ctx"]
         assert value.encode("utf-8", "surrogateescape") == raw
-        rebuilt = build_frame("ttheader", seqid=0, protocol="binary", payload=PING_BINARY_7,
-                              str_info={"ctx": value})  # fmt: skip
+        rebuilt = build_frame(
+            "ttheader", seqid=0, protocol="binary", payload=PING_BINARY_7, str_info={"ctx": value}
+        )
         assert rebuilt == frame
 
 
@@ -512,9 +513,12 @@ class TestApacheTHeader:
     def test_fixture_built(self) -> None:
         """kitegreen's builder writes the THeader fixture byte for byte."""
         built = build_frame(
-            "theader", seqid=5, protocol="compact", payload=PING_COMPACT_5,
+            "theader",
+            seqid=5,
+            protocol="compact",
+            payload=PING_COMPACT_5,
             str_info={"hello": "world"},
-        )  # fmt: skip
+        )
         assert built.hex() == TH_COMPACT.hex()
 
     @pytest.mark.parametrize("compress", [False, True], ids=["plain", "zlib"])
