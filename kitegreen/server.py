@@ -123,6 +123,7 @@ class RpcServer:
         self._listen_spec: ListenSpec | None = None
         self._address: tuple[str, int] | str | None = None
         self._unix_inode: int | None = None
+        self._owns_listener = True
         self._started = False
         self._stopped = GEvent()
         self._stop_greenlet: gevent.Greenlet | None = None
@@ -194,8 +195,18 @@ class RpcServer:
         """Whether start() has succeeded and stop() has not finished."""
         return self._started and not self._stopped.is_set()
 
-    def start(self) -> None:
+    def start(self, listener: Any = None, *, max_accept: int | None = None) -> None:
         """Listen and start accepting; return at once (kite's Listen + AcceptLoop).
+
+        Args:
+            listener: a bound, listening socket to accept on instead of binding one, for a
+                server that shares its listener with other processes (the workers of
+                ``--workers N``). The server does not own it: at stop it stops accepting and
+                closes its own descriptor without taking in the backlog, which the processes
+                still accepting will serve, and it never removes a Unix socket's path.
+            max_accept: connections taken per wake-up of the accept loop; gevent's default
+                (100) when None. Processes sharing a listener use 1, so that one of them does
+                not take a whole burst of connections while the others stay idle.
 
         Raises:
             ListenError: the listening socket could not be created.
@@ -204,16 +215,20 @@ class RpcServer:
         if self._started:
             raise RuntimeError("the server was already started; a stopped server cannot restart")
         spec = ListenSpec.from_config(self.config)
-        sock = listen(spec, self.config.backlog)
+        sock = listen(spec, self.config.backlog) if listener is None else listener
+        self._owns_listener = listener is None
         self._listen_spec = spec
         if spec.kind == "unix":
             self._address = spec.path
-            self._unix_inode = os.stat(spec.path).st_ino
+            if self._owns_listener:
+                self._unix_inode = os.stat(spec.path).st_ino
         else:
             host, port = sock.getsockname()[:2]
             self._address = (str(host), int(port))
         try:
-            self._acceptor = Acceptor(sock, self._handle, self._admit, self._pool)
+            self._acceptor = Acceptor(
+                sock, self._handle, self._admit, self._pool, max_accept=max_accept
+            )
             self._acceptor.start()
             self._started = True
             self._make_registrar(spec)
@@ -221,7 +236,8 @@ class RpcServer:
                 part.start()
         except BaseException:
             self._cleanup_listener()
-            sock.close()
+            if self._owns_listener:
+                sock.close()
             raise
         where = self.describe_address()
         self.log.info(
@@ -300,11 +316,13 @@ class RpcServer:
         acceptor = self._acceptor
         assert acceptor is not None
         acceptor.stop_accepting()
-        # Closing the listener would reset connections still in its backlog; they are taken in
-        # and served like the others (a request they sent gets its reply, then a FIN).
-        taken = acceptor.drain_backlog(self._take_in)
-        if taken:
-            self.log.info("took in the listen backlog", connections=taken)
+        if self._owns_listener:
+            # Closing the listener would reset connections still in its backlog; they are
+            # taken in and served like the others (a request they sent gets its reply, then a
+            # FIN). A shared listener stays open in the processes still accepting its backlog.
+            taken = acceptor.drain_backlog(self._take_in)
+            if taken:
+                self.log.info("took in the listen backlog", connections=taken)
         # close() rather than stop(): gevent's stop() would also kill our handlers.
         acceptor.close()
         self._cleanup_listener()

@@ -20,6 +20,7 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         admit: called before a greenlet is spawned; returns False to refuse the connection
             (the callee closes it).
         pool: where connection greenlets run.
+        max_accept: connections accepted per wake-up of the loop; gevent's default when None.
     """
 
     def __init__(
@@ -28,9 +29,15 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         handle: Callable[[Any, Any], None],
         admit: Callable[[Any, Any], bool],
         pool: Pool,
+        *,
+        max_accept: int | None = None,
     ) -> None:
         super().__init__(listener, handle=handle, spawn=pool)
         self._admit = admit
+        if max_accept is not None:
+            if max_accept < 1:
+                raise ValueError(f"max_accept must be >= 1, got {max_accept}")
+            self.max_accept = max_accept
 
     def do_read(self) -> tuple[Any, Any] | None:
         # A plain non-blocking socket rather than gevent's cooperative one: the connection
