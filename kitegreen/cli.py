@@ -24,9 +24,11 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kitegreen.signals import install_signal_handlers
 
 if TYPE_CHECKING:
     from kitegreen.server import RpcServer
@@ -103,21 +105,6 @@ def serve_single(server: RpcServer, log: Any) -> int:
     server.serve()
     clean = server.stop()
     return EXIT_OK if clean and not outcome.quick else EXIT_UNCLEAN_STOP
-
-
-def install_signal_handlers(actions: Mapping[signal.Signals, Callable[[], object]]) -> list[Any]:
-    """Run ``actions[signum]`` in a new greenlet each time signal ``signum`` arrives.
-
-    gevent calls a signal handler from its hub, where nothing may block; spawning is all the
-    handler does, and the action (stopping, draining, logging stacks) runs as a greenlet like
-    any other. The arbiter for ``--workers`` > 1 installs its own actions the same way.
-
-    Returns:
-        gevent's handles, whose ``cancel()`` restores the previous handling.
-    """
-    import gevent
-
-    return [gevent.signal_handler(sig, gevent.spawn, action) for sig, action in actions.items()]
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ gunicorn's and most servers' do: standard output stays free for what a command p
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -30,6 +31,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        add_pid,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: list[Any]
@@ -40,9 +42,22 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     structlog.configure(
         processors=shared + renderer,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write() per line, newline included (print() makes two): with --workers N several
+        # processes share standard error, and a pipe keeps a write of up to 4 KiB whole, where
+        # two writes per line could interleave with another process's line.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+
+
+def add_pid(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A structlog processor: the process ID on every line, unless the line gives one.
+
+    With ``--workers N`` an arbiter and N workers write to the same standard error; the pid
+    tells whose line it is (read at each call, so it is right in a forked worker).
+    """
+    event.setdefault("pid", os.getpid())
+    return event
 
 
 def _is_terminal(stream: TextIO) -> bool:
