@@ -1,0 +1,19 @@
+"""``--workers N``: one kitegreen instance as an arbiter and N worker processes.
+
+=================  ==============================================================================
+``arbiter.py``     binds the listener once, forks the workers, reaps and replaces them, handles
+                   the signals (HUP rolling reload, TTIN/TTOU, TERM/INT/QUIT), checks heartbeats
+``instance.py``    what belongs to the instance rather than a process: Consul registration, the
+                   remote configuration, the limits and their shares, the debug server
+``stats.py``       the workers' counters gathered over their control channels and summed
+``probe.py``       a forked child that imports the application and reports its settings
+``worker.py``      what runs in a worker after the fork
+``fork.py``        forking a gevent process and starting afresh in the child
+``control.py``     the arbiter<->worker channel (JSON lines over a socketpair)
+``heartbeat.py``   the shared-memory heartbeat
+``process.py``     the arbiter's handle on one worker
+=================  ==============================================================================
+
+Imports flow one way: ``cli`` -> ``workers`` -> ``server``; nothing but ``cli`` imports this
+package. The arbiter never imports the application.
+"""

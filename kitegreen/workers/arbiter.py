@@ -1,0 +1,704 @@
+"""The arbiter: one kitegreen instance as a supervised group of worker processes.
+
+The arbiter binds the listener once, forks the workers, and then only supervises; it serves
+no RPC itself. Its main loop runs in the main greenlet (every fork happens there, so that a
+child starts from a known place) and waits on one queue: signal handlers only put the signal
+there, the hub's child watchers put exits there, the control channels put ready notices there.
+Between events it checks the heartbeats and brings the workers to the number wanted.
+
+=========  ====================================================================================
+signal     what the arbiter does
+=========  ====================================================================================
+TERM, INT  graceful stop: deregister from Consul, keep serving ``drain_time``, then SIGTERM
+           every worker (each drains as a single process does); exit 0 if all stopped
+           cleanly, 1 otherwise. Connections that reach the shared backlog meanwhile get a
+           clean end-of-stream (FIN) before any byte, never a reset.
+QUIT       log the stacks, SIGQUIT every worker (no drain); exit 1. During a graceful stop it
+           cuts the drain short.
+HUP        rolling reload: a probe loads the code and settings afresh (if they fail, nothing
+           changes); then, one at a time, a new worker is started and, once it is ready, an
+           old one is stopped. The listener is never closed, so clients calling in a loop
+           see neither a refused connection nor a reset.
+TTIN/TTOU  one worker more / fewer (at least one); the limits are shared anew.
+USR1       log the arbiter's stacks and have every worker log its own.
+USR2       logged and ignored: binary upgrade is not supported.
+=========  ====================================================================================
+
+Supervision: a worker that exits unasked is replaced. One that exits before it was ready or
+within :data:`CRASH_WINDOW` of being ready counts as a start-up crash; the next is spawned
+after an exponential backoff, and after :data:`MAX_STARTUP_CRASHES` in a row the instance
+stops with exit status :data:`EXIT_WORKERS_FAILED` (4) and says why. A worker whose heartbeat
+is older than ``worker_timeout`` (its hub is blocked, or it hangs while importing) has its
+stacks written by faulthandler, logged, and is killed and replaced. No worker outlives the
+arbiter: each asks the kernel for SIGTERM when the arbiter dies (Linux), and stops by itself
+when its control channel reads end-of-stream or its parent changes.
+
+The listener is shared, not one ``SO_REUSEPORT`` socket per worker: see the README
+("Workers") for the measurements behind that choice.
+"""
+
+from __future__ import annotations
+
+import _socket
+import functools
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import structlog
+from gevent.pool import Pool
+from gevent.queue import Empty, Queue
+from gevent.util import format_run_info
+
+from kitegreen.backoff import Backoff
+from kitegreen.config import MAX_WORKERS, Config
+from kitegreen.exceptions import ListenError
+from kitegreen.signals import install_signal_handlers
+from kitegreen.transport.listener import ListenSpec, listen, remove_unix_socket
+from kitegreen.transport.stream import CLOSE_LINGER
+from kitegreen.workers import fork
+from kitegreen.workers.control import Channel
+from kitegreen.workers.heartbeat import Heartbeat
+from kitegreen.workers.instance import Instance, ready_count
+from kitegreen.workers.probe import probe_config
+from kitegreen.workers.process import BOOTING, STOPPING, WorkerProcess
+from kitegreen.workers.worker import STACK_SIGNAL, WorkerSpec, run_worker
+
+if TYPE_CHECKING:
+    from kitegreen.server import RpcServer
+
+EXIT_OK = 0
+EXIT_UNCLEAN_STOP = 1
+EXIT_USAGE = 2
+EXIT_LISTEN = 3
+EXIT_WORKERS_FAILED = 4
+"""Workers kept exiting at start-up (:data:`MAX_STARTUP_CRASHES` in a row)."""
+
+MAX_STARTUP_CRASHES = 5
+CRASH_WINDOW = 10.0
+"""Seconds after becoming ready within which a worker's exit counts as a start-up crash."""
+STOP_GRACE = 2.0
+"""Seconds past ``exit_wait_time`` that the arbiter waits for workers to exit before it kills
+what is left (a worker cuts its requests off at ``exit_wait_time`` by itself)."""
+STACK_WAIT = 1.0
+"""Seconds the arbiter waits for a timed-out worker's stacks before it kills the worker."""
+PROBE_TIMEOUT_MIN = 60.0
+TICK = 0.25
+STOP_TICK = 0.05
+
+SERVING = "serving"
+DRAINING = "draining"
+STOPPING_PHASE = "stopping"
+
+_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+_LISTEN_FIELDS = (
+    "host",
+    "port",
+    "listen_type",
+    "unix_socket",
+    "backlog",
+    "service_mesh_mode",
+    "service_mesh_ingress_addr",
+)
+_RESTART_FIELDS = (
+    *_LISTEN_FIELDS,
+    "service_name",
+    "cluster",
+    "version",
+    "register",
+    "consul_addr",
+    "consul_token",
+    "register_delay",
+    "register_interval",
+    "health_check",
+    "remote_config",
+    "enable_debug_server",
+    "debug_host",
+    "debug_port",
+    "debug_max_connections",
+    "debug_idle_timeout",
+    "enable_metrics",
+    "event_capacity",
+    "report_interval",
+    "log_format",
+    "log_level",
+)
+"""Settings the arbiter itself uses and cannot change without a restart; a reload keeps them
+and says so if the new configuration differs."""
+
+
+def serve(
+    load: Callable[[], RpcServer],
+    on_load_error: Callable[[Exception], None],
+    log: Any = None,
+) -> int:
+    """Probe the application, bind, fork the workers and supervise them until stopped.
+
+    Args:
+        load: imports the application and returns its configured server (called only in
+            forked children: the probe and the workers).
+        on_load_error: logs a LaunchError or ConfigError raised by ``load``.
+        log: a structlog logger.
+
+    Returns:
+        The launcher's exit status: 0 clean, 1 unclean or SIGQUIT, 2 the application or its
+        settings would not load, 3 the listener could not be created, 4 workers kept exiting
+        at start-up.
+    """
+    log = log or structlog.get_logger("kitegreen.arbiter")
+    # The workers import the server's modules anyway; importing them here once shares their
+    # memory between the workers (copy-on-write) and takes the time out of each worker's start.
+    import kitegreen.server  # noqa: F401
+
+    config = probe_config(
+        load, on_load_error, signal_handles=(), timeout=PROBE_TIMEOUT_MIN, log=log
+    )
+    if isinstance(config, int):
+        return config
+    try:
+        arbiter = Arbiter(config, load, on_load_error, log)
+    except ListenError as exc:
+        log.error("cannot listen", error=str(exc))
+        return EXIT_LISTEN
+    return arbiter.run()
+
+
+class Arbiter:
+    """Runs one instance of the application as ``config.workers`` worker processes.
+
+    Binds the listener on construction (nothing is forked until :meth:`run`).
+
+    Args:
+        config: the application's effective settings, as the probe reported them.
+        load: imports the application and returns its configured server (in the workers).
+        on_load_error: logs a LaunchError or ConfigError raised by ``load``.
+        log: a structlog logger.
+
+    Raises:
+        ListenError: the listener could not be created.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        load: Callable[[], RpcServer],
+        on_load_error: Callable[[Exception], None],
+        log: Any,
+    ) -> None:
+        self._config = config
+        self._load = load
+        self._on_load_error = on_load_error
+        self.log = log
+        self._events: Queue[tuple[Any, ...]] = Queue()
+        self._workers: dict[int, WorkerProcess] = {}
+        self._signal_handles: list[Any] = []
+        self._closers = Pool()
+        self._killers = Pool()
+        self._backoff = Backoff(initial=0.1, maximum=5.0)
+        self._phase = SERVING
+        self._wanted = config.workers
+        self._generation = 0
+        self._age = 0
+        self._crashes = 0
+        self._restarts = 0
+        self._spawn_not_before = 0.0
+        self._drain_until = 0.0
+        self._kill_at = 0.0
+        self._killed_all = False
+        self._stop_signal = signal.SIGTERM
+        self._clean = True
+        self._failed = False
+        self._reloading = False
+        self._unix_inode: int | None = None
+        self._spec = ListenSpec.from_config(config)
+        sock = listen(self._spec, config.backlog)
+        # A plain socket: the workers inherit it across the fork, where gevent's would be tied
+        # to the arbiter's hub; the arbiter itself only ever accepts from it without waiting.
+        self._listener = _socket.socket(fileno=sock.detach())
+        self._listener.setblocking(False)
+        self.address: tuple[str, int] | str
+        if self._spec.kind == "unix":
+            self._unix_inode = os.stat(self._spec.path).st_ino
+            self.address = self._spec.path
+        else:
+            host, port = self._listener.getsockname()[:2]
+            self.address = (str(host), int(port))
+        try:
+            self.instance = Instance(
+                config,
+                self._spec,
+                self.address,
+                workers=lambda: list(self._workers.values()),
+                arbiter=self._state,
+                healthy=self._healthy,
+                log=log,
+            )
+        except BaseException:
+            self._close_listener()
+            raise
+
+    def run(self) -> int:
+        """Fork the workers and supervise them until a signal stops the instance.
+
+        Returns:
+            The exit status (see :func:`serve`).
+        """
+        config = self._config
+        self.log.info(
+            "listening",
+            address=_describe(self.address),
+            workers=config.workers,
+            worker_timeout=config.worker_timeout,
+            limits={"conn": config.limit_connections, "qps": config.limit_qps},
+        )
+        self._signal_handles = install_signal_handlers(
+            {sig: functools.partial(self._events.put, ("signal", sig)) for sig in _SIGNALS}
+        )
+        try:
+            self.instance.start()
+            self._supervise()
+        finally:
+            for handle in self._signal_handles:
+                handle.cancel()
+            # Only after a failure of the arbiter's own: the workers would stop by themselves
+            # once it exits, but not before its listener and registration are gone.
+            for worker in self._workers.values():
+                worker.stop()
+            self._close_listener()
+            self.instance.stop()
+            self._closers.join(timeout=CLOSE_LINGER + 1.0)
+        status = self._exit_status()
+        self.log.info("stopped", clean=status == EXIT_OK, status=status)
+        return status
+
+    def _exit_status(self) -> int:
+        if self._failed:
+            return EXIT_WORKERS_FAILED
+        if self._clean and self._stop_signal != signal.SIGQUIT:
+            return EXIT_OK
+        return EXIT_UNCLEAN_STOP
+
+    def _supervise(self) -> None:
+        while True:
+            self._handle_events(timeout=self._next_wakeup())
+            now = time.monotonic()
+            if self._phase == STOPPING_PHASE:
+                self._refuse_backlog()
+                if not self._workers:
+                    return
+                if now >= self._kill_at and not self._killed_all:
+                    self._kill_remaining()
+                continue
+            if self._phase == DRAINING and now >= self._drain_until:
+                self._signal_stop(now)
+                continue
+            self._check_heartbeats(now)
+            self._manage(now)
+
+    def _next_wakeup(self) -> float:
+        if self._phase == STOPPING_PHASE:
+            return STOP_TICK
+        wake = TICK
+        now = time.monotonic()
+        if self._spawn_not_before > now:
+            wake = min(wake, self._spawn_not_before - now)
+        if self._phase == DRAINING:
+            wake = min(wake, max(self._drain_until - now, 0.0))
+        return max(wake, 0.0)
+
+    def _handle_events(self, timeout: float) -> None:
+        try:
+            event = self._events.get(timeout=timeout)
+        except Empty:
+            return
+        while True:
+            self._dispatch(event)
+            try:
+                event = self._events.get_nowait()
+            except Empty:
+                return
+
+    def _dispatch(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "signal":
+            self._on_signal(event[1])
+        elif kind == "exit":
+            self._on_exit(event[1], event[2])
+        elif kind == "ready":
+            self._on_ready(event[1])
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: signal.Signals) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._begin_stop(signum, graceful=True)
+        elif signum == signal.SIGQUIT:
+            self.log.warning(
+                "signal received, stopping at once without draining",
+                signal=signum.name,
+                stack=_stacks(),
+            )
+            self._begin_stop(signum, graceful=False)
+        elif signum == signal.SIGHUP:
+            self._reload()
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            self._scale(1 if signum == signal.SIGTTIN else -1, signum)
+        elif signum == signal.SIGUSR1:
+            self.log.info("greenlet and thread stacks", signal=signum.name, stack=_stacks())
+            for worker in self._workers.values():
+                worker.send_signal(signal.SIGUSR1)
+        else:
+            self.log.warning(
+                "signal ignored: binary upgrade is not supported; still serving",
+                signal=signum.name,
+            )
+
+    def _begin_stop(self, signum: signal.Signals, *, graceful: bool) -> None:
+        if self._phase == STOPPING_PHASE:
+            if not graceful and self._stop_signal != signal.SIGQUIT:
+                self._stop_signal = signal.SIGQUIT
+                for worker in self._workers.values():
+                    worker.send_signal(signal.SIGQUIT)
+                self._kill_at = min(self._kill_at, time.monotonic() + STOP_GRACE)
+            return
+        self._stop_signal = signal.SIGTERM if graceful else signal.SIGQUIT
+        if self._phase == DRAINING:
+            if not graceful:
+                self._signal_stop(time.monotonic())
+            return
+        config = self._config
+        drain = config.effective_drain_time(self.instance.registered) if graceful else 0.0
+        self.log.info(
+            "stopping",
+            signal=signum.name,
+            workers=len(self._workers),
+            drain_time=drain,
+            exit_wait_time=config.exit_wait_time,
+        )
+        self._phase = DRAINING
+        # First, so that clients stop picking this instance while it still serves them.
+        self.instance.deregister()
+        self._drain_until = time.monotonic() + drain
+        if drain <= 0:
+            self._signal_stop(time.monotonic())
+
+    def _signal_stop(self, now: float) -> None:
+        self._phase = STOPPING_PHASE
+        for worker in self._workers.values():
+            worker.stop(self._stop_signal)
+        wait = self._config.exit_wait_time if self._stop_signal == signal.SIGTERM else 0.0
+        self._kill_at = now + wait + STOP_GRACE
+
+    def _kill_remaining(self) -> None:
+        self._killed_all = True
+        self._clean = False
+        self.log.error(
+            "workers still running after exit_wait_time; killing them",
+            pids=sorted(self._workers),
+        )
+        for worker in self._workers.values():
+            worker.send_signal(signal.SIGKILL)
+
+    def _scale(self, delta: int, signum: signal.Signals) -> None:
+        if self._phase != SERVING:
+            return
+        wanted = min(max(self._wanted + delta, 1), MAX_WORKERS)
+        if wanted == self._wanted:
+            self.log.warning(
+                "signal ignored: workers unchanged", signal=signum.name, workers=wanted
+            )
+            return
+        self._wanted = wanted
+        self.log.info("workers wanted changed", signal=signum.name, workers=wanted)
+        self.instance.events.push("Workers", f"{signum.name}: {wanted} workers wanted")
+        self.instance.set_worker_count(wanted)
+
+    def _reload(self) -> None:
+        if self._phase != SERVING:
+            self.log.warning("signal ignored: the instance is stopping", signal="SIGHUP")
+            return
+        self.log.info("reloading: loading the application and its settings afresh")
+        new = probe_config(
+            self._load,
+            self._on_load_error,
+            signal_handles=self._signal_handles,
+            timeout=max(PROBE_TIMEOUT_MIN, self._config.worker_timeout),
+            log=self.log,
+        )
+        if isinstance(new, int):
+            self.log.error(
+                "reload refused: the application or its settings do not load; "
+                "the workers keep serving"
+            )
+            self.instance.events.push("Reload", "refused: the application does not load")
+            return
+        old = self._config
+        kept = [name for name in _RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
+        if kept:
+            self.log.warning(
+                "these settings change only with a restart; kept as they were", settings=kept
+            )
+        self._config = new.replace(**{name: getattr(old, name) for name in _RESTART_FIELDS})
+        self._wanted = self._config.workers
+        self._generation += 1
+        self._reloading = True
+        self.instance.reconfigure(self._config)
+        self.log.info("rolling reload", generation=self._generation, workers=self._wanted)
+        self.instance.events.push("Reload", f"generation {self._generation}")
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _manage(self, now: float) -> None:
+        """Bring the workers to the number wanted: replace, scale, roll a reload forward."""
+        live = [w for w in self._workers.values() if w.state != STOPPING]
+        if self._crashes and any(
+            w.ready_at is not None and now - w.ready_at >= CRASH_WINDOW for w in live
+        ):
+            self._crashes = 0
+            self._backoff.reset()
+        old = sorted((w for w in live if w.generation < self._generation), key=lambda w: w.age)
+        current = sorted((w for w in live if w.generation == self._generation), key=lambda w: w.age)
+        if not old:
+            if self._reloading:
+                self._reloading = False
+                self.log.info("reload complete", generation=self._generation)
+            for worker in current[: max(len(current) - self._wanted, 0)]:
+                self.log.info("stopping a worker: fewer wanted", worker=worker.pid)
+                worker.stop()
+            if now >= self._spawn_not_before:
+                for _ in range(self._wanted - len(current)):
+                    self._spawn()
+            return
+        # A reload rolls one worker at a time: a new one first, an old one once it is ready.
+        if any(w.state == BOOTING for w in current):
+            return
+        if len(live) > self._wanted:
+            self.log.info("stopping an old worker: reload", worker=old[0].pid)
+            old[0].stop()
+        elif now >= self._spawn_not_before:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self._age += 1
+        heartbeat = Heartbeat()
+        stack_file = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the WorkerProcess
+        parent_end, child_end = _socket.socketpair()
+        spec = WorkerSpec(
+            listener=self._listener,
+            control=child_end,
+            heartbeat=heartbeat,
+            stack_file=stack_file,
+            parent=os.getpid(),
+            worker_timeout=self._config.worker_timeout,
+            overrides=self._worker_overrides(),
+            load=self._load,
+            on_load_error=self._on_load_error,
+            signal_handles=self._signal_handles,
+        )
+        try:
+            pid = fork.fork(self._child_exited)
+        except OSError as exc:
+            for resource in (heartbeat, stack_file, parent_end, child_end):
+                resource.close()
+            self.log.error("cannot fork a worker", error=str(exc))
+            self._spawn_not_before = time.monotonic() + self._backoff.next()
+            return
+        if pid == 0:
+            run_worker(spec)
+        child_end.close()
+        channel = Channel(
+            socket.socket(fileno=parent_end.detach()),
+            on_message=functools.partial(self._on_message, pid),
+            on_closed=lambda: None,
+            log=self.log.bind(worker=pid),
+        )
+        self._workers[pid] = WorkerProcess(
+            pid, self._age, self._generation, channel, heartbeat, stack_file
+        )
+        channel.start()
+        self.log.info("worker spawned", worker=pid, generation=self._generation)
+
+    def _worker_overrides(self) -> dict[str, Any]:
+        return {
+            **{name: getattr(self._config, name) for name in _LISTEN_FIELDS},
+            **self.instance.worker_limits(),
+            "register": False,
+            "remote_config": False,
+            "enable_debug_server": False,
+            "drain_time": 0.0,
+        }
+
+    def _child_exited(self, pid: int, status: int) -> None:
+        # In the hub: only queue.
+        self._events.put_nowait(("exit", pid, status))
+
+    def _on_message(self, pid: int, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "ready":
+            self._events.put(("ready", pid))
+        elif kind == "final" and isinstance(message.get("stats"), dict):
+            self.instance.stats.update(pid, message["stats"])
+
+    def _on_ready(self, pid: int) -> None:
+        worker = self._workers.get(pid)
+        if worker is None or worker.ready_at is not None:
+            return
+        worker.ready_at = time.monotonic()
+        self.log.info(
+            "worker ready",
+            worker=pid,
+            generation=worker.generation,
+            seconds=round(worker.ready_at - worker.spawned_at, 3),
+        )
+        # Limits may have changed while it was starting.
+        self.instance.send_limits(source="arbiter", to=[worker])
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        fork.reap(pid)
+        worker = self._workers.pop(pid, None)
+        if worker is None:
+            return
+        worker.exit_status = status
+        # Its final figures are on the channel ahead of the end-of-stream.
+        worker.channel.join(timeout=1.0)
+        self.instance.stats.retire(pid)
+        worker.close()
+        if self._phase == STOPPING_PHASE:
+            if worker.exit_code != 0:
+                self._clean = False
+            self.log.info("worker stopped", worker=pid, exit=worker.describe_exit())
+            return
+        if worker.stop_requested:
+            self.log.info("worker stopped", worker=pid, exit=worker.describe_exit())
+            return
+        self._restarts += 1
+        now = time.monotonic()
+        early = worker.ready_at is None or now - worker.ready_at < CRASH_WINDOW
+        self.log.error(
+            "worker exited unasked; replacing it",
+            worker=pid,
+            exit=worker.describe_exit(),
+            timed_out=worker.timed_out,
+            was_ready=worker.ready_at is not None,
+        )
+        self.instance.events.push("Worker Exit", f"{pid}: {worker.describe_exit()}")
+        if not early:
+            self._crashes = 0
+            self._backoff.reset()
+            return
+        self._crashes += 1
+        if self._crashes >= MAX_STARTUP_CRASHES:
+            self.log.error(
+                "workers keep exiting at start-up; stopping the instance",
+                crashes=self._crashes,
+                last_exit=worker.describe_exit(),
+            )
+            self._failed = True
+            self._begin_stop(signal.SIGTERM, graceful=True)
+            return
+        self._spawn_not_before = now + self._backoff.next()
+
+    def _check_heartbeats(self, now: float) -> None:
+        timeout = self._config.worker_timeout
+        for worker in self._workers.values():
+            if worker.timed_out:
+                continue
+            stale = worker.heartbeat.age(now)
+            if stale > timeout:
+                worker.timed_out = True
+                self._killers.spawn(self._dump_and_kill, worker, stale)
+
+    def _dump_and_kill(self, worker: WorkerProcess, stale: float) -> None:
+        worker.send_signal(STACK_SIGNAL)
+        deadline = time.monotonic() + STACK_WAIT
+        stack, seen = "", -1
+        # faulthandler writes from the worker's signal handler; done when the text stops growing.
+        while time.monotonic() < deadline:
+            gevent.sleep(0.05)
+            stack = worker.read_stack()
+            if stack and len(stack) == seen:
+                break
+            seen = len(stack)
+        self.log.error(
+            "worker timed out: its hub has not run for longer than worker_timeout; "
+            "killing and replacing it",
+            worker=worker.pid,
+            seconds=round(stale, 3),
+            worker_timeout=self._config.worker_timeout,
+            stack=stack or "(no stack written)",
+        )
+        worker.send_signal(signal.SIGKILL)
+
+    # -- the listener ------------------------------------------------------------------------------
+
+    def _refuse_backlog(self) -> None:
+        """Take in what waits in the backlog and close each with a FIN: once every worker has
+        been told to stop, nobody will serve these, and closing the listener would reset them."""
+        while True:
+            try:
+                fd, _ = self._listener._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self._closers.spawn(_close_with_fin, socket.socket(fileno=fd))
+
+    def _close_listener(self) -> None:
+        self._refuse_backlog()
+        self._listener.close()
+        if self._spec.kind == "unix" and self._unix_inode is not None:
+            remove_unix_socket(self._spec.path, self._unix_inode)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _healthy(self) -> bool:
+        return self._phase == SERVING and ready_count(self._workers.values()) >= self._wanted
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "phase": self._phase,
+            "generation": self._generation,
+            "workers_wanted": self._wanted,
+            "workers_ready": ready_count(self._workers.values()),
+            "worker_restarts": self._restarts,
+        }
+
+
+def _close_with_fin(sock: Any) -> None:
+    """End a connection nobody will serve with a FIN, reading what the client sends meanwhile
+    (closing with unread bytes would send a reset instead)."""
+    try:
+        sock.shutdown(_socket.SHUT_WR)
+        sock.settimeout(CLOSE_LINGER)
+        deadline = time.monotonic() + CLOSE_LINGER
+        while time.monotonic() < deadline and sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _describe(address: tuple[str, int] | str) -> str:
+    if isinstance(address, str):
+        return f"unix:{address}"
+    return ListenSpec("tcp", address[0], address[1]).describe()
+
+
+def _stacks() -> str:
+    return "\n".join(format_run_info())

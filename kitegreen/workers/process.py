@@ -1,0 +1,118 @@
+"""The arbiter's handle on one worker process: its pid, channel, heartbeat and stack file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from kitegreen.workers.control import Channel
+from kitegreen.workers.heartbeat import Heartbeat
+
+BOOTING = "booting"
+READY = "ready"
+STOPPING = "stopping"
+
+MAX_STACK = 256 * 1024
+"""Bytes of a worker's stack dump read back; faulthandler's dumps are a few KB."""
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """One worker as the arbiter sees it.
+
+    Attributes:
+        pid: the process ID.
+        age: the spawn sequence number (1 for the first worker ever spawned): oldest first
+            when workers are taken away.
+        generation: the reload generation it was spawned in (0 until the first SIGHUP).
+        channel: the arbiter's end of its control channel.
+        heartbeat: its heartbeat slot.
+        stack_file: where its faulthandler writes stacks on the arbiter's request.
+        spawned_at: monotonic time of the fork.
+        ready_at: monotonic time its server started accepting; None until then.
+        stop_requested: the arbiter asked it to stop (an exit is then expected).
+        timed_out: the arbiter killed it for a stale heartbeat.
+    """
+
+    pid: int
+    age: int
+    generation: int
+    channel: Channel
+    heartbeat: Heartbeat
+    stack_file: IO[bytes]
+    spawned_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    stop_requested: bool = False
+    timed_out: bool = False
+    exit_status: int | None = None
+
+    @property
+    def state(self) -> str:
+        """``booting``, ``ready`` or ``stopping``."""
+        if self.stop_requested or self.timed_out:
+            return STOPPING
+        return READY if self.ready_at is not None else BOOTING
+
+    def send_signal(self, signum: signal.Signals) -> bool:
+        """Send ``signum``; False if the process is already gone."""
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self, signum: signal.Signals = signal.SIGTERM) -> None:
+        """Ask it to stop: SIGTERM drains its connections, SIGQUIT cuts them off."""
+        self.stop_requested = True
+        self.send_signal(signum)
+
+    def read_stack(self) -> str:
+        """What its faulthandler has written so far."""
+        with contextlib.suppress(OSError, ValueError):
+            return os.pread(self.stack_file.fileno(), MAX_STACK, 0).decode("utf-8", "replace")
+        return ""
+
+    def describe_exit(self) -> str:
+        """Its exit status in words: ``exit 0``, ``killed by SIGKILL``."""
+        status = self.exit_status
+        if status is None:
+            return "running"
+        if os.WIFSIGNALED(status):
+            return f"killed by {_signal_name(os.WTERMSIG(status))}"
+        return f"exit {os.WEXITSTATUS(status)}"
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code, or None if it was killed by a signal or has not exited."""
+        status = self.exit_status
+        if status is None or not os.WIFEXITED(status):
+            return None
+        return os.WEXITSTATUS(status)
+
+    def close(self) -> None:
+        """Release the channel, the heartbeat slot and the stack file (once reaped)."""
+        self.channel.close()
+        self.heartbeat.close()
+        self.stack_file.close()
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        """For /runtime/kite."""
+        return {
+            "pid": self.pid,
+            "age": self.age,
+            "generation": self.generation,
+            "state": self.state,
+            "up_seconds": round(now - self.spawned_at, 3),
+            "heartbeat_age": round(self.heartbeat.age(now), 3),
+        }
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

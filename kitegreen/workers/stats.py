@@ -1,0 +1,79 @@
+"""What an instance's workers counted, gathered over their control channels and summed.
+
+A scrape asks every live worker for its figures at once and waits at most
+:data:`STATS_TIMEOUT`; a worker that does not answer in time (its hub is blocked) is shown with
+its last figures, marked stale. When a worker exits, its last figures (the final ones it sends
+as it stops, or else the last it answered with) are folded into the totals of retired workers:
+the instance's counters never go backwards across a reload, a scale-down or a crash. Only what
+a crashed worker counted after its last answer is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import gevent
+
+from kitegreen.metrics import empty_snapshot, merge_snapshots
+from kitegreen.workers.process import WorkerProcess
+
+STATS_TIMEOUT = 1.0
+"""Seconds a scrape waits for the workers' answers."""
+
+
+class InstanceStats:
+    """The last figures of each live worker, and the sum of the retired ones."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, dict[str, Any]] = {}
+        self.stale: set[int] = set()
+        """Live workers that did not answer the last refresh."""
+        self._retired = empty_snapshot()
+
+    def update(self, pid: int, stats: Mapping[str, Any]) -> None:
+        """Record ``pid``'s figures (an answer, or its final figures)."""
+        self._last[pid] = dict(stats)
+        self.stale.discard(pid)
+
+    def refresh(self, workers: Iterable[WorkerProcess], timeout: float = STATS_TIMEOUT) -> None:
+        """Ask every worker in ``workers`` for its figures, in parallel; wait up to ``timeout``."""
+        # A worker still importing the application cannot answer yet; asking it would only
+        # make the scrape wait.
+        asking = [w for w in workers if w.ready_at is not None and not w.channel.closed]
+        requests = {
+            w.pid: gevent.spawn(w.channel.request, {"type": "stats"}, timeout) for w in asking
+        }
+        gevent.joinall(list(requests.values()), timeout=timeout + 0.5)
+        for pid, greenlet in requests.items():
+            reply = greenlet.value if greenlet.successful() else None
+            if reply is None:
+                greenlet.kill(block=False)
+                self.stale.add(pid)
+            else:
+                self.update(pid, reply)
+
+    def retire(self, pid: int) -> None:
+        """Fold ``pid``'s last counters into the retired totals (its gauges end with it)."""
+        stats = self._last.pop(pid, None)
+        self.stale.discard(pid)
+        metrics = (stats or {}).get("metrics")
+        if metrics:
+            self._retired = merge_snapshots([self._retired, {**metrics, "gauges": {}}])
+
+    def live(self) -> dict[int, dict[str, Any]]:
+        """The last figures of each live worker, by pid."""
+        return dict(self._last)
+
+    def totals(self) -> dict[str, Any]:
+        """Counters and histograms of the instance (retired and live workers), gauges of the
+        live ones: one :meth:`~kitegreen.metrics.Metrics.snapshot`-shaped value."""
+        live = [s["metrics"] for s in self._last.values() if s.get("metrics")]
+        return merge_snapshots([self._retired, *live])
+
+
+def requests_of(metrics: Mapping[str, Any] | None) -> int:
+    """Requests counted in a metrics snapshot, over all methods."""
+    if not metrics:
+        return 0
+    return sum(int(m["requests"]) for m in metrics["methods"].values())

@@ -1,0 +1,223 @@
+"""A worker process: what runs in the child after the arbiter forks.
+
+In order: leave the arbiter's greenlets and descriptors behind (``fork.start_afresh``), ask the
+kernel for SIGTERM should the arbiter die, start the heartbeat and the control channel, install
+the worker's signal handlers, import the application afresh (``load``: the arbiter never
+imports it, so a SIGHUP's new workers run the code as it is on disk now), start its
+``RpcServer`` on the inherited listener and tell the arbiter it is ready. It serves until a
+signal stops it, then sends its final figures and exits: 0 after a clean stop, 1 when requests
+in flight were cut off, 2 when the application would not load.
+
+The server runs with the instance's parts left to the arbiter: no Consul registration, no
+remote configuration watch, no debug server, no drain time (the arbiter deregisters and waits
+before it signals the workers), and its share of the instance's limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import functools
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, NoReturn
+
+import structlog
+from gevent.util import format_run_info
+
+from kitegreen.exceptions import ConfigError, LaunchError
+from kitegreen.metrics import process_figures
+from kitegreen.signals import install_signal_handlers
+from kitegreen.workers import fork
+from kitegreen.workers.control import Channel
+from kitegreen.workers.heartbeat import Heartbeat, Pulse
+
+if TYPE_CHECKING:
+    from kitegreen.server import RpcServer
+
+EXIT_OK = 0
+EXIT_UNCLEAN_STOP = 1
+EXIT_LOAD_FAILED = 2
+EXIT_CRASHED = 70
+"""A worker that raised out of its own code (``EX_SOFTWARE``): a bug of kitegreen's."""
+
+STACK_SIGNAL = signal.SIGUSR2
+"""What the arbiter sends a worker whose heartbeat is stale: faulthandler, registered for it,
+writes every thread's Python stack from the C signal handler, which works even while the hub is
+stuck in C code that holds the GIL and no greenlet can run."""
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
+"""The arbiter's signals: a worker that receives one (a terminal's process group, a careless
+``kill``) ignores it rather than stopping, which is the default for TTIN and TTOU."""
+MAX_ACCEPT = 1
+"""Connections a worker accepts per wake-up of its accept loop: every worker is woken when a
+connection arrives on the shared listener, and the first to run would otherwise take the whole
+burst (gevent's default is 100). See the README's measurements."""
+HEARTBEAT_INTERVAL_MAX = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the arbiter hands a worker across the fork.
+
+    Attributes:
+        listener: the bound listening socket, as a plain ``_socket.socket``.
+        control: the worker's end of its control channel, a plain ``_socket.socket``.
+        heartbeat: its heartbeat slot.
+        stack_file: where faulthandler writes its stacks.
+        parent: the arbiter's pid.
+        worker_timeout: seconds its hub may stay blocked; the heartbeat beats four times as
+            often (at most once a second).
+        overrides: settings forced on the worker's server: its share of the limits, the
+            arbiter's listen settings, and the instance's parts switched off.
+        load: imports the application and returns its configured server.
+        on_load_error: logs a LaunchError or ConfigError from ``load``.
+        signal_handles: the arbiter's signal handles, cancelled in the child.
+    """
+
+    listener: Any
+    control: Any
+    heartbeat: Heartbeat
+    stack_file: IO[bytes]
+    parent: int
+    worker_timeout: float
+    overrides: dict[str, Any]
+    load: Callable[[], RpcServer]
+    on_load_error: Callable[[Exception], None]
+    signal_handles: list[Any]
+
+
+def run_worker(spec: WorkerSpec) -> NoReturn:
+    """Run a worker in a just-forked child; never returns into the arbiter's code."""
+    status = EXIT_CRASHED
+    try:
+        status = _Worker(spec).run()
+    except BaseException:  # noqa: BLE001 - whatever happens, the child must not return
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(status)
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.server: RpcServer | None = None
+        self.log = structlog.get_logger("kitegreen.worker")
+        self.stop_requested = False
+        self.quick = False
+        self.exiting = False
+        self.channel: Channel | None = None
+
+    def run(self) -> int:
+        spec = self.spec
+        fork.start_afresh(
+            keep_fds=(spec.listener.fileno(), spec.control.fileno(), spec.stack_file.fileno()),
+            signal_handles=spec.signal_handles,
+        )
+        if not fork.die_with_parent(signal.SIGTERM, spec.parent):
+            return EXIT_OK  # the arbiter died while forking us: nobody to serve for
+        faulthandler.register(STACK_SIGNAL, file=spec.stack_file, all_threads=True, chain=False)
+        spec.heartbeat.stamp()
+        interval = min(spec.worker_timeout / 4, HEARTBEAT_INTERVAL_MAX)
+        pulse = Pulse(spec.heartbeat, interval, spec.parent, self._orphaned)
+        pulse.start()
+        self.channel = Channel(
+            socket.socket(fileno=spec.control.detach()),
+            on_message=self._on_message,
+            on_closed=self._channel_closed,
+            log=self.log,
+        )
+        self.channel.start()
+        install_signal_handlers(self._signal_actions())
+        fork.unblock_signals(ignore=IGNORED_SIGNALS)
+        try:
+            server = spec.load()
+            server.reconfigure(server.config.replace(**spec.overrides))
+        except (LaunchError, ConfigError) as exc:
+            spec.on_load_error(exc)
+            return EXIT_LOAD_FAILED
+        self.server = server
+        if self.stop_requested:
+            return EXIT_OK
+        server.start(listener=socket.socket(fileno=spec.listener.detach()), max_accept=MAX_ACCEPT)
+        self.channel.send({"type": "ready"})
+        server.serve()
+        clean = server.stop()
+        self.exiting = True
+        self.channel.send({"type": "final", "stats": self.stats()})
+        pulse.stop()
+        self.channel.close()
+        return EXIT_OK if clean and not self.quick else EXIT_UNCLEAN_STOP
+
+    def stats(self) -> dict[str, Any]:
+        """This worker's figures for the arbiter (see ``control.py``)."""
+        server = self.server
+        return {
+            "metrics": server.metrics.snapshot() if server and server.metrics else None,
+            "overload": server.overload() if server else None,
+            "process": process_figures(),
+        }
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "stats" and self.channel is not None:
+            self.channel.send({"reply_to": message.get("id"), **self.stats()})
+        elif kind == "limits" and self.server is not None:
+            self.server.update_limits(
+                limit_connections=message["limit_connections"],
+                limit_qps=message["limit_qps"],
+                endpoint_qps_limits=message["endpoint_qps_limits"],
+                source=str(message.get("source", "arbiter")),
+            )
+
+    def _stop(self, reason: str, **fields: Any) -> None:
+        self.stop_requested = True
+        if self.server is not None:
+            self.log.info(reason, **fields)
+            self.server.stop()
+
+    def _orphaned(self) -> None:
+        self._stop("the arbiter is gone; stopping", arbiter=self.spec.parent)
+
+    def _channel_closed(self) -> None:
+        if not self.exiting and not self.stop_requested:
+            self._stop("the control channel closed: the arbiter is gone; stopping")
+
+    def _signal_actions(self) -> dict[signal.Signals, Callable[[], object]]:
+        def stop(signum: signal.Signals) -> None:
+            self._stop("signal received, stopping", signal=signum.name)
+
+        def quit_now() -> None:
+            self.log.warning(
+                "signal received, stopping at once without draining",
+                signal="SIGQUIT",
+                stack=_stacks(),
+            )
+            if self.stop_requested or self.server is None:
+                # A graceful stop is already waiting for requests in flight, and stop() is
+                # idempotent: only leaving the process cuts that wait short.
+                sys.stderr.flush()
+                os._exit(EXIT_UNCLEAN_STOP)
+            self.quick = self.stop_requested = True
+            self.server.stop(timeout=0)
+
+        def dump_stacks() -> None:
+            self.log.info("greenlet and thread stacks", signal="SIGUSR1", stack=_stacks())
+
+        return {
+            signal.SIGTERM: functools.partial(stop, signal.SIGTERM),
+            signal.SIGINT: functools.partial(stop, signal.SIGINT),
+            signal.SIGQUIT: quit_now,
+            signal.SIGUSR1: dump_stacks,
+        }
+
+
+def _stacks() -> str:
+    return "\n".join(format_run_info())
