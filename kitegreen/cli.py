@@ -5,9 +5,14 @@ before that must not import ssl, thriftpy2 or the server: this module imports on
 standard library at the top, and ``kitegreen/__init__.py`` is a lazy facade for the same
 reason (the console script imports the package before it calls :func:`main`).
 
+With ``--workers`` 2 or more the launcher becomes the arbiter of ``kitegreen.workers`` and
+never imports the target itself (workers import it after the fork). When the worker count is
+set only in the target's own code, the launcher learns it by importing the target, and then
+restarts itself (``exec``, same pid) with ``--workers N``, so that the arbiter starts clean.
+
 Exit statuses: 0 after a clean stop, 1 when requests in flight had to be cut off (or SIGQUIT
 asked for that), 2 for a usage, configuration or target error, 3 when the listener could not
-be created.
+be created, 4 when workers kept exiting at start-up.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ EXIT_OK = 0
 EXIT_UNCLEAN_STOP = 1
 EXIT_USAGE = 2
 EXIT_LISTEN = 3
+EXIT_WORKERS_FAILED = 4
 
 _MISSING = object()
 
@@ -74,27 +80,43 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
         return EXIT_USAGE
     logs.configure(early.log_format, early.log_level)
     log = structlog.get_logger("kitegreen")
+    load = functools.partial(load_server, args.target, args.config, flags)
+    on_load_error = functools.partial(_log_launch_error, log, args.target)
+    if early.workers > 1 and not args.check_config:
+        from kitegreen.workers.arbiter import serve
+
+        return serve(load, on_load_error, log)
     try:
-        server = load_target(args.target)
-        server.reconfigure(Config.load(base=server.config, file=args.config, flags=flags))
+        server = load()
     except (LaunchError, ConfigError) as exc:
-        _log_launch_error(log, args.target, exc)
+        on_load_error(exc)
         return EXIT_USAGE
     if args.check_config:
         print(json.dumps(describe(server.config), indent=2))
         return EXIT_OK
+    if server.config.workers > 1:
+        _restart_as_arbiter(argv, server.config.workers, log)
     return serve_single(server, log)
+
+
+def load_server(target: str, file: str | None, flags: dict[str, Any]) -> RpcServer:
+    """Import ``target`` and layer the config file, the environment and ``flags`` on its config.
+
+    Raises:
+        LaunchError: see :func:`load_target`.
+        ConfigError: a setting is malformed or out of range.
+    """
+    from kitegreen.config import Config
+
+    server = load_target(target)
+    server.reconfigure(Config.load(base=server.config, file=file, flags=flags))
+    return server
 
 
 def serve_single(server: RpcServer, log: Any) -> int:
     """Serve ``server`` in this process until a signal stops it; return the exit status."""
     from kitegreen.exceptions import ListenError
 
-    if server.config.workers > 1:
-        log.warning(
-            "workers > 1 is not supported by this version; serving in one process",
-            workers=server.config.workers,
-        )
     outcome = _Outcome()
     install_signal_handlers(_single_process_actions(server, log, outcome))
     try:
@@ -105,6 +127,16 @@ def serve_single(server: RpcServer, log: Any) -> int:
     server.serve()
     clean = server.stop()
     return EXIT_OK if clean and not outcome.quick else EXIT_UNCLEAN_STOP
+
+
+def _restart_as_arbiter(argv: Sequence[str] | None, workers: int, log: Any) -> None:
+    """Replace this process with the launcher run with ``--workers``: the target's code asked for
+    workers, and the arbiter must not hold the target's modules (see the module docstring)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    log.info("the target asks for workers; restarting as their arbiter", workers=workers)
+    sys.stderr.flush()
+    command = [sys.executable, "-m", "kitegreen", *args, "--workers", str(workers)]
+    os.execv(sys.executable, command)  # noqa: S606 - our own interpreter and arguments
 
 
 @dataclasses.dataclass
@@ -185,8 +217,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "path to a .py file). Settings: flags beat environment variables beat the config "
         "file beat the values in code.",
         epilog="signals: TERM and INT stop gracefully; QUIT logs the stacks and stops at once "
-        "(exit 1); USR1 logs the stacks of every greenlet and thread; HUP and USR2 are logged "
-        "and ignored in one process.",
+        "(exit 1); USR1 logs the stacks of every greenlet and thread. With --workers 2 or more, "
+        "sent to the arbiter: HUP reloads the code and settings one worker at a time, TTIN and "
+        "TTOU add and remove a worker. In one process HUP is logged and ignored; USR2 always is.",
         formatter_class=HelpFormatter,
         # Prefixes of flags would silently change meaning when a flag is added.
         allow_abbrev=False,

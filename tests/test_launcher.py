@@ -4,7 +4,6 @@ precedence of flags over the environment."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -22,6 +21,7 @@ import pytest
 import structlog
 from clients import thriftpy2_client
 from conftest import TESTS, testsvc_thrift, wait_until
+from launching import Launcher, json_lines, launcher_env
 
 from kitegreen import Config
 from kitegreen import logs as kg_logs
@@ -29,114 +29,8 @@ from kitegreen.config import DEFAULT_LIMIT_QPS, DEFAULT_WORKER_TIMEOUT
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = TESTS.parent
 TARGET = "tests/launcher_target.py:server"
 QUIET = ("--port", "0", "--host", "127.0.0.1", "--no-enable-debug-server")
-PYTHON_M = (sys.executable, "-m", "kitegreen")
-
-
-def launcher_env(**extra: str) -> dict[str, str]:
-    """The test's environment without any setting kitegreen reads, plus ``extra``."""
-    read = set(Config.env_variables())
-    env = {k: v for k, v in os.environ.items() if k not in read}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-class Launcher:
-    """``python -m kitegreen ARGS`` (or another ``command``) with its output collected by reader
-    greenlets.
-
-    Always used as a context manager: on exit the process is killed if it still runs, reaped,
-    and its pipes closed.
-    """
-
-    def __init__(
-        self,
-        *args: str,
-        env: dict[str, str] | None = None,
-        command: tuple[str, ...] = PYTHON_M,
-    ) -> None:
-        self.proc = subprocess.Popen(
-            [*command, *args],
-            cwd=ROOT,
-            env=env if env is not None else launcher_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._readers = [
-            gevent.spawn(self._pump, self.proc.stdout, self.stdout),
-            gevent.spawn(self._pump, self.proc.stderr, self.stderr),
-        ]
-
-    @staticmethod
-    def _pump(stream: Any, lines: list[str]) -> None:
-        for line in stream:
-            lines.append(line.decode("utf-8", "replace"))
-
-    def __enter__(self) -> Launcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(timeout=5.0)
-            gevent.joinall(self._readers, timeout=5.0)
-        finally:
-            gevent.killall(self._readers)
-            for stream in (self.proc.stdout, self.proc.stderr):
-                if stream is not None:
-                    stream.close()
-
-    def events(self) -> list[dict[str, Any]]:
-        """The JSON log lines written so far (the launcher logs to standard error)."""
-        return json_lines(self.stderr)
-
-    def find_event(self, event: str) -> dict[str, Any] | None:
-        """The first log record named ``event`` so far, or None."""
-        return next((e for e in self.events() if e.get("event") == event), None)
-
-    def wait_for_event(self, event: str, timeout: float = 10.0) -> dict[str, Any]:
-        """The first log record named ``event``, waiting for it up to ``timeout``."""
-        wait_until(
-            lambda: self.find_event(event) is not None or self.proc.poll() is not None,
-            timeout=timeout,
-        )
-        found = self.find_event(event)
-        assert found is not None, (
-            f"no {event!r} log line (exit status {self.proc.poll()});\n{self.output()}"
-        )
-        return found
-
-    def address(self) -> tuple[str, int]:
-        """The TCP address from the ``listening`` log line."""
-        host, _, port = self.wait_for_event("listening")["address"].rpartition(":")
-        return host, int(port)
-
-    def wait(self, timeout: float = 10.0) -> int:
-        """The exit status, waiting up to ``timeout``; the output is complete afterwards."""
-        status = self.proc.wait(timeout=timeout)
-        gevent.joinall(self._readers, timeout=5.0)
-        return status
-
-    def output(self) -> str:
-        return "".join(self.stdout) + "".join(self.stderr)
-
-
-def json_lines(lines: list[str]) -> list[dict[str, Any]]:
-    """The lines that are JSON objects, parsed."""
-    out = []
-    for line in list(lines):
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict):
-                out.append(record)
-    return out
 
 
 def run(
@@ -276,15 +170,6 @@ class TestStartup:
             launcher.proc.send_signal(signal.SIGTERM)
             assert launcher.wait() == 0
         assert not path.exists()
-
-    def test_more_than_one_worker_is_served_in_one_process_with_a_warning(self):
-        """--workers 2 is accepted; until the arbiter exists it serves in one process, saying so."""
-        with Launcher(TARGET, *QUIET, "--workers", "2") as launcher:
-            warning = launcher.wait_for_event(
-                "workers > 1 is not supported by this version; serving in one process"
-            )
-            assert warning["workers"] == 2
-            assert echo(launcher.address()) == "still serving"
 
 
 class TestLogs:

@@ -1,0 +1,504 @@
+"""``--workers N``: the arbiter and its workers, run through the launcher as subprocesses, called
+over real loopback sockets, watched through their logs and the arbiter's debug endpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import signal
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+import wire
+from conftest import TESTS, wait_until
+from consul_double import ConsulDouble
+from launching import Launcher, launcher_env
+from service import testsvc_thrift
+from thriftpy2.protocol.cybin import TCyBinaryProtocol
+from thriftpy2.transport.memory import TCyMemoryBuffer
+
+from kitegreen.config import DEFAULT_LIMIT_CONNECTIONS
+
+pytestmark = pytest.mark.timeout(60)
+
+TARGET = "tests/launcher_target.py:server"
+LOOPBACK = ("--host", "127.0.0.1", "--port", "0", "--debug-port", "0", "--exit-wait-time", "2")
+EXITED = ("worker stopped", "worker exited unasked; replacing it")
+
+
+def _echo_reply(message: str) -> bytes:
+    out = TCyMemoryBuffer()
+    proto = TCyBinaryProtocol(out)
+    proto.write_message_begin("echo", wire.REPLY, 1)
+    proto.write_struct(testsvc_thrift.TestService.echo_result(success=message))
+    proto.write_message_end()
+    return bytes(out.getvalue())
+
+
+ECHO = wire.encode("binary", "echo", message="workers")
+ECHO_REPLY = _echo_reply("workers")
+
+
+class Arbiter:
+    """The launcher run with ``--workers``, and what its log and debug server say."""
+
+    def __init__(self, launcher: Launcher) -> None:
+        self.launcher = launcher
+        self.proc = launcher.proc
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        """Every log record named ``event`` so far."""
+        return [e for e in self.launcher.events() if e.get("event") == event]
+
+    def live_workers(self) -> set[int]:
+        """Workers the arbiter has reported ready and not yet exited."""
+        ready = {e["worker"] for e in self.named("worker ready")}
+        gone = {e["worker"] for name in EXITED for e in self.named(name)}
+        return ready - gone
+
+    def wait_for_workers(self, count: int, timeout: float = 15.0) -> set[int]:
+        """The live workers once there are ``count`` of them."""
+        assert wait_until(
+            lambda: len(self.live_workers()) == count or self.proc.poll() is not None,
+            timeout=timeout,
+        ), f"not {count} workers: {self.live_workers()}\n{self.launcher.output()[-3000:]}"
+        assert self.proc.poll() is None, self.launcher.output()[-3000:]
+        return self.live_workers()
+
+    def address(self) -> tuple[str, int]:
+        return self.launcher.address()
+
+    def debug(self, path: str) -> bytes:
+        where = self.launcher.wait_for_event("debug server listening")["address"]
+        with urllib.request.urlopen(f"http://{where}{path}", timeout=10) as response:
+            body: bytes = response.read()
+            return body
+
+    def runtime(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.debug("/runtime/kite"))
+        return doc
+
+    def stop(self, signum: signal.Signals = signal.SIGTERM, timeout: float = 20.0) -> int:
+        self.proc.send_signal(signum)
+        return self.launcher.wait(timeout)
+
+
+@contextlib.contextmanager
+def arbiter(*args: str, workers: int = 2, env: dict[str, str] | None = None) -> Iterator[Arbiter]:
+    """The launcher serving ``TARGET`` with ``workers`` workers, once they are all ready."""
+    with Launcher(TARGET, *LOOPBACK, "--workers", str(workers), *args, env=env) as launcher:
+        instance = Arbiter(launcher)
+        instance.wait_for_workers(workers)
+        yield instance
+        # Whatever the test did, leave no worker behind (the launcher kills only the arbiter).
+        for pid in {e["worker"] for e in instance.named("worker spawned")}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def echo_call(address: tuple[str, int]) -> None:
+    """One echo call on a fresh connection, raw: the exact reply bytes or an exception."""
+    with socket.create_connection(address, timeout=5.0) as sock:
+        sock.sendall(ECHO)
+        assert _read_reply(sock) == ECHO_REPLY
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    got = b""
+    while len(got) < len(ECHO_REPLY):
+        chunk = sock.recv(len(ECHO_REPLY) - len(got))
+        if not chunk:
+            raise EOFError(len(got))
+        got += chunk
+    return got
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie waiting for its reaper counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return bool(re.search(r"^State:\s+Z", status, re.MULTILINE))
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = "^" + re.escape(name + (f"{{{wanted}}}" if labels else "")) + r" (\S+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    assert found, f"no {name} {labels} in the exposition"
+    return float(found.group(1))
+
+
+class Caller:
+    """Calls echo in a loop until stopped, and sorts out every way a call can end.
+
+    With ``keep_alive`` it reuses one connection and reconnects after a clean end-of-stream
+    (the connection contract allows one before any byte of a reply); without, each call has a
+    connection of its own. A refused connection, a reset or a reply cut short is a failure.
+    """
+
+    def __init__(self, address: tuple[str, int], *, keep_alive: bool) -> None:
+        self.address = address
+        self.keep_alive = keep_alive
+        self.ok = 0
+        self.clean_ends = 0
+        self.failures: list[str] = []
+        self._running = True
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        self._running = False
+        self._greenlet.join(timeout=10.0)
+        self._greenlet.kill()
+
+    def _run(self) -> None:
+        sock: socket.socket | None = None
+        try:
+            while self._running:
+                try:
+                    if sock is None:
+                        sock = socket.create_connection(self.address, timeout=5.0)
+                    sock.sendall(ECHO)
+                    _read_reply(sock)
+                    self.ok += 1
+                except EOFError as exc:
+                    if exc.args[0]:
+                        self.failures.append(f"reply cut short after {exc.args[0]} bytes")
+                    else:
+                        self.clean_ends += 1
+                    sock = _close(sock)
+                    continue
+                except OSError as exc:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                    sock = _close(sock)
+                    continue
+                if not self.keep_alive:
+                    sock = _close(sock)
+        finally:
+            _close(sock)
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
+
+
+class TestServing:
+    def test_workers_serve_and_connections_spread_over_them(self):
+        """N workers, none of them the arbiter, serve one address; held connections spread."""
+        with arbiter(workers=2) as instance:
+            workers = instance.live_workers()
+            assert instance.proc.pid not in workers
+            address = instance.address()
+            held = []
+            try:
+                for _ in range(40):
+                    sock = socket.create_connection(address, timeout=5.0)
+                    held.append(sock)
+                    sock.sendall(ECHO)
+                    _read_reply(sock)
+                rows = instance.runtime()["workers"]
+            finally:
+                for sock in held:
+                    sock.close()
+            open_per_worker = {row["pid"]: row["overload"]["conn_now"] for row in rows}
+            assert set(open_per_worker) == workers
+            assert sum(open_per_worker.values()) == 40
+            # An even split is 20 each; gevent's default max_accept would let one worker take
+            # most of them (see the README's measurements).
+            assert min(open_per_worker.values()) >= 5, open_per_worker
+            assert instance.stop() == 0
+
+    def test_metrics_count_the_calls_made_across_workers(self):
+        """/metrics sums every worker's counters; gauges are per worker, labelled by pid."""
+        with arbiter(workers=2) as instance:
+            workers = instance.live_workers()
+            for _ in range(30):
+                echo_call(instance.address())
+            text = instance.debug("/metrics").decode()
+            assert metric(text, "kitegreen_requests_total", method="echo") == 30
+            assert metric(text, "kitegreen_connections_total") == 30
+            histogram = metric(text, "kitegreen_request_duration_seconds_count", method="echo")
+            assert histogram == 30
+            for pid in workers:
+                assert metric(text, "kitegreen_connections_open", pid=str(pid)) == 0
+                assert metric(text, "process_resident_memory_bytes", pid=str(pid)) > 0
+            assert metric(text, "kitegreen_workers") == 2
+            runtime = instance.runtime()
+            assert runtime["totals"]["requests"] == 30
+            assert sum(row["requests"] for row in runtime["workers"]) == 30
+            assert instance.debug("/health") == b"ok\n"
+            assert instance.stop() == 0
+
+    def test_workers_set_in_the_code_make_an_arbiter(self, tmp_path):
+        """A target whose Config asks for workers gets them: the launcher restarts itself as
+        their arbiter, in the same process."""
+        module = tmp_path / "two_workers.py"
+        module.write_text(
+            "import sys\n"
+            f"sys.path.insert(0, {str(TESTS)!r})\n"
+            "import kitegreen\n"
+            "from conftest import Handler, testsvc_thrift\n"
+            "server = kitegreen.RpcServer(testsvc_thrift.TestService, Handler(),\n"
+            "    kitegreen.Config(workers=2, host='127.0.0.1', port=0, debug_port=0))\n"
+        )
+        with Launcher(f"{module}:server") as launcher:
+            instance = Arbiter(launcher)
+            instance.wait_for_workers(2)
+            assert instance.named("listening")[0]["pid"] == launcher.proc.pid
+            echo_call(instance.address())
+            assert instance.stop() == 0
+
+    @pytest.mark.parametrize(
+        ("target", "expected"), [("nope:nothing", 2), (TARGET, 3)], ids=["target", "listen"]
+    )
+    def test_start_up_errors_keep_their_exit_status(self, target, expected):
+        """A target that does not load exits 2, an address in use 3, as in one process."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = str(taken.getsockname()[1])
+            args = ("--host", "127.0.0.1", "--port", port, "--workers", "2")
+            with Launcher(target, *args) as launcher:
+                assert launcher.wait(15.0) == expected, launcher.output()
+        assert "worker spawned" not in launcher.output()
+
+
+class TestReload:
+    def test_sighup_under_load_refuses_and_resets_nothing(self):
+        """SIGHUP replaces every worker, one at a time, while clients call in a loop: no
+        refused connection, no reset, no reply cut short."""
+        with arbiter(workers=2) as instance:
+            old = instance.live_workers()
+            address = instance.address()
+            callers = [Caller(address, keep_alive=k) for k in (False, False, True, True)]
+            try:
+                assert wait_until(lambda: all(c.ok for c in callers), timeout=10.0)
+                before = sum(c.ok for c in callers)
+                instance.proc.send_signal(signal.SIGHUP)
+                instance.launcher.wait_for_event("reload complete", timeout=30.0)
+                new = instance.wait_for_workers(2)
+                during = sum(c.ok for c in callers) - before
+                assert wait_until(lambda: sum(c.ok for c in callers) > before + during + 20)
+            finally:
+                for caller in callers:
+                    caller.stop()
+            assert [f for c in callers for f in c.failures] == []
+            assert during > 0
+            assert new.isdisjoint(old)
+            assert wait_until(lambda: all(gone(pid) for pid in old))
+            assert instance.stop() == 0
+
+    def test_sighup_with_a_broken_application_keeps_the_workers(self, tmp_path):
+        """A reload whose code no longer imports is refused; the old workers keep serving."""
+        module = tmp_path / "app.py"
+        module.write_text(
+            f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nfrom launcher_target import server\n"
+        )
+        with Launcher(f"{module}:server", *LOOPBACK, "--workers", "2") as launcher:
+            instance = Arbiter(launcher)
+            workers = instance.wait_for_workers(2)
+            module.write_text("raise RuntimeError('broken deploy')\n")
+            instance.proc.send_signal(signal.SIGHUP)
+            launcher.wait_for_event(
+                "reload refused: the application or its settings do not load; "
+                "the workers keep serving"
+            )
+            assert "broken deploy" in launcher.output()
+            echo_call(instance.address())
+            assert instance.live_workers() == workers
+            assert instance.stop() == 0
+
+
+class TestSupervision:
+    def test_a_killed_worker_is_replaced_within_5_seconds(self):
+        """A worker killed with SIGKILL is replaced by a new one within 5 s."""
+        with arbiter(workers=2) as instance:
+            victim, survivor = sorted(instance.live_workers())
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            assert wait_until(
+                lambda: (
+                    len(instance.live_workers() - {survivor}) == 1
+                    and victim not in instance.live_workers()
+                ),
+                timeout=5.0,
+            ), instance.launcher.output()[-2000:]
+            assert time.monotonic() - killed_at < 5.0
+            (record,) = instance.named("worker exited unasked; replacing it")
+            assert (record["worker"], record["exit"]) == (victim, "killed by SIGKILL")
+            echo_call(instance.address())
+            assert instance.stop() == 0
+
+    def test_a_blocked_worker_is_replaced_with_its_stack_logged(self):
+        """A worker whose hub stays blocked past worker_timeout has its stack logged, is
+        killed, and is replaced."""
+        with arbiter("--worker-timeout", "2", workers=2) as instance:
+            workers = instance.live_workers()
+
+            def block() -> None:
+                address = instance.address()
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(address, timeout=20.0) as sock,
+                ):
+                    sock.sendall(wire.encode("binary", "block_hub", seconds=30.0))
+                    sock.recv(100)
+
+            caller = gevent.spawn(block)
+            try:
+                record = instance.launcher.wait_for_event(
+                    "worker timed out: its hub has not run for longer than worker_timeout; "
+                    "killing and replacing it",
+                    timeout=15.0,
+                )
+                assert record["worker"] in workers
+                assert record["seconds"] > 2.0
+                assert "in block_hub" in record["stack"]
+                assert "tests/service.py" in record["stack"]
+                assert wait_until(lambda: record["worker"] not in instance.live_workers())
+                assert record["worker"] not in instance.wait_for_workers(2)
+                assert gone(record["worker"])
+            finally:
+                caller.kill()
+            assert instance.stop() == 0
+
+    def test_ttin_and_ttou_add_and_remove_a_worker_and_share_the_limits(self):
+        """TTIN adds a worker and TTOU takes the oldest away; each share of the connection
+        limit follows."""
+        with arbiter(workers=2) as instance:
+            oldest = instance.named("worker spawned")[0]["worker"]
+            instance.proc.send_signal(signal.SIGTTIN)
+            three = instance.wait_for_workers(3)
+            runtime = instance.runtime()
+            share = math.ceil(DEFAULT_LIMIT_CONNECTIONS / 3)
+            assert runtime["overload"]["worker_share"]["limit_connections"] == share
+            assert runtime["overload"]["conn_limit"] == DEFAULT_LIMIT_CONNECTIONS
+            assert wait_until(
+                lambda: all(
+                    w["overload"]["conn_limit"] == share for w in instance.runtime()["workers"]
+                )
+            )
+            instance.proc.send_signal(signal.SIGTTOU)
+            two = instance.wait_for_workers(2)
+            assert two == three - {oldest}
+            assert instance.runtime()["arbiter"]["workers_wanted"] == 2
+            assert instance.stop() == 0
+
+    def test_sigusr1_makes_every_process_log_its_stacks(self):
+        """SIGUSR1 to the arbiter: the arbiter and every worker log their stacks."""
+        with arbiter(workers=2) as instance:
+            workers = instance.live_workers()
+            instance.proc.send_signal(signal.SIGUSR1)
+            expected = {instance.proc.pid, *workers}
+            assert wait_until(
+                lambda: {e["pid"] for e in instance.named("greenlet and thread stacks")} == expected
+            )
+            assert instance.stop() == 0
+
+    def test_workers_that_crash_at_start_up_stop_the_instance(self, tmp_path):
+        """Workers that keep exiting right after start stop the arbiter with exit 4."""
+        module = tmp_path / "crashing.py"
+        module.write_text(
+            "import os, gevent\n"
+            "from launcher_target import server\n"
+            "gevent.spawn_later(0.05, os._exit, 3)\n"
+        )
+        env = launcher_env(PYTHONPATH=str(TESTS))
+        with Launcher(f"{module}:server", *LOOPBACK, "--workers", "2", env=env) as launcher:
+            assert launcher.wait(30.0) == 4, launcher.output()[-3000:]
+        record = launcher.find_event("workers keep exiting at start-up; stopping the instance")
+        assert record is not None
+        assert record["last_exit"] == "exit 3"
+
+
+class TestStop:
+    def test_sigterm_drains_every_worker_and_leaves_no_process(self):
+        """SIGTERM: calls in flight on every worker get their replies, then every process
+        exits and the arbiter exits 0."""
+        with arbiter(workers=2) as instance:
+            workers = instance.live_workers()
+            address = instance.address()
+
+            def slow() -> bytes:
+                with socket.create_connection(address, timeout=10.0) as sock:
+                    sock.sendall(wire.encode("binary", "slow", seconds=1.5, message="done"))
+                    return sock.recv(100)
+
+            calls = []
+            try:
+                # Until a slow call is in flight on each worker.
+                while {e["pid"] for e in instance.named("slow call started")} != workers:
+                    calls.append(gevent.spawn(slow))
+                    assert len(calls) < 20, instance.launcher.output()[-2000:]
+                    wait_until(
+                        lambda: len(instance.named("slow call started")) >= len(calls),
+                        timeout=5.0,
+                    )
+                assert instance.stop() == 0, instance.launcher.output()[-3000:]
+                replies = [call.get(timeout=5.0) for call in calls]
+            finally:
+                gevent.killall(calls)
+            assert all(b"done" in reply for reply in replies)
+            assert all(gone(pid) for pid in workers)
+            stopped = {e["pid"] for e in instance.named("stopped")}
+            assert stopped == {instance.proc.pid, *workers}
+
+    def test_no_worker_outlives_a_killed_arbiter(self):
+        """An arbiter killed with SIGKILL takes its workers with it."""
+        with arbiter(workers=2) as instance:
+            workers = instance.live_workers()
+            instance.proc.kill()
+            instance.launcher.wait(5.0)
+            assert wait_until(lambda: all(gone(pid) for pid in workers), timeout=10.0)
+
+
+class TestOneInstance:
+    @pytest.fixture
+    def agent(self) -> Iterator[ConsulDouble]:
+        with ConsulDouble() as double:
+            yield double
+
+    def test_consul_sees_one_instance_deregistered_first(self, agent):
+        """The instance registers once whatever N, and deregisters before any worker stops."""
+        env = launcher_env(CONSUL_HTTP_ADDR=agent.address)
+        with arbiter(
+            "--register", "--register-delay", "0", "--drain-time", "0", workers=3, env=env
+        ) as instance:
+            service = agent.wait_for_registration("launcher-test", timeout=10.0)
+            assert service["Port"] == instance.address()[1]
+            assert len(agent.services) == 1
+            assert instance.stop() == 0
+        assert agent.services == {}
+        records = instance.launcher.events()
+        deregistered = next(i for i, e in enumerate(records) if e["event"] == "deregistered")
+        first_worker_stop = next(
+            i for i, e in enumerate(records) if e["event"] == "signal received, stopping"
+        )
+        assert deregistered < first_worker_stop
+
+    def test_remote_config_reaches_every_worker_within_2_seconds(self, agent):
+        """A limit put in Consul is watched once and reaches every worker, as its share."""
+        env = launcher_env(CONSUL_HTTP_ADDR=agent.address)
+        with arbiter("--remote-config", workers=2, env=env) as instance:
+            agent.wait_for_blocked(count=1, timeout=10.0)
+            agent.kv_put("kite/limit/qps/launcher-test", "7")
+            assert wait_until(
+                lambda: (
+                    [w["overload"]["qps_limit"] for w in instance.runtime()["workers"]] == [4, 4]
+                ),
+                timeout=2.0,
+            )
+            assert instance.runtime()["overload"]["qps_limit"] == 7
+            assert instance.stop() == 0
