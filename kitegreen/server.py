@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -195,7 +195,13 @@ class RpcServer:
         """Whether start() has succeeded and stop() has not finished."""
         return self._started and not self._stopped.is_set()
 
-    def start(self, listener: Any = None, *, max_accept: int | None = None) -> None:
+    def start(
+        self,
+        listener: Any = None,
+        *,
+        max_accept: int | None = None,
+        accept_gate: Callable[[], float] | None = None,
+    ) -> None:
         """Listen and start accepting; return at once (kite's Listen + AcceptLoop).
 
         Args:
@@ -207,6 +213,8 @@ class RpcServer:
             max_accept: connections taken per wake-up of the accept loop; gevent's default
                 (100) when None. Processes sharing a listener use 1, so that one of them does
                 not take a whole burst of connections while the others stay idle.
+            accept_gate: called before each accept; a positive result is a number of seconds
+                to leave the listener to the other processes sharing it instead.
 
         Raises:
             ListenError: the listening socket could not be created.
@@ -227,7 +235,12 @@ class RpcServer:
             self._address = (str(host), int(port))
         try:
             self._acceptor = Acceptor(
-                sock, self._handle, self._admit, self._pool, max_accept=max_accept
+                sock,
+                self._handle,
+                self._admit,
+                self._pool,
+                max_accept=max_accept,
+                gate=accept_gate,
             )
             self._acceptor.start()
             self._started = True

@@ -21,6 +21,9 @@ class Acceptor(StreamServer):  # type: ignore[misc]
             (the callee closes it).
         pool: where connection greenlets run.
         max_accept: connections accepted per wake-up of the loop; gevent's default when None.
+        gate: called before each accept; a positive result is a number of seconds to leave
+            the listener alone instead (processes sharing a listener use it to share
+            connections out evenly).
     """
 
     def __init__(
@@ -31,15 +34,28 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         pool: Pool,
         *,
         max_accept: int | None = None,
+        gate: Callable[[], float] | None = None,
     ) -> None:
         super().__init__(listener, handle=handle, spawn=pool)
         self._admit = admit
+        self._gate = gate
+        self._deferral: Any = None
         if max_accept is not None:
             if max_accept < 1:
                 raise ValueError(f"max_accept must be >= 1, got {max_accept}")
             self.max_accept = max_accept
 
     def do_read(self) -> tuple[Any, Any] | None:
+        if self._gate is not None:
+            delay = self._gate()
+            if delay > 0:
+                super().stop_accepting()
+                self._deferral = self.loop.timer(delay)
+                self._deferral.start(self._resume)
+                return None
+        return self._accept_one()
+
+    def _accept_one(self) -> tuple[Any, Any] | None:
         # A plain non-blocking socket rather than gevent's cooperative one: the connection
         # drives it with io watchers directly (transport.stream), which takes the per-request
         # cost of gevent's socket methods off the hot path.
@@ -54,6 +70,21 @@ class Acceptor(StreamServer):  # type: ignore[misc]
             # One write per reply: Nagle could only hold it back behind a delayed ACK.
             raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         return raw, address
+
+    def stop_accepting(self) -> None:
+        """Stop accepting, a deferral by the gate included."""
+        self._cancel_deferral()
+        super().stop_accepting()
+
+    def _resume(self) -> None:
+        self._cancel_deferral()
+        self.start_accepting()
+
+    def _cancel_deferral(self) -> None:
+        deferral, self._deferral = self._deferral, None
+        if deferral is not None:
+            deferral.stop()
+            deferral.close()
 
     def do_handle(self, *args: Any) -> None:
         client_socket, address = args
@@ -73,7 +104,7 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         """
         taken = 0
         while True:
-            accepted = self.do_read()
+            accepted = self._accept_one()
             if accepted is None:
                 return taken
             taken += 1
