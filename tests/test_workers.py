@@ -1,5 +1,7 @@
 """``--workers N``: the arbiter and its workers, run through the launcher as subprocesses, called
-over real loopback sockets, watched through their logs and the arbiter's debug endpoints."""
+over real loopback sockets, watched through their logs and the arbiter's debug endpoints; and
+their parts (the accept balance, limit shares, the probe's settings, summed metrics) in this
+process."""
 
 from __future__ import annotations
 
@@ -19,14 +21,20 @@ from typing import Any
 import gevent
 import pytest
 import wire
-from conftest import TESTS, wait_until
+from conftest import TESTS, loopback_config, wait_until
 from consul_double import ConsulDouble
 from launching import Launcher, launcher_env
 from service import testsvc_thrift
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
-from kitegreen.config import DEFAULT_LIMIT_CONNECTIONS
+import kitegreen
+from kitegreen.config import DEFAULT_LIMIT_CONNECTIONS, Config
+from kitegreen.metrics import Metrics, merge_snapshots
+from kitegreen.workers.balance import DEFER, SLACK, AcceptBalance
+from kitegreen.workers.board import Board
+from kitegreen.workers.instance import share
+from kitegreen.workers.probe import config_from_json, config_to_json
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,8 +203,9 @@ def _close(sock: socket.socket | None) -> None:
 
 
 class TestServing:
-    def test_workers_serve_and_connections_spread_over_them(self):
-        """N workers, none of them the arbiter, serve one address; held connections spread."""
+    def test_workers_serve_and_connections_spread_evenly_over_them(self):
+        """N workers, none of them the arbiter, serve one address; held connections spread
+        evenly over them."""
         with arbiter(workers=2) as instance:
             workers = instance.live_workers()
             assert instance.proc.pid not in workers
@@ -215,9 +224,11 @@ class TestServing:
             open_per_worker = {row["pid"]: row["overload"]["conn_now"] for row in rows}
             assert set(open_per_worker) == workers
             assert sum(open_per_worker.values()) == 40
-            # An even split is 20 each; gevent's default max_accept would let one worker take
-            # most of them (see the README's measurements).
-            assert min(open_per_worker.values()) >= 5, open_per_worker
+            # An even split is 20 each. Without the accept balance one worker could take most
+            # of them (see the README's measurements); with it, no worker takes a connection
+            # while it has more than SLACK over another.
+            assert max(open_per_worker.values()) - min(open_per_worker.values()) <= 2 * SLACK + 2
+            assert min(open_per_worker.values()) >= 10, open_per_worker
             assert instance.stop() == 0
 
     def test_metrics_count_the_calls_made_across_workers(self):
@@ -502,3 +513,107 @@ class TestOneInstance:
             )
             assert instance.runtime()["overload"]["qps_limit"] == 7
             assert instance.stop() == 0
+
+
+class TestAcceptBalance:
+    """The accept gate, in this process, against a board of its own."""
+
+    @staticmethod
+    def board_with(*workers: tuple[int, bool]) -> tuple[Board, list[Any]]:
+        board = Board(size=8)
+        slots = []
+        for index, (open_, accepting) in enumerate(workers):
+            slot = board.slot(index)
+            slot.set_open(open_)
+            slot.set_accepting(accepting)
+            slots.append(slot)
+        return board, slots
+
+    def test_accepts_while_within_slack_of_the_least_loaded(self):
+        """A worker with at most SLACK more connections than another accepts at once."""
+        board, slots = self.board_with((0, True), (5, True))
+        gate = AcceptBalance(board, slots[0], lambda: SLACK, stale_after=5.0)
+        assert gate() == 0
+
+    def test_defers_once_then_takes_one(self):
+        """Over its share a worker defers, and takes one connection before it looks again."""
+        board, slots = self.board_with((0, True), (1, True))
+        gate = AcceptBalance(board, slots[0], lambda: 1 + SLACK + 1, stale_after=5.0)
+        assert gate() == DEFER
+        assert gate() == 0
+        assert gate() == DEFER
+
+    def test_ignores_workers_not_accepting_or_not_alive(self):
+        """Stopping workers and workers with a stale heartbeat do not hold the others back."""
+        board, slots = self.board_with((100, True), (0, False), (0, True))
+        clock = [time.monotonic() + 10.0]
+        gate = AcceptBalance(board, slots[0], lambda: 100, stale_after=5.0, clock=lambda: clock[0])
+        assert gate.fewest_elsewhere() is None
+        assert gate() == 0
+
+    def test_publishes_its_own_count(self):
+        """Each look at the gate publishes this worker's open connections for the others."""
+        board, slots = self.board_with((0, True), (0, True))
+        AcceptBalance(board, slots[0], lambda: 7, stale_after=5.0)()
+        other = AcceptBalance(board, slots[1], lambda: 0, stale_after=5.0)
+        assert other.fewest_elsewhere() == 7
+
+
+class TestParts:
+    @pytest.mark.parametrize(
+        ("limit", "workers", "expected"), [(10_000, 3, 3334), (7, 2, 4), (0, 4, 0), (1, 8, 1)]
+    )
+    def test_each_worker_enforces_its_share_of_a_limit(self, limit, workers, expected):
+        """A worker's share is ceil(limit / workers); 0 (off) stays off."""
+        assert share(limit, workers) == expected
+
+    def test_settings_survive_the_trip_from_the_probe(self):
+        """The probe's JSON gives back an equal Config, tuples and mappings included."""
+        config = Config(
+            port=0,
+            workers=3,
+            drain_time=1.5,
+            trusted_proxies=("10.0.0.0/8",),
+            endpoint_qps_limits={"echo": 5},
+            consul_token="s3cret",
+        )
+        assert config_from_json(config_to_json(config)) == config
+
+    def test_snapshots_sum_counters_and_histograms(self):
+        """merge_snapshots adds requests, buckets, errors and overloads up, method by method."""
+        first, second = Metrics(lambda: {}), Metrics(lambda: {"connections_open": 2})
+        first.method("echo").observe(0.001, "ok")
+        second.method("echo").observe(0.5, "internal")
+        second.method("ping").observe(0.001, "ok")
+        second.overload("qps")
+        total = merge_snapshots([first.snapshot(), second.snapshot()])
+        assert total["methods"]["echo"]["requests"] == 2
+        assert total["methods"]["echo"]["errors"]["internal"] == 1
+        assert sum(total["methods"]["echo"]["buckets"]) == 2
+        assert total["methods"]["ping"]["requests"] == 1
+        assert total["overloads"]["qps"] == 1
+        assert total["gauges"]["connections_open"] == 2
+
+
+class TestAcceptGate:
+    def test_a_deferring_gate_delays_the_accept_without_losing_the_connection(self, handler):
+        """RpcServer(accept_gate=...) leaves the listener alone while the gate defers."""
+        calls: list[float] = []
+
+        def gate() -> float:
+            calls.append(time.monotonic())
+            return 0.2 if len(calls) == 1 else 0.0
+
+        server = kitegreen.RpcServer(testsvc_thrift.TestService, handler, loopback_config())
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        server.start(listener=listener, max_accept=1, accept_gate=gate)
+        try:
+            started = time.monotonic()
+            echo_call(server.address)
+            assert time.monotonic() - started >= 0.19
+            assert len(calls) >= 2
+        finally:
+            server.stop(timeout=2.0)
+            listener.close()

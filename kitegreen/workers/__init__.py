@@ -10,7 +10,9 @@
 ``worker.py``      what runs in a worker after the fork
 ``fork.py``        forking a gevent process and starting afresh in the child
 ``control.py``     the arbiter<->worker channel (JSON lines over a socketpair)
-``heartbeat.py``   the shared-memory heartbeat
+``board.py``       shared memory: each worker's heartbeat, open connections, accepting or not
+``balance.py``     the accept gate that shares new connections out evenly among the workers
+``heartbeat.py``   the worker's greenlet that stamps its heartbeat
 ``process.py``     the arbiter's handle on one worker
 =================  ==============================================================================
 

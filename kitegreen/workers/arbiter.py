@@ -62,8 +62,8 @@ from kitegreen.signals import install_signal_handlers
 from kitegreen.transport.listener import ListenSpec, listen, remove_unix_socket
 from kitegreen.transport.stream import CLOSE_LINGER
 from kitegreen.workers import fork
+from kitegreen.workers.board import Board
 from kitegreen.workers.control import Channel
-from kitegreen.workers.heartbeat import Heartbeat
 from kitegreen.workers.instance import Instance, ready_count
 from kitegreen.workers.probe import probe_config
 from kitegreen.workers.process import BOOTING, STOPPING, WorkerProcess
@@ -205,6 +205,7 @@ class Arbiter:
         self.log = log
         self._events: Queue[tuple[Any, ...]] = Queue()
         self._workers: dict[int, WorkerProcess] = {}
+        self._board = Board()
         self._signal_handles: list[Any] = []
         self._closers = Pool()
         self._killers = Pool()
@@ -494,13 +495,15 @@ class Arbiter:
 
     def _spawn(self) -> None:
         self._age += 1
-        heartbeat = Heartbeat()
+        used = {w.slot.index for w in self._workers.values()}
+        slot = self._board.slot(next(i for i in range(self._board.size) if i not in used))
         stack_file = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the WorkerProcess
         parent_end, child_end = _socket.socketpair()
         spec = WorkerSpec(
             listener=self._listener,
             control=child_end,
-            heartbeat=heartbeat,
+            board=self._board,
+            slot=slot,
             stack_file=stack_file,
             parent=os.getpid(),
             worker_timeout=self._config.worker_timeout,
@@ -512,7 +515,7 @@ class Arbiter:
         try:
             pid = fork.fork(self._child_exited)
         except OSError as exc:
-            for resource in (heartbeat, stack_file, parent_end, child_end):
+            for resource in (stack_file, parent_end, child_end):
                 resource.close()
             self.log.error("cannot fork a worker", error=str(exc))
             self._spawn_not_before = time.monotonic() + self._backoff.next()
@@ -527,7 +530,7 @@ class Arbiter:
             log=self.log.bind(worker=pid),
         )
         self._workers[pid] = WorkerProcess(
-            pid, self._age, self._generation, channel, heartbeat, stack_file
+            pid, self._age, self._generation, channel, slot, stack_file
         )
         channel.start()
         self.log.info("worker spawned", worker=pid, generation=self._generation)
@@ -617,7 +620,7 @@ class Arbiter:
         for worker in self._workers.values():
             if worker.timed_out:
                 continue
-            stale = worker.heartbeat.age(now)
+            stale = worker.slot.age(now)
             if stale > timeout:
                 worker.timed_out = True
                 self._killers.spawn(self._dump_and_kill, worker, stale)

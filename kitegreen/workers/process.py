@@ -1,4 +1,4 @@
-"""The arbiter's handle on one worker process: its pid, channel, heartbeat and stack file."""
+"""The arbiter's handle on one worker process: its pid, channel, board slot and stack file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from kitegreen.workers.board import Slot
 from kitegreen.workers.control import Channel
-from kitegreen.workers.heartbeat import Heartbeat
 
 BOOTING = "booting"
 READY = "ready"
@@ -30,7 +30,7 @@ class WorkerProcess:
             when workers are taken away.
         generation: the reload generation it was spawned in (0 until the first SIGHUP).
         channel: the arbiter's end of its control channel.
-        heartbeat: its heartbeat slot.
+        slot: its slot on the board (its heartbeat, connections, accepting).
         stack_file: where its faulthandler writes stacks on the arbiter's request.
         spawned_at: monotonic time of the fork.
         ready_at: monotonic time its server started accepting; None until then.
@@ -42,7 +42,7 @@ class WorkerProcess:
     age: int
     generation: int
     channel: Channel
-    heartbeat: Heartbeat
+    slot: Slot
     stack_file: IO[bytes]
     spawned_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
@@ -94,9 +94,9 @@ class WorkerProcess:
         return os.WEXITSTATUS(status)
 
     def close(self) -> None:
-        """Release the channel, the heartbeat slot and the stack file (once reaped)."""
+        """Release the channel, the board slot and the stack file (once reaped)."""
         self.channel.close()
-        self.heartbeat.close()
+        self.slot.clear()
         self.stack_file.close()
 
     def as_dict(self, now: float) -> dict[str, Any]:
@@ -107,7 +107,7 @@ class WorkerProcess:
             "generation": self.generation,
             "state": self.state,
             "up_seconds": round(now - self.spawned_at, 3),
-            "heartbeat_age": round(self.heartbeat.age(now), 3),
+            "heartbeat_age": round(self.slot.age(now), 3),
         }
 
 

@@ -34,8 +34,10 @@ from kitegreen.exceptions import ConfigError, LaunchError
 from kitegreen.metrics import process_figures
 from kitegreen.signals import install_signal_handlers
 from kitegreen.workers import fork
+from kitegreen.workers.balance import AcceptBalance
+from kitegreen.workers.board import Board, Slot
 from kitegreen.workers.control import Channel
-from kitegreen.workers.heartbeat import Heartbeat, Pulse
+from kitegreen.workers.heartbeat import Pulse
 
 if TYPE_CHECKING:
     from kitegreen.server import RpcServer
@@ -58,6 +60,8 @@ MAX_ACCEPT = 1
 connection arrives on the shared listener, and the first to run would otherwise take the whole
 burst (gevent's default is 100). See the README's measurements."""
 HEARTBEAT_INTERVAL_MAX = 1.0
+STALE_BEATS = 3
+"""Heartbeats a worker may miss before the others' accept balance stops counting on it."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ class WorkerSpec:
     Attributes:
         listener: the bound listening socket, as a plain ``_socket.socket``.
         control: the worker's end of its control channel, a plain ``_socket.socket``.
-        heartbeat: its heartbeat slot.
+        board: the instance's board.
+        slot: its slot on the board (heartbeat, connections open, accepting).
         stack_file: where faulthandler writes its stacks.
         parent: the arbiter's pid.
         worker_timeout: seconds its hub may stay blocked; the heartbeat beats four times as
@@ -81,7 +86,8 @@ class WorkerSpec:
 
     listener: Any
     control: Any
-    heartbeat: Heartbeat
+    board: Board
+    slot: Slot
     stack_file: IO[bytes]
     parent: int
     worker_timeout: float
@@ -124,9 +130,9 @@ class _Worker:
         if not fork.die_with_parent(signal.SIGTERM, spec.parent):
             return EXIT_OK  # the arbiter died while forking us: nobody to serve for
         faulthandler.register(STACK_SIGNAL, file=spec.stack_file, all_threads=True, chain=False)
-        spec.heartbeat.stamp()
+        spec.slot.stamp()
         interval = min(spec.worker_timeout / 4, HEARTBEAT_INTERVAL_MAX)
-        pulse = Pulse(spec.heartbeat, interval, spec.parent, self._orphaned)
+        pulse = Pulse(spec.slot, interval, spec.parent, self._open_connections, self._orphaned)
         pulse.start()
         self.channel = Channel(
             socket.socket(fileno=spec.control.detach()),
@@ -146,7 +152,15 @@ class _Worker:
         self.server = server
         if self.stop_requested:
             return EXIT_OK
-        server.start(listener=socket.socket(fileno=spec.listener.detach()), max_accept=MAX_ACCEPT)
+        balance = AcceptBalance(
+            spec.board, spec.slot, self._open_connections, stale_after=STALE_BEATS * interval
+        )
+        server.start(
+            listener=socket.socket(fileno=spec.listener.detach()),
+            max_accept=MAX_ACCEPT,
+            accept_gate=balance,
+        )
+        spec.slot.set_accepting(True)
         self.channel.send({"type": "ready"})
         server.serve()
         clean = server.stop()
@@ -155,6 +169,9 @@ class _Worker:
         pulse.stop()
         self.channel.close()
         return EXIT_OK if clean and not self.quick else EXIT_UNCLEAN_STOP
+
+    def _open_connections(self) -> int:
+        return self.server.limiter.connections if self.server is not None else 0
 
     def stats(self) -> dict[str, Any]:
         """This worker's figures for the arbiter (see ``control.py``)."""
@@ -179,6 +196,8 @@ class _Worker:
 
     def _stop(self, reason: str, **fields: Any) -> None:
         self.stop_requested = True
+        # The other workers' accept balance must not wait for this one to take connections.
+        self.spec.slot.set_accepting(False)
         if self.server is not None:
             self.log.info(reason, **fields)
             self.server.stop()
@@ -206,6 +225,7 @@ class _Worker:
                 sys.stderr.flush()
                 os._exit(EXIT_UNCLEAN_STOP)
             self.quick = self.stop_requested = True
+            self.spec.slot.set_accepting(False)
             self.server.stop(timeout=0)
 
         def dump_stacks() -> None:
