@@ -1,5 +1,9 @@
 """Benchmark kitegreen against its peers on loopback: ``python benchmarks/run.py [--quick]``.
 
+``--workers 1,2,4,8`` runs kitegreen with each worker count (``kitegreen``, ``kitegreen-w2``, ...)
+and adds a scaling table; ``--loadgens K`` splits each cell's connections over K load-generator
+processes, so that the load generator is not what limits several workers.
+
 For every round, wire format and server (the server order rotates each round, so rounds of
 one server never run back to back), the server is started pinned to core 0, and for each
 method and connection count the C load generator, pinned to core 1, warms up and then
@@ -50,7 +54,10 @@ CONNS = (1, 50, 500)
 IDLE_CONNECTIONS = 2000
 SEQID = 1
 SERVER_CORE = "0"
-LOADGEN_CORE = "1"
+"""The server's cores for taskset (a range such as ``0-3`` with workers); set by :func:`main`."""
+LOADGEN_CORES = ["1"]
+"""One core per load-generator process; set by :func:`main`."""
+TARGET_SCALING = 0.8
 START_TIMEOUT = 20.0
 GUNICORN_PINS = ("gunicorn==19.9.0", "setproctitle")
 GUNICORN_THRIFT = "gunicorn_thrift==0.2.25"
@@ -154,9 +161,23 @@ def encode_messages() -> dict[tuple[str, str], Message]:
 # -- processes ------------------------------------------------------------------------------
 
 
-def can_pin() -> bool:
-    """Whether the server and the load generator can have a core each."""
-    return shutil.which("taskset") is not None and len(os.sched_getaffinity(0)) >= 2
+def can_pin(server_cores: int = 1, loadgens: int = 1) -> bool:
+    """Whether the server and each load generator can have cores of their own."""
+    cores = len(os.sched_getaffinity(0))
+    return shutil.which("taskset") is not None and cores >= server_cores + loadgens
+
+
+def set_cores(server_cores: int, loadgens: int) -> None:
+    """Give the server the first ``server_cores`` cores and each load generator one after."""
+    global SERVER_CORE, LOADGEN_CORES
+    cores = sorted(os.sched_getaffinity(0))
+    SERVER_CORE = ",".join(str(c) for c in cores[:server_cores])
+    LOADGEN_CORES = [str(c) for c in cores[server_cores : server_cores + loadgens]]
+
+
+def worker_count(name: str) -> int:
+    """Worker processes of a server variant: N for ``kitegreen-wN``, else 1."""
+    return int(name.rsplit("-w", 1)[1]) if name.startswith("kitegreen-w") else 1
 
 
 def pinned(core: str, cmd: list[str], pin: bool) -> list[str]:
@@ -246,6 +267,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_total(pids: list[int]) -> float:
+    """CPU seconds of ``pids`` together (a process that has gone counts 0)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += cpu_seconds(pid)
+    return total
+
+
 @dataclass
 class Server:
     """One running server process (its process group is ours to kill)."""
@@ -265,6 +295,13 @@ class Server:
             if kids:
                 return kids[0]
         return self.proc.pid
+
+    def serving_pids(self) -> list[int]:
+        """Every process whose CPU and memory are the server's: with kitegreen's workers, the
+        arbiter and its workers."""
+        if worker_count(self.name) > 1:
+            return [self.proc.pid, *children(self.proc.pid)]
+        return [self.worker_pid]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -337,10 +374,58 @@ def _start_server(name: str, wire: str, ping: Message, pin: bool) -> Server:
 
 
 def run_loadgen(
-    port: int, msg: Message, conns: int, warmup: float, duration: float, pin: bool
+    port: int,
+    msg: Message,
+    conns: int,
+    warmup: float,
+    duration: float,
+    pin: bool,
+    loadgens: int = 1,
+) -> dict[str, Any]:
+    """Run ``loadgens`` load generators at once, ``conns`` connections split between them.
+
+    Their figures are merged: requests, errors and req/s add up, CPU use adds up (in cores),
+    and p50/p99 are the request-weighted means of each generator's own (an approximation:
+    percentiles do not merge exactly).
+    """
+    if loadgens <= 1:
+        return _run_one_loadgen(port, msg, conns, warmup, duration, pin, LOADGEN_CORES[0])
+    shares = [conns // loadgens + (i < conns % loadgens) for i in range(loadgens)]
+    cores = [LOADGEN_CORES[i % len(LOADGEN_CORES)] for i in range(loadgens)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(loadgens) as pool:
+        parts = list(
+            pool.map(
+                lambda job: _run_one_loadgen(port, msg, job[0], warmup, duration, pin, job[1]),
+                [(n, core) for n, core in zip(shares, cores, strict=True) if n],
+            )
+        )
+    failed = [p for p in parts if "error" in p]
+    if failed:
+        return failed[0]
+    done = sum(p["requests"] for p in parts) or 1
+    merged: dict[str, Any] = {
+        "requests": sum(p["requests"] for p in parts),
+        "warmup_requests": sum(p.get("warmup_requests", 0) for p in parts),
+        "errors": sum(p["errors"] for p in parts),
+        "mismatches": sum(p.get("mismatches", 0) for p in parts),
+        "elapsed": max(p["elapsed"] for p in parts),
+        "rps": sum(p["rps"] for p in parts),
+        "cpu_util": sum(p["cpu_util"] for p in parts),
+        "loadgens": len(parts),
+    }
+    for key in ("p50_us", "p90_us", "p99_us", "p999_us"):
+        merged[key] = sum(p.get(key, 0) * p["requests"] for p in parts) / done
+    merged["max_us"] = max(p.get("max_us", 0) for p in parts)
+    return merged
+
+
+def _run_one_loadgen(
+    port: int, msg: Message, conns: int, warmup: float, duration: float, pin: bool, core: str
 ) -> dict[str, Any]:
     cmd = pinned(
-        LOADGEN_CORE,
+        core,
         [
             str(LOADGEN),
             "--port",
@@ -377,12 +462,12 @@ def raise_nofile(n: int) -> None:
 
 def measure_idle_rss(server: Server, ping: Message, n: int, pin: bool) -> dict[str, Any]:
     """Resident memory per idle connection: open ``n``, one ping each, then hold them idle."""
-    pid = server.worker_pid
+    pids = server.serving_pids()
     call_once(server.port, ping, timeout=2.0)
     time.sleep(0.3)
-    before = rss_kb(pid)
+    before = sum(rss_kb(pid) for pid in pids)
     cmd = pinned(
-        LOADGEN_CORE,
+        LOADGEN_CORES[0],
         [
             str(LOADGEN),
             "--port",
@@ -419,7 +504,7 @@ def measure_idle_rss(server: Server, ping: Message, n: int, pin: bool) -> dict[s
         if ready.get("ready") != n:
             return {"error": f"idle connections not ready: {ready}"}
         time.sleep(1.0)
-        after = rss_kb(pid)
+        after = sum(rss_kb(pid) for pid in pids)
         proc.stdin.close()
         proc.wait(timeout=10)
     finally:
@@ -435,7 +520,11 @@ def measure_idle_rss(server: Server, ping: Message, n: int, pin: bool) -> dict[s
 
 
 def measure_ceiling(
-    messages: dict[tuple[str, str], Message], warmup: float, duration: float, pin: bool
+    messages: dict[tuple[str, str], Message],
+    warmup: float,
+    duration: float,
+    pin: bool,
+    loadgens: int = 1,
 ) -> dict[str, Any]:
     """The load generator against a C null server: how fast the harness itself can go."""
     msg = messages["ping", "binary-buffered"]
@@ -464,7 +553,7 @@ def measure_ceiling(
             if time.monotonic() > deadline or proc.poll() is not None:
                 return {"error": "null server did not start"}
             time.sleep(0.01)
-        return run_loadgen(port, msg, 50, warmup, duration, pin)
+        return run_loadgen(port, msg, 50, warmup, duration, pin, loadgens)
     finally:
         proc.kill()
         proc.wait(timeout=5)
@@ -483,6 +572,7 @@ class Plan:
     warmup: float
     duration: float
     idle_connections: int
+    loadgens: int = 1
 
 
 def run(plan: Plan, pin: bool) -> dict[str, Any]:
@@ -495,7 +585,7 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
     source_before = source_state()
     t_begin = time.monotonic()
 
-    ceiling = measure_ceiling(messages, plan.warmup, plan.duration, pin)
+    ceiling = measure_ceiling(messages, plan.warmup, plan.duration, pin, plan.loadgens)
     print(
         f"loadgen ceiling (C null server, 50 conns, ping): {ceiling.get('rps', 0):,.0f} req/s, "
         f"loadgen CPU {ceiling.get('cpu_util', 0):.0%}",
@@ -519,8 +609,8 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
                     )
                     for method in plan.methods:
                         for conns in plan.conns:
-                            pid = server.worker_pid
-                            cpu0, t0, ticks0 = cpu_seconds(pid), time.monotonic(), core_ticks()
+                            pids = server.serving_pids()
+                            cpu0, t0, ticks0 = cpu_total(pids), time.monotonic(), core_ticks()
                             result = run_loadgen(
                                 server.port,
                                 messages[method, wire],
@@ -528,8 +618,9 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
                                 plan.warmup,
                                 plan.duration,
                                 pin,
+                                plan.loadgens,
                             )
-                            cpu1, t1, ticks1 = cpu_seconds(pid), time.monotonic(), core_ticks()
+                            cpu1, t1, ticks1 = cpu_total(pids), time.monotonic(), core_ticks()
                             result.update(
                                 server=name,
                                 wire=wire,
@@ -538,8 +629,11 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
                                 round=rnd,
                                 server_cpu_util=(cpu1 - cpu0) / (t1 - t0),
                                 server_cpu_us_per_req=_per_request(cpu1 - cpu0, result),
-                                server_core_steal=steal_share(ticks0, ticks1, SERVER_CORE),
-                                loadgen_core_steal=steal_share(ticks0, ticks1, LOADGEN_CORE),
+                                workers=worker_count(name),
+                                server_core_steal=steal_share(
+                                    ticks0, ticks1, SERVER_CORE.split(",", maxsplit=1)[0]
+                                ),
+                                loadgen_core_steal=steal_share(ticks0, ticks1, LOADGEN_CORES[0]),
                             )
                             raw.append(result)
                             _progress(result)
@@ -571,6 +665,8 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
         "loadavg_before": loadavg_before,
         "loadavg_after": loadavg_after,
         "wall_s": round(time.monotonic() - t_begin, 1),
+        "kite_env": {k: v for k, v in os.environ.items() if k.startswith("KITE_")},
+        "cores": {"server": SERVER_CORE, "loadgens": LOADGEN_CORES, "cpus": os.cpu_count()},
         "ceiling": ceiling,
         "runs": raw,
         "idle_rss": rss,
@@ -744,6 +840,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r:.1f} | {s:.0f} |")
     lines.append("")
     lines.extend(targets(results, summary))
+    lines.extend(scaling(results, summary))
     ceiling = results["ceiling"]
     busiest = max((m["loadgen_cpu"] for m in cells.values() if m["loadgen_cpu"] > 0), default=0.0)
     lines.append("")
@@ -876,6 +973,54 @@ def targets(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def scaling(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """kitegreen's req/s by worker count against one worker's: the issue's scaling target is at
+    least 0.8 x N times one worker's req/s with N workers."""
+    plan = results["plan"]
+    variants = sorted(
+        (s for s in plan["servers"] if s == "kitegreen" or s.startswith("kitegreen-w")),
+        key=worker_count,
+    )
+    if len(variants) < 2 or "kitegreen" not in variants:
+        return []
+    out = [
+        "",
+        f"Scaling (target: N workers >= {TARGET_SCALING} x N x one worker's req/s; "
+        f"{plan.get('loadgens', 1)} load generator(s), "
+        + (
+            f"server on cores {results['cores']['server']}, load generators on "
+            f"{', '.join(results['cores']['loadgens'])}"
+            if results.get("pinned")
+            else "unpinned: the server and the load generators share every core"
+        )
+        + "):",
+        "",
+        "| method | wire | conns | "
+        + " | ".join(f"{worker_count(v)} worker(s)" for v in variants)
+        + " |",
+        "|---|---|---:|" + "---:|" * len(variants),
+    ]
+    cells = summary["cells"]
+    for method in plan["methods"]:
+        for wire in plan["wires"]:
+            for conns in plan["conns"]:
+                one = cells.get(f"kitegreen|{method}|{wire}|{conns}")
+                if one is None or one["rps"] != one["rps"]:
+                    continue
+                row = f"| {method} | {wire} | {conns} |"
+                for variant in variants:
+                    cell = cells.get(f"{variant}|{method}|{wire}|{conns}")
+                    if cell is None or cell["rps"] != cell["rps"]:
+                        row += " failed |"
+                        continue
+                    n = worker_count(variant)
+                    ratio = cell["rps"] / one["rps"] if one["rps"] else float("nan")
+                    verdict = "" if n == 1 else f" ({ratio:.2f}x, {_verdict(ratio >= 0.8 * n)})"
+                    row += f" {cell['rps']:,.0f}{verdict} |"
+                out.append(row)
+    return out
+
+
 def _verdict(ok: bool) -> str:
     return "pass" if ok else "**FAIL**"
 
@@ -908,10 +1053,32 @@ def main(argv: list[str] | None = None) -> int:
         help="connections held open for the memory check; 0 skips it",
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="kitegreen's worker counts, comma-separated (1,2,4,8): one server variant each",
+    )
+    parser.add_argument(
+        "--loadgens",
+        type=int,
+        default=1,
+        help="load-generator processes per cell, the connections split between them",
+    )
     args = parser.parse_args(argv)
+    try:
+        worker_counts = sorted({int(w) for w in args.workers.split(",")})
+    except ValueError:
+        parser.error(f"--workers takes counts such as 1,2,4, got {args.workers!r}")
+    if worker_counts[0] < 1 or worker_counts[-1] > 64 or not 1 <= args.loadgens <= 64:
+        parser.error("worker counts and --loadgens must be between 1 and 64")
 
+    names = _names(args.servers, servers.SERVERS + servers.EXTRA_SERVERS, "server")
+    if "kitegreen" in names:
+        at = names.index("kitegreen")
+        variants = ["kitegreen" if n == 1 else f"kitegreen-w{n}" for n in worker_counts]
+        names[at : at + 1] = variants
     plan = Plan(
-        servers=tuple(_names(args.servers, servers.SERVERS + servers.EXTRA_SERVERS, "server")),
+        servers=tuple(names),
         wires=tuple(_names(args.wires, servers.WIRES, "wire")),
         methods=tuple(_names(args.methods, METHODS, "method")),
         conns=tuple(int(c) for c in args.conns.split(",")),
@@ -919,6 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         duration=args.duration,
         idle_connections=args.idle_connections,
+        loadgens=args.loadgens,
     )
     if args.quick:
         plan.rounds, plan.warmup, plan.duration = 1, 0.5, 1.0
@@ -929,10 +1097,14 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 1 <= c <= 5000 for c in plan.conns):
         parser.error("connection counts must be between 1 and 5000")
 
-    pin = can_pin() and not args.no_pin
-    if not pin:
+    server_cores = max(worker_count(name) for name in plan.servers)
+    pin = can_pin(server_cores, plan.loadgens) and not args.no_pin
+    if pin:
+        set_cores(server_cores, plan.loadgens)
+    else:
         print(
-            "warning: not pinning (needs taskset and 2 cores); numbers will be noisier",
+            f"warning: not pinning (needs taskset and {server_cores + plan.loadgens} cores: "
+            f"{server_cores} for the server, one per load generator); numbers will be noisier",
             file=sys.stderr,
         )
     raise_nofile(max(plan.idle_connections, *plan.conns) + 256)

@@ -15,6 +15,7 @@ with the same handler everywhere; :func:`command` builds the command line ``run.
                        worker, from its own virtualenv (see README.md).
 ``kitegreen-bare``     (optional) kitegreen with limits, metrics, the debug server and the hub
                        watchdog off: the difference to ``kitegreen`` is what the features cost.
+``kitegreen-wN``       kitegreen with ``--workers N`` (``run.py --workers 1,2,...`` makes them).
 =====================  ======================================================================
 
 Every server uses thriftpy2's Cython binary protocol and Cython transports; compact is
@@ -203,8 +204,10 @@ def command(name: str, port: int, wire: str, python: str = sys.executable) -> li
 
     kitegreen detects the wire per connection, so ``wire`` does not change its command.
     """
-    if name in ("kitegreen", "kitegreen-bare"):
+    if name in ("kitegreen", "kitegreen-bare") or name.startswith("kitegreen-w"):
         extra = list(KITEGREEN_BARE_FLAGS) if name == "kitegreen-bare" else []
+        if name.startswith("kitegreen-w"):
+            extra += ["--workers", name.rsplit("-w", 1)[1]]
         return [
             python,
             "-m",
@@ -246,7 +249,9 @@ def command(name: str, port: int, wire: str, python: str = sys.executable) -> li
             "--log-level",
             "warning",
         ]
-    raise ValueError(f"server must be one of {', '.join(SERVERS + EXTRA_SERVERS)}, got {name!r}")
+    raise ValueError(
+        f"server must be one of {', '.join(SERVERS + EXTRA_SERVERS)} or kitegreen-wN, got {name!r}"
+    )
 
 
 def main() -> None:

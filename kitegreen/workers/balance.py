@@ -4,19 +4,19 @@ Every worker waits on the shared listening socket and the kernel wakes all of th
 new connection; whichever runs first takes it. A worker that has just accepted is already on a
 CPU and back in its loop first, so in a burst of connections (a client's pool opening, a load
 balancer reconnecting) one worker takes most of them, even with gevent's ``max_accept`` at 1.
-Connections are long-lived in Thrift, so connections taken are load taken: the measurements in
-the README show one worker of four holding 58% of a burst and, in one round, a worker left with
-none of the load generator's 50 connections.
+Connections are long-lived in Thrift, so connections taken are load taken: in the README's
+measurements one worker of four took 64% of a burst with ``max_accept`` 1, and with gevent's
+default a worker was left with none of the load generator's 50 connections in every round.
 
 So before each accept a worker compares its open connections with those of the least loaded
 other worker that is accepting and alive (its heartbeat is fresh), as read from the board; if it
-has more than :data:`SLACK` over that, it leaves the listener to the others for
-:data:`DEFER` seconds and then accepts at least one connection before it looks again (nginx's
-``accept_disabled`` is the same idea). With the gate, the same burst splits within a few
-percent (README). The cost is bounded: a worker never stops accepting for more than
-:data:`DEFER` at a time, so if the others cannot take the connections (blocked, but their
-heartbeat not yet stale) it still accepts one every :data:`DEFER` seconds; short-lived
-connections keep every count near zero and never trigger it.
+has more than :data:`SLACK` over that, it leaves the listener to the others for :data:`DEFER`
+seconds and then accepts at least one connection before it looks again (nginx's
+``accept_disabled`` is the same idea). With the gate no worker of four took over 26% of it. The cost
+is bounded: a worker never stops accepting for more than :data:`DEFER` at a time, so if the
+others cannot take the connections (blocked, but their heartbeat not yet stale) it still accepts
+one every :data:`DEFER` seconds; short-lived connections keep every count near zero and never
+trigger it.
 """
 
 from __future__ import annotations
