@@ -281,6 +281,7 @@ class Arbiter:
                 worker.stop()
             self._close_listener()
             self.instance.stop()
+            self._killers.join(timeout=STACK_WAIT + 1.0)
             self._closers.join(timeout=CLOSE_LINGER + 1.0)
         status = self._exit_status()
         self.log.info("stopped", clean=status == EXIT_OK, status=status)
