@@ -140,6 +140,8 @@ class Connection:
             if message is None:
                 return
             self._handle(*message)
+            # The request's bytes must not outlive it: an idle connection holds no buffer.
+            del message
             if ctx.stopping and not stream.has_input():
                 # Nothing more arrived: the FIN that follows tells the client a request it
                 # sends from now on was never seen.
