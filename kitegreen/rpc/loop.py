@@ -52,8 +52,9 @@ _REPLY = TMessageType.REPLY
 _EXCEPTION = TMessageType.EXCEPTION
 _APP_EXC_SPEC = _thrift.compile(TApplicationException)
 _read_message_begin = _thrift.read_message_begin
-_read_struct = _thrift.read_struct
+_read_args = _thrift.read_args
 _write_message = _thrift.write_message
+_write_result = _thrift.write_result
 _PROTOCOLS = {"binary": _thrift.BINARY, "compact": _thrift.COMPACT}
 
 
@@ -204,13 +205,14 @@ class Connection:
     def _call(self, proto: int, buf: Any, start: int, end: int) -> None:
         ctx = self.ctx
         name, mtype, seqid, pos = _read_message_begin(proto, buf, start, end)
-        begun = time.monotonic()
+        # From the request's first byte: latency includes reading and decoding it.
+        begun = self.stream.started_at
         method = ctx.methods.get(name)  # type: ignore[arg-type]
         if method is None or mtype not in (_CALL, _ONEWAY):
             self._refuse(name, mtype, seqid)
             return
         try:
-            args = _read_struct(proto, buf, pos, end, method.args_spec)
+            args = _read_args(proto, buf, pos, end, method.args_spec)
         except Exception as exc:  # noqa: BLE001 - malformed arguments, in any way
             self._send_error(
                 method.name,
@@ -233,7 +235,12 @@ class Connection:
         self._invoke(method, seqid, args, begun, deadline)
 
     def _invoke(
-        self, method: Method, seqid: int, args: Any, begun: float, deadline: float | None
+        self,
+        method: Method,
+        seqid: int,
+        args: tuple[Any, ...],
+        begun: float,
+        deadline: float | None,
     ) -> None:
         """Call the handler and answer: its result, its declared exception, or kite's panic
         answer; with a ``deadline``, a TIMEOUT once it passes.
@@ -251,17 +258,18 @@ class Connection:
                 return
             timer = gevent.Timeout(remaining)
             timer.start()
-        result = method.result_cls()
+        fid = 0
         outcome = "ok"
         try:
-            result.success = method.call(args)
+            value = method.func(*args)
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
             self._timed_out(method, seqid, begun)
             return
         except method.declared_types as exc:
-            setattr(result, method.declared_field(exc) or "success", exc)
+            fid = method.declared_fid(exc)
+            value = exc
             outcome = "declared"
         except TApplicationException as exc:
             if not method.oneway:
@@ -284,7 +292,7 @@ class Connection:
                 timer.close()
 
         if not method.oneway:
-            self._send_result(method, seqid, result)
+            self._send_result(method, seqid, fid, value)
         if self.ctx.metrics is not None or self.ctx.access_log:
             self._finish(method, begun, outcome)
 
@@ -319,15 +327,27 @@ class Connection:
                 name, seqid, TApplicationException.PROTOCOL_ERROR, f"request refused: {exc}"
             )
 
-    def _encode(self, name: str, mtype: int, seqid: int, payload: Any, spec: Any) -> bytes:
-        """One whole reply: framed if the wire is, in the request's header frame if it had one."""
+    def _encode(
+        self, name: str, mtype: int, seqid: int, payload: Any, spec: Any, *, fid: int | None = None
+    ) -> bytes:
+        """One whole reply: framed if the wire is, in the request's header frame if it had one.
+
+        ``payload`` is a struct to encode whole, or with ``fid`` the value of that one field of
+        ``spec`` (a result: its ``success``, 0, or a declared exception's field).
+        """
         frame = self._frame
         if frame is None:
             wire = self.stream.wire
             assert wire is not None
-            return _write_message(wire.protocol, name, mtype, seqid, payload, spec, wire.framed)
-        proto = _PROTOCOLS[frame.protocol]
-        message = _write_message(proto, name, mtype, seqid, payload, spec, False)
+            proto, framed = wire.protocol, wire.framed
+        else:
+            proto, framed = _PROTOCOLS[frame.protocol], False
+        if fid is None:
+            message = _write_message(proto, name, mtype, seqid, payload, spec, framed)
+        else:
+            message = _write_result(proto, name, mtype, seqid, fid, payload, spec, framed)
+        if frame is None:
+            return message
         headers = self._info.response_headers if self._info is not None else {}
         if frame.kind == "ttheader" and self.ctx.stop_began:
             headers = {**headers, StrKey.CONNECTION_READY_TO_RESET: "1"}
@@ -336,9 +356,9 @@ class Connection:
     def _send(self, name: str, mtype: int, seqid: int, payload: Any, spec: Any) -> None:
         self.stream.send(self._encode(name, mtype, seqid, payload, spec))
 
-    def _send_result(self, method: Method, seqid: int, result: Any) -> None:
+    def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> None:
         try:
-            data = self._encode(method.name, _REPLY, seqid, result, method.result_spec)
+            data = self._encode(method.name, _REPLY, seqid, value, method.result_spec, fid=fid)
         except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
             # The handler returned something the IDL cannot encode, or set a response header
             # its header protocol cannot carry. Nothing reached the wire: the reply is built in

@@ -187,10 +187,14 @@ class MessageStream:
         # Between messages the peer has usually not sent the next one yet: wait, then read.
         self.idle_since = time.monotonic()
         self.idle = True
-        self._waiter = getcurrent()
+        waiter = self._waiter = getcurrent()
+        # The watcher switches straight back to this greenlet: no gevent Waiter per request.
+        # Anything else that switches here (a kill) is handled like a spurious wake-up below.
+        self.rwatch.start(waiter.switch)
         try:
-            self.hub.wait(self.rwatch)
+            self.hub.switch()
         finally:
+            self.rwatch.stop()
             self.idle = False
             self._waiter = None
         while True:
