@@ -548,7 +548,7 @@ class RpcServer:
         where = (
             stack[-1].strip().splitlines()[0]
             if stack
-            else "no stack: C code held the GIL throughout (a Cython decode loop, say)"
+            else "no stack: C code held the GIL throughout (decoding a very large message, say)"
         )
         self.log.warning(
             "hub blocked", seconds=round(seconds, 3), where=where, stack="".join(stack)

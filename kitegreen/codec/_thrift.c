@@ -437,6 +437,18 @@ typedef struct {
     int bool_value;            /* compact: the value a bool field carries in its header */
 } Reader;
 
+/* A reader over a complete message of `size` bytes at `data`. */
+static void
+init_reader(Reader *r, int proto, const unsigned char *data, Py_ssize_t size)
+{
+    memset(r, 0, sizeof(*r));
+    r->base = r->p = data;
+    r->end = data + size;
+    r->limit = size;
+    r->proto = proto;
+    r->depth = MAX_DEPTH;
+}
+
 #define LEFT(r) ((Py_ssize_t)((r)->end - (r)->p))
 #define ROOM(r) ((r)->limit - (Py_ssize_t)((r)->p - (r)->base))
 
@@ -1447,12 +1459,7 @@ mod_read_message_begin(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Reader r;
-    memset(&r, 0, sizeof(r));
-    r.base = r.p = b.data + start;
-    r.end = b.data + end;
-    r.limit = end - start;
-    r.proto = proto;
-    r.depth = MAX_DEPTH;
+    init_reader(&r, proto, b.data + start, end - start);
     PyObject *name = NULL;
     int mtype;
     int32_t seqid;
@@ -1508,12 +1515,7 @@ read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tu
         return NULL;
     }
     Reader r;
-    memset(&r, 0, sizeof(r));
-    r.base = r.p = b.data + start;
-    r.end = b.data + end;
-    r.limit = end - start;
-    r.proto = proto;
-    r.depth = MAX_DEPTH;
+    init_reader(&r, proto, b.data + start, end - start);
     /* A large message is mostly new containers; the cyclic GC would traverse them over and
      * over while they are built (three quarters of the decode time of 16 MiB of small structs)
      * though decoding never makes a cycle. Collections wait until the decode is done. */
