@@ -7,6 +7,9 @@ with the same handler everywhere; :func:`command` builds the command line ``run.
 ``kitegreen``          ``python -m kitegreen benchmarks/servers.py:kitegreen_server``, its
                        defaults: connection and QPS limits, metrics and the debug server on
                        (debug port 0 so that runs never collide). Detects the wire itself.
+``kitegreen-unlimited`` the same with the connection and QPS limits off: on a fast machine the
+                       default 50,000 QPS limit refuses part of the load, and a cell then
+                       measures the limit rather than the server.
 ``gevent-floor``       gevent's ``StreamServer`` + thriftpy2's ``TProcessor`` loop, one greenlet
                        per connection, nothing else: the floor of kitegreen's design.
 ``thriftpy2-threaded`` ``thriftpy2.rpc.make_server``: ``TThreadedServer``, a thread per
@@ -18,8 +21,9 @@ with the same handler everywhere; :func:`command` builds the command line ``run.
 ``kitegreen-wN``       kitegreen with ``--workers N`` (``run.py --workers 1,2,...`` makes them).
 =====================  ======================================================================
 
-Every server uses thriftpy2's Cython binary protocol and Cython transports; compact is
-thriftpy2's pure-Python ``TCompactProtocol`` everywhere, kitegreen included.
+kitegreen reads whole messages and decodes them with its own compiled codec (binary and
+compact); the peers use thriftpy2's Cython binary protocol and Cython transports, and
+thriftpy2's pure-Python ``TCompactProtocol`` for compact.
 
 This module is imported by ``run.py`` and by the gunicorn virtualenv (which has no kitegreen),
 so it imports nothing heavy at module level.
@@ -36,14 +40,19 @@ HERE = Path(__file__).resolve().parent
 THRIFT_FILE = HERE / "bench.thrift"
 GUNICORN_VENV = HERE / ".venv-gunicorn"
 
-SERVERS = ("kitegreen", "gevent-floor", "thriftpy2-threaded", "gunicorn-thrift")
+SERVERS = (
+    "kitegreen",
+    "kitegreen-unlimited",
+    "gevent-floor",
+    "thriftpy2-threaded",
+    "gunicorn-thrift",
+)
+KITEGREEN = ("kitegreen", "kitegreen-unlimited", "kitegreen-bare")
 EXTRA_SERVERS = ("kitegreen-bare",)
 """Not run by default: kitegreen with every optional feature off, to price the features."""
+NO_LIMITS_FLAGS = ("--limit-connections", "0", "--limit-qps", "0")
 KITEGREEN_BARE_FLAGS = (
-    "--limit-connections",
-    "0",
-    "--limit-qps",
-    "0",
+    *NO_LIMITS_FLAGS,
     "--no-enable-metrics",
     "--no-enable-debug-server",
     "--hub-block-threshold",
@@ -51,6 +60,8 @@ KITEGREEN_BARE_FLAGS = (
 )
 WIRES = ("binary-buffered", "compact-framed")
 ECHO_SIZE = 1024
+RECORDS = 20
+"""Structs in a ``records`` call, each with a string, a list of 10 i32 and a map of 3."""
 
 
 def load_bench() -> Any:
@@ -71,6 +82,24 @@ class BenchHandler:
 
     def echo(self, msg: str) -> str:
         return msg
+
+
+def call_values(bench: Any, method: str) -> tuple[Any, Any]:
+    """``(args, result)`` of one benchmark call, the same for every server."""
+    args = getattr(bench.Bench, f"{method}_args")()
+    result = getattr(bench.Bench, f"{method}_result")()
+    if method == "echo":
+        args.msg = result.success = "x" * ECHO_SIZE
+    elif method == "records":
+        args.records = result.success = [
+            bench.Record(
+                name=f"record-{i:02d}",
+                values=list(range(i, i + 10)),
+                attrs={"a": i, "b": 2, "c": 3},
+            )
+            for i in range(RECORDS)
+        ]
+    return args, result
 
 
 def factories(wire: str) -> tuple[Any, Any]:
@@ -204,10 +233,15 @@ def command(name: str, port: int, wire: str, python: str = sys.executable) -> li
 
     kitegreen detects the wire per connection, so ``wire`` does not change its command.
     """
-    if name in ("kitegreen", "kitegreen-bare") or name.startswith("kitegreen-w"):
-        extra = list(KITEGREEN_BARE_FLAGS) if name == "kitegreen-bare" else []
+    if name in KITEGREEN or name.startswith("kitegreen-w"):
         if name.startswith("kitegreen-w"):
-            extra += ["--workers", name.rsplit("-w", 1)[1]]
+            extra = ["--workers", name.rsplit("-w", 1)[1]]
+        else:
+            extra = {
+                "kitegreen": [],
+                "kitegreen-unlimited": list(NO_LIMITS_FLAGS),
+                "kitegreen-bare": list(KITEGREEN_BARE_FLAGS),
+            }[name]
         return [
             python,
             "-m",

@@ -17,7 +17,7 @@ from kitegreen._version import VERSION as __version__  # noqa: N811
 
 if _typing.TYPE_CHECKING:
     from kitegreen.config import Config
-    from kitegreen.context import real_ip
+    from kitegreen.context import RequestInfo, real_ip, request_info
     from kitegreen.events import Event
     from kitegreen.exceptions import (
         ConfigError,
@@ -50,9 +50,11 @@ __all__ = [
     "Registry",
     "RegistryError",
     "Reporter",
+    "RequestInfo",
     "RpcServer",
     "__version__",
     "real_ip",
+    "request_info",
 ]
 
 _SOURCES = {
@@ -72,8 +74,10 @@ _SOURCES = {
     "Registry": "kitegreen.registry",
     "RegistryError": "kitegreen.exceptions",
     "Reporter": "kitegreen.reporter",
+    "RequestInfo": "kitegreen.context",
     "RpcServer": "kitegreen.server",
     "real_ip": "kitegreen.context",
+    "request_info": "kitegreen.context",
 }
 
 

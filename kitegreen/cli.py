@@ -55,6 +55,35 @@ def patch() -> None:
         monkey.patch_all()
 
 
+MMAP_THRESHOLD = 1 << 20
+"""Allocations this large get their own mappings, returned to the system when freed."""
+
+
+def tune_malloc() -> None:
+    """Give memory back after large messages: pin glibc's mmap threshold at 1 MiB.
+
+    glibc raises its mmap threshold each time a large mapping is freed, so after the first big
+    message later ones come from the heap, where freed blocks stay resident. Measured: 20 idle
+    connections that each carried one 12 MiB echo kept +101 MB resident with the default, +2 MB
+    with the threshold pinned. A pinned threshold also switches off that adjustment, so each
+    large buffer costs a fresh mapping (its page faults) instead. The launcher owns its process;
+    a server embedded in another application leaves malloc alone (set the glibc tunable
+    ``MALLOC_MMAP_THRESHOLD_=1048576`` there for the same effect).
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
     """Run the launcher; return the process exit status.
 
@@ -63,6 +92,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
         prog: the program name for ``--help`` and usage errors.
     """
     patch()
+    tune_malloc()
     import structlog
 
     from kitegreen import logs

@@ -1,4 +1,5 @@
-"""Per-connection context visible to handlers: the caller's real IP.
+"""What a handler can know about the request it serves: the caller's real IP, and the metadata a
+header protocol carried (TTHeader from Kitex and kite, THeader from Apache Thrift and fbthrift).
 
 kite smuggled the peer address to handlers through a map keyed by goroutine id. Each gevent
 greenlet runs in its own ``contextvars`` context, so a context variable set by the connection's
@@ -7,22 +8,110 @@ greenlet is seen by the handler it calls and by nothing else.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 _real_ip: ContextVar[str | None] = ContextVar("kitegreen_real_ip", default=None)
+_request_info: ContextVar[RequestInfo | None] = ContextVar("kitegreen_request_info", default=None)
 
 
 def real_ip() -> str | None:
     """The IP address of the client whose request is being handled.
 
+    It is the TCP peer's address, or the address a trusted proxy saw: the ``rip`` header of a
+    TTHeader request counts only in service-mesh mode or when the TCP peer is in
+    ``Config.trusted_proxies``; from anyone else it is ignored, so a client cannot claim another
+    address.
+
     Returns:
-        The peer's IPv4 or IPv6 address as text, or None on a Unix socket, outside a request,
-        or when ``Config.get_real_ip`` is off. Greenlets the handler spawns start with an empty
-        context and see None; pass the value along explicitly.
+        The address as text, or None on a Unix socket (without a trusted ``rip``), outside a
+        request, or when ``Config.get_real_ip`` is off. Greenlets the handler spawns start with
+        an empty context and see None; pass the value along explicitly.
     """
     return _real_ip.get()
 
 
 def set_real_ip(ip: str | None) -> None:
-    """Record the current connection's peer IP (called once per connection)."""
+    """Record the IP that :func:`real_ip` reports in this greenlet (the request loop's job)."""
     _real_ip.set(ip)
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """The request being handled, as its header protocol described it, and what the handler
+    sends back in the reply's header.
+
+    On a plain Thrift connection (no header protocol) every field is empty and response headers
+    go nowhere: plain Thrift has no place for them.
+
+    Attributes:
+        header: ``"ttheader"``, ``"theader"``, or None for plain Thrift.
+        caller_service: the calling service (TTHeader ``FROM_SERVICE``).
+        caller_method: the calling service's method that made the call (``FROM_METHOD``).
+        log_id: the request's log id (TTHeader ``LOG_ID``); also bound into the handler's
+            structlog context and written in the access log.
+        deadline: when the caller gives up, on the ``time.monotonic()`` clock: the arrival of
+            the request's first byte plus the caller's RPC timeout (TTHeader ``RPC_TIMEOUT``,
+            THeader ``client_timeout`` or baseplate's ``Deadline-Budget``); None without one.
+        transit: Kitex metainfo for this hop only (``RPC_TRANSIT_<key>``, prefix removed).
+        persistent: Kitex metainfo to pass on to every later hop (``RPC_PERSIST_<key>``).
+        headers: every string header as received (TTHeader's string key-values, or THeader's
+            headers).
+        int_headers: TTHeader's integer key-values, by key number.
+        response_headers: string headers for the reply; set them with the methods below.
+    """
+
+    header: str | None = None
+    caller_service: str | None = None
+    caller_method: str | None = None
+    log_id: str | None = None
+    deadline: float | None = None
+    transit: Mapping[str, str] = field(default_factory=dict)
+    persistent: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    int_headers: Mapping[int, str] = field(default_factory=dict)
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+    def remaining(self) -> float | None:
+        """Seconds left before the caller's deadline (negative once past), or None."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def set_response_header(self, key: str, value: str) -> None:
+        """Send ``key: value`` back in the reply's header (a THeader header, or a TTHeader
+        string key-value, which a Kitex client reads as backward metainfo)."""
+        self.response_headers[key] = value
+
+    def set_backward(self, key: str, value: str) -> None:
+        """Send Kitex backward metainfo: on TTHeader it travels under its bare key."""
+        self.response_headers[key] = value
+
+    def set_biz_status(
+        self, status: int, message: str = "", extra: Mapping[str, str] | None = None
+    ) -> None:
+        """Report a business error the Kitex way, without a Thrift exception: the reply
+        carries ``biz-status`` (non-zero is an error), ``biz-message`` and ``biz-extra`` (a
+        JSON object), which a Kitex client turns into a ``BizStatusError``."""
+        import json
+
+        self.response_headers["biz-status"] = str(int(status))
+        if message:
+            self.response_headers["biz-message"] = message
+        if extra:
+            self.response_headers["biz-extra"] = json.dumps(dict(extra), separators=(",", ":"))
+
+
+def request_info() -> RequestInfo:
+    """The metadata of the request being handled (see :class:`RequestInfo`).
+
+    Returns:
+        The request's info; an empty one on a plain Thrift connection or outside a request.
+    """
+    info = _request_info.get()
+    return info if info is not None else RequestInfo()
+
+
+def set_request_info(info: RequestInfo | None) -> None:
+    """Make ``info`` what :func:`request_info` returns in this greenlet (the request loop's)."""
+    _request_info.set(info)

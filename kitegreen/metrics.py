@@ -40,7 +40,7 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 )  # fmt: skip
-ERROR_KINDS = ("declared", "internal", "application", "overload", "protocol")
+ERROR_KINDS = ("declared", "internal", "application", "overload", "protocol", "timeout")
 """``kind`` label values of ``kitegreen_request_errors_total``."""
 OVERLOAD_LIMITS = ("connections", "qps", "endpoint_qps")
 
@@ -215,7 +215,8 @@ def families(
     errors = CounterMetricFamily(
         "kitegreen_request_errors",
         "Requests that did not succeed, by method and kind (declared exception, internal "
-        "error, application exception, overload, protocol).",
+        "error, application exception, overload, protocol, timeout: cut off at the "
+        "caller's RPC timeout).",
         labels=["method", "kind"],
     )
     latency = HistogramMetricFamily(

@@ -71,7 +71,7 @@ def make_registration(
         tags=(
             f"cluster={cluster}",
             # The server detects both on every connection, so it advertises both.
-            "transport=buffered,framed",
+            "transport=buffered,framed,ttheader,theader",
             "protocol=binary,compact",
             f"version={version or 'unknown'}",
         ),

@@ -38,6 +38,7 @@ from kitegreen.reporter import (
     Reporter,
     ReportGate,
 )
+from kitegreen.rpc import metadata
 from kitegreen.rpc.loop import Connection, ServeContext
 from kitegreen.rpc.methods import build_methods
 from kitegreen.rpc.panics import PanicLog
@@ -117,6 +118,9 @@ class RpcServer:
             max_frame_size=config.max_frame_size,
             get_real_ip=config.get_real_ip,
             access_log=config.access_log,
+            trusted_proxies=metadata.networks(config.trusted_proxies),
+            mesh_mode=config.service_mesh_mode,
+            enforce_rpc_timeout=config.enforce_rpc_timeout,
         )
         self._pool = Pool()
         self._acceptor: Acceptor | None = None
@@ -127,7 +131,6 @@ class RpcServer:
         self._started = False
         self._stopped = GEvent()
         self._stop_greenlet: gevent.Greenlet | None = None
-        self._stop_began = False
         self._clean_stop = True
         self._consul: Any = None
         self.registrar: Registrar | None = None
@@ -150,7 +153,7 @@ class RpcServer:
                 idle_timeout=config.debug_idle_timeout,
                 runtime=self.runtime_info,
                 metrics=self.metrics.exposition if self.metrics else None,
-                healthy=lambda: self.started and not self._stop_began,
+                healthy=lambda: self.started and not self._ctx.stop_began,
                 log=self.log,
             )
         self.hub_watch: HubWatch | None = None
@@ -294,7 +297,7 @@ class RpcServer:
         wait = self.config.exit_wait_time if timeout is None else timeout
         ctx = self._ctx
         try:
-            self._stop_began = True
+            ctx.stop_began = True
             registered = self.registrar is not None
             drain = self.config.effective_drain_time(registered)
             self.log.info(
@@ -576,7 +579,7 @@ class RpcServer:
         where = (
             stack[-1].strip().splitlines()[0]
             if stack
-            else "no stack: C code held the GIL throughout (a Cython decode loop, say)"
+            else "no stack: C code held the GIL throughout (decoding a very large message, say)"
         )
         self.log.warning(
             "hub blocked", seconds=round(seconds, 3), where=where, stack="".join(stack)

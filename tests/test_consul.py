@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
 from clients import thriftpy2_client
 from conftest import TESTS, Handler, can_connect, loopback_config, testsvc_thrift, wait_until
@@ -42,6 +44,8 @@ def consul_server(agent: ConsulDouble) -> Iterator[Any]:
             "consul_addr": agent.address,
             "register_delay": 0.0,
             "register_interval": 0.2,
+            # A registered server drains 3 s by default; tests that want it say so.
+            "drain_time": 0.0,
         }
         values.update(overrides)
         server = kitegreen.RpcServer(
@@ -149,6 +153,21 @@ class TestRegistration:
         assert isinstance(Recording(), kitegreen.Registry)
         server.stop()
         assert seen["listening_at_deregister"] is True
+        assert not can_connect(server.address)
+
+    def test_registered_server_drains_before_its_listener_closes(self, agent, consul_server):
+        """With drain_time left to its default, a server registered in Consul keeps accepting
+        and serving for 3 s after deregistering, so clients that found it through Consul have
+        moved away before it refuses them."""
+        server = consul_server(register=True, drain_time=None)
+        assert wait_until(lambda: agent.services, timeout=3.0)
+        start = time.monotonic()
+        stopper = gevent.spawn(server.stop)
+        assert wait_until(lambda: not agent.services, timeout=2.0)
+        with thriftpy2_client(testsvc_thrift.TestService, server.address) as client:
+            assert client.echo("still here") == "still here"
+        assert stopper.get(timeout=10) is True
+        assert time.monotonic() - start >= 2.9
         assert not can_connect(server.address)
 
 

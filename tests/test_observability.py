@@ -28,6 +28,7 @@ from kitegreen.events import EventQueue
 from kitegreen.hubwatch import HubWatch
 from kitegreen.reporter import ReportGate
 from kitegreen.rpc.loop import LOADSHEDDING
+from kitegreen.rpc.panics import PanicLog
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -285,6 +286,39 @@ class TestEvents:
         assert len(panics) == 1
         assert "raise_undeclared" in panics[0].detail
         assert "RuntimeError" in panics[0].detail
+
+
+class TestPanicLog:
+    def test_tracebacks_are_rate_limited_but_every_panic_is_counted(self, server):
+        """Ten panics in a row: the first three are logged with their traceback, the rest only
+        counted (metrics count all ten), and the count is logged when the server stops."""
+        with capture_logs() as logs, thriftpy2_client(TestService, server.address) as c:
+            for _ in range(10):
+                with pytest.raises(TApplicationException):
+                    c.raise_undeclared("boom")
+            server.stop()
+        lines = [e for e in logs if e["event"] == "handler panic"]
+        assert len(lines) == 3
+        assert all(isinstance(e["exc_info"], RuntimeError) for e in lines)
+        assert all(e["method"] == "raise_undeclared" for e in lines)
+        [held] = [e for e in logs if e["event"] == "handler panics not logged"]
+        assert (held["method"], held["suppressed"]) == ("raise_undeclared", 7)
+        assert server.metrics is not None
+        assert server.metrics.panics == 10
+
+    def test_next_window_logs_again_with_the_count_held_back(self):
+        """Once the interval has passed, tracebacks are logged again, and the first line says
+        how many were held back."""
+        now = [0.0]
+        with capture_logs() as logs:
+            panics = PanicLog(structlog.get_logger(), burst=2, interval=60.0, clock=lambda: now[0])
+            for _ in range(5):
+                panics.panic("m", RuntimeError("x"))
+            now[0] = 61.0
+            assert panics.panic("m", RuntimeError("y"))
+            assert panics.panic("other", RuntimeError("z"))
+        assert [e.get("suppressed") for e in logs] == [0, 0, 3, 0]
+        assert [e["method"] for e in logs] == ["m", "m", "m", "other"]
 
 
 # -- the debug server --------------------------------------------------------------------------

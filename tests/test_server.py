@@ -694,6 +694,33 @@ class TestStop:
             assert time.monotonic() - start < 2.0
             assert raw.closed_by_peer(timeout=2.0)
 
+    def test_requests_waiting_behind_a_call_are_answered_before_the_fin(self, make_server, handler):
+        """A request that reached the server (pipelined behind a slow call) when stop began is
+        answered too: a connection is closed only when nothing waits in it, and with a FIN,
+        so the client reads both replies, then end-of-stream, never a reset."""
+        server = make_server(exit_wait_time=5.0)
+        with RawClient(server.address) as raw:
+            raw.send(encode_call("slow", seconds=0.5, message="first"))
+            raw.send(encode_call("echo", message="second"))
+            assert wait_until(lambda: handler.in_flight == 1, timeout=3.0)
+            stopper = gevent.spawn(server.stop)
+            replies = [raw.read_message()[3].success for _ in range(2)]
+            assert replies == ["first", "second"]
+            assert raw.sock.recv(1) == b""  # a FIN: recv would raise on a reset
+            assert stopper.get(timeout=5.0) is True
+
+    def test_idle_connection_sees_end_of_stream_before_any_reply_byte(self, make_server):
+        """An idle keep-alive connection is ended with a FIN, so a client whose next request
+        crosses the stop reads end-of-stream without a byte of reply: the call was never
+        handled and can be retried."""
+        server = make_server(exit_wait_time=5.0)
+        with RawClient(server.address) as raw:
+            assert raw.call("ping") is None
+            assert server.stop() is True
+            with contextlib.suppress(BrokenPipeError):
+                raw.send(encode_call("ping"))
+            assert raw.sock.recv(64) == b""
+
     def test_stop_is_idempotent(self, server):
         """stop() may be called again, and concurrently; each call reports the same outcome."""
         address = server.address

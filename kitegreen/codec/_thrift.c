@@ -437,6 +437,18 @@ typedef struct {
     int bool_value;            /* compact: the value a bool field carries in its header */
 } Reader;
 
+/* A reader over a complete message of `size` bytes at `data`. */
+static void
+init_reader(Reader *r, int proto, const unsigned char *data, Py_ssize_t size)
+{
+    memset(r, 0, sizeof(*r));
+    r->base = r->p = data;
+    r->end = data + size;
+    r->limit = size;
+    r->proto = proto;
+    r->depth = MAX_DEPTH;
+}
+
 #define LEFT(r) ((Py_ssize_t)((r)->end - (r)->p))
 #define ROOM(r) ((r)->limit - (Py_ssize_t)((r)->p - (r)->base))
 
@@ -1316,6 +1328,21 @@ get_proto(PyObject *obj, int *proto)
 }
 
 static int
+get_spec(PyObject *obj, const StructSpec **spec)
+{
+    if (!PyObject_TypeCheck(obj, &StructSpecType)) {
+        PyErr_Format(PyExc_TypeError, "spec must be a StructSpec, got %R", obj);
+        return -1;
+    }
+    *spec = (const StructSpec *)obj;
+    if ((*spec)->state != SPEC_READY) {
+        PyErr_Format(PyExc_TypeError, "%R has a spec kitegreen cannot compile", (*spec)->cls);
+        return -1;
+    }
+    return 0;
+}
+
+static int
 check_nargs(const char *fname, Py_ssize_t nargs, Py_ssize_t want)
 {
     if (nargs == want)
@@ -1432,12 +1459,7 @@ mod_read_message_begin(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Reader r;
-    memset(&r, 0, sizeof(r));
-    r.base = r.p = b.data + start;
-    r.end = b.data + end;
-    r.limit = end - start;
-    r.proto = proto;
-    r.depth = MAX_DEPTH;
+    init_reader(&r, proto, b.data + start, end - start);
     PyObject *name = NULL;
     int mtype;
     int32_t seqid;
@@ -1450,38 +1472,55 @@ mod_read_message_begin(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
-/* read_struct(proto, buf, start, end, spec) -> object: a struct that fills buf[start:end]. */
+/* The fields of a struct, in spec order, as a tuple: decoded values, defaults for the rest.
+ * The request loop calls handlers with it, which spares it building an args object. */
 static PyObject *
-mod_read_struct(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+dec_args(Reader *r, const StructSpec *spec)
 {
-    (void)mod;
+    Py_ssize_t n = spec->nfields;
+    PyObject *stack[STACK_FIELDS];
+    PyObject **vals = n <= STACK_FIELDS ? stack : PyMem_Calloc(n, sizeof(PyObject *));
+    if (vals == NULL)
+        return PyErr_NoMemory();
+    if (vals == stack)
+        memset(stack, 0, sizeof(PyObject *) * n);
+    PyObject *tuple = NULL;
+    if (dec_fields(r, spec, vals, NULL) == 0 && (tuple = PyTuple_New(n)) != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *dflt = spec->fields[i].dflt;
+            PyTuple_SET_ITEM(tuple, i, vals[i] ? vals[i] : Py_NewRef(dflt ? dflt : Py_None));
+            vals[i] = NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_XDECREF(vals[i]);
+    if (vals != stack)
+        PyMem_Free(vals);
+    return tuple;
+}
+
+/* read_struct / read_args: decode the struct that fills buf[start:end] exactly. */
+static PyObject *
+read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tuple)
+{
     Bytes b;
     Py_ssize_t start, end;
     int proto;
-    if (check_nargs("read_struct", nargs, 5) < 0 || get_proto(args[0], &proto) < 0)
-        return NULL;
-    if (!PyObject_TypeCheck(args[4], &StructSpecType)) {
-        PyErr_Format(PyExc_TypeError, "spec must be a StructSpec, got %R", args[4]);
-        return NULL;
-    }
-    if (get_bytes(args[1], &b) < 0)
+    const StructSpec *spec;
+    if (check_nargs(fname, nargs, 5) < 0 || get_proto(args[0], &proto) < 0 ||
+        get_spec(args[4], &spec) < 0 || get_bytes(args[1], &b) < 0)
         return NULL;
     if (get_span(args[2], args[3], b.len, &start, &end) < 0) {
         release_bytes(&b);
         return NULL;
     }
     Reader r;
-    memset(&r, 0, sizeof(r));
-    r.base = r.p = b.data + start;
-    r.end = b.data + end;
-    r.limit = end - start;
-    r.proto = proto;
-    r.depth = MAX_DEPTH;
+    init_reader(&r, proto, b.data + start, end - start);
     /* A large message is mostly new containers; the cyclic GC would traverse them over and
      * over while they are built (three quarters of the decode time of 16 MiB of small structs)
      * though decoding never makes a cycle. Collections wait until the decode is done. */
     int gc_was_on = end - start > LARGE_MESSAGE ? PyGC_Disable() : 0;
-    PyObject *obj = dec_struct(&r, (const StructSpec *)args[4]);
+    PyObject *obj = as_tuple ? dec_args(&r, spec) : dec_struct(&r, spec);
     if (gc_was_on)
         PyGC_Enable();
     if (obj != NULL && r.p != r.end) {
@@ -1490,6 +1529,20 @@ mod_read_struct(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     release_bytes(&b);
     return obj;
+}
+
+static PyObject *
+mod_read_struct(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    return read_whole("read_struct", args, nargs, 0);
+}
+
+static PyObject *
+mod_read_args(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    return read_whole("read_args", args, nargs, 1);
 }
 
 /* ---- encoding ------------------------------------------------------------------------------- */
@@ -1805,6 +1858,33 @@ done:
     return rc;
 }
 
+/* One field, header and value; compact's field ids are deltas from the previous field's. */
+static int
+enc_field(Writer *w, const FieldInfo *f, PyObject *v, int *last_fid)
+{
+    int t = f->type.ttype;
+    if (w->proto == PROTO_BINARY) {
+        if (w_byte(w, wire_of(t)) < 0 || w_be(w, (uint16_t)f->fid, 2) < 0)
+            return -1;
+        return enc_value(w, &f->type, v, f->name);
+    }
+    int ct = t_to_ct(t);
+    if (t == T_BOOL) {
+        int truth = PyObject_IsTrue(v);
+        if (truth < 0)
+            return -1;
+        ct = truth ? 1 : 2;
+    }
+    int delta = f->fid - *last_fid;
+    int rc = delta > 0 && delta <= 15
+                 ? w_byte(w, (delta << 4) | ct)
+                 : (w_byte(w, ct) < 0 || w_varint(w, (uint32_t)zigzag(f->fid)) < 0 ? -1 : 0);
+    *last_fid = f->fid;
+    if (rc < 0 || t == T_BOOL) /* a compact bool field's value is in its header */
+        return rc;
+    return enc_value(w, &f->type, v, f->name);
+}
+
 static int
 enc_struct(Writer *w, const StructSpec *spec, PyObject *obj, PyObject *field)
 {
@@ -1835,32 +1915,7 @@ enc_struct(Writer *w, const StructSpec *spec, PyObject *obj, PyObject *field)
             PyErr_Clear();
             continue;
         }
-        if (v == Py_None) {
-            Py_DECREF(v);
-            continue;
-        }
-        int t = f->type.ttype, rc;
-        if (w->proto == PROTO_BINARY) {
-            rc = w_byte(w, wire_of(t)) < 0 || w_be(w, (uint16_t)f->fid, 2) < 0 ? -1 : 0;
-        } else {
-            int ct = t_to_ct(t);
-            if (t == T_BOOL) {
-                int truth = PyObject_IsTrue(v);
-                if (truth < 0) {
-                    Py_DECREF(v);
-                    return -1;
-                }
-                ct = truth ? 1 : 2;
-            }
-            int delta = f->fid - last_fid;
-            if (delta > 0 && delta <= 15)
-                rc = w_byte(w, (delta << 4) | ct);
-            else
-                rc = w_byte(w, ct) < 0 || w_varint(w, (uint32_t)zigzag(f->fid)) < 0 ? -1 : 0;
-            last_fid = f->fid;
-        }
-        if (rc == 0 && !(w->proto == PROTO_COMPACT && t == T_BOOL))
-            rc = enc_value(w, &f->type, v, f->name);
+        int rc = v == Py_None ? 0 : enc_field(w, f, v, &last_fid);
         Py_DECREF(v);
         if (rc < 0)
             return -1;
@@ -1929,76 +1984,119 @@ enc_value(Writer *w, const TypeInfo *ti, PyObject *v, PyObject *field)
     }
 }
 
+static PyObject *RESULT_NAME; /* "result": what encoding errors call the top struct */
+
+/* A message header, after room for the frame length when `framed`. */
+static int
+begin_message(Writer *w, int proto, PyObject *const *args, int framed)
+{
+    if (!PyUnicode_Check(args[0])) {
+        PyErr_Format(PyExc_TypeError, "name must be str, got %s", Py_TYPE(args[0])->tp_name);
+        return -1;
+    }
+    long mtype = PyLong_AsLong(args[1]);
+    if (mtype == -1 && PyErr_Occurred())
+        return -1;
+    long long seqid = PyLong_AsLongLong(args[2]);
+    if (seqid == -1 && PyErr_Occurred())
+        return -1;
+    if (mtype < 1 || mtype > 4 || seqid < INT32_MIN || seqid > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "bad message type %ld or sequence id %lld", mtype, seqid);
+        return -1;
+    }
+    Py_ssize_t name_len;
+    const char *name = PyUnicode_AsUTF8AndSize(args[0], &name_len);
+    if (name == NULL)
+        return -1;
+    if (framed)
+        w->len = 4; /* the frame length, filled in by end_message */
+    if (proto == PROTO_BINARY)
+        return w_be(w, 0x80010000u | (uint32_t)mtype, 4) < 0 ||
+               w_be(w, (uint32_t)name_len, 4) < 0 || w_raw(w, name, name_len) < 0 ||
+               w_be(w, (uint32_t)(int32_t)seqid, 4) < 0 ? -1 : 0;
+    return w_byte(w, 0x82) < 0 || w_byte(w, (int)(mtype << 5) | 1) < 0 ||
+           w_varint(w, (uint32_t)(int32_t)seqid) < 0 || w_varint(w, (uint64_t)name_len) < 0 ||
+           w_raw(w, name, name_len) < 0 ? -1 : 0;
+}
+
+/* The message's bytes (rc == 0), the frame length filled in; frees the writer either way. */
+static PyObject *
+end_message(Writer *w, int framed, int rc)
+{
+    PyObject *out = NULL;
+    if (rc == 0) {
+        if (framed) {
+            uint32_t n = (uint32_t)(w->len - 4);
+            w->buf[0] = (char)(n >> 24);
+            w->buf[1] = (char)(n >> 16);
+            w->buf[2] = (char)(n >> 8);
+            w->buf[3] = (char)n;
+        }
+        out = PyBytes_FromStringAndSize(w->buf, w->len);
+    }
+    if (w->buf != w->small)
+        PyMem_Free(w->buf);
+    return out;
+}
+
+static void
+init_writer(Writer *w, int proto)
+{
+    w->buf = w->small;
+    w->len = 0;
+    w->cap = SMALL_OUT;
+    w->proto = proto;
+    w->depth = MAX_DEPTH;
+}
+
 /* write_message(proto, name, mtype, seqid, obj, spec, framed) -> bytes */
 static PyObject *
 mod_write_message(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
-    int proto;
-    if (check_nargs("write_message", nargs, 7) < 0 || get_proto(args[0], &proto) < 0)
+    int proto, framed;
+    const StructSpec *spec;
+    if (check_nargs("write_message", nargs, 7) < 0 || get_proto(args[0], &proto) < 0 ||
+        get_spec(args[5], &spec) < 0 || (framed = PyObject_IsTrue(args[6])) < 0)
         return NULL;
-    if (!PyUnicode_Check(args[1])) {
-        PyErr_Format(PyExc_TypeError, "name must be str, got %s", Py_TYPE(args[1])->tp_name);
-        return NULL;
-    }
-    long mtype = PyLong_AsLong(args[2]);
-    if (mtype == -1 && PyErr_Occurred())
-        return NULL;
-    long long seqid = PyLong_AsLongLong(args[3]);
-    if (seqid == -1 && PyErr_Occurred())
-        return NULL;
-    if (mtype < 1 || mtype > 4 || seqid < INT32_MIN || seqid > INT32_MAX) {
-        PyErr_Format(PyExc_ValueError, "bad message type %ld or sequence id %lld", mtype, seqid);
-        return NULL;
-    }
-    if (!PyObject_TypeCheck(args[5], &StructSpecType)) {
-        PyErr_Format(PyExc_TypeError, "spec must be a StructSpec, got %R", args[5]);
-        return NULL;
-    }
-    int framed = PyObject_IsTrue(args[6]);
-    if (framed < 0)
-        return NULL;
-    Py_ssize_t name_len;
-    const char *name = PyUnicode_AsUTF8AndSize(args[1], &name_len);
-    if (name == NULL)
-        return NULL;
-
     Writer w;
-    w.buf = w.small;
-    w.len = 0;
-    w.cap = SMALL_OUT;
-    w.proto = proto;
-    w.depth = MAX_DEPTH;
-    PyObject *out = NULL;
-    int rc;
-    if (framed)
-        w.len = 4; /* the frame length, filled in below */
-    if (proto == PROTO_BINARY) {
-        rc = w_be(&w, 0x80010000u | (uint32_t)mtype, 4) < 0 || w_be(&w, (uint32_t)name_len, 4) < 0 ||
-             w_raw(&w, name, name_len) < 0 || w_be(&w, (uint32_t)(int32_t)seqid, 4) < 0 ? -1 : 0;
-    } else {
-        rc = w_byte(&w, 0x82) < 0 || w_byte(&w, (int)(mtype << 5) | 1) < 0 ||
-             w_varint(&w, (uint32_t)(int32_t)seqid) < 0 || w_varint(&w, (uint64_t)name_len) < 0 ||
-             w_raw(&w, name, name_len) < 0 ? -1 : 0;
+    init_writer(&w, proto);
+    int rc = begin_message(&w, proto, args + 1, framed);
+    if (rc == 0)
+        rc = enc_struct(&w, spec, args[4], RESULT_NAME);
+    return end_message(&w, framed, rc);
+}
+
+/* write_result(proto, name, mtype, seqid, fid, value, spec, framed) -> bytes: a message whose
+ * struct has one field, `fid` of `spec`, set to `value` (none when value is None). A reply
+ * needs no result object: this is the message thriftpy2 would write for one. */
+static PyObject *
+mod_write_result(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    int proto, framed;
+    const StructSpec *spec;
+    if (check_nargs("write_result", nargs, 8) < 0 || get_proto(args[0], &proto) < 0 ||
+        get_spec(args[6], &spec) < 0 || (framed = PyObject_IsTrue(args[7])) < 0)
+        return NULL;
+    long fid = PyLong_AsLong(args[4]);
+    if (fid == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *value = args[5];
+    const FieldInfo *f = NULL;
+    if (value != Py_None && (f = find_field(spec, (int)fid)) == NULL) {
+        PyErr_Format(PyExc_TypeError, "%R has no field %ld", spec->cls, fid);
+        return NULL;
     }
-    if (rc == 0) {
-        PyObject *field = PyUnicode_FromString("result");
-        rc = field == NULL ? -1 : enc_struct(&w, (const StructSpec *)args[5], args[4], field);
-        Py_XDECREF(field);
-    }
-    if (rc == 0) {
-        if (framed) {
-            uint32_t n = (uint32_t)(w.len - 4);
-            w.buf[0] = (char)(n >> 24);
-            w.buf[1] = (char)(n >> 16);
-            w.buf[2] = (char)(n >> 8);
-            w.buf[3] = (char)n;
-        }
-        out = PyBytes_FromStringAndSize(w.buf, w.len);
-    }
-    if (w.buf != w.small)
-        PyMem_Free(w.buf);
-    return out;
+    Writer w;
+    init_writer(&w, proto);
+    int rc = begin_message(&w, proto, args + 1, framed);
+    int last_fid = 0;
+    if (rc == 0 && f != NULL)
+        rc = enc_field(&w, f, value, &last_fid);
+    if (rc == 0)
+        rc = w_byte(&w, T_STOP);
+    return end_message(&w, framed, rc);
 }
 
 static PyObject *
@@ -2027,6 +2125,12 @@ static PyMethodDef module_methods[] = {
      "buf[start:end] exactly."},
     {"write_message", (PyCFunction)(void (*)(void))mod_write_message, METH_FASTCALL,
      "write_message(protocol, name, mtype, seqid, obj, spec, framed) -> bytes"},
+    {"write_result", (PyCFunction)(void (*)(void))mod_write_result, METH_FASTCALL,
+     "write_result(protocol, name, mtype, seqid, fid, value, spec, framed) -> bytes\n\nA "
+     "message whose struct holds one field of spec, fid, set to value (no field for None)."},
+    {"read_args", (PyCFunction)(void (*)(void))mod_read_args, METH_FASTCALL,
+     "read_args(protocol, buf, start, end, spec) -> tuple\n\nDecode the struct that fills "
+     "buf[start:end] into a tuple of its fields in spec order, defaults for those absent."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2053,7 +2157,8 @@ PyInit__thrift(void)
         return NULL;
     spec_cache = PyDict_New();
     empty_tuple = PyTuple_New(0);
-    if (spec_cache == NULL || empty_tuple == NULL)
+    RESULT_NAME = PyUnicode_InternFromString("result");
+    if (spec_cache == NULL || empty_tuple == NULL || RESULT_NAME == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)

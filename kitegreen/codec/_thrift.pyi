@@ -22,12 +22,26 @@ def read_message_begin(
     protocol: int, buf: Buffer, start: int, end: int, /
 ) -> tuple[str | bytes, int, int, int]: ...
 def read_struct(protocol: int, buf: Buffer, start: int, end: int, spec: StructSpec, /) -> Any: ...
+def read_args(
+    protocol: int, buf: Buffer, start: int, end: int, spec: StructSpec, /
+) -> tuple[Any, ...]: ...
 def write_message(
     protocol: int,
     name: str,
     mtype: int,
     seqid: int,
     obj: Any,
+    spec: StructSpec,
+    framed: bool,
+    /,
+) -> bytes: ...
+def write_result(
+    protocol: int,
+    name: str,
+    mtype: int,
+    seqid: int,
+    fid: int,
+    value: Any,
     spec: StructSpec,
     framed: bool,
     /,

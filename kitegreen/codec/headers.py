@@ -59,7 +59,7 @@ import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from kitegreen.exceptions import FrameTooLarge, ProtocolError
 
@@ -376,7 +376,9 @@ def parse_frame(frame: bytes | bytearray | memoryview, *, max_frame_size: int) -
             f"{_KIND_NAMES[kind]} HEADER SIZE is {4 * words} bytes, but only "
             f"{size - FIXED_SIZE} follow the fixed part"
         )
-    cursor = _Cursor(view, header_end, kind)
+    # The header as bytes (at most 256 KiB, and only what arrived): indexing and slicing bytes
+    # is several times cheaper than a memoryview's, and a header is read field by field.
+    cursor = _Cursor(view[:header_end].tobytes(), header_end, kind)
     if kind == "ttheader":
         protocol, transforms, int_info, str_info, acl_token = _read_ttheader(cursor)
     else:
@@ -500,7 +502,7 @@ class _Cursor:
 
     __slots__ = ("blocks", "buf", "end", "name", "pos")
 
-    def __init__(self, buf: memoryview, end: int, kind: HeaderKind) -> None:
+    def __init__(self, buf: bytes, end: int, kind: HeaderKind) -> None:
         self.buf = buf
         self.pos = FIXED_SIZE
         self.end = end
@@ -636,15 +638,17 @@ def _read_ttheader(
         if info_id == TT_INFO_KEY_VALUE:
             count = cur.u16("string key-value count")
             total = cur.entries(count, 4, total, "string key-value")
-            for _ in range(count):
-                key = cur.text(cur.u16("key length"), "string key")
-                str_info[key] = cur.text(cur.u16("value length"), "string value")
+            if not _tt_pairs(cur, count, str_info, text_keys=True):
+                for _ in range(count):
+                    key = cur.text(cur.u16("key length"), "string key")
+                    str_info[key] = cur.text(cur.u16("value length"), "string value")
         elif info_id == TT_INFO_INT_KEY_VALUE:
             count = cur.u16("integer key-value count")
             total = cur.entries(count, 4, total, "integer key-value")
-            for _ in range(count):
-                key_id = cur.u16("integer key")
-                int_info[key_id] = cur.text(cur.u16("value length"), "integer value")
+            if not _tt_pairs(cur, count, int_info, text_keys=False):
+                for _ in range(count):
+                    key_id = cur.u16("integer key")
+                    int_info[key_id] = cur.text(cur.u16("value length"), "integer value")
         elif info_id == TT_INFO_ACL_TOKEN:
             total = cur.entries(1, 0, total, "ACL token")
             acl_token = cur.text(cur.u16("ACL token length"), "ACL token")
@@ -654,6 +658,41 @@ def _read_ttheader(
                 f"{cur.pos - 1 - FIXED_SIZE}"
             )
     return protocol, (), int_info, str_info, acl_token
+
+
+def _tt_pairs(cur: _Cursor, count: int, into: dict[Any, str], *, text_keys: bool) -> bool:
+    """Read a TTHeader key-value block's ``count`` entries into ``into``, fast.
+
+    The cursor's method per field costs about 1.5 µs an entry, and a Kitex request carries a
+    dozen: this loop reads the same layout from the bytes directly. When anything does not fit
+    it reads nothing and returns False, and the cursor's loop reads the block again to refuse
+    it with the precise error.
+    """
+    buf = cur.buf
+    pos, end = cur.pos, cur.end
+    found: list[tuple[Any, str]] = []
+    for _ in range(count):
+        if end - pos < 4:
+            return False
+        if text_keys:
+            size = (buf[pos] << 8) | buf[pos + 1]
+            pos += 2
+            if end - pos < size + 2:
+                return False
+            key: Any = buf[pos : pos + size].decode("utf-8", "surrogateescape")
+            pos += size
+        else:
+            key = (buf[pos] << 8) | buf[pos + 1]
+            pos += 2
+        size = (buf[pos] << 8) | buf[pos + 1]
+        pos += 2
+        if end - pos < size:
+            return False
+        found.append((key, buf[pos : pos + size].decode("utf-8", "surrogateescape")))
+        pos += size
+    into.update(found)
+    cur.pos = pos
+    return True
 
 
 def _read_theader(cur: _Cursor) -> tuple[ThriftProtocol, tuple[int, ...], dict[str, str]]:

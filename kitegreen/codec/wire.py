@@ -7,6 +7,8 @@ first bytes                 protocol / transport
 ``82 ..``                   compact, buffered (compact protocol id)
 ``LL LL LL LL 80 01 ..``    binary, framed (4-byte big-endian frame length first)
 ``LL LL LL LL 82 ..``       compact, framed
+``LL LL LL LL 10 00 ..``    TTHeader (Kitex, kite): binary or compact inside
+``LL LL LL LL 0F FF ..``    THeader (Apache Thrift, fbthrift): binary or compact inside
 ==========================  =======================================================
 
 Anything else (HTTP, TLS, non-strict binary) is refused.
@@ -22,21 +24,27 @@ from kitegreen.exceptions import ProtocolError
 BINARY_MAGIC = 0x80
 BINARY_VERSION = 0x01
 COMPACT_MAGIC = 0x82
-DETECT_BYTES = 5
+DETECT_BYTES = 6
 """The most bytes :func:`detect` needs to decide."""
 
 _NAMES = {BINARY: "binary", COMPACT: "compact"}
+_HEADER_MAGIC = {b"\x10\x00": "ttheader", b"\x0f\xff": "theader"}
 
 
 class Wire(NamedTuple):
     """A detected protocol/transport combination."""
 
     protocol: int
-    """The codec's protocol id: ``_thrift.BINARY`` or ``_thrift.COMPACT``."""
+    """The codec's protocol id: ``_thrift.BINARY`` or ``_thrift.COMPACT``. A header frame
+    names its own, per message."""
     framed: bool
+    header: str | None = None
+    """``"ttheader"`` or ``"theader"`` for header frames (always framed), else None."""
 
     def describe(self) -> str:
-        """For logs and metrics labels: ``binary/buffered``, ``compact/framed``, ..."""
+        """For logs and metrics labels: ``binary/buffered``, ``compact/framed``, ``ttheader``."""
+        if self.header:
+            return self.header
         return f"{_NAMES[self.protocol]}/{'framed' if self.framed else 'buffered'}"
 
 
@@ -74,4 +82,10 @@ def detect(head: bytes, max_frame_size: int) -> Wire | None:
         return Wire(BINARY, framed=True)
     if marker == COMPACT_MAGIC:
         return Wire(COMPACT, framed=True)
-    raise ProtocolError(f"not a Thrift message: starts with {bytes(head[:5])!r}")
+    if marker in (0x10, 0x0F):
+        if len(head) < 6:
+            return None
+        header = _HEADER_MAGIC.get(bytes(head[4:6]))
+        if header is not None:
+            return Wire(BINARY, framed=True, header=header)
+    raise ProtocolError(f"not a Thrift message: starts with {bytes(head[:6])!r}")

@@ -14,15 +14,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import gevent
+import structlog
 from gevent import GreenletExit
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 from kitegreen import context
 from kitegreen.codec import _thrift
+from kitegreen.codec.headers import HeaderFrame, StrKey, parse_frame
+from kitegreen.context import RequestInfo
 from kitegreen.exceptions import ProtocolError, describe
 from kitegreen.limiter import Limiter
 from kitegreen.metrics import Metrics
 from kitegreen.reporter import PANIC, QPS_OVERLOAD, ReportGate
+from kitegreen.rpc import metadata
 from kitegreen.rpc.methods import Method
 from kitegreen.rpc.panics import PanicLog
 from kitegreen.transport.stream import (
@@ -37,6 +42,9 @@ from kitegreen.transport.streams import StreamSet
 LOADSHEDDING = 11
 """``TApplicationException`` type for a request refused by a QPS limit: fbthrift's
 ``LOADSHEDDING``, so clients can tell an overload from a crash (``INTERNAL_ERROR``, 6)."""
+TIMEOUT = 12
+"""``TApplicationException`` type for a call cut off at the caller's deadline (fbthrift's
+``TIMEOUT``), with ``enforce_rpc_timeout`` on."""
 
 _CALL = TMessageType.CALL
 _ONEWAY = TMessageType.ONEWAY
@@ -44,8 +52,10 @@ _REPLY = TMessageType.REPLY
 _EXCEPTION = TMessageType.EXCEPTION
 _APP_EXC_SPEC = _thrift.compile(TApplicationException)
 _read_message_begin = _thrift.read_message_begin
-_read_struct = _thrift.read_struct
+_read_args = _thrift.read_args
 _write_message = _thrift.write_message
+_write_result = _thrift.write_result
+_PROTOCOLS = {"binary": _thrift.BINARY, "compact": _thrift.COMPACT}
 
 
 class CloseConnection(Exception):
@@ -70,7 +80,14 @@ class ServeContext:
     max_frame_size: int
     get_real_ip: bool
     access_log: bool
+    trusted_proxies: tuple[metadata.IpNetwork, ...] = ()
+    mesh_mode: bool = False
+    """The service-mesh sidecar is the only peer: its ``rip`` header is trusted."""
+    enforce_rpc_timeout: bool = False
     streams: StreamSet = field(default_factory=StreamSet)
+    stop_began: bool = False
+    """Set when ``RpcServer.stop()`` is called: TTHeader replies from then on carry
+    ``crrst=1``, so Kitex clients stop reusing their connections."""
     stopping: bool = False
     """Set by ``RpcServer.stop()`` once the listener is closed: each connection finishes the
     requests that reached it, then closes."""
@@ -88,7 +105,7 @@ def peer_ip(address: Any) -> str | None:
 class Connection:
     """Serve Thrift requests on one accepted socket until it closes or the server stops."""
 
-    __slots__ = ("ctx", "peer", "stream")
+    __slots__ = ("_frame", "_info", "_shown_ip", "ctx", "peer", "stream", "trusted")
 
     def __init__(self, sock: Any, address: Any, ctx: ServeContext) -> None:
         self.ctx = ctx
@@ -96,6 +113,12 @@ class Connection:
         self.stream = MessageStream(
             sock, rw_timeout=ctx.read_write_timeout, max_frame_size=ctx.max_frame_size
         )
+        self.trusted = ctx.mesh_mode or metadata.is_trusted(self.peer, ctx.trusted_proxies)
+        """Whether this peer may tell the client's address in a ``rip`` header."""
+        self._shown_ip = self.peer
+        self._frame: HeaderFrame | None = None
+        """The header frame of the request being handled, if it came in one."""
+        self._info: RequestInfo | None = None
 
     def serve(self) -> None:
         """Run the request loop; return when the connection is done. Never raises Exception."""
@@ -140,24 +163,56 @@ class Connection:
             if message is None:
                 return
             self._handle(*message)
+            # The request's bytes must not outlive it: an idle connection holds no buffer.
+            del message
             if ctx.stopping and not stream.has_input():
                 # Nothing more arrived: the FIN that follows tells the client a request it
                 # sends from now on was never seen.
                 return
 
     def _handle(self, buf: bytes | bytearray, start: int, end: int) -> None:
-        ctx = self.ctx
         wire = self.stream.wire
         assert wire is not None
-        proto = wire.protocol
+        if wire.header:
+            self._handle_frame(buf, start, end)
+        else:
+            self._call(wire.protocol, buf, start, end)
+
+    def _handle_frame(self, buf: bytes | bytearray, start: int, end: int) -> None:
+        """A TTHeader or THeader request: its metadata for the handler, then the call."""
+        ctx = self.ctx
+        frame = parse_frame(memoryview(buf)[start:end], max_frame_size=ctx.max_frame_size)
+        info = metadata.request_info(frame, self.stream.started_at)
+        if ctx.get_real_ip:
+            claimed = metadata.claimed_ip(frame) if self.trusted else None
+            shown = claimed or self.peer
+            if shown != self._shown_ip:
+                context.set_real_ip(shown)
+                self._shown_ip = shown
+        self._frame, self._info = frame, info
+        context.set_request_info(info)
+        if info.log_id is not None:
+            structlog.contextvars.bind_contextvars(log_id=info.log_id)
+        try:
+            payload = frame.payload
+            self._call(_PROTOCOLS[frame.protocol], payload, 0, len(payload))
+        finally:
+            self._frame = self._info = None
+            context.set_request_info(None)
+            if info.log_id is not None:
+                structlog.contextvars.unbind_contextvars("log_id")
+
+    def _call(self, proto: int, buf: Any, start: int, end: int) -> None:
+        ctx = self.ctx
         name, mtype, seqid, pos = _read_message_begin(proto, buf, start, end)
-        begun = time.monotonic()
+        # From the request's first byte: latency includes reading and decoding it.
+        begun = self.stream.started_at
         method = ctx.methods.get(name)  # type: ignore[arg-type]
         if method is None or mtype not in (_CALL, _ONEWAY):
             self._refuse(name, mtype, seqid)
             return
         try:
-            args = _read_struct(proto, buf, pos, end, method.args_spec)
+            args = _read_args(proto, buf, pos, end, method.args_spec)
         except Exception as exc:  # noqa: BLE001 - malformed arguments, in any way
             self._send_error(
                 method.name,
@@ -175,12 +230,46 @@ class Connection:
                 self._overloaded(method, seqid, refused, begun)
                 return
 
-        result = method.result_cls()
+        info = self._info
+        deadline = info.deadline if info is not None and ctx.enforce_rpc_timeout else None
+        self._invoke(method, seqid, args, begun, deadline)
+
+    def _invoke(
+        self,
+        method: Method,
+        seqid: int,
+        args: tuple[Any, ...],
+        begun: float,
+        deadline: float | None,
+    ) -> None:
+        """Call the handler and answer: its result, its declared exception, or kite's panic
+        answer; with a ``deadline``, a TIMEOUT once it passes.
+
+        The deadline covers the handler only, never the sending of its reply (cutting a send
+        short would leave half a message on the wire). gevent interrupts a handler only where
+        it yields (I/O, sleeps, locks): one computing without yielding runs on past the
+        deadline and is answered when it returns.
+        """
+        timer = None
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._timed_out(method, seqid, begun)
+                return
+            timer = gevent.Timeout(remaining)
+            timer.start()
+        fid = 0
         outcome = "ok"
         try:
-            result.success = method.call(args)
+            value = method.func(*args)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            self._timed_out(method, seqid, begun)
+            return
         except method.declared_types as exc:
-            setattr(result, method.declared_field(exc) or "success", exc)
+            fid = method.declared_fid(exc)
+            value = exc
             outcome = "declared"
         except TApplicationException as exc:
             if not method.oneway:
@@ -198,11 +287,25 @@ class Connection:
                 )
             self._finish(method, begun, "internal")
             return
+        finally:
+            if timer is not None:
+                timer.close()
 
         if not method.oneway:
-            self._send_result(method, seqid, result)
-        if ctx.metrics is not None or ctx.access_log:
+            self._send_result(method, seqid, fid, value)
+        if self.ctx.metrics is not None or self.ctx.access_log:
             self._finish(method, begun, outcome)
+
+    def _timed_out(self, method: Method, seqid: int, begun: float) -> None:
+        waited = round((time.monotonic() - begun) * 1000)
+        if not method.oneway:
+            self._send_error(
+                method.name,
+                seqid,
+                TIMEOUT,
+                f"{method.name} passed the caller's RPC timeout ({waited} ms into the call)",
+            )
+        self._finish(method, begun, "timeout")
 
     def _answer_refused(self, exc: ProtocolError) -> None:
         """Tell the client why its message was refused, if its header could be read: a clear
@@ -224,24 +327,45 @@ class Connection:
                 name, seqid, TApplicationException.PROTOCOL_ERROR, f"request refused: {exc}"
             )
 
-    def _send(self, name: str, mtype: int, seqid: int, payload: Any, spec: Any) -> None:
-        wire = self.stream.wire
-        assert wire is not None
-        self.stream.send(
-            _write_message(wire.protocol, name, mtype, seqid, payload, spec, wire.framed)
-        )
+    def _encode(
+        self, name: str, mtype: int, seqid: int, payload: Any, spec: Any, *, fid: int | None = None
+    ) -> bytes:
+        """One whole reply: framed if the wire is, in the request's header frame if it had one.
 
-    def _send_result(self, method: Method, seqid: int, result: Any) -> None:
-        wire = self.stream.wire
-        assert wire is not None
+        ``payload`` is a struct to encode whole, or with ``fid`` the value of that one field of
+        ``spec`` (a result: its ``success``, 0, or a declared exception's field).
+        """
+        frame = self._frame
+        if frame is None:
+            wire = self.stream.wire
+            assert wire is not None
+            proto, framed = wire.protocol, wire.framed
+        else:
+            proto, framed = _PROTOCOLS[frame.protocol], False
+        if fid is None:
+            message = _write_message(proto, name, mtype, seqid, payload, spec, framed)
+        else:
+            message = _write_result(proto, name, mtype, seqid, fid, payload, spec, framed)
+        if frame is None:
+            return message
+        headers = self._info.response_headers if self._info is not None else {}
+        if frame.kind == "ttheader" and self.ctx.stop_began:
+            headers = {**headers, StrKey.CONNECTION_READY_TO_RESET: "1"}
+        return frame.reply(message, str_info=headers)
+
+    def _send(self, name: str, mtype: int, seqid: int, payload: Any, spec: Any) -> None:
+        self.stream.send(self._encode(name, mtype, seqid, payload, spec))
+
+    def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> None:
         try:
-            data = _write_message(
-                wire.protocol, method.name, _REPLY, seqid, result, method.result_spec, wire.framed
-            )
+            data = self._encode(method.name, _REPLY, seqid, value, method.result_spec, fid=fid)
         except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
-            # The handler returned something the IDL cannot encode. Nothing reached the wire:
-            # the reply is built in memory.
+            # The handler returned something the IDL cannot encode, or set a response header
+            # its header protocol cannot carry. Nothing reached the wire: the reply is built in
+            # memory. The error goes without the headers, which may be what failed.
             self._panic(method, exc, stage="encoding its result")
+            if self._info is not None:
+                self._info.response_headers = {}
             self._send_error(
                 method.name,
                 seqid,
@@ -306,12 +430,14 @@ class Connection:
         if method.stats is not None:
             method.stats.observe(elapsed, outcome)
         if self.ctx.access_log:
+            info = self._info
             self.ctx.log.info(
                 "access",
                 method=method.name,
                 peer=self.peer,
                 latency_ms=round(elapsed * 1000, 3),
                 outcome=outcome,
+                **({"log_id": info.log_id} if info is not None and info.log_id else {}),
             )
 
 

@@ -105,8 +105,8 @@ class MessageStream:
 
         Returns:
             ``(buffer, start, end)``: the message is ``buffer[start:end]`` (a frame's payload on
-            a framed wire), valid until the next call. None when the peer closed the connection
-            between messages.
+            a framed wire; the whole frame, length included, for a header frame), valid until
+            the next call. None when the peer closed the connection between messages.
 
         Raises:
             TimeoutError: the message did not arrive within ``read_write_timeout`` of its first
@@ -132,6 +132,8 @@ class MessageStream:
             self.wire = wire
         if wire.framed:
             start, end = self._frame(deadline)
+            if wire.header:
+                start -= 4
         else:
             start, end = self._scan(wire.protocol, deadline)
         buf = self._buf
@@ -146,7 +148,8 @@ class MessageStream:
     def unread(self) -> tuple[bytes | bytearray, int, int]:
         """The bytes received of the message being read (after a frame's length), for an error
         reply that names the request a refused message was."""
-        start = self._pos + (4 if self.wire is not None and self.wire.framed else 0)
+        wire = self.wire
+        start = self._pos + (4 if wire is not None and wire.framed and not wire.header else 0)
         end = len(self._buf)
         return self._buf, min(start, end), end
 
@@ -184,10 +187,14 @@ class MessageStream:
         # Between messages the peer has usually not sent the next one yet: wait, then read.
         self.idle_since = time.monotonic()
         self.idle = True
-        self._waiter = getcurrent()
+        waiter = self._waiter = getcurrent()
+        # The watcher switches straight back to this greenlet: no gevent Waiter per request.
+        # Anything else that switches here (a kill) is handled like a spurious wake-up below.
+        self.rwatch.start(waiter.switch)
         try:
-            self.hub.wait(self.rwatch)
+            self.hub.switch()
         finally:
+            self.rwatch.stop()
             self.idle = False
             self._waiter = None
         while True:

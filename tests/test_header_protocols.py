@@ -1,0 +1,440 @@
+"""TTHeader (Kitex, kite) and THeader (Apache Thrift, fbthrift, baseplate) on a real server.
+
+THeader is spoken by Apache Thrift's own Python client (``THeaderTransport`` and
+``THeaderProtocol``), an independent implementation. TTHeader has no Python client: requests
+are built, and replies read, by the tests' own codec (``tests/ttheader.py``), written from the
+published layout apart from kitegreen's. What the handler saw comes back through ``echo``: the
+handler below answers ``echo("?info")`` with the request's metadata as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import pytest
+import ttheader
+from conftest import Handler, loopback_config, testsvc_thrift, wait_until
+from testsvc import TestService as ApacheService
+from thrift.protocol.THeaderProtocol import THeaderProtocol
+from thrift.Thrift import TApplicationException as ApacheAppError
+from thrift.transport import TSocket
+from thrift.transport.THeaderTransport import (
+    THeaderClientType,
+    THeaderSubprotocolID,
+    THeaderTransformID,
+)
+from wire import encode
+
+import kitegreen
+from kitegreen.codec import _thrift
+from kitegreen.rpc.loop import TIMEOUT
+
+pytestmark = pytest.mark.timeout(30)
+
+LOG_ID, FROM_SERVICE, TO_METHOD, RPC_TIMEOUT, FROM_METHOD = 2, 3, 9, 12, 20
+PROTOCOL_IDS = {"binary": 0, "compact": 2}
+
+
+class MetadataHandler(Handler):
+    """The test handler; ``echo("?info")`` returns what the handler sees of the request, and
+    ``echo("?biz")`` sets response headers before answering."""
+
+    def echo(self, message: str) -> str:
+        info = kitegreen.request_info()
+        if message == "?info":
+            remaining = info.remaining()
+            return json.dumps(
+                {
+                    "header": info.header,
+                    "caller_service": info.caller_service,
+                    "caller_method": info.caller_method,
+                    "log_id": info.log_id,
+                    "remaining": remaining,
+                    "transit": dict(info.transit),
+                    "persistent": dict(info.persistent),
+                    "headers": dict(info.headers),
+                    "real_ip": kitegreen.real_ip(),
+                }
+            )
+        if message == "?biz":
+            info.set_biz_status(4001, "no such user", {"user": "u1"})
+            info.set_backward("trace", "abc")
+        return message
+
+
+@pytest.fixture
+def make(make_server: Any) -> Iterator[Any]:
+    """``make(**config)``: a server with MetadataHandler."""
+    servers: list[kitegreen.RpcServer] = []
+
+    def build(**overrides: Any) -> kitegreen.RpcServer:
+        server = kitegreen.RpcServer(
+            testsvc_thrift.TestService, MetadataHandler(), loopback_config(**overrides)
+        )
+        server.start()
+        servers.append(server)
+        return server
+
+    yield build
+    for server in servers:
+        server.stop(timeout=2.0)
+
+
+# -- TTHeader through the tests' own codec --------------------------------------------------------
+
+
+def tt_call(
+    protocol: str = "binary",
+    method: str = "echo",
+    *,
+    seqid: int = 7,
+    str_kv: dict[str, str] | None = None,
+    int_kv: dict[int, str] | None = None,
+    **args: Any,
+) -> bytes:
+    """A TTHeader request frame carrying a call, built by tests/ttheader.py."""
+    return ttheader.encode(
+        ttheader.TTHeader(
+            payload=encode(protocol, method, seqid, **args),
+            seqid=seqid,
+            protocol_id=PROTOCOL_IDS[protocol],
+            str_kv={k.encode(): v.encode() for k, v in (str_kv or {}).items()},
+            int_kv={k: v.encode() for k, v in (int_kv or {}).items()},
+        )
+    )
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    """One whole frame (its 4-byte length included) from ``sock``."""
+    head = read_exactly(sock, 4)
+    (length,) = struct.unpack(">I", head)
+    return head + read_exactly(sock, length)
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def reply_value(frame: ttheader.TTHeader, method: str = "echo") -> Any:
+    """The result (or TApplicationException) in a reply frame's payload."""
+    proto = _thrift.COMPACT if frame.protocol_id == 2 else _thrift.BINARY
+    name, mtype, seqid, pos = _thrift.read_message_begin(
+        proto, frame.payload, 0, len(frame.payload)
+    )
+    assert name == method
+    if mtype == 3:
+        cls = kitegreen_app_exception()
+    else:
+        cls = getattr(testsvc_thrift.TestService, f"{method}_result")
+    value = _thrift.read_struct(proto, frame.payload, pos, len(frame.payload), _thrift.compile(cls))
+    return (seqid, value if mtype == 3 else value.success)
+
+
+def kitegreen_app_exception() -> Any:
+    from thriftpy2.thrift import TApplicationException
+
+    return TApplicationException
+
+
+def tt_roundtrip(address: Any, request: bytes) -> ttheader.TTHeader:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(request)
+        return ttheader.decode(read_frame(sock))
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+class TestTTHeader:
+    def test_call_is_answered_in_kind(self, make, protocol):
+        """A TTHeader call gets a TTHeader reply with the request's sequence id and protocol
+        id, carrying the result."""
+        server = make()
+        reply = tt_roundtrip(server.address, tt_call(protocol, seqid=41, message="hello"))
+        assert (reply.seqid, reply.protocol_id) == (41, PROTOCOL_IDS[protocol])
+        assert reply_value(reply) == (41, "hello")
+
+    def test_metadata_reaches_the_handler(self, make, protocol):
+        """Caller service and method, log id, the RPC timeout as a deadline, transit and
+        persistent metainfo: the handler reads them from request_info()."""
+        server = make()
+        request = tt_call(
+            protocol,
+            message="?info",
+            int_kv={
+                LOG_ID: "20261127-abc",
+                FROM_SERVICE: "caller.svc",
+                FROM_METHOD: "Do",
+                RPC_TIMEOUT: "5000",
+            },
+            str_kv={
+                "RPC_TRANSIT_tenant": "t1",
+                "RPC_PERSIST_region": "eu",
+                "RPC_TRANSIT_UPSTREAM_x": "y",
+            },
+        )
+        seen = json.loads(reply_value(tt_roundtrip(server.address, request))[1])
+        assert seen["header"] == "ttheader"
+        assert (seen["caller_service"], seen["caller_method"]) == ("caller.svc", "Do")
+        assert seen["log_id"] == "20261127-abc"
+        assert 4.0 < seen["remaining"] <= 5.0
+        assert seen["transit"] == {"tenant": "t1"}
+        assert seen["persistent"] == {"region": "eu"}
+        assert seen["real_ip"] == "127.0.0.1"
+
+    def test_response_headers_reach_the_client(self, make, protocol):
+        """biz-status, biz-message, biz-extra and backward metainfo set by the handler are in
+        the reply's string key-values."""
+        server = make()
+        reply = tt_roundtrip(server.address, tt_call(protocol, message="?biz"))
+        headers = ttheader.texts(reply.str_kv)
+        assert headers["biz-status"] == "4001"
+        assert headers["biz-message"] == "no such user"
+        assert json.loads(headers["biz-extra"]) == {"user": "u1"}
+        assert headers["trace"] == "abc"
+        assert "crrst" not in headers
+
+    def test_log_id_is_in_the_access_log(self, make, protocol):
+        """The log id is written in the request's access log line."""
+        from structlog.testing import capture_logs
+
+        server = make(access_log=True)
+        with capture_logs() as logs:
+            tt_roundtrip(server.address, tt_call(protocol, message="x", int_kv={LOG_ID: "L-9"}))
+            assert wait_until(lambda: [e for e in logs if e["event"] == "access"])
+        [access] = [e for e in logs if e["event"] == "access"]
+        assert access["log_id"] == "L-9"
+
+
+RIP = {"rip": "203.0.113.9:51234"}
+"""What a proxy tells of the client: its address and port."""
+
+
+class TestRealIp:
+    def test_rip_from_an_untrusted_peer_is_ignored(self, make):
+        """Without trust, real_ip() stays the TCP peer whatever rip says."""
+        server = make()
+        seen = json.loads(
+            reply_value(tt_roundtrip(server.address, tt_call(message="?info", str_kv=RIP)))[1]
+        )
+        assert seen["real_ip"] == "127.0.0.1"
+
+    def test_rip_from_a_trusted_proxy_is_the_real_ip(self, make):
+        """A TCP peer in trusted_proxies may tell the client's address."""
+        server = make(trusted_proxies=("127.0.0.0/8",))
+        seen = json.loads(
+            reply_value(tt_roundtrip(server.address, tt_call(message="?info", str_kv=RIP)))[1]
+        )
+        assert seen["real_ip"] == "203.0.113.9"
+
+    def test_rip_in_service_mesh_mode_is_the_real_ip(self, make):
+        """In service-mesh mode the sidecar is the only peer, and its rip is trusted."""
+        server = make(service_mesh_mode=True, service_mesh_ingress_addr="127.0.0.1:0")
+        seen = json.loads(
+            reply_value(
+                tt_roundtrip(
+                    server.address, tt_call(message="?info", str_kv={"rip": "[2001:db8::7]:80"})
+                )
+            )[1]
+        )
+        assert seen["real_ip"] == "2001:db8::7"
+
+    def test_trusted_peer_without_rip_is_itself(self, make):
+        """A request from a trusted proxy that carries no rip (or a malformed one) shows the
+        TCP peer, not the previous request's client."""
+        server = make(trusted_proxies=("127.0.0.1/32",))
+        with socket.create_connection(server.address, timeout=5) as sock:
+            shown = []
+            for str_kv in (RIP, {}, {"rip": "not-an-ip"}):
+                sock.sendall(tt_call(message="?info", str_kv=str_kv))
+                shown.append(
+                    json.loads(reply_value(ttheader.decode(read_frame(sock)))[1])["real_ip"]
+                )
+        assert shown == ["203.0.113.9", "127.0.0.1", "127.0.0.1"]
+
+
+class TestDeadline:
+    def test_deadline_is_readable_but_not_enforced_by_default(self, make):
+        """RPC_TIMEOUT 100 ms, a handler taking 300 ms: by default it runs to the end."""
+        server = make()
+        request = tt_call(method="slow", seconds=0.3, message="done", int_kv={RPC_TIMEOUT: "100"})
+        assert reply_value(tt_roundtrip(server.address, request), "slow")[1] == "done"
+
+    def test_enforced_deadline_interrupts_the_handler(self, make):
+        """With enforce_rpc_timeout, the same call is cut off at 100 ms: the caller gets a
+        TIMEOUT exception saying so, and the metrics count it."""
+        server = make(enforce_rpc_timeout=True)
+        request = tt_call(method="slow", seconds=2.0, message="done", int_kv={RPC_TIMEOUT: "100"})
+        start = time.monotonic()
+        _, error = reply_value(tt_roundtrip(server.address, request), "slow")
+        assert time.monotonic() - start < 1.0
+        assert error.type == TIMEOUT
+        assert "RPC timeout" in error.message
+        assert server.metrics is not None
+        assert server.metrics.methods["slow"].errors["timeout"] == 1
+
+    def test_call_within_its_deadline_is_unaffected(self, make):
+        """enforce_rpc_timeout leaves a call that finishes in time alone, and calls without a
+        timeout header too."""
+        server = make(enforce_rpc_timeout=True)
+        quick = tt_call(method="slow", seconds=0.01, message="ok", int_kv={RPC_TIMEOUT: "2000"})
+        assert reply_value(tt_roundtrip(server.address, quick), "slow")[1] == "ok"
+        plain = tt_call(method="slow", seconds=0.01, message="ok")
+        assert reply_value(tt_roundtrip(server.address, plain), "slow")[1] == "ok"
+
+
+class TestHandoverAtStop:
+    def test_replies_sent_after_stop_began_carry_crrst(self, make):
+        """A call in flight when stop() begins is answered with crrst=1, telling a Kitex
+        client not to send on that connection again; a reply before the stop has none."""
+        server = make(exit_wait_time=5.0)
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(tt_call(message="before"))
+            before = ttheader.decode(read_frame(sock))
+            sock.sendall(tt_call(method="slow", seconds=0.5, message="during"))
+            gevent.sleep(0.1)  # the slow call is in the handler
+            stopper = gevent.spawn(server.stop)
+            during = ttheader.decode(read_frame(sock))
+            assert stopper.get(timeout=5) is True
+        assert "crrst" not in ttheader.texts(before.str_kv)
+        assert ttheader.texts(during.str_kv)["crrst"] == "1"
+        assert reply_value(during, "slow")[1] == "during"
+
+
+# -- THeader through Apache Thrift's own client ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def apache_header_client(address: Any, protocol: str, zlib: bool) -> Iterator[tuple[Any, Any]]:
+    sock = TSocket.TSocket(address[0], address[1])
+    sock.setTimeout(5000)
+    subprotocol = (
+        THeaderSubprotocolID.BINARY if protocol == "binary" else THeaderSubprotocolID.COMPACT
+    )
+    proto = THeaderProtocol(sock, [THeaderClientType.HEADERS], default_protocol=subprotocol)
+    if zlib:
+        proto.trans.add_transform(THeaderTransformID.ZLIB)
+    client = ApacheService.Client(proto)
+    sock.open()
+    try:
+        yield client, proto
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+@pytest.mark.parametrize("zlib", [False, True], ids=["plain", "zlib"])
+class TestTHeader:
+    def test_apache_header_client_is_served(self, make, protocol, zlib):
+        """Apache Thrift's THeader client, binary or compact inside, with or without zlib:
+        calls of every shape come back right."""
+        from testsvc.ttypes import Item
+
+        server = make()
+        with apache_header_client(server.address, protocol, zlib) as (client, _):
+            assert client.echo("héllo") == "héllo"
+            assert client.add(2, 40) == 42
+            item = Item(id=1, name="n", tags=["a"], counts={"k": 2**40}, child=None)
+            assert client.roundtrip(item) == item
+            with pytest.raises(ApacheAppError) as refused:
+                client.raise_undeclared("boom")
+            assert refused.value.type == ApacheAppError.INTERNAL_ERROR
+
+    def test_headers_reach_the_handler_and_back(self, make, protocol, zlib):
+        """THeader key-values are the handler's request_info().headers, fbthrift's
+        client_timeout its deadline; headers it sets come back to the client."""
+        server = make()
+        with apache_header_client(server.address, protocol, zlib) as (client, proto):
+            proto.trans.set_header(b"client_timeout", b"3000")
+            proto.trans.set_header(b"User-Agent", b"pytest")
+            seen = json.loads(client.echo("?info"))
+            assert seen["header"] == "theader"
+            assert seen["headers"]["User-Agent"] == "pytest"
+            assert 2.0 < seen["remaining"] <= 3.0
+            client.echo("?biz")
+            back = proto.trans.get_headers()
+            assert back[b"biz-status"] == b"4001"
+            assert back[b"trace"] == b"abc"
+
+
+# -- hostile headers ------------------------------------------------------------------------------
+
+
+def th_request() -> bytes:
+    """A valid THeader echo call, written by Apache's THeaderProtocol into memory."""
+    from thrift.transport.TTransport import TMemoryBuffer
+
+    buffer = TMemoryBuffer()
+    proto = THeaderProtocol(buffer, [THeaderClientType.HEADERS])
+    client = ApacheService.Client(proto)
+    client.send_echo("x")
+    return bytes(buffer.getvalue())
+
+
+def lying(kind: str) -> bytes:
+    """A header frame that lies about a size or count, or is cut short."""
+    payload = encode("binary", "echo", 1, message="x")
+    if kind == "header size beyond the frame":
+        return ttheader.assemble(ttheader.MAGIC, b"\x00\x00\x00\x00", payload, words=0x4000)
+    if kind == "string count beyond the bytes":
+        return ttheader.assemble(ttheader.MAGIC, b"\x00\x00\x01\xff\xff\x00\x00\x00", payload)
+    if kind == "string length beyond the bytes":
+        return ttheader.assemble(ttheader.MAGIC, b"\x00\x00\x01\x00\x01\xff\xff\x00", payload)
+    if kind == "unknown info id":
+        return ttheader.assemble(ttheader.MAGIC, b"\x00\x00\x42\x00", payload)
+    if kind == "unknown protocol id":
+        return ttheader.assemble(ttheader.MAGIC, b"\x09\x00\x00\x00", payload)
+    if kind == "length beyond max_frame_size":
+        return ttheader.assemble(ttheader.MAGIC, b"\x00\x00\x00\x00", payload, length=1 << 30)
+    if kind == "truncated header":
+        return ttheader.assemble(ttheader.MAGIC, b"\x00\x00", b"")
+    if kind == "THeader varint past 32 bits":
+        return ttheader.assemble(0x0FFF, b"\xff\xff\xff\xff\xff\x01\x00\x00", payload)
+    if kind == "THeader zlib that does not inflate":
+        return ttheader.assemble(0x0FFF, b"\x00\x01\x01\x00", b"not zlib at all")
+    raise AssertionError(kind)
+
+
+HOSTILE = [
+    "header size beyond the frame",
+    "string count beyond the bytes",
+    "string length beyond the bytes",
+    "unknown info id",
+    "unknown protocol id",
+    "length beyond max_frame_size",
+    "truncated header",
+    "THeader varint past 32 bits",
+    "THeader zlib that does not inflate",
+]
+
+
+class TestHostileHeaders:
+    @pytest.mark.parametrize("kind", HOSTILE)
+    def test_malformed_header_closes_at_once_while_others_are_served(self, make, kind):
+        """Each lie is refused within 100 ms with the connection closed, nothing sent back,
+        while a client on another connection is answered."""
+        server = make(max_frame_size=1 << 20)
+        with (
+            socket.create_connection(server.address, timeout=5) as probe,
+            socket.create_connection(server.address, timeout=5) as attacker,
+        ):
+            start = time.monotonic()
+            attacker.sendall(lying(kind))
+            probe.sendall(tt_call(message="still here"))
+            assert reply_value(ttheader.decode(read_frame(probe)))[1] == "still here"
+            assert attacker.recv(1) == b""
+            assert time.monotonic() - start < 0.1
+        with socket.create_connection(server.address, timeout=5) as again:
+            again.sendall(th_request())
+            assert read_frame(again)[4:6] == b"\x0f\xff"
