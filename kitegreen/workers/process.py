@@ -36,6 +36,7 @@ class WorkerProcess:
         ready_at: monotonic time its server started accepting; None until then.
         stop_requested: the arbiter asked it to stop (an exit is then expected).
         timed_out: the arbiter killed it for a stale heartbeat.
+        exit_status: its wait status once reaped (see :meth:`describe_exit`).
     """
 
     pid: int
