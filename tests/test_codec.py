@@ -350,6 +350,29 @@ class TestScanner:
             _thrift.scan(PROTOCOLS[protocol], data, 0, len(data), 1024)
 
 
+class TestFrameEnd:
+    def test_finds_the_end_of_a_whole_frame(self):
+        """A frame's end is its 4-byte length past its start; bytes after it are not its."""
+        stream = b"xx" + struct.pack("!i", 3) + b"abc" + b"next"
+        assert _thrift.frame_end(stream, 2, len(stream), 1024) == 9
+
+    @pytest.mark.parametrize("have", [0, 3, 4, 6])
+    def test_waits_for_the_rest(self, have):
+        """Until the length and all its bytes are there, -1: nothing is assumed or reserved."""
+        frame = struct.pack("!i", 3) + b"abc"
+        assert _thrift.frame_end(frame, 0, have, 1024) == -1
+
+    @pytest.mark.parametrize("length", [0, -1, -(2**31)])
+    def test_length_must_be_positive(self, length):
+        with pytest.raises(ProtocolError, match="must be positive"):
+            _thrift.frame_end(struct.pack("!i", length), 0, 4, 1024)
+
+    def test_length_over_max_size_is_refused_before_its_bytes(self):
+        """FrameTooLarge as soon as the length is read, not once the bytes arrived."""
+        with pytest.raises(FrameTooLarge, match="frame of 1025 bytes"):
+            _thrift.frame_end(struct.pack("!i", 1025), 0, 4, 1024)
+
+
 # -- refusing malformed input ---------------------------------------------------------------------
 
 

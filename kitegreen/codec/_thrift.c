@@ -1443,6 +1443,45 @@ mod_scan(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)sc;
 }
 
+/* frame_end(buf, start, end, max_size) -> int: where the frame that begins at buf[start] (a
+ * 4-byte big-endian length, then that many bytes) ends, or -1 while buf[start:end] does not
+ * hold it all yet. One call per message on a framed wire, like scan() on a buffered one. */
+static PyObject *
+mod_frame_end(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    Bytes b;
+    Py_ssize_t start, end;
+    if (check_nargs("frame_end", nargs, 4) < 0)
+        return NULL;
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[3]);
+    if (max_size == -1 && PyErr_Occurred())
+        return NULL;
+    if (get_bytes(args[0], &b) < 0)
+        return NULL;
+    if (get_span(args[1], args[2], b.len, &start, &end) < 0) {
+        release_bytes(&b);
+        return NULL;
+    }
+    Py_ssize_t found = -1;
+    if (end - start >= 4) {
+        int32_t length = (int32_t)be32(b.data + start);
+        if (length <= 0)
+            found = -2;
+        else if (length > max_size)
+            found = -3 - (Py_ssize_t)length;
+        else if (end - start - 4 >= length)
+            found = start + 4 + length;
+        if (found == -2)
+            bad("frame length must be positive, got %d", length);
+        else if (found < -2)
+            PyErr_Format(FrameTooLarge, "frame of %d bytes, max_frame_size is %zd", length,
+                         max_size);
+    }
+    release_bytes(&b);
+    return found < -1 ? NULL : PyLong_FromSsize_t(found);
+}
+
 /* read_message_begin(proto, buf, start, end) -> (name, mtype, seqid, body_offset) */
 static PyObject *
 mod_read_message_begin(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -2118,6 +2157,10 @@ static PyMethodDef module_methods[] = {
      "that begins at buf[start] ends, without decoding it: the offset just past it, or a "
      "Scanner to feed when more bytes arrive. Raises ProtocolError on malformed bytes and "
      "FrameTooLarge when the message cannot fit max_size bytes."},
+    {"frame_end", (PyCFunction)(void (*)(void))mod_frame_end, METH_FASTCALL,
+     "frame_end(buf, start, end, max_size) -> int\n\nWhere the frame (4-byte length, then "
+     "its bytes) that begins at buf[start] ends, or -1 while buf[start:end] does not hold it "
+     "all. Raises ProtocolError for a length <= 0, FrameTooLarge for one over max_size."},
     {"read_message_begin", (PyCFunction)(void (*)(void))mod_read_message_begin, METH_FASTCALL,
      "read_message_begin(protocol, buf, start, end) -> (name, mtype, seqid, offset)"},
     {"read_struct", (PyCFunction)(void (*)(void))mod_read_struct, METH_FASTCALL,

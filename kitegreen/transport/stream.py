@@ -25,6 +25,7 @@ from kitegreen.codec import _thrift
 from kitegreen.codec.wire import DETECT_BYTES, Wire, detect
 from kitegreen.exceptions import FrameTooLarge, ProtocolError
 
+_frame_end = _thrift.frame_end
 RECV_SIZE = 64 * 1024
 """Upper bound on one recv."""
 CLOSE_LINGER = 1.0
@@ -158,19 +159,18 @@ class MessageStream:
         return detect(head, self.max_frame_size)
 
     def _frame(self, deadline: float) -> tuple[int, int]:
-        while len(self._buf) - self._pos < 4:
-            self._recv_more(deadline)
-        pos = self._pos
-        length = int.from_bytes(self._buf[pos : pos + 4], "big", signed=True)
-        if length <= 0:
-            # Nothing after it can be read as a message: the stream forgets it all.
-            self._buf, self._pos = b"", 0
-            raise ProtocolError(f"frame length must be positive, got {length}")
-        if length > self.max_frame_size:
-            raise FrameTooLarge(f"frame of {length} bytes, max_frame_size is {self.max_frame_size}")
-        while len(self._buf) - self._pos < 4 + length:
-            self._recv_more(deadline)
-        return self._pos + 4, self._pos + 4 + length
+        try:
+            while (
+                end := _frame_end(self._buf, self._pos, len(self._buf), self.max_frame_size)
+            ) < 0:
+                self._recv_more(deadline)
+        except ProtocolError as exc:
+            if not isinstance(exc, FrameTooLarge):
+                # A length of 0 or less: nothing after it can be read as a message, so the
+                # stream forgets it all (no error reply can name a request from it).
+                self._buf, self._pos = b"", 0
+            raise
+        return self._pos + 4, end
 
     def _scan(self, protocol: int, deadline: float) -> tuple[int, int]:
         found = _thrift.scan(protocol, self._buf, self._pos, len(self._buf), self.max_frame_size)
