@@ -38,7 +38,7 @@ from kitegreen.workers.probe import config_from_json, config_to_json
 
 pytestmark = pytest.mark.timeout(60)
 
-TARGET = "tests/launcher_target.py:server"
+TARGET = "tests/workers_target.py:server"
 LOOPBACK = ("--host", "127.0.0.1", "--port", "0", "--debug-port", "0", "--exit-wait-time", "2")
 EXITED = ("worker stopped", "worker exited unasked; replacing it")
 
@@ -65,7 +65,7 @@ class Arbiter:
 
     def named(self, event: str) -> list[dict[str, Any]]:
         """Every log record named ``event`` so far."""
-        return [e for e in self.launcher.events() if e.get("event") == event]
+        return self.launcher.named(event)
 
     def live_workers(self) -> set[int]:
         """Workers the arbiter has reported ready and not yet exited."""
@@ -101,16 +101,34 @@ class Arbiter:
 
 
 @contextlib.contextmanager
-def arbiter(*args: str, workers: int = 2, env: dict[str, str] | None = None) -> Iterator[Arbiter]:
-    """The launcher serving ``TARGET`` with ``workers`` workers, once they are all ready."""
-    with Launcher(TARGET, *LOOPBACK, "--workers", str(workers), *args, env=env) as launcher:
+def arbiter(
+    *args: str, workers: int = 2, env: dict[str, str] | None = None, target: str = TARGET
+) -> Iterator[Arbiter]:
+    """The launcher serving ``target`` with ``workers`` workers, once they are all ready.
+
+    Whatever the test does, no process of the instance outlives it: leaving the launcher's
+    context kills what is left of its process group.
+    """
+    with Launcher(target, *LOOPBACK, "--workers", str(workers), *args, env=env) as launcher:
         instance = Arbiter(launcher)
         instance.wait_for_workers(workers)
         yield instance
-        # Whatever the test did, leave no worker behind (the launcher kills only the arbiter).
-        for pid in {e["worker"] for e in instance.named("worker spawned")}:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+
+
+def module_env() -> dict[str, str]:
+    """The environment for targets written to ``tmp_path`` by a test: the tests' modules
+    importable, and no bytecode cache (a module rewritten within the second it was first
+    imported could be read back from a stale one)."""
+    return launcher_env(PYTHONPATH=str(TESTS), PYTHONDONTWRITEBYTECODE="1")
+
+
+CRASH_AFTER_START = (
+    "import os, gevent\n"
+    "from workers_target import server\n"
+    "# Imports fine (the probe passes), then exits 50 ms after its hub first runs.\n"
+    "gevent.spawn_later(0.05, os._exit, 3)\n"
+)
+HEALTHY = "from workers_target import server\n"
 
 
 def echo_call(address: tuple[str, int]) -> None:
@@ -314,10 +332,9 @@ class TestReload:
     def test_sighup_with_a_broken_application_keeps_the_workers(self, tmp_path):
         """A reload whose code no longer imports is refused; the old workers keep serving."""
         module = tmp_path / "app.py"
-        module.write_text(
-            f"import sys\nsys.path.insert(0, {str(TESTS)!r})\nfrom launcher_target import server\n"
-        )
-        with Launcher(f"{module}:server", *LOOPBACK, "--workers", "2") as launcher:
+        module.write_text(HEALTHY)
+        args = (*LOOPBACK, "--workers", "2")
+        with Launcher(f"{module}:server", *args, env=module_env()) as launcher:
             instance = Arbiter(launcher)
             workers = instance.wait_for_workers(2)
             module.write_text("raise RuntimeError('broken deploy')\n")
@@ -421,13 +438,9 @@ class TestSupervision:
     def test_workers_that_crash_at_start_up_stop_the_instance(self, tmp_path):
         """Workers that keep exiting right after start stop the arbiter with exit 4."""
         module = tmp_path / "crashing.py"
-        module.write_text(
-            "import os, gevent\n"
-            "from launcher_target import server\n"
-            "gevent.spawn_later(0.05, os._exit, 3)\n"
-        )
-        env = launcher_env(PYTHONPATH=str(TESTS))
-        with Launcher(f"{module}:server", *LOOPBACK, "--workers", "2", env=env) as launcher:
+        module.write_text(CRASH_AFTER_START)
+        args = (*LOOPBACK, "--workers", "2")
+        with Launcher(f"{module}:server", *args, env=module_env()) as launcher:
             assert launcher.wait(30.0) == 4, launcher.output()[-3000:]
         record = launcher.find_event("workers keep exiting at start-up; stopping the instance")
         assert record is not None
@@ -487,7 +500,7 @@ class TestOneInstance:
         with arbiter(
             "--register", "--register-delay", "0", "--drain-time", "0", workers=3, env=env
         ) as instance:
-            service = agent.wait_for_registration("launcher-test", timeout=10.0)
+            service = agent.wait_for_registration("workers-test", timeout=10.0)
             assert service["Port"] == instance.address()[1]
             assert len(agent.services) == 1
             assert instance.stop() == 0
@@ -504,7 +517,7 @@ class TestOneInstance:
         env = launcher_env(CONSUL_HTTP_ADDR=agent.address)
         with arbiter("--remote-config", workers=2, env=env) as instance:
             agent.wait_for_blocked(count=1, timeout=10.0)
-            agent.kv_put("kite/limit/qps/launcher-test", "7")
+            agent.kv_put("kite/limit/qps/workers-test", "7")
             assert wait_until(
                 lambda: (
                     [w["overload"]["qps_limit"] for w in instance.runtime()["workers"]] == [4, 4]
