@@ -6,6 +6,8 @@ process."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -33,6 +35,7 @@ from kitegreen.config import DEFAULT_LIMIT_CONNECTIONS, Config
 from kitegreen.metrics import Metrics, merge_snapshots
 from kitegreen.workers.balance import DEFER, SLACK, AcceptBalance
 from kitegreen.workers.board import Board
+from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.instance import share
 from kitegreen.workers.probe import config_from_json, config_to_json
 
@@ -348,6 +351,36 @@ class TestReload:
             assert instance.live_workers() == workers
             assert instance.stop() == 0
 
+    def test_a_reload_whose_new_workers_keep_crashing_is_aborted(self, tmp_path):
+        """New code that imports but exits right after it starts: after 5 crashes of the new
+        generation the reload is aborted, its workers stopped, the previous generation and its
+        settings restored, and the instance keeps serving."""
+        module = tmp_path / "app.py"
+        module.write_text(HEALTHY)
+        with arbiter(target=f"{module}:server", env=module_env()) as instance:
+            module.write_text(CRASH_AFTER_START)
+            instance.proc.send_signal(signal.SIGHUP)
+            record = instance.launcher.wait_for_event(
+                "reload aborted: the new workers keep exiting at start-up; the previous "
+                "generation keeps serving with its settings",
+                timeout=40.0,
+            )
+            # A worker the aborted reload replaced is replaced again, from the code on disk.
+            module.write_text(HEALTHY)
+            assert (record["generation"], record["restored_generation"]) == (1, 0)
+            assert record["last_exit"] == "exit 3"
+            crashed = {
+                e["worker"]
+                for e in instance.named("worker exited unasked; replacing it")
+                if e["generation"] == 1
+            }
+            assert len(crashed) == 5
+            instance.wait_for_workers(2, timeout=30.0)
+            assert instance.runtime()["arbiter"]["generation"] == 0
+            assert instance.named("workers keep exiting at start-up; stopping the instance") == []
+            echo_call(instance.address())
+            assert instance.stop() == 0
+
 
 class TestSupervision:
     def test_a_killed_worker_is_replaced_within_5_seconds(self):
@@ -445,6 +478,35 @@ class TestSupervision:
         record = launcher.find_event("workers keep exiting at start-up; stopping the instance")
         assert record is not None
         assert record["last_exit"] == "exit 3"
+
+    def test_one_worker_crash_looping_beside_a_healthy_one_stops_the_instance(self, tmp_path):
+        """A worker that keeps crashing is caught though another serves all along: the waits
+        before its replacements grow, and after 5 crashes the instance stops with exit 4."""
+        module = tmp_path / "one_slot_crashes.py"
+        lock = tmp_path / "healthy.lock"
+        module.write_text(
+            "import fcntl, os, gevent\n"
+            "from workers_target import server\n"
+            f"held = open({str(lock)!r}, 'w')\n"
+            "try:\n"
+            "    # The first worker to take the lock keeps it and serves; the others crash.\n"
+            "    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "except BlockingIOError:\n"
+            "    gevent.spawn_later(0.05, os._exit, 3)\n"
+        )
+        args = (*LOOPBACK, "--workers", "2")
+        with Launcher(f"{module}:server", *args, env=module_env()) as launcher:
+            assert launcher.wait(40.0) == 4, launcher.output()[-3000:]
+        crashes = launcher.named("worker exited unasked; replacing it")
+        assert len(crashes) == 5, launcher.output()[-3000:]
+        assert all(c["start_up_crash"] for c in crashes)
+        waits = [c["restart_in"] for c in crashes]
+        assert all(later > earlier for earlier, later in itertools.pairwise(waits)), waits
+        ready = {e["worker"] for e in launcher.named("worker ready")}
+        healthy = ready - {c["worker"] for c in crashes}
+        assert len(healthy) == 1, launcher.output()[-3000:]
+        stopped = {e["worker"]: e["exit"] for e in launcher.named("worker stopped")}
+        assert stopped == {healthy.pop(): "exit 0"}
 
 
 class TestStop:
@@ -570,6 +632,72 @@ class TestAcceptBalance:
         AcceptBalance(board, slots[0], lambda: 7, stale_after=5.0)()
         other = AcceptBalance(board, slots[1], lambda: 0, stale_after=5.0)
         assert other.fewest_elsewhere() == 7
+
+
+@dataclasses.dataclass
+class Started:
+    """A worker as the crash policy sees it."""
+
+    spawned_at: float
+    ready_at: float | None = None
+
+
+class TestCrashPolicy:
+    """When a worker's exit counts as a start-up crash, and what clears the count; a clock of
+    the test's own."""
+
+    @pytest.fixture
+    def clock(self) -> list[float]:
+        return [100.0]
+
+    @pytest.fixture
+    def policy(self, clock: list[float]) -> CrashPolicy:
+        return CrashPolicy(limit=5, window=10.0, clock=lambda: clock[0])
+
+    def test_an_exit_before_ready_or_within_the_window_is_a_crash(self, policy, clock):
+        """Never ready, or ready for less than the window: a crash; ready longer: not."""
+        assert policy.exited(Started(spawned_at=99.0)) is not None
+        assert policy.exited(Started(spawned_at=90.0, ready_at=95.0)) is not None
+        assert policy.exited(Started(spawned_at=80.0, ready_at=90.0)) is None
+        assert policy.crashes == 2
+
+    def test_each_crash_doubles_the_wait_before_the_replacement(self, policy, clock):
+        """The waits grow (0.1 s doubling, with up to 20% jitter), and no spawn comes before
+        the wait has passed."""
+        waits = []
+        for _ in range(4):
+            waits.append(policy.exited(Started(spawned_at=clock[0])))
+            assert not policy.may_spawn()
+            clock[0] += waits[-1]
+            assert policy.may_spawn()
+        assert all(0.1 * 2**i <= w <= 0.1 * 2**i * 1.2 for i, w in enumerate(waits)), waits
+
+    def test_workers_ready_before_the_last_crash_prove_nothing(self, policy, clock):
+        """One worker crash-looping beside a healthy one: the healthy one, serving long before
+        the crashes, does not clear the count, and the fifth crash exhausts the policy."""
+        healthy = Started(spawned_at=0.0, ready_at=1.0)
+        for _ in range(5):
+            assert not policy.exhausted
+            policy.exited(Started(spawned_at=clock[0]))
+            clock[0] += policy.wait()
+            assert not policy.note_health([healthy])
+        assert policy.exhausted
+
+    def test_a_worker_spawned_after_the_last_crash_clears_the_count_once_proven(
+        self, policy, clock
+    ):
+        """A replacement that stays ready for the window clears the count and the backoff."""
+        for _ in range(3):
+            policy.exited(Started(spawned_at=clock[0]))
+            clock[0] += policy.wait()
+        replacement = Started(spawned_at=clock[0], ready_at=clock[0] + 0.5)
+        clock[0] += 10.0
+        assert not policy.note_health([replacement])
+        assert not policy.proven
+        clock[0] += 0.5
+        assert policy.note_health([replacement])
+        assert (policy.crashes, policy.proven) == (0, True)
+        assert policy.exited(Started(spawned_at=clock[0])) < 0.13
 
 
 class TestParts:

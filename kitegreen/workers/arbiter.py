@@ -25,9 +25,13 @@ USR2       logged and ignored: binary upgrade is not supported.
 =========  ====================================================================================
 
 Supervision: a worker that exits unasked is replaced. One that exits before it was ready or
-within :data:`CRASH_WINDOW` of being ready counts as a start-up crash; the next is spawned
-after an exponential backoff, and after :data:`MAX_STARTUP_CRASHES` in a row the instance
-stops with exit status :data:`EXIT_WORKERS_FAILED` (4) and says why. A worker whose heartbeat
+within :data:`~kitegreen.workers.crashes.CRASH_WINDOW` of being ready counts as a start-up
+crash; the next is spawned after an exponential backoff, and after
+:data:`~kitegreen.workers.crashes.MAX_STARTUP_CRASHES` with no proof of health between them
+(``crashes.py``) the instance stops with exit status :data:`EXIT_WORKERS_FAILED` (4) and says
+why. During a reload the new generation's crashes are counted apart: when they exhaust their
+count the reload is aborted (the new workers are stopped, the previous settings and generation
+restored) and the instance keeps serving. A worker whose heartbeat
 is older than ``worker_timeout`` (its hub is blocked, or it hangs while importing) has its
 stacks written by faulthandler, logged, and is killed and replaced. No worker outlives the
 arbiter: each asks the kernel for SIGTERM when the arbiter dies (Linux), and stops by itself
@@ -55,7 +59,6 @@ from gevent.pool import Pool
 from gevent.queue import Empty, Queue
 from gevent.util import format_run_info
 
-from kitegreen.backoff import Backoff
 from kitegreen.config import MAX_WORKERS, Config
 from kitegreen.exceptions import ListenError
 from kitegreen.signals import install_signal_handlers
@@ -64,6 +67,7 @@ from kitegreen.transport.stream import CLOSE_LINGER
 from kitegreen.workers import fork
 from kitegreen.workers.board import Board
 from kitegreen.workers.control import Channel
+from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.instance import Instance, ready_count
 from kitegreen.workers.probe import probe_config
 from kitegreen.workers.process import BOOTING, STOPPING, WorkerProcess
@@ -77,11 +81,8 @@ EXIT_UNCLEAN_STOP = 1
 EXIT_USAGE = 2
 EXIT_LISTEN = 3
 EXIT_WORKERS_FAILED = 4
-"""Workers kept exiting at start-up (:data:`MAX_STARTUP_CRASHES` in a row)."""
+"""Workers kept exiting at start-up (see ``crashes.py``)."""
 
-MAX_STARTUP_CRASHES = 5
-CRASH_WINDOW = 10.0
-"""Seconds after becoming ready within which a worker's exit counts as a start-up crash."""
 STOP_GRACE = 2.0
 """Seconds past ``exit_wait_time`` that the arbiter waits for workers to exit before it kills
 what is left (a worker cuts its requests off at ``exit_wait_time`` by itself)."""
@@ -209,12 +210,19 @@ class Arbiter:
         self._signal_handles: list[Any] = []
         self._closers = Pool()
         self._killers = Pool()
-        self._backoff = Backoff(initial=0.1, maximum=5.0)
         self._phase = SERVING
         self._wanted = config.workers
         self._generation = 0
+        self._generations = 0
+        """Generations started so far: an aborted reload's number is never used again."""
         self._age = 0
-        self._crashes = 0
+        self._crashes = CrashPolicy()
+        """Start-up crashes of the generation in service (and of older ones still running)."""
+        self._reload_crashes: CrashPolicy | None = None
+        """During a reload, start-up crashes of the new generation."""
+        self._before_reload: tuple[Config, int, int] | None = None
+        """During a reload: the settings, generation and workers wanted to go back to."""
+        self._reload_pending = False
         self._restarts = 0
         self._spawn_not_before = 0.0
         self._drain_until = 0.0
@@ -318,6 +326,9 @@ class Arbiter:
         now = time.monotonic()
         if self._spawn_not_before > now:
             wake = min(wake, self._spawn_not_before - now)
+        for policy in (self._crashes, self._reload_crashes):
+            if policy is not None and policy.wait() > 0:
+                wake = min(wake, policy.wait())
         if self._phase == DRAINING:
             wake = min(wake, max(self._drain_until - now, 0.0))
         return max(wake, 0.0)
@@ -425,6 +436,10 @@ class Arbiter:
             )
             return
         self._wanted = wanted
+        if self._before_reload is not None:
+            # An aborted reload goes back to this number, not the one before the reload.
+            config, generation, _ = self._before_reload
+            self._before_reload = (config, generation, wanted)
         self.log.info("workers wanted changed", signal=signum.name, workers=wanted)
         self.instance.events.push("Workers", f"{signum.name}: {wanted} workers wanted")
         self.instance.set_worker_count(wanted)
@@ -432,6 +447,11 @@ class Arbiter:
     def _reload(self) -> None:
         if self._phase != SERVING:
             self.log.warning("signal ignored: the instance is stopping", signal="SIGHUP")
+            return
+        if self._reloading:
+            # One reload at a time: the next starts from the settings this one brings in.
+            self._reload_pending = True
+            self.log.info("a reload is in progress; reloading again once it ends")
             return
         self.log.info("reloading: loading the application and its settings afresh")
         new = probe_config(
@@ -454,9 +474,12 @@ class Arbiter:
             self.log.warning(
                 "these settings change only with a restart; kept as they were", settings=kept
             )
+        self._before_reload = (old, self._generation, self._wanted)
         self._config = new.replace(**{name: getattr(old, name) for name in _RESTART_FIELDS})
         self._wanted = self._config.workers
-        self._generation += 1
+        self._generations += 1
+        self._generation = self._generations
+        self._reload_crashes = CrashPolicy()
         self._reloading = True
         self.instance.reconfigure(self._config)
         self.log.info("rolling reload", generation=self._generation, workers=self._wanted)
@@ -467,32 +490,76 @@ class Arbiter:
     def _manage(self, now: float) -> None:
         """Bring the workers to the number wanted: replace, scale, roll a reload forward."""
         live = [w for w in self._workers.values() if w.state != STOPPING]
-        if self._crashes and any(
-            w.ready_at is not None and now - w.ready_at >= CRASH_WINDOW for w in live
-        ):
-            self._crashes = 0
-            self._backoff.reset()
         old = sorted((w for w in live if w.generation < self._generation), key=lambda w: w.age)
         current = sorted((w for w in live if w.generation == self._generation), key=lambda w: w.age)
+        reload_crashes = self._reload_crashes
+        if reload_crashes is None:
+            self._crashes.note_health(live)
+        else:
+            self._crashes.note_health(old)
+            reload_crashes.note_health(current)
         if not old:
             if self._reloading:
-                self._reloading = False
-                self.log.info("reload complete", generation=self._generation)
+                self._end_reload()
             for worker in current[: max(len(current) - self._wanted, 0)]:
                 self.log.info("stopping a worker: fewer wanted", worker=worker.pid)
                 worker.stop()
-            if now >= self._spawn_not_before:
+            if self._may_spawn(now, self._crashes):
                 for _ in range(self._wanted - len(current)):
                     self._spawn()
             return
+        assert reload_crashes is not None
         # A reload rolls one worker at a time: a new one first, an old one once it is ready.
         if any(w.state == BOOTING for w in current):
             return
         if len(live) > self._wanted:
+            if not reload_crashes.proven:
+                # A new worker crashed: no old one stops until a new one has proved itself.
+                return
             self.log.info("stopping an old worker: reload", worker=old[0].pid)
             old[0].stop()
-        elif now >= self._spawn_not_before:
+        elif self._may_spawn(now, reload_crashes):
             self._spawn()
+
+    def _may_spawn(self, now: float, crashes: CrashPolicy) -> bool:
+        return now >= self._spawn_not_before and crashes.may_spawn()
+
+    def _end_reload(self) -> None:
+        self._reloading = False
+        if self._reload_crashes is not None:
+            # The new generation is the one in service now, crashes counted so far included.
+            self._crashes = self._reload_crashes
+        self._reload_crashes = None
+        self._before_reload = None
+        self.log.info("reload complete", generation=self._generation)
+        self._reload_if_pending()
+
+    def _abort_reload(self, last_exit: str) -> None:
+        """The new generation keeps crashing: stop it and go back to the previous one."""
+        assert self._before_reload is not None
+        aborted = self._generation
+        self._config, self._generation, self._wanted = self._before_reload
+        self._before_reload = None
+        self._reload_crashes = None
+        self._reloading = False
+        for worker in self._workers.values():
+            if worker.generation == aborted:
+                worker.stop()
+        self.instance.reconfigure(self._config)
+        self.log.error(
+            "reload aborted: the new workers keep exiting at start-up; the previous generation "
+            "keeps serving with its settings",
+            generation=aborted,
+            restored_generation=self._generation,
+            last_exit=last_exit,
+        )
+        self.instance.events.push("Reload", f"generation {aborted} aborted: {last_exit}")
+        self._reload_if_pending()
+
+    def _reload_if_pending(self) -> None:
+        if self._reload_pending:
+            self._reload_pending = False
+            self._reload()
 
     def _spawn(self) -> None:
         self._age += 1
@@ -519,7 +586,7 @@ class Arbiter:
             for resource in (stack_file, parent_end, child_end):
                 resource.close()
             self.log.error("cannot fork a worker", error=str(exc))
-            self._spawn_not_before = time.monotonic() + self._backoff.next()
+            self._spawn_not_before = time.monotonic() + 1.0
             return
         if pid == 0:
             run_worker(spec)
@@ -590,31 +657,33 @@ class Arbiter:
             self.log.info("worker stopped", worker=pid, exit=worker.describe_exit())
             return
         self._restarts += 1
-        now = time.monotonic()
-        early = worker.ready_at is None or now - worker.ready_at < CRASH_WINDOW
+        reload_crashes = self._reload_crashes
+        new_generation = reload_crashes is not None and worker.generation == self._generation
+        policy = reload_crashes if reload_crashes is not None and new_generation else self._crashes
+        delay = policy.exited(worker)
         self.log.error(
             "worker exited unasked; replacing it",
             worker=pid,
             exit=worker.describe_exit(),
             timed_out=worker.timed_out,
             was_ready=worker.ready_at is not None,
+            generation=worker.generation,
+            start_up_crash=delay is not None,
+            restart_in=None if delay is None else round(delay, 3),
         )
         self.instance.events.push("Worker Exit", f"{pid}: {worker.describe_exit()}")
-        if not early:
-            self._crashes = 0
-            self._backoff.reset()
+        if not policy.exhausted:
             return
-        self._crashes += 1
-        if self._crashes >= MAX_STARTUP_CRASHES:
-            self.log.error(
-                "workers keep exiting at start-up; stopping the instance",
-                crashes=self._crashes,
-                last_exit=worker.describe_exit(),
-            )
-            self._failed = True
-            self._begin_stop(signal.SIGTERM, graceful=True)
+        if new_generation:
+            self._abort_reload(worker.describe_exit())
             return
-        self._spawn_not_before = now + self._backoff.next()
+        self.log.error(
+            "workers keep exiting at start-up; stopping the instance",
+            crashes=policy.crashes,
+            last_exit=worker.describe_exit(),
+        )
+        self._failed = True
+        self._begin_stop(signal.SIGTERM, graceful=True)
 
     def _check_heartbeats(self, now: float) -> None:
         timeout = self._config.worker_timeout
