@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import resource
 import signal
 import socket
 import time
@@ -342,10 +343,8 @@ class TestReload:
             workers = instance.wait_for_workers(2)
             module.write_text("raise RuntimeError('broken deploy')\n")
             instance.proc.send_signal(signal.SIGHUP)
-            launcher.wait_for_event(
-                "reload refused: the application or its settings do not load; "
-                "the workers keep serving"
-            )
+            record = launcher.wait_for_event("reload refused; the workers keep serving")
+            assert "could not load" in record["reason"]
             assert "broken deploy" in launcher.output()
             echo_call(instance.address())
             assert instance.live_workers() == workers
@@ -433,6 +432,33 @@ class TestSupervision:
                 assert gone(record["worker"])
             finally:
                 caller.kill()
+            assert instance.stop() == 0
+
+    def test_without_descriptors_spawns_wait_and_reloads_are_refused(self):
+        """An arbiter that runs out of descriptors neither dies nor stops its workers: a reload
+        is refused, a spawn waits and is tried again, and succeeds once descriptors are free."""
+        with arbiter(workers=2) as instance:
+            pid = instance.proc.pid
+            soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            open_fds = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+            # A new descriptor takes the lowest free number: with the limit there, none fits.
+            lowest_free = next(fd for fd in itertools.count() if fd not in open_fds)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                instance.proc.send_signal(signal.SIGHUP)
+                record = instance.launcher.wait_for_event("cannot start the probe")
+                assert "Too many open files" in record["error"]
+                instance.launcher.wait_for_event("reload refused; the workers keep serving")
+                instance.proc.send_signal(signal.SIGTTIN)
+                record = instance.launcher.wait_for_event(
+                    "cannot start a worker; trying again later"
+                )
+                assert "Too many open files" in record["error"]
+                assert instance.proc.poll() is None
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            instance.wait_for_workers(3)
+            echo_call(instance.address())
             assert instance.stop() == 0
 
     def test_ttin_and_ttou_add_and_remove_a_worker_and_share_the_limits(self):

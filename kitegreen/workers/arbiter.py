@@ -44,6 +44,7 @@ The listener is shared, not one ``SO_REUSEPORT`` socket per worker: see the READ
 from __future__ import annotations
 
 import _socket
+import contextlib
 import functools
 import os
 import signal
@@ -59,8 +60,9 @@ from gevent.pool import Pool
 from gevent.queue import Empty, Queue
 from gevent.util import format_run_info
 
+from kitegreen.backoff import Backoff
 from kitegreen.config import MAX_WORKERS, Config
-from kitegreen.exceptions import ListenError
+from kitegreen.exceptions import ConfigError, ListenError, describe
 from kitegreen.signals import install_signal_handlers
 from kitegreen.transport.listener import ListenSpec, listen, remove_unix_socket
 from kitegreen.transport.stream import CLOSE_LINGER
@@ -89,6 +91,8 @@ what is left (a worker cuts its requests off at ``exit_wait_time`` by itself).""
 STACK_WAIT = 1.0
 """Seconds the arbiter waits for a timed-out worker's stacks before it kills the worker."""
 PROBE_TIMEOUT_MIN = 60.0
+SPAWN_RETRY_INITIAL = 0.1
+SPAWN_RETRY_MAX = 5.0
 TICK = 0.25
 STOP_TICK = 0.05
 
@@ -225,6 +229,8 @@ class Arbiter:
         self._reload_pending = False
         self._restarts = 0
         self._spawn_not_before = 0.0
+        self._spawn_backoff = Backoff(initial=SPAWN_RETRY_INITIAL, maximum=SPAWN_RETRY_MAX)
+        """Waits after a spawn failed for want of a slot, a descriptor or memory."""
         self._drain_until = 0.0
         self._kill_at = 0.0
         self._killed_all = False
@@ -462,20 +468,21 @@ class Arbiter:
             log=self.log,
         )
         if isinstance(new, int):
-            self.log.error(
-                "reload refused: the application or its settings do not load; "
-                "the workers keep serving"
-            )
-            self.instance.events.push("Reload", "refused: the application does not load")
+            self._refuse_reload("the probe could not load the application and its settings")
             return
         old = self._config
         kept = [name for name in _RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
+        try:
+            config = new.replace(**{name: getattr(old, name) for name in _RESTART_FIELDS})
+        except ConfigError as exc:
+            self._refuse_reload(f"the new settings do not fit the ones kept: {exc}")
+            return
         if kept:
             self.log.warning(
                 "these settings change only with a restart; kept as they were", settings=kept
             )
         self._before_reload = (old, self._generation, self._wanted)
-        self._config = new.replace(**{name: getattr(old, name) for name in _RESTART_FIELDS})
+        self._config = config
         self._wanted = self._config.workers
         self._generations += 1
         self._generation = self._generations
@@ -484,6 +491,10 @@ class Arbiter:
         self.instance.reconfigure(self._config)
         self.log.info("rolling reload", generation=self._generation, workers=self._wanted)
         self.instance.events.push("Reload", f"generation {self._generation}")
+
+    def _refuse_reload(self, why: str) -> None:
+        self.log.error("reload refused; the workers keep serving", reason=why)
+        self.instance.events.push("Reload", f"refused: {why}")
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -562,34 +573,43 @@ class Arbiter:
             self._reload()
 
     def _spawn(self) -> None:
-        self._age += 1
-        used = {w.slot.index for w in self._workers.values()}
-        slot = self._board.slot(next(i for i in range(self._board.size) if i not in used))
-        stack_file = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the WorkerProcess
-        parent_end, child_end = _socket.socketpair()
-        spec = WorkerSpec(
-            listener=self._listener,
-            control=child_end,
-            board=self._board,
-            slot=slot,
-            stack_file=stack_file,
-            parent=os.getpid(),
-            worker_timeout=self._config.worker_timeout,
-            overrides=self._worker_overrides(),
-            load=self._load,
-            on_load_error=self._on_load_error,
-            signal_handles=self._signal_handles,
-        )
-        try:
-            pid = fork.fork(self._child_exited)
-        except OSError as exc:
-            for resource in (stack_file, parent_end, child_end):
-                resource.close()
-            self.log.error("cannot fork a worker", error=str(exc))
-            self._spawn_not_before = time.monotonic() + 1.0
-            return
-        if pid == 0:
-            run_worker(spec)
+        """Fork one worker. When there is no free slot on the board (workers still stopping),
+        no descriptor or no memory to fork, spawns wait with a backoff: nothing a spawn does
+        may end the arbiter."""
+        with contextlib.ExitStack() as allocated:
+            try:
+                used = {w.slot.index for w in self._workers.values()}
+                free = next((i for i in range(self._board.size) if i not in used), None)
+                if free is None:
+                    self._defer_spawns("no slot free on the board: workers are still stopping")
+                    return
+                stack_file = allocated.enter_context(tempfile.TemporaryFile())
+                parent_end, child_end = _socket.socketpair()
+                allocated.callback(parent_end.close)
+                allocated.callback(child_end.close)
+                self._age += 1
+                slot = self._board.slot(free)
+                spec = WorkerSpec(
+                    listener=self._listener,
+                    control=child_end,
+                    board=self._board,
+                    slot=slot,
+                    stack_file=stack_file,
+                    parent=os.getpid(),
+                    worker_timeout=self._config.worker_timeout,
+                    overrides=self._worker_overrides(),
+                    load=self._load,
+                    on_load_error=self._on_load_error,
+                    signal_handles=self._signal_handles,
+                )
+                pid = fork.fork(self._child_exited)
+            except OSError as exc:
+                self._defer_spawns("cannot start a worker", error=describe(exc))
+                return
+            if pid == 0:
+                run_worker(spec)
+            allocated.pop_all()
+        self._spawn_backoff.reset()
         child_end.close()
         channel = Channel(
             socket.socket(fileno=parent_end.detach()),
@@ -602,6 +622,11 @@ class Arbiter:
         )
         channel.start()
         self.log.info("worker spawned", worker=pid, generation=self._generation)
+
+    def _defer_spawns(self, reason: str, **fields: Any) -> None:
+        delay = self._spawn_backoff.next()
+        self._spawn_not_before = time.monotonic() + delay
+        self.log.error(f"{reason}; trying again later", retry_in=round(delay, 3), **fields)
 
     def _worker_overrides(self) -> dict[str, Any]:
         return {

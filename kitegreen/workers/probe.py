@@ -29,7 +29,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from kitegreen.config import Config
-from kitegreen.exceptions import ConfigError, LaunchError
+from kitegreen.exceptions import ConfigError, LaunchError, describe
 from kitegreen.workers import fork
 from kitegreen.workers.worker import EXIT_CRASHED, EXIT_LOAD_FAILED, IGNORED_SIGNALS
 
@@ -58,37 +58,55 @@ def probe_config(
 
     Returns:
         The settings, or the exit status the launcher should exit with (2) when the
-        application would not load; the reason is logged by then.
+        application would not load, or the probe could not be started or read (no descriptor
+        or memory left, a malformed answer); the reason is logged by then. Nothing is raised:
+        a failing probe must not end the arbiter that started it for a reload.
     """
-    parent_end, child_end = _socket.socketpair()
     exited: AsyncResult = AsyncResult()
+    parent_end = child_end = None
     try:
+        parent_end, child_end = _socket.socketpair()
         pid = fork.fork(lambda _pid, status: exited.set(status))
-    except BaseException:
-        parent_end.close()
-        child_end.close()
-        raise
+    except OSError as exc:
+        for end in (parent_end, child_end):
+            if end is not None:
+                end.close()
+        log.error("cannot start the probe", error=describe(exc))
+        return EXIT_LOAD_FAILED
     if pid == 0:
         _run_probe(child_end, load, on_load_error, list(signal_handles))
     child_end.close()
     sock = socket.socket(fileno=parent_end.detach())
+    data: bytes | None = None
     try:
         with gevent.Timeout(timeout):
             data = _read_all(sock)
-            status: int = exited.get()
+            exited.wait()
     except gevent.Timeout:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
         log.error("the application took too long to load", seconds=timeout)
-        return EXIT_LOAD_FAILED
+        data = None
+    except (OSError, ConfigError) as exc:
+        log.error("the probe's answer could not be read", error=describe(exc))
+        data = None
     finally:
         sock.close()
+        if not exited.ready():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            exited.wait(timeout=5.0)  # SIGKILL cannot be ignored: this is the reaping
         fork.reap(pid)
+    status: int | None = exited.value
+    if data is None or status is None:
+        return EXIT_LOAD_FAILED
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != EXIT_LOAD_FAILED:
             log.error("the application could not be loaded", status=status)
         return EXIT_LOAD_FAILED
-    return config_from_json(data)
+    try:
+        return config_from_json(data)
+    except ConfigError as exc:
+        log.error("the probe's answer could not be read", error=describe(exc))
+        return EXIT_LOAD_FAILED
 
 
 def config_to_json(config: Config) -> bytes:
