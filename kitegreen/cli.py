@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
     if early.workers > 1 and not args.check_config:
         from kitegreen.workers.arbiter import serve
 
-        return serve(load, on_load_error, log)
+        return serve(load, on_load_error, log, worker_timeout=early.worker_timeout)
     try:
         server = load()
     except (LaunchError, ConfigError) as exc:

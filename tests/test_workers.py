@@ -350,6 +350,43 @@ class TestReload:
             assert instance.live_workers() == workers
             assert instance.stop() == 0
 
+    def test_the_arbiter_supervises_while_a_reload_loads_the_application(self, tmp_path):
+        """While a reload's probe is still importing the application, a killed worker is
+        replaced and SIGTERM stops the instance at once (the probe is killed)."""
+        module = tmp_path / "app.py"
+        hold, waiting = tmp_path / "hold", tmp_path / "waiting"
+        module.write_text(
+            HEALTHY
+            + "import os, time\n"
+            + "if os.path.exists(HOLD):\n"
+            + "    with open(WAITING, 'a') as f:\n"
+            + "        f.write(f'{os.getpid()}\\n')\n"
+            + "    deadline = time.monotonic() + 30.0\n"
+            + "    while os.path.exists(HOLD) and time.monotonic() < deadline:\n"
+            + "        time.sleep(0.01)\n"
+        )
+        module.write_text(
+            module.read_text()
+            .replace("HOLD", repr(str(hold)))
+            .replace("WAITING", repr(str(waiting)))
+        )
+        with arbiter(target=f"{module}:server", env=module_env()) as instance:
+            victim = min(instance.live_workers())
+            hold.touch()
+            instance.proc.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: waiting.exists() and waiting.read_text(), timeout=15.0)
+            os.kill(victim, signal.SIGKILL)
+            record = instance.launcher.wait_for_event("worker exited unasked; replacing it")
+            assert record["worker"] == victim
+            assert wait_until(lambda: len(instance.named("worker spawned")) == 3)
+            instance.proc.send_signal(signal.SIGTERM)
+            record = instance.launcher.wait_for_event("stopping")
+            assert record["pid"] == instance.proc.pid
+            # Lets the replacement finish its import and stop.
+            hold.unlink()
+            assert instance.launcher.wait(20.0) == 0, instance.launcher.output()[-3000:]
+        assert instance.named("rolling reload") == []
+
     def test_a_reload_whose_new_workers_keep_crashing_is_aborted(self, tmp_path):
         """New code that imports but exits right after it starts: after 5 crashes of the new
         generation the reload is aborted, its workers stopped, the previous generation and its

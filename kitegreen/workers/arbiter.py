@@ -61,7 +61,7 @@ from gevent.queue import Empty, Queue
 from gevent.util import format_run_info
 
 from kitegreen.backoff import Backoff
-from kitegreen.config import MAX_WORKERS, Config
+from kitegreen.config import DEFAULT_WORKER_TIMEOUT, MAX_WORKERS, Config
 from kitegreen.exceptions import ConfigError, ListenError, describe
 from kitegreen.signals import install_signal_handlers
 from kitegreen.transport.listener import ListenSpec, listen, remove_unix_socket
@@ -71,7 +71,7 @@ from kitegreen.workers.board import Board
 from kitegreen.workers.control import Channel
 from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.instance import Instance, ready_count
-from kitegreen.workers.probe import probe_config
+from kitegreen.workers.probe import Probe, probe_config, probe_timeout, start_probe
 from kitegreen.workers.process import BOOTING, STOPPING, WorkerProcess
 from kitegreen.workers.worker import STACK_SIGNAL, WorkerSpec, run_worker
 
@@ -90,7 +90,6 @@ STOP_GRACE = 2.0
 what is left (a worker cuts its requests off at ``exit_wait_time`` by itself)."""
 STACK_WAIT = 1.0
 """Seconds the arbiter waits for a timed-out worker's stacks before it kills the worker."""
-PROBE_TIMEOUT_MIN = 60.0
 SPAWN_RETRY_INITIAL = 0.1
 SPAWN_RETRY_MAX = 5.0
 TICK = 0.25
@@ -150,6 +149,8 @@ def serve(
     load: Callable[[], RpcServer],
     on_load_error: Callable[[Exception], None],
     log: Any = None,
+    *,
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
 ) -> int:
     """Probe the application, bind, fork the workers and supervise them until stopped.
 
@@ -158,6 +159,9 @@ def serve(
             forked children: the probe and the workers).
         on_load_error: logs a LaunchError or ConfigError raised by ``load``.
         log: a structlog logger.
+        worker_timeout: ``worker_timeout`` as the launcher knows it before the probe (from the
+            config file, the environment and the flags): the probe gets as long as a reload's
+            would (:func:`~kitegreen.workers.probe.probe_timeout`).
 
     Returns:
         The launcher's exit status: 0 clean, 1 unclean or SIGQUIT, 2 the application or its
@@ -170,7 +174,7 @@ def serve(
     import kitegreen.server  # noqa: F401
 
     config = probe_config(
-        load, on_load_error, signal_handles=(), timeout=PROBE_TIMEOUT_MIN, log=log
+        load, on_load_error, signal_handles=(), timeout=probe_timeout(worker_timeout), log=log
     )
     if isinstance(config, int):
         return config
@@ -227,6 +231,9 @@ class Arbiter:
         self._before_reload: tuple[Config, int, int] | None = None
         """During a reload: the settings, generation and workers wanted to go back to."""
         self._reload_pending = False
+        self._probe: Probe | None = None
+        """The reload's probe while it loads the application."""
+        self._probe_waiter: gevent.Greenlet | None = None
         self._restarts = 0
         self._spawn_not_before = 0.0
         self._spawn_backoff = Backoff(initial=SPAWN_RETRY_INITIAL, maximum=SPAWN_RETRY_MAX)
@@ -293,6 +300,9 @@ class Arbiter:
             # once it exits, but not before its listener and registration are gone.
             for worker in self._workers.values():
                 worker.stop()
+            self._cancel_probe()
+            if self._probe_waiter is not None:
+                self._probe_waiter.join(timeout=6.0)
             self._close_listener()
             self.instance.stop()
             self._killers.join(timeout=STACK_WAIT + 1.0)
@@ -359,6 +369,8 @@ class Arbiter:
             self._on_exit(event[1], event[2])
         elif kind == "ready":
             self._on_ready(event[1])
+        elif kind == "probed":
+            self._on_probed(event[1], event[2])
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -395,6 +407,8 @@ class Arbiter:
                 self._kill_at = min(self._kill_at, time.monotonic() + STOP_GRACE)
             return
         self._stop_signal = signal.SIGTERM if graceful else signal.SIGQUIT
+        self._reload_pending = False
+        self._cancel_probe()
         if self._phase == DRAINING:
             if not graceful:
                 self._signal_stop(time.monotonic())
@@ -454,19 +468,37 @@ class Arbiter:
         if self._phase != SERVING:
             self.log.warning("signal ignored: the instance is stopping", signal="SIGHUP")
             return
-        if self._reloading:
+        if self._reloading or self._probe is not None:
             # One reload at a time: the next starts from the settings this one brings in.
             self._reload_pending = True
             self.log.info("a reload is in progress; reloading again once it ends")
             return
         self.log.info("reloading: loading the application and its settings afresh")
-        new = probe_config(
-            self._load,
-            self._on_load_error,
-            signal_handles=self._signal_handles,
-            timeout=max(PROBE_TIMEOUT_MIN, self._config.worker_timeout),
-            log=self.log,
+        probe = start_probe(
+            self._load, self._on_load_error, signal_handles=self._signal_handles, log=self.log
         )
+        if isinstance(probe, int):
+            self._refuse_reload("the probe could not be started")
+            return
+        self._probe = probe
+        # The probe loads the application in its own time; the loop goes on supervising (and
+        # acting on signals) meanwhile, and hears of the result as an event.
+        self._probe_waiter = gevent.spawn(
+            self._await_probe, probe, probe_timeout(self._config.worker_timeout)
+        )
+
+    def _await_probe(self, probe: Probe, timeout: float) -> None:
+        self._events.put(("probed", probe, probe.result(timeout)))
+
+    def _cancel_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+
+    def _on_probed(self, probe: Probe, new: Config | int) -> None:
+        if probe is not self._probe:
+            return  # cancelled: the instance is stopping
+        self._probe = self._probe_waiter = None
         if isinstance(new, int):
             self._refuse_reload("the probe could not load the application and its settings")
             return
@@ -495,6 +527,7 @@ class Arbiter:
     def _refuse_reload(self, why: str) -> None:
         self.log.error("reload refused; the workers keep serving", reason=why)
         self.instance.events.push("Reload", f"refused: {why}")
+        self._reload_if_pending()
 
     # -- workers -------------------------------------------------------------------------------
 

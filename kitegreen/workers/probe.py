@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from kitegreen.server import RpcServer
 
 MAX_CONFIG = 1024 * 1024
+PROBE_TIMEOUT_MIN = 60.0
+"""Seconds a probe may take to load the application, at least."""
 
 
 def probe_config(
@@ -53,14 +55,42 @@ def probe_config(
         load: imports the application and returns its configured server.
         on_load_error: logs a LaunchError or ConfigError in the child.
         signal_handles: the arbiter's signal handles, cancelled in the child.
-        timeout: seconds the child may take.
+        timeout: seconds the child may take (see :func:`probe_timeout`).
         log: a structlog logger.
 
     Returns:
-        The settings, or the exit status the launcher should exit with (2) when the
-        application would not load, or the probe could not be started or read (no descriptor
-        or memory left, a malformed answer); the reason is logged by then. Nothing is raised:
-        a failing probe must not end the arbiter that started it for a reload.
+        See :meth:`Probe.result`.
+    """
+    probe = start_probe(load, on_load_error, signal_handles=signal_handles, log=log)
+    if isinstance(probe, int):
+        return probe
+    return probe.result(timeout)
+
+
+def probe_timeout(worker_timeout: float) -> float:
+    """Seconds a probe may take: :data:`PROBE_TIMEOUT_MIN`, or ``worker_timeout`` if longer (a
+    worker, which imports the same code, may take that long before its heartbeat is stale)."""
+    return max(PROBE_TIMEOUT_MIN, worker_timeout)
+
+
+def start_probe(
+    load: Callable[[], RpcServer],
+    on_load_error: Callable[[Exception], None],
+    *,
+    signal_handles: Iterable[Any],
+    log: Any,
+) -> Probe | int:
+    """Fork a probe; call it from the greenlet that forks (see ``fork.py``).
+
+    Args:
+        load: imports the application and returns its configured server.
+        on_load_error: logs a LaunchError or ConfigError in the child.
+        signal_handles: the arbiter's signal handles, cancelled in the child.
+        log: a structlog logger.
+
+    Returns:
+        The running probe; or the exit status 2 if it could not be started (no descriptor or
+        memory left), logged by then.
     """
     exited: AsyncResult = AsyncResult()
     parent_end = child_end = None
@@ -76,37 +106,81 @@ def probe_config(
     if pid == 0:
         _run_probe(child_end, load, on_load_error, list(signal_handles))
     child_end.close()
-    sock = socket.socket(fileno=parent_end.detach())
-    data: bytes | None = None
-    try:
-        with gevent.Timeout(timeout):
-            data = _read_all(sock)
-            exited.wait()
-    except gevent.Timeout:
-        log.error("the application took too long to load", seconds=timeout)
-        data = None
-    except (OSError, ConfigError) as exc:
-        log.error("the probe's answer could not be read", error=describe(exc))
-        data = None
-    finally:
-        sock.close()
-        if not exited.ready():
+    return Probe(pid, socket.socket(fileno=parent_end.detach()), exited, log)
+
+
+class Probe:
+    """A probe child, forked by :func:`start_probe`.
+
+    Args:
+        pid: the child's pid.
+        sock: the parent's end of the socket the child writes its settings to.
+        exited: set to the child's wait status when it ends.
+        log: a structlog logger.
+    """
+
+    def __init__(self, pid: int, sock: Any, exited: AsyncResult, log: Any) -> None:
+        self.pid = pid
+        self._sock = sock
+        self._exited = exited
+        self._log = log
+        self._cancelled = False
+
+    def result(self, timeout: float) -> Config | int:
+        """Wait for the child's settings and its exit; once only. Never raises: a failing
+        probe must not end the arbiter that started it for a reload.
+
+        Args:
+            timeout: seconds the child may take; then it is killed.
+
+        Returns:
+            The settings, or the exit status the launcher should exit with (2) when the
+            application would not load, the probe took too long, its answer could not be read
+            or it was cancelled; the reason is logged by then.
+        """
+        log = self._log
+        data: bytes | None = None
+        try:
+            with gevent.Timeout(timeout):
+                data = _read_all(self._sock)
+                self._exited.wait()
+        except gevent.Timeout:
+            log.error("the application took too long to load", seconds=timeout)
+            data = None
+        except (OSError, ConfigError) as exc:
+            if not self._cancelled:
+                log.error("the probe's answer could not be read", error=describe(exc))
+            data = None
+        finally:
+            self._sock.close()
+            self._kill()
+            fork.reap(self.pid)
+        status: int | None = self._exited.value
+        if data is None or status is None or self._cancelled:
+            return EXIT_LOAD_FAILED
+        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+            if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != EXIT_LOAD_FAILED:
+                log.error("the application could not be loaded", status=status)
+            return EXIT_LOAD_FAILED
+        try:
+            return config_from_json(data)
+        except ConfigError as exc:
+            log.error("the probe's answer could not be read", error=describe(exc))
+            return EXIT_LOAD_FAILED
+
+    def cancel(self) -> None:
+        """Kill the child now (the arbiter is stopping); :meth:`result` reports a failure
+        without logging one."""
+        self._cancelled = True
+        if not self._exited.ready():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            exited.wait(timeout=5.0)  # SIGKILL cannot be ignored: this is the reaping
-        fork.reap(pid)
-    status: int | None = exited.value
-    if data is None or status is None:
-        return EXIT_LOAD_FAILED
-    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != EXIT_LOAD_FAILED:
-            log.error("the application could not be loaded", status=status)
-        return EXIT_LOAD_FAILED
-    try:
-        return config_from_json(data)
-    except ConfigError as exc:
-        log.error("the probe's answer could not be read", error=describe(exc))
-        return EXIT_LOAD_FAILED
+                os.kill(self.pid, signal.SIGKILL)
+
+    def _kill(self) -> None:
+        if not self._exited.ready():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self._exited.wait(timeout=5.0)  # SIGKILL cannot be ignored: this is its reaping
 
 
 def config_to_json(config: Config) -> bytes:
