@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 import wire
 from conftest import TESTS, loopback_config, wait_until
@@ -39,6 +40,7 @@ from kitegreen.workers.board import Board
 from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.instance import share
 from kitegreen.workers.probe import config_from_json, config_to_json
+from kitegreen.workers.stats import InstanceStats, requests_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -272,6 +274,36 @@ class TestServing:
             assert runtime["totals"]["requests"] == 30
             assert sum(row["requests"] for row in runtime["workers"]) == 30
             assert instance.debug("/health") == b"ok\n"
+            assert instance.stop() == 0
+
+    def test_counters_never_go_backwards_across_a_reload_and_a_kill(self):
+        """Calls counted stay counted when a reload stops every worker (their final figures)
+        and when a worker is killed (its last answer to a scrape)."""
+        with arbiter(workers=2) as instance:
+
+            def requests() -> float:
+                text = instance.debug("/metrics").decode()
+                return metric(text, "kitegreen_requests_total", method="echo")
+
+            for _ in range(20):
+                echo_call(instance.address())
+            assert requests() == 20
+            old = instance.live_workers()
+            instance.proc.send_signal(signal.SIGHUP)
+            instance.launcher.wait_for_event("reload complete", timeout=30.0)
+            assert instance.wait_for_workers(2).isdisjoint(old)
+            assert wait_until(lambda: all(gone(pid) for pid in old))
+            assert requests() == 20
+            for _ in range(10):
+                echo_call(instance.address())
+            assert requests() == 30
+            victim = min(instance.live_workers())
+            os.kill(victim, signal.SIGKILL)
+            assert wait_until(
+                lambda: victim not in instance.live_workers() and len(instance.live_workers()) == 2,
+                timeout=15.0,
+            )
+            assert requests() == 30
             assert instance.stop() == 0
 
     def test_workers_set_in_the_code_make_an_arbiter(self, tmp_path):
@@ -761,6 +793,65 @@ class TestCrashPolicy:
         assert policy.note_health([replacement])
         assert (policy.crashes, policy.proven) == (0, True)
         assert policy.exited(Started(spawned_at=clock[0])) < 0.13
+
+
+def figures(seq: int, requests: int) -> dict[str, Any]:
+    """A worker's answer to a stats request: ``requests`` echo calls counted."""
+    metrics = Metrics(lambda: {"connections_open": 1.0})
+    for _ in range(requests):
+        metrics.method("echo").observe(0.001, "ok")
+    return {"seq": seq, "metrics": metrics.snapshot()}
+
+
+class FakeWorker:
+    """A worker as InstanceStats.refresh sees it: it answers once released."""
+
+    def __init__(self, pid: int, answer: dict[str, Any]) -> None:
+        self.pid = pid
+        self.ready_at = 0.0
+        self.channel = self
+        self.closed = False
+        self.asked = gevent.event.Event()
+        self.release = gevent.event.Event()
+        self._answer = answer
+
+    def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        self.asked.set()
+        return self._answer if self.release.wait(timeout) else None
+
+
+class TestInstanceStats:
+    """The workers' figures as the arbiter sums them, in this process."""
+
+    def test_a_worker_retired_during_a_scrape_is_counted_once(self):
+        """A scrape's answer that arrives after its worker exited (and sent its final figures)
+        is ignored: counted once, and its gauges gone."""
+        stats = InstanceStats()
+        stats.track(7)
+        worker = FakeWorker(7, figures(1, 5))
+        scrape = gevent.spawn(stats.refresh, [worker], 5.0)
+        assert worker.asked.wait(5.0)
+        assert stats.update(7, figures(2, 6))  # its final figures
+        stats.retire(7)
+        worker.release.set()
+        scrape.get(timeout=5.0)
+        assert requests_of(stats.totals()) == 6
+        assert stats.live() == {}
+        assert stats.totals()["gauges"] == {}
+
+    def test_an_older_answer_does_not_replace_a_newer_one(self):
+        """Of two answers, the one the worker numbered last is kept whatever the order."""
+        stats = InstanceStats()
+        stats.track(7)
+        assert stats.update(7, figures(3, 9))
+        assert not stats.update(7, figures(2, 4))
+        assert requests_of(stats.totals()) == 9
+
+    def test_figures_of_an_unknown_worker_are_ignored(self):
+        """Figures are kept only for workers the arbiter tracks."""
+        stats = InstanceStats()
+        assert not stats.update(8, figures(1, 3))
+        assert requests_of(stats.totals()) == 0
 
 
 class TestParts:

@@ -653,6 +653,7 @@ class Arbiter:
         self._workers[pid] = WorkerProcess(
             pid, self._age, self._generation, channel, slot, stack_file
         )
+        self.instance.stats.track(pid)
         channel.start()
         self.log.info("worker spawned", worker=pid, generation=self._generation)
 

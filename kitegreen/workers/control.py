@@ -3,16 +3,20 @@
 
 What travels on it (signals carry everything else: stop, reload, stacks):
 
-=================  ==============================  ==============================================
-from               message                         what for
-=================  ==============================  ==============================================
-worker             ``{"type": "ready"}``           the server accepts; the arbiter counts it up
-arbiter            ``{"type": "stats", "id": n}``  a scrape of /metrics or /runtime/kite
-worker             ``{"reply_to": n, "stats"...}`` counters, histograms, gauges, overload figures
-arbiter            ``{"type": "limits", ...}``     this worker's share of the instance's limits
-worker             ``{"type": "final", ...}``      its last counters, once stopped, so that the
-                                                   instance's counters never go backwards
-=================  ==============================  ==============================================
+=================  ==================================  ==========================================
+from               message                             what for
+=================  ==================================  ==========================================
+worker             ``{"type": "ready"}``               the server accepts; the arbiter counts it
+arbiter            ``{"type": "stats", "id": n}``      a scrape of /metrics or /runtime/kite
+worker             ``{"reply_to": n, "seq": m, ...}``  counters, histograms, gauges, overload
+                                                       figures, numbered by the worker (the
+                                                       arbiter keeps the newest)
+arbiter            ``{"type": "limits", ...}``         this worker's share of the instance's
+                                                       limits
+worker             ``{"type": "final", ...}``          its last figures (numbered too), once
+                                                       stopped, so that the instance's counters
+                                                       never go backwards
+=================  ==================================  ==========================================
 
 A channel that reads end-of-stream tells its owner: for a worker that means its arbiter is
 gone (the worker holds the only other end, see ``fork.py``).

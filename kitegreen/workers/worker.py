@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import functools
+import itertools
 import os
 import signal
 import socket
@@ -120,6 +121,7 @@ class _Worker:
         self.quick = False
         self.exiting = False
         self.channel: Channel | None = None
+        self._stats_seq = itertools.count(1)
 
     def run(self) -> int:
         spec = self.spec
@@ -174,9 +176,11 @@ class _Worker:
         return self.server.limiter.connections if self.server is not None else 0
 
     def stats(self) -> dict[str, Any]:
-        """This worker's figures for the arbiter (see ``control.py``)."""
+        """This worker's figures for the arbiter (see ``control.py``), numbered: the arbiter
+        keeps only the newest it received."""
         server = self.server
         return {
+            "seq": next(self._stats_seq),
             "metrics": server.metrics.snapshot() if server and server.metrics else None,
             "overload": server.overload() if server else None,
             "process": process_figures(),
