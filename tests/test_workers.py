@@ -636,6 +636,28 @@ class TestStop:
             stopped = {e["pid"] for e in instance.named("stopped")}
             assert stopped == {instance.proc.pid, *workers}
 
+    def test_workers_ignore_a_sigint_sent_to_the_whole_group(self):
+        """Ctrl-C signals every process of the group: the workers leave the stop to the
+        arbiter, which keeps serving through its drain time, then stops them; nothing is
+        counted as a crash or replaced."""
+        with arbiter("--drain-time", "5", workers=2) as instance:
+            workers = instance.live_workers()
+            arbiter_pid = instance.proc.pid
+            instance.launcher.signal_group(signal.SIGINT)
+            assert wait_until(
+                lambda: [e for e in instance.named("stopping") if e["pid"] == arbiter_pid]
+            )
+            # Draining: the workers still accept and serve.
+            for _ in range(3):
+                echo_call(instance.address())
+            assert instance.launcher.wait(20.0) == 0, instance.launcher.output()[-3000:]
+        assert instance.named("worker exited unasked; replacing it") == []
+        assert len(instance.named("worker spawned")) == 2
+        by_signal = [e for e in instance.named("signal received, stopping") if e["pid"] in workers]
+        assert by_signal == []
+        stopped = {e["worker"]: e["exit"] for e in instance.named("worker stopped")}
+        assert stopped == dict.fromkeys(workers, "exit 0")
+
     def test_no_worker_outlives_a_killed_arbiter(self):
         """An arbiter killed with SIGKILL takes its workers with it."""
         with arbiter(workers=2) as instance:
@@ -665,7 +687,7 @@ class TestOneInstance:
         records = instance.launcher.events()
         deregistered = next(i for i, e in enumerate(records) if e["event"] == "deregistered")
         first_worker_stop = next(
-            i for i, e in enumerate(records) if e["event"] == "signal received, stopping"
+            i for i, e in enumerate(records) if e["event"] == "asked to stop by the arbiter"
         )
         assert deregistered < first_worker_stop
 

@@ -9,12 +9,14 @@ Between events it checks the heartbeats and brings the workers to the number wan
 =========  ====================================================================================
 signal     what the arbiter does
 =========  ====================================================================================
-TERM, INT  graceful stop: deregister from Consul, keep serving ``drain_time``, then SIGTERM
-           every worker (each drains as a single process does); exit 0 if all stopped
+TERM, INT  graceful stop: deregister from Consul, keep serving ``drain_time``, then tell
+           every worker to stop (each drains as a single process does); exit 0 if all stopped
            cleanly, 1 otherwise. Connections that reach the shared backlog meanwhile get a
-           clean end-of-stream (FIN) before any byte, never a reset.
-QUIT       log the stacks, SIGQUIT every worker (no drain); exit 1. During a graceful stop it
-           cuts the drain short.
+           clean end-of-stream (FIN) before any byte, never a reset. Workers exiting during
+           the drain or the stop (a service manager that signals every process) are neither
+           counted as crashes nor replaced.
+QUIT       log the stacks, tell every worker to stop at once (no drain); exit 1. During a
+           graceful stop it cuts the drain short.
 HUP        rolling reload: a probe loads the code and settings afresh (if they fail, nothing
            changes); then, one at a time, a new worker is started and, once it is ready, an
            old one is stopped. The listener is never closed, so clients calling in a loop
@@ -36,6 +38,10 @@ is older than ``worker_timeout`` (its hub is blocked, or it hangs while importin
 stacks written by faulthandler, logged, and is killed and replaced. No worker outlives the
 arbiter: each asks the kernel for SIGTERM when the arbiter dies (Linux), and stops by itself
 when its control channel reads end-of-stream or its parent changes.
+
+The arbiter stops a worker with a message on its control channel, not a signal: a worker
+ignores SIGINT (a terminal's Ctrl-C reaches the whole process group) and acts on SIGTERM only
+when someone else sends it (the kernel when the arbiter dies, a person).
 
 The listener is shared, not one ``SO_REUSEPORT`` socket per worker: see the README
 ("Workers") for the measurements behind that choice.
@@ -333,7 +339,8 @@ class Arbiter:
                 self._signal_stop(now)
                 continue
             self._check_heartbeats(now)
-            self._manage(now)
+            if self._phase == SERVING:
+                self._manage(now)
 
     def _next_wakeup(self) -> float:
         if self._phase == STOPPING_PHASE:
@@ -403,7 +410,7 @@ class Arbiter:
             if not graceful and self._stop_signal != signal.SIGQUIT:
                 self._stop_signal = signal.SIGQUIT
                 for worker in self._workers.values():
-                    worker.send_signal(signal.SIGQUIT)
+                    worker.stop(graceful=False)
                 self._kill_at = min(self._kill_at, time.monotonic() + STOP_GRACE)
             return
         self._stop_signal = signal.SIGTERM if graceful else signal.SIGQUIT
@@ -432,7 +439,7 @@ class Arbiter:
     def _signal_stop(self, now: float) -> None:
         self._phase = STOPPING_PHASE
         for worker in self._workers.values():
-            worker.stop(self._stop_signal)
+            worker.stop(graceful=self._stop_signal == signal.SIGTERM)
         wait = self._config.exit_wait_time if self._stop_signal == signal.SIGTERM else 0.0
         self._kill_at = now + wait + STOP_GRACE
 
@@ -707,7 +714,9 @@ class Arbiter:
         worker.channel.join(timeout=1.0)
         self.instance.stats.retire(pid)
         worker.close()
-        if self._phase == STOPPING_PHASE:
+        if self._phase != SERVING:
+            # Draining or stopping: an exit is expected (a service manager may have signalled
+            # every process), and nothing is replaced any more.
             if worker.exit_code != 0:
                 self._clean = False
             self.log.info("worker stopped", worker=pid, exit=worker.describe_exit())

@@ -66,10 +66,13 @@ class WorkerProcess:
             return False
         return True
 
-    def stop(self, signum: signal.Signals = signal.SIGTERM) -> None:
-        """Ask it to stop: SIGTERM drains its connections, SIGQUIT cuts them off."""
+    def stop(self, *, graceful: bool = True) -> None:
+        """Ask it to stop over its control channel: gracefully (it drains its connections, as
+        on SIGTERM) or at once (it cuts them off, as on SIGQUIT). A channel already closed
+        falls back on the signal."""
         self.stop_requested = True
-        self.send_signal(signum)
+        if not self.channel.send({"type": "stop", "graceful": graceful}):
+            self.send_signal(signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def read_stack(self) -> str:
         """What its faulthandler has written so far."""

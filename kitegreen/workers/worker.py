@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
+import gevent
 import structlog
 from gevent.util import format_run_info
 
@@ -53,9 +54,17 @@ STACK_SIGNAL = signal.SIGUSR2
 """What the arbiter sends a worker whose heartbeat is stale: faulthandler, registered for it,
 writes every thread's Python stack from the C signal handler, which works even while the hub is
 stuck in C code that holds the GIL and no greenlet can run."""
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
-"""The arbiter's signals: a worker that receives one (a terminal's process group, a careless
-``kill``) ignores it rather than stopping, which is the default for TTIN and TTOU."""
+IGNORED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGWINCH,
+)
+"""Signals meant for the arbiter: a worker that receives one (a terminal's process group, a
+careless ``kill``) ignores it rather than stopping, which is the default for TTIN and TTOU.
+SIGINT among them: Ctrl-C reaches every process of the group, and the workers must keep
+serving while the arbiter drains."""
 MAX_ACCEPT = 1
 """Connections a worker accepts per wake-up of its accept loop: every worker is woken when a
 connection arrives on the shared listener, and the first to run would otherwise take the whole
@@ -197,6 +206,13 @@ class _Worker:
                 endpoint_qps_limits=message["endpoint_qps_limits"],
                 source=str(message.get("source", "arbiter")),
             )
+        elif kind == "stop":
+            # In a greenlet of its own: a stop waits for the drain, and the channel must go on
+            # answering meanwhile.
+            if message.get("graceful", True):
+                gevent.spawn(self._stop, "asked to stop by the arbiter")
+            else:
+                gevent.spawn(self._quit, "asked by the arbiter to stop at once without draining")
 
     def _stop(self, reason: str, **fields: Any) -> None:
         self.stop_requested = True
@@ -206,39 +222,38 @@ class _Worker:
             self.log.info(reason, **fields)
             self.server.stop()
 
+    def _quit(self, reason: str, **fields: Any) -> None:
+        self.log.warning(reason, stack=_stacks(), **fields)
+        if self.stop_requested or self.server is None:
+            # A graceful stop is already waiting for requests in flight, and stop() is
+            # idempotent: only leaving the process cuts that wait short.
+            sys.stderr.flush()
+            os._exit(EXIT_UNCLEAN_STOP)
+        self.quick = self.stop_requested = True
+        self.spec.slot.set_accepting(False)
+        self.server.stop(timeout=0)
+
     def _orphaned(self) -> None:
-        self._stop("the arbiter is gone; stopping", arbiter=self.spec.parent)
+        gevent.spawn(self._stop, "the arbiter is gone; stopping", arbiter=self.spec.parent)
 
     def _channel_closed(self) -> None:
         if not self.exiting and not self.stop_requested:
-            self._stop("the control channel closed: the arbiter is gone; stopping")
+            gevent.spawn(self._stop, "the control channel closed: the arbiter is gone; stopping")
 
     def _signal_actions(self) -> dict[signal.Signals, Callable[[], object]]:
-        def stop(signum: signal.Signals) -> None:
-            self._stop("signal received, stopping", signal=signum.name)
-
-        def quit_now() -> None:
-            self.log.warning(
-                "signal received, stopping at once without draining",
-                signal="SIGQUIT",
-                stack=_stacks(),
-            )
-            if self.stop_requested or self.server is None:
-                # A graceful stop is already waiting for requests in flight, and stop() is
-                # idempotent: only leaving the process cuts that wait short.
-                sys.stderr.flush()
-                os._exit(EXIT_UNCLEAN_STOP)
-            self.quick = self.stop_requested = True
-            self.spec.slot.set_accepting(False)
-            self.server.stop(timeout=0)
-
+        # The arbiter stops its workers with a control message. SIGTERM is kept for the kernel
+        # (PDEATHSIG) and for people; SIGINT is ignored (IGNORED_SIGNALS): a terminal's Ctrl-C
+        # reaches the whole process group, and the arbiter must drain before its workers stop.
         def dump_stacks() -> None:
             self.log.info("greenlet and thread stacks", signal="SIGUSR1", stack=_stacks())
 
         return {
-            signal.SIGTERM: functools.partial(stop, signal.SIGTERM),
-            signal.SIGINT: functools.partial(stop, signal.SIGINT),
-            signal.SIGQUIT: quit_now,
+            signal.SIGTERM: functools.partial(
+                self._stop, "signal received, stopping", signal="SIGTERM"
+            ),
+            signal.SIGQUIT: functools.partial(
+                self._quit, "signal received, stopping at once without draining", signal="SIGQUIT"
+            ),
             signal.SIGUSR1: dump_stacks,
         }
 
