@@ -137,6 +137,25 @@ CRASH_AFTER_START = (
 HEALTHY = "from workers_target import server\n"
 
 
+WORKER_TIMEOUT = 4
+"""``--worker-timeout`` for the tests that block a worker's hub: the replacement's import (of a
+quick target) must fit in it on a loaded machine, and it bounds how long those tests run."""
+TIMED_OUT = (
+    "worker timed out: its hub did not run for worker_timeout; its watchdog wrote its stacks "
+    "and ended it"
+)
+
+
+def block_a_worker(address: tuple[str, int]) -> None:
+    """Have one worker run code that never yields for 30 s (its caller waits for ever)."""
+    with (
+        contextlib.suppress(OSError),
+        socket.create_connection(address, timeout=40.0) as sock,
+    ):
+        sock.sendall(wire.encode("binary", "block_hub", seconds=30.0))
+        sock.recv(100)
+
+
 def echo_call(address: tuple[str, int]) -> None:
     """One echo call on a fresh connection, raw: the exact reply bytes or an exception."""
     with socket.create_connection(address, timeout=5.0) as sock:
@@ -471,29 +490,15 @@ class TestSupervision:
             assert instance.stop() == 0
 
     def test_a_blocked_worker_is_replaced_with_its_stack_logged(self):
-        """A worker whose hub stays blocked past worker_timeout has its stack logged, is
-        killed, and is replaced."""
-        with arbiter("--worker-timeout", "2", workers=2) as instance:
+        """A worker whose hub stays blocked for worker_timeout is ended by its watchdog, its
+        stack logged by the arbiter, and replaced."""
+        with arbiter("--worker-timeout", str(WORKER_TIMEOUT), workers=2) as instance:
             workers = instance.live_workers()
-
-            def block() -> None:
-                address = instance.address()
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(address, timeout=20.0) as sock,
-                ):
-                    sock.sendall(wire.encode("binary", "block_hub", seconds=30.0))
-                    sock.recv(100)
-
-            caller = gevent.spawn(block)
+            caller = gevent.spawn(block_a_worker, instance.address())
             try:
-                record = instance.launcher.wait_for_event(
-                    "worker timed out: its hub has not run for longer than worker_timeout; "
-                    "killing and replacing it",
-                    timeout=15.0,
-                )
+                record = instance.launcher.wait_for_event(TIMED_OUT, timeout=20.0)
                 assert record["worker"] in workers
-                assert record["seconds"] > 2.0
+                assert record["seconds"] >= WORKER_TIMEOUT
                 assert "in block_hub" in record["stack"]
                 assert "tests/service.py" in record["stack"]
                 assert wait_until(lambda: record["worker"] not in instance.live_workers())
@@ -501,6 +506,29 @@ class TestSupervision:
                 assert gone(record["worker"])
             finally:
                 caller.kill()
+            (exited,) = instance.named("worker exited unasked; replacing it")
+            assert (exited["worker"], exited["exit"], exited["timed_out"]) == (
+                record["worker"],
+                "exit 1",
+                True,
+            )
+            assert instance.stop() == 0
+
+    def test_a_worker_that_cannot_run_is_killed_and_replaced(self):
+        """A worker that cannot end itself (stopped, here) is killed by the arbiter once its
+        heartbeat is stale past worker_timeout, and replaced."""
+        with arbiter("--worker-timeout", str(WORKER_TIMEOUT), workers=2) as instance:
+            victim = min(instance.live_workers())
+            os.kill(victim, signal.SIGSTOP)
+            record = instance.launcher.wait_for_event(
+                "worker timed out and did not end itself (stopped, or stuck in the kernel); "
+                "killing it",
+                timeout=20.0,
+            )
+            assert record["worker"] == victim
+            assert record["seconds"] > WORKER_TIMEOUT
+            assert victim not in instance.wait_for_workers(2)
+            assert instance.named(TIMED_OUT) == []
             assert instance.stop() == 0
 
     def test_without_descriptors_spawns_wait_and_reloads_are_refused(self):
@@ -665,6 +693,30 @@ class TestStop:
             instance.proc.kill()
             instance.launcher.wait(5.0)
             assert wait_until(lambda: all(gone(pid) for pid in workers), timeout=10.0)
+
+    def test_a_blocked_worker_does_not_outlive_a_killed_arbiter(self):
+        """A worker stuck in code that never yields cannot act on its arbiter's death (the
+        kernel's SIGTERM, the channel's end-of-stream and the parent check all need its hub):
+        its watchdog ends it within worker_timeout, long before the code would return."""
+        with arbiter("--worker-timeout", str(WORKER_TIMEOUT), workers=2) as instance:
+            workers = instance.live_workers()
+            caller = gevent.spawn(block_a_worker, instance.address())
+            try:
+                # Until one worker's heartbeat has stopped: its hub is blocked.
+                assert wait_until(
+                    lambda: any(
+                        row["heartbeat_age"] > 1.0 for row in instance.runtime()["workers"]
+                    ),
+                    timeout=15.0,
+                    interval=0.2,
+                )
+                instance.proc.kill()
+                instance.launcher.wait(5.0)
+                assert wait_until(
+                    lambda: all(gone(pid) for pid in workers), timeout=WORKER_TIMEOUT + 10.0
+                )
+            finally:
+                caller.kill()
 
 
 class TestOneInstance:

@@ -33,11 +33,13 @@ crash; the next is spawned after an exponential backoff, and after
 (``crashes.py``) the instance stops with exit status :data:`EXIT_WORKERS_FAILED` (4) and says
 why. During a reload the new generation's crashes are counted apart: when they exhaust their
 count the reload is aborted (the new workers are stopped, the previous settings and generation
-restored) and the instance keeps serving. A worker whose heartbeat
-is older than ``worker_timeout`` (its hub is blocked, or it hangs while importing) has its
-stacks written by faulthandler, logged, and is killed and replaced. No worker outlives the
-arbiter: each asks the kernel for SIGTERM when the arbiter dies (Linux), and stops by itself
-when its control channel reads end-of-stream or its parent changes.
+restored) and the instance keeps serving. A worker whose hub has not
+run for ``worker_timeout`` (it is blocked, or hangs while importing) is ended by its own
+watchdog, which writes its stacks to a file the arbiter logs when it reaps the worker; the
+arbiter replaces it, and kills a worker whose heartbeat stays stale past that (SIGSTOP, stuck
+in the kernel). No worker outlives the arbiter: each asks the kernel for SIGTERM when the
+arbiter dies (Linux), stops by itself when its control channel reads end-of-stream or its
+parent changes, and its watchdog ends it if its hub is blocked meanwhile.
 
 The arbiter stops a worker with a message on its control channel, not a signal: a worker
 ignores SIGINT (a terminal's Ctrl-C reaches the whole process group) and acts on SIGTERM only
@@ -79,7 +81,7 @@ from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.instance import Instance, ready_count
 from kitegreen.workers.probe import Probe, probe_config, probe_timeout, start_probe
 from kitegreen.workers.process import BOOTING, STOPPING, WorkerProcess
-from kitegreen.workers.worker import STACK_SIGNAL, WorkerSpec, run_worker
+from kitegreen.workers.worker import WorkerSpec, run_worker
 
 if TYPE_CHECKING:
     from kitegreen.server import RpcServer
@@ -94,8 +96,9 @@ EXIT_WORKERS_FAILED = 4
 STOP_GRACE = 2.0
 """Seconds past ``exit_wait_time`` that the arbiter waits for workers to exit before it kills
 what is left (a worker cuts its requests off at ``exit_wait_time`` by itself)."""
-STACK_WAIT = 1.0
-"""Seconds the arbiter waits for a timed-out worker's stacks before it kills the worker."""
+WATCHDOG_GRACE = 2.0
+"""Seconds past ``worker_timeout`` after which the arbiter kills a worker whose heartbeat is
+stale: its own watchdog should have ended it by then (see ``heartbeat.py``)."""
 SPAWN_RETRY_INITIAL = 0.1
 SPAWN_RETRY_MAX = 5.0
 TICK = 0.25
@@ -223,7 +226,6 @@ class Arbiter:
         self._board = Board()
         self._signal_handles: list[Any] = []
         self._closers = Pool()
-        self._killers = Pool()
         self._phase = SERVING
         self._wanted = config.workers
         self._generation = 0
@@ -311,7 +313,6 @@ class Arbiter:
                 self._probe_waiter.join(timeout=6.0)
             self._close_listener()
             self.instance.stop()
-            self._killers.join(timeout=STACK_WAIT + 1.0)
             self._closers.join(timeout=CLOSE_LINGER + 1.0)
         status = self._exit_status()
         self.log.info("stopped", clean=status == EXIT_OK, status=status)
@@ -710,6 +711,17 @@ class Arbiter:
         if worker is None:
             return
         worker.exit_status = status
+        stack = worker.read_stack()
+        if stack:
+            worker.timed_out = True
+            self.log.error(
+                "worker timed out: its hub did not run for worker_timeout; its watchdog wrote "
+                "its stacks and ended it",
+                worker=pid,
+                seconds=round(worker.slot.age(), 3),
+                worker_timeout=self._config.worker_timeout,
+                stack=stack,
+            )
         # Its final figures are on the channel ahead of the end-of-stream.
         worker.channel.join(timeout=1.0)
         self.instance.stats.retire(pid)
@@ -754,35 +766,24 @@ class Arbiter:
         self._begin_stop(signal.SIGTERM, graceful=True)
 
     def _check_heartbeats(self, now: float) -> None:
-        timeout = self._config.worker_timeout
+        # A worker's own watchdog ends it once its hub has not run for worker_timeout (see
+        # heartbeat.py). This is the backup, for a worker that cannot run at all (SIGSTOP,
+        # uninterruptible sleep) and so cannot end itself.
+        limit = self._config.worker_timeout + WATCHDOG_GRACE
         for worker in self._workers.values():
             if worker.timed_out:
                 continue
             stale = worker.slot.age(now)
-            if stale > timeout:
+            if stale > limit:
                 worker.timed_out = True
-                self._killers.spawn(self._dump_and_kill, worker, stale)
-
-    def _dump_and_kill(self, worker: WorkerProcess, stale: float) -> None:
-        worker.send_signal(STACK_SIGNAL)
-        deadline = time.monotonic() + STACK_WAIT
-        stack, seen = "", -1
-        # faulthandler writes from the worker's signal handler; done when the text stops growing.
-        while time.monotonic() < deadline:
-            gevent.sleep(0.05)
-            stack = worker.read_stack()
-            if stack and len(stack) == seen:
-                break
-            seen = len(stack)
-        self.log.error(
-            "worker timed out: its hub has not run for longer than worker_timeout; "
-            "killing and replacing it",
-            worker=worker.pid,
-            seconds=round(stale, 3),
-            worker_timeout=self._config.worker_timeout,
-            stack=stack or "(no stack written)",
-        )
-        worker.send_signal(signal.SIGKILL)
+                self.log.error(
+                    "worker timed out and did not end itself (stopped, or stuck in the "
+                    "kernel); killing it",
+                    worker=worker.pid,
+                    seconds=round(stale, 3),
+                    worker_timeout=self._config.worker_timeout,
+                )
+                worker.send_signal(signal.SIGKILL)
 
     # -- the listener ------------------------------------------------------------------------------
 

@@ -31,11 +31,11 @@ class WorkerProcess:
         generation: the reload generation it was spawned in (0 until the first SIGHUP).
         channel: the arbiter's end of its control channel.
         slot: its slot on the board (its heartbeat, connections, accepting).
-        stack_file: where its faulthandler writes stacks on the arbiter's request.
+        stack_file: where its watchdog writes its stacks before it ends the worker.
         spawned_at: monotonic time of the fork.
         ready_at: monotonic time its server started accepting; None until then.
         stop_requested: the arbiter asked it to stop (an exit is then expected).
-        timed_out: the arbiter killed it for a stale heartbeat.
+        timed_out: its watchdog ended it, or the arbiter killed it, for a stale heartbeat.
         exit_status: its wait status once reaped (see :meth:`describe_exit`).
     """
 
@@ -75,7 +75,7 @@ class WorkerProcess:
             self.send_signal(signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def read_stack(self) -> str:
-        """What its faulthandler has written so far."""
+        """What its watchdog wrote; empty unless the watchdog ended it."""
         with contextlib.suppress(OSError, ValueError):
             return os.pread(self.stack_file.fileno(), MAX_STACK, 0).decode("utf-8", "replace")
         return ""

@@ -1,22 +1,22 @@
 """A worker process: what runs in the child after the arbiter forks.
 
 In order: leave the arbiter's greenlets and descriptors behind (``fork.start_afresh``), ask the
-kernel for SIGTERM should the arbiter die, start the heartbeat and the control channel, install
-the worker's signal handlers, import the application afresh (``load``: the arbiter never
-imports it, so a SIGHUP's new workers run the code as it is on disk now), start its
-``RpcServer`` on the inherited listener and tell the arbiter it is ready. It serves until a
-signal stops it, then sends its final figures and exits: 0 after a clean stop, 1 when requests
-in flight were cut off, 2 when the application would not load.
+kernel for SIGTERM should the arbiter die, start the heartbeat with its watchdog and the control
+channel, install the worker's signal handlers, import the application afresh (``load``: the
+arbiter never imports it, so a SIGHUP's new workers run the code as it is on disk now), start
+its ``RpcServer`` on the inherited listener and tell the arbiter it is ready. It serves until
+the arbiter tells it to stop (or a signal does), then sends its final figures and exits: 0
+after a clean stop, 1 when requests in flight were cut off or its watchdog ended it (its hub
+blocked for ``worker_timeout``), 2 when the application would not load.
 
 The server runs with the instance's parts left to the arbiter: no Consul registration, no
 remote configuration watch, no debug server, no drain time (the arbiter deregisters and waits
-before it signals the workers), and its share of the instance's limits.
+before it stops the workers), and its share of the instance's limits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import functools
 import itertools
 import os
@@ -39,7 +39,7 @@ from kitegreen.workers import fork
 from kitegreen.workers.balance import AcceptBalance
 from kitegreen.workers.board import Board, Slot
 from kitegreen.workers.control import Channel
-from kitegreen.workers.heartbeat import Pulse
+from kitegreen.workers.heartbeat import Pulse, Watchdog
 
 if TYPE_CHECKING:
     from kitegreen.server import RpcServer
@@ -50,15 +50,12 @@ EXIT_LOAD_FAILED = 2
 EXIT_CRASHED = 70
 """A worker that raised out of its own code (``EX_SOFTWARE``): a bug of kitegreen's."""
 
-STACK_SIGNAL = signal.SIGUSR2
-"""What the arbiter sends a worker whose heartbeat is stale: faulthandler, registered for it,
-writes every thread's Python stack from the C signal handler, which works even while the hub is
-stuck in C code that holds the GIL and no greenlet can run."""
 IGNORED_SIGNALS = (
     signal.SIGINT,
     signal.SIGHUP,
     signal.SIGTTIN,
     signal.SIGTTOU,
+    signal.SIGUSR2,
     signal.SIGWINCH,
 )
 """Signals meant for the arbiter: a worker that receives one (a terminal's process group, a
@@ -83,10 +80,10 @@ class WorkerSpec:
         control: the worker's end of its control channel, a plain ``_socket.socket``.
         board: the instance's board.
         slot: its slot on the board (heartbeat, connections open, accepting).
-        stack_file: where faulthandler writes its stacks.
+        stack_file: where its watchdog writes its stacks (``heartbeat.py``).
         parent: the arbiter's pid.
-        worker_timeout: seconds its hub may stay blocked; the heartbeat beats four times as
-            often (at most once a second).
+        worker_timeout: seconds its hub may stay blocked before its watchdog ends it; the
+            heartbeat beats four times as often (at most once a second).
         overrides: settings forced on the worker's server: its share of the limits, the
             arbiter's listen settings, and the instance's parts switched off.
         load: imports the application and returns its configured server.
@@ -140,11 +137,27 @@ class _Worker:
         )
         if not fork.die_with_parent(signal.SIGTERM, spec.parent):
             return EXIT_OK  # the arbiter died while forking us: nobody to serve for
-        faulthandler.register(STACK_SIGNAL, file=spec.stack_file, all_threads=True, chain=False)
-        spec.slot.stamp()
         interval = min(spec.worker_timeout / 4, HEARTBEAT_INTERVAL_MAX)
-        pulse = Pulse(spec.slot, interval, spec.parent, self._open_connections, self._orphaned)
+        pulse = Pulse(
+            spec.slot,
+            interval,
+            parent=spec.parent,
+            open_connections=self._open_connections,
+            orphaned=self._orphaned,
+            watchdog=Watchdog(spec.worker_timeout, spec.stack_file),
+            log=self.log,
+        )
+        # Armed now, before the application is imported with the hub blocked: an import that
+        # hangs ends the worker, its stack in the log, as a blocked hub later would.
+        pulse.beat()
         pulse.start()
+        try:
+            return self._serve(pulse, interval)
+        finally:
+            pulse.stop()
+
+    def _serve(self, pulse: Pulse, interval: float) -> int:
+        spec = self.spec
         self.channel = Channel(
             socket.socket(fileno=spec.control.detach()),
             on_message=self._on_message,
@@ -177,6 +190,7 @@ class _Worker:
         clean = server.stop()
         self.exiting = True
         self.channel.send({"type": "final", "stats": self.stats()})
+        # Stopped by now: the watchdog must not end the process while the last message goes.
         pulse.stop()
         self.channel.close()
         return EXIT_OK if clean and not self.quick else EXIT_UNCLEAN_STOP
