@@ -15,7 +15,9 @@ import re
 import resource
 import signal
 import socket
+import subprocess
 import time
+import types
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,7 @@ from kitegreen.workers.board import Board
 from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.instance import share
 from kitegreen.workers.probe import config_from_json, config_to_json
+from kitegreen.workers.process import WorkerProcess
 from kitegreen.workers.stats import InstanceStats, requests_of
 
 pytestmark = pytest.mark.timeout(60)
@@ -926,6 +929,22 @@ class TestInstanceStats:
         stats = InstanceStats()
         assert not stats.update(8, figures(1, 3))
         assert requests_of(stats.totals()) == 0
+
+
+class TestWorkerProcess:
+    def test_an_exited_worker_is_never_signalled(self):
+        """Once the hub has reaped a worker its pid may be another process's: signalling the
+        worker is then a no-op, whatever runs under that pid now."""
+        with subprocess.Popen(["sleep", "30"]) as other:
+            try:
+                closed = types.SimpleNamespace(send=lambda message: False)
+                worker = WorkerProcess(other.pid, 1, 0, closed, slot=None, stack_file=None)
+                worker.exited = True
+                assert not worker.send_signal(signal.SIGTERM)
+                worker.stop()  # the channel is closed: it falls back on a signal, not sent
+                assert other.poll() is None
+            finally:
+                other.kill()
 
 
 class TestParts:

@@ -80,7 +80,7 @@ from kitegreen.workers.control import Channel
 from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.instance import Instance, ready_count
 from kitegreen.workers.probe import Probe, probe_config, probe_timeout, start_probe
-from kitegreen.workers.process import BOOTING, STOPPING, WorkerProcess
+from kitegreen.workers.process import BOOTING, WorkerProcess
 from kitegreen.workers.worker import WorkerSpec, run_worker
 
 if TYPE_CHECKING:
@@ -541,7 +541,7 @@ class Arbiter:
 
     def _manage(self, now: float) -> None:
         """Bring the workers to the number wanted: replace, scale, roll a reload forward."""
-        live = [w for w in self._workers.values() if w.state != STOPPING]
+        live = [w for w in self._workers.values() if w.live]
         old = sorted((w for w in live if w.generation < self._generation), key=lambda w: w.age)
         current = sorted((w for w in live if w.generation == self._generation), key=lambda w: w.age)
         reload_crashes = self._reload_crashes
@@ -681,7 +681,11 @@ class Arbiter:
         }
 
     def _child_exited(self, pid: int, status: int) -> None:
-        # In the hub: only queue.
+        # In the hub: mark and queue. The child is reaped by now and its pid free for another
+        # process, so nothing may signal it from here on, though its exit is still queued.
+        worker = self._workers.get(pid)
+        if worker is not None:
+            worker.exited = True
         self._events.put_nowait(("exit", pid, status))
 
     def _on_message(self, pid: int, message: dict[str, Any]) -> None:
@@ -771,7 +775,7 @@ class Arbiter:
         # uninterruptible sleep) and so cannot end itself.
         limit = self._config.worker_timeout + WATCHDOG_GRACE
         for worker in self._workers.values():
-            if worker.timed_out:
+            if worker.timed_out or worker.exited:
                 continue
             stale = worker.slot.age(now)
             if stale > limit:

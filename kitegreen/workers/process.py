@@ -15,6 +15,7 @@ from kitegreen.workers.control import Channel
 BOOTING = "booting"
 READY = "ready"
 STOPPING = "stopping"
+EXITED = "exited"
 
 MAX_STACK = 256 * 1024
 """Bytes of a worker's stack dump read back; faulthandler's dumps are a few KB."""
@@ -36,6 +37,8 @@ class WorkerProcess:
         ready_at: monotonic time its server started accepting; None until then.
         stop_requested: the arbiter asked it to stop (an exit is then expected).
         timed_out: its watchdog ended it, or the arbiter killed it, for a stale heartbeat.
+        exited: it has exited and been reaped (by the hub, before the arbiter handles the
+            exit): its pid may belong to another process already.
         exit_status: its wait status once reaped (see :meth:`describe_exit`).
     """
 
@@ -49,17 +52,28 @@ class WorkerProcess:
     ready_at: float | None = None
     stop_requested: bool = False
     timed_out: bool = False
+    exited: bool = False
     exit_status: int | None = None
 
     @property
     def state(self) -> str:
-        """``booting``, ``ready`` or ``stopping``."""
+        """``booting``, ``ready``, ``stopping`` or ``exited``."""
+        if self.exited:
+            return EXITED
         if self.stop_requested or self.timed_out:
             return STOPPING
         return READY if self.ready_at is not None else BOOTING
 
+    @property
+    def live(self) -> bool:
+        """Booting or ready: neither asked to stop, nor timed out, nor exited."""
+        return self.state in (BOOTING, READY)
+
     def send_signal(self, signum: signal.Signals) -> bool:
-        """Send ``signum``; False if the process is already gone."""
+        """Send ``signum``; False if the process is already gone (then nothing is sent: once
+        reaped, its pid may have been given to another process)."""
+        if self.exited:
+            return False
         try:
             os.kill(self.pid, signum)
         except ProcessLookupError:
