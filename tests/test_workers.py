@@ -583,6 +583,48 @@ class TestSupervision:
             assert instance.runtime()["arbiter"]["workers_wanted"] == 2
             assert instance.stop() == 0
 
+    def test_limit_shares_follow_the_workers_serving(self):
+        """Shares divide the limit by the workers serving: during a reload the old workers
+        share with the new one; after TTOU the others' shares grow only once the worker taken
+        away has exited."""
+        with arbiter("--limit-connections", "12", workers=2) as instance:
+            old = instance.live_workers()
+
+            def shares(pid: int) -> list[int]:
+                """The connection limits ``pid`` enforced: at its start, then each change."""
+                started = [
+                    e["limits"]["conn"] for e in instance.named("listening") if e["pid"] == pid
+                ]
+                changed = [e["conn"] for e in instance.named("limits changed") if e["pid"] == pid]
+                return started + changed
+
+            instance.proc.send_signal(signal.SIGHUP)
+            instance.launcher.wait_for_event("reload complete", timeout=30.0)
+            new = instance.wait_for_workers(2)
+            assert wait_until(lambda: all(gone(pid) for pid in old))
+            # Three served at once, each on a third of the limit.
+            assert all(4 in shares(pid) for pid in old), {pid: shares(pid) for pid in old}
+            assert wait_until(lambda: all(shares(pid)[-1:] == [6] for pid in new))
+            instance.proc.send_signal(signal.SIGTTIN)
+            three = instance.wait_for_workers(3)
+            assert wait_until(lambda: all(shares(pid)[-1:] == [4] for pid in three))
+            ttou = len(instance.launcher.events())
+            instance.proc.send_signal(signal.SIGTTOU)
+            two = instance.wait_for_workers(2)
+            assert wait_until(lambda: all(shares(pid)[-1:] == [6] for pid in two))
+            records = list(enumerate(instance.launcher.events()))[ttou:]
+            (taken,) = three - two
+            # Its last line, written before it exits, hence before the others hear of its exit.
+            exited = next(i for i, e in records if e["event"] == "stopped" and e["pid"] == taken)
+            for pid in two:
+                grew = next(
+                    i
+                    for i, e in records
+                    if e["event"] == "limits changed" and e["pid"] == pid and e["conn"] == 6
+                )
+                assert grew > exited
+            assert instance.stop() == 0
+
     def test_sigusr1_makes_every_process_log_its_stacks(self):
         """SIGUSR1 to the arbiter: the arbiter and every worker log their stacks."""
         with arbiter(workers=2) as instance:

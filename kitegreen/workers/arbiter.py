@@ -21,7 +21,8 @@ HUP        rolling reload: a probe loads the code and settings afresh (if they f
            changes); then, one at a time, a new worker is started and, once it is ready, an
            old one is stopped. The listener is never closed, so clients calling in a loop
            see neither a refused connection nor a reset.
-TTIN/TTOU  one worker more / fewer (at least one); the limits are shared anew.
+TTIN/TTOU  one worker more / fewer (at least one); the limits are shared anew as workers
+           become ready or exit.
 USR1       log the arbiter's stacks and have every worker log its own.
 USR2       logged and ignored: binary upgrade is not supported.
 =========  ====================================================================================
@@ -470,7 +471,6 @@ class Arbiter:
             self._before_reload = (config, generation, wanted)
         self.log.info("workers wanted changed", signal=signum.name, workers=wanted)
         self.instance.events.push("Workers", f"{signum.name}: {wanted} workers wanted")
-        self.instance.set_worker_count(wanted)
 
     def _reload(self) -> None:
         if self._phase != SERVING:
@@ -673,7 +673,8 @@ class Arbiter:
     def _worker_overrides(self) -> dict[str, Any]:
         return {
             **{name: getattr(self._config, name) for name in _LISTEN_FIELDS},
-            **self.instance.worker_limits(),
+            # The share it will have once ready, with those serving and those starting with it.
+            **self.instance.worker_limits(max(self.instance.serving() + 1, self._wanted)),
             "register": False,
             "remote_config": False,
             "enable_debug_server": False,
@@ -706,8 +707,9 @@ class Arbiter:
             generation=worker.generation,
             seconds=round(worker.ready_at - worker.spawned_at, 3),
         )
-        # Limits may have changed while it was starting.
-        self.instance.send_limits(source="arbiter", to=[worker])
+        # One more worker serving: every share shrinks (limits may also have changed while it
+        # was starting).
+        self.instance.send_limits(source="workers")
 
     def _on_exit(self, pid: int, status: int) -> None:
         fork.reap(pid)
@@ -715,6 +717,9 @@ class Arbiter:
         if worker is None:
             return
         worker.exit_status = status
+        if worker.ready_at is not None:
+            # One fewer serving: the others' shares grow only now that it no longer serves.
+            self.instance.send_limits(source="workers")
         stack = worker.read_stack()
         if stack:
             worker.timed_out = True

@@ -7,10 +7,13 @@ The arbiter owns what belongs to the instance rather than to a process, once:
 - **Remote configuration**: watched once; a change reaches every worker over its control
   channel at once (well within the 2 s the issue asks for).
 - **Limits**: ``limit_connections``, ``limit_qps`` and the per-method QPS limits stay the
-  instance's. Each worker enforces its share, ``ceil(limit / N)`` for N wanted workers (0 stays
-  0, off); the shares are sent again whenever N or a limit changes. The instance may take in
-  up to ``N - 1`` more than the limit through rounding, and a worker whose connections are
-  busier than the others' refuses requests before the instance as a whole reaches its QPS limit.
+  instance's. Each worker enforces its share, ``ceil(limit / n)`` for the n workers serving
+  (0 stays 0, off): those that became ready, until they exit (one told to stop still serves
+  what it has while it drains). The shares are sent again whenever a worker becomes ready or
+  exits and whenever a limit changes; a worker starting takes the share it will have once
+  ready. The instance may take in up to ``n - 1`` more than the limit through rounding, and a
+  worker whose connections are busier than the others' refuses requests before the instance
+  as a whole reaches its QPS limit.
 - **The debug server**: one per instance, on the arbiter. ``/metrics`` sums the workers'
   counters and histograms and shows each worker's gauges with a ``pid`` label;
   ``/runtime/kite`` shows each worker and the totals; ``/health`` is 200 only while every
@@ -83,7 +86,6 @@ class Instance:
         self.events = EventQueue(config.event_capacity)
         self.reports = ReportGate(config.report_interval, self.events, NullReporter(), log)
         self.stats = InstanceStats()
-        self.worker_count = config.workers
         self._remote: dict[str, Any] = {}
         self.limits = self._compose_limits()
         self._consul: Any = None
@@ -144,24 +146,27 @@ class Instance:
 
     # -- limits --------------------------------------------------------------------------------
 
-    def worker_limits(self) -> dict[str, Any]:
-        """One worker's share of the limits, as ``Config`` fields."""
-        n = max(self.worker_count, 1)
+    def serving(self) -> int:
+        """The workers that hold a share of the limits: ready, and not exited yet."""
+        return sum(1 for w in self._workers() if w.ready_at is not None and not w.exited)
+
+    def worker_limits(self, workers: int | None = None) -> dict[str, Any]:
+        """One worker's share of the limits, as ``Config`` fields.
+
+        Args:
+            workers: how many share them; the workers serving when None (a worker being
+                spawned is given the share it will have once ready).
+        """
+        n = max(self.serving() if workers is None else workers, 1)
         return {
             "limit_connections": share(self.limits.connections, n),
             "limit_qps": share(self.limits.qps, n),
             "endpoint_qps_limits": {m: share(q, n) for m, q in self.limits.endpoint_qps.items()},
         }
 
-    def set_worker_count(self, workers: int) -> None:
-        """Share the limits over ``workers`` from now on, and tell the workers."""
-        self.worker_count = workers
-        self.send_limits(source="workers")
-
     def reconfigure(self, config: Config) -> None:
-        """Take the local limits and the worker count of a reloaded configuration."""
+        """Take the local limits of a reloaded configuration, and tell the workers."""
         self.config = config
-        self.worker_count = config.workers
         self.limits = self._compose_limits()
         self.send_limits(source="reload")
 
