@@ -114,8 +114,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
     on_load_error = functools.partial(_log_launch_error, log, args.target)
     if early.workers > 1 and not args.check_config:
         from kitegreen.workers.arbiter import serve
+        from kitegreen.workers.worker import Application
 
-        return serve(load, on_load_error, log, worker_timeout=early.worker_timeout)
+        # The probe loads the settings from every source; workers import the code only and
+        # are given what the probe reported.
+        app = Application(load, functools.partial(load_target, args.target), on_load_error)
+        return serve(app, log, worker_timeout=early.worker_timeout)
     try:
         server = load()
     except (LaunchError, ConfigError) as exc:

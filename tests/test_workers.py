@@ -492,6 +492,24 @@ class TestSupervision:
             echo_call(instance.address())
             assert instance.stop() == 0
 
+    def test_a_replacement_runs_with_the_settings_the_probe_validated(self, tmp_path):
+        """A replacement does not read the config file again: a file broken since the start
+        (or merely changed, which only SIGHUP is to apply) does not stop it."""
+        config = tmp_path / "kite.yaml"
+        config.write_text("limit_qps: 100\n")
+        with arbiter("--config", str(config), workers=2) as instance:
+            config.write_text("limit_qps: -5\n")
+            victim = min(instance.live_workers())
+            os.kill(victim, signal.SIGKILL)
+            assert wait_until(
+                lambda: victim not in instance.live_workers() and len(instance.live_workers()) == 2,
+                timeout=15.0,
+            ), instance.launcher.output()[-3000:]
+            assert instance.named("cannot launch") == []
+            limits = [row["overload"]["qps_limit"] for row in instance.runtime()["workers"]]
+            assert limits == [50, 50]
+            assert instance.stop() == 0
+
     def test_a_blocked_worker_is_replaced_with_its_stack_logged(self):
         """A worker whose hub stays blocked for worker_timeout is ended by its watchdog, its
         stack logged by the arbiter, and replaced."""

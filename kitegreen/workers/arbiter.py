@@ -60,8 +60,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 import structlog
@@ -82,10 +81,7 @@ from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.instance import Instance, ready_count
 from kitegreen.workers.probe import Probe, probe_config, probe_timeout, start_probe
 from kitegreen.workers.process import BOOTING, WorkerProcess
-from kitegreen.workers.worker import WorkerSpec, run_worker
-
-if TYPE_CHECKING:
-    from kitegreen.server import RpcServer
+from kitegreen.workers.worker import Application, WorkerSpec, run_worker
 
 EXIT_OK = 0
 EXIT_UNCLEAN_STOP = 1
@@ -156,8 +152,7 @@ and says so if the new configuration differs."""
 
 
 def serve(
-    load: Callable[[], RpcServer],
-    on_load_error: Callable[[Exception], None],
+    app: Application,
     log: Any = None,
     *,
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
@@ -165,9 +160,8 @@ def serve(
     """Probe the application, bind, fork the workers and supervise them until stopped.
 
     Args:
-        load: imports the application and returns its configured server (called only in
-            forked children: the probe and the workers).
-        on_load_error: logs a LaunchError or ConfigError raised by ``load``.
+        app: how to load the application (only in forked children: the probe and the
+            workers).
         log: a structlog logger.
         worker_timeout: ``worker_timeout`` as the launcher knows it before the probe (from the
             config file, the environment and the flags): the probe gets as long as a reload's
@@ -183,13 +177,11 @@ def serve(
     # memory between the workers (copy-on-write) and takes the time out of each worker's start.
     import kitegreen.server  # noqa: F401
 
-    config = probe_config(
-        load, on_load_error, signal_handles=(), timeout=probe_timeout(worker_timeout), log=log
-    )
+    config = probe_config(app, signal_handles=(), timeout=probe_timeout(worker_timeout), log=log)
     if isinstance(config, int):
         return config
     try:
-        arbiter = Arbiter(config, load, on_load_error, log)
+        arbiter = Arbiter(config, app, log)
     except ListenError as exc:
         log.error("cannot listen", error=str(exc))
         return EXIT_LISTEN
@@ -203,8 +195,7 @@ class Arbiter:
 
     Args:
         config: the application's effective settings, as the probe reported them.
-        load: imports the application and returns its configured server (in the workers).
-        on_load_error: logs a LaunchError or ConfigError raised by ``load``.
+        app: how to load the application (in the probes and the workers).
         log: a structlog logger.
 
     Raises:
@@ -214,13 +205,11 @@ class Arbiter:
     def __init__(
         self,
         config: Config,
-        load: Callable[[], RpcServer],
-        on_load_error: Callable[[Exception], None],
+        app: Application,
         log: Any,
     ) -> None:
         self._config = config
-        self._load = load
-        self._on_load_error = on_load_error
+        self._app = app
         self.log = log
         self._events: Queue[tuple[Any, ...]] = Queue()
         self._workers: dict[int, WorkerProcess] = {}
@@ -482,9 +471,7 @@ class Arbiter:
             self.log.info("a reload is in progress; reloading again once it ends")
             return
         self.log.info("reloading: loading the application and its settings afresh")
-        probe = start_probe(
-            self._load, self._on_load_error, signal_handles=self._signal_handles, log=self.log
-        )
+        probe = start_probe(self._app, signal_handles=self._signal_handles, log=self.log)
         if isinstance(probe, int):
             self._refuse_reload("the probe could not be started")
             return
@@ -638,9 +625,8 @@ class Arbiter:
                     stack_file=stack_file,
                     parent=os.getpid(),
                     worker_timeout=self._config.worker_timeout,
-                    overrides=self._worker_overrides(),
-                    load=self._load,
-                    on_load_error=self._on_load_error,
+                    config=self._worker_config(),
+                    app=self._app,
                     signal_handles=self._signal_handles,
                 )
                 pid = fork.fork(self._child_exited)
@@ -670,16 +656,16 @@ class Arbiter:
         self._spawn_not_before = time.monotonic() + delay
         self.log.error(f"{reason}; trying again later", retry_in=round(delay, 3), **fields)
 
-    def _worker_overrides(self) -> dict[str, Any]:
-        return {
-            **{name: getattr(self._config, name) for name in _LISTEN_FIELDS},
+    def _worker_config(self) -> Config:
+        """The instance's settings as the probe reported them, for one worker's server."""
+        return self._config.replace(
             # The share it will have once ready, with those serving and those starting with it.
             **self.instance.worker_limits(max(self.instance.serving() + 1, self._wanted)),
-            "register": False,
-            "remote_config": False,
-            "enable_debug_server": False,
-            "drain_time": 0.0,
-        }
+            register=False,
+            remote_config=False,
+            enable_debug_server=False,
+            drain_time=0.0,
+        )
 
     def _child_exited(self, pid: int, status: int) -> None:
         # In the hub: mark and queue. The child is reaped by now and its pid free for another

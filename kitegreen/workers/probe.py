@@ -22,8 +22,8 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn
 
 import gevent
 from gevent.event import AsyncResult
@@ -31,10 +31,12 @@ from gevent.event import AsyncResult
 from kitegreen.config import Config
 from kitegreen.exceptions import ConfigError, LaunchError, describe
 from kitegreen.workers import fork
-from kitegreen.workers.worker import EXIT_CRASHED, EXIT_LOAD_FAILED, IGNORED_SIGNALS
-
-if TYPE_CHECKING:
-    from kitegreen.server import RpcServer
+from kitegreen.workers.worker import (
+    EXIT_CRASHED,
+    EXIT_LOAD_FAILED,
+    IGNORED_SIGNALS,
+    Application,
+)
 
 MAX_CONFIG = 1024 * 1024
 PROBE_TIMEOUT_MIN = 60.0
@@ -42,8 +44,7 @@ PROBE_TIMEOUT_MIN = 60.0
 
 
 def probe_config(
-    load: Callable[[], RpcServer],
-    on_load_error: Callable[[Exception], None],
+    app: Application,
     *,
     signal_handles: Iterable[Any],
     timeout: float,
@@ -52,8 +53,7 @@ def probe_config(
     """Load the application in a forked child and return its effective settings.
 
     Args:
-        load: imports the application and returns its configured server.
-        on_load_error: logs a LaunchError or ConfigError in the child.
+        app: how to load the application (``app.load``: settings from every source).
         signal_handles: the arbiter's signal handles, cancelled in the child.
         timeout: seconds the child may take (see :func:`probe_timeout`).
         log: a structlog logger.
@@ -61,7 +61,7 @@ def probe_config(
     Returns:
         See :meth:`Probe.result`.
     """
-    probe = start_probe(load, on_load_error, signal_handles=signal_handles, log=log)
+    probe = start_probe(app, signal_handles=signal_handles, log=log)
     if isinstance(probe, int):
         return probe
     return probe.result(timeout)
@@ -74,8 +74,7 @@ def probe_timeout(worker_timeout: float) -> float:
 
 
 def start_probe(
-    load: Callable[[], RpcServer],
-    on_load_error: Callable[[Exception], None],
+    app: Application,
     *,
     signal_handles: Iterable[Any],
     log: Any,
@@ -83,8 +82,7 @@ def start_probe(
     """Fork a probe; call it from the greenlet that forks (see ``fork.py``).
 
     Args:
-        load: imports the application and returns its configured server.
-        on_load_error: logs a LaunchError or ConfigError in the child.
+        app: how to load the application (``app.load``: settings from every source).
         signal_handles: the arbiter's signal handles, cancelled in the child.
         log: a structlog logger.
 
@@ -104,7 +102,7 @@ def start_probe(
         log.error("cannot start the probe", error=describe(exc))
         return EXIT_LOAD_FAILED
     if pid == 0:
-        _run_probe(child_end, load, on_load_error, list(signal_handles))
+        _run_probe(child_end, app, list(signal_handles))
     child_end.close()
     return Probe(pid, socket.socket(fileno=parent_end.detach()), exited, log)
 
@@ -220,20 +218,15 @@ def _read_all(sock: Any) -> bytes:
     return data
 
 
-def _run_probe(
-    child_end: Any,
-    load: Callable[[], RpcServer],
-    on_load_error: Callable[[Exception], None],
-    signal_handles: list[Any],
-) -> NoReturn:
+def _run_probe(child_end: Any, app: Application, signal_handles: list[Any]) -> NoReturn:
     status = EXIT_CRASHED
     try:
         fork.start_afresh(keep_fds=(child_end.fileno(),), signal_handles=signal_handles)
         fork.unblock_signals(ignore=IGNORED_SIGNALS)
         try:
-            server = load()
+            server = app.load()
         except (LaunchError, ConfigError) as exc:
-            on_load_error(exc)
+            app.on_load_error(exc)
             status = EXIT_LOAD_FAILED
         else:
             with socket.socket(fileno=child_end.detach()) as sock:

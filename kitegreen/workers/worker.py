@@ -2,12 +2,13 @@
 
 In order: leave the arbiter's greenlets and descriptors behind (``fork.start_afresh``), ask the
 kernel for SIGTERM should the arbiter die, start the heartbeat with its watchdog and the control
-channel, install the worker's signal handlers, import the application afresh (``load``: the
-arbiter never imports it, so a SIGHUP's new workers run the code as it is on disk now), start
-its ``RpcServer`` on the inherited listener and tell the arbiter it is ready. It serves until
-the arbiter tells it to stop (or a signal does), then sends its final figures and exits: 0
-after a clean stop, 1 when requests in flight were cut off or its watchdog ended it (its hub
-blocked for ``worker_timeout``), 2 when the application would not load.
+channel, install the worker's signal handlers, import the application afresh (the arbiter never
+imports it, so a SIGHUP's new workers run the code as it is on disk now), give its server the
+settings the arbiter hands it (the probe's: the config file is not read again), start its
+``RpcServer`` on the inherited listener and tell the arbiter it is ready. It serves until the
+arbiter tells it to stop (or a signal does), then sends its final figures and exits: 0 after a
+clean stop, 1 when requests in flight were cut off or its watchdog ended it (its hub blocked for
+``worker_timeout``), 2 when the application would not load.
 
 The server runs with the instance's parts left to the arbiter: no Consul registration, no
 remote configuration watch, no debug server, no drain time (the arbiter deregisters and waits
@@ -32,6 +33,7 @@ import gevent
 import structlog
 from gevent.util import format_run_info
 
+from kitegreen.config import Config
 from kitegreen.exceptions import ConfigError, LaunchError
 from kitegreen.metrics import process_figures
 from kitegreen.signals import install_signal_handlers
@@ -72,6 +74,24 @@ STALE_BEATS = 3
 
 
 @dataclass(frozen=True)
+class Application:
+    """How a child process gets the application, as the launcher knows it.
+
+    Attributes:
+        load: imports the target and layers the config file, the environment and the flags
+            on its settings (the probe: what the instance will run with).
+        load_code: imports the target only (a worker, which is given the settings the probe
+            reported rather than reading the config file and the environment again: a
+            replacement runs with what was validated, whatever is on disk now).
+        on_load_error: logs a LaunchError or ConfigError raised by either.
+    """
+
+    load: Callable[[], RpcServer]
+    load_code: Callable[[], RpcServer]
+    on_load_error: Callable[[Exception], None]
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     """What the arbiter hands a worker across the fork.
 
@@ -84,10 +104,10 @@ class WorkerSpec:
         parent: the arbiter's pid.
         worker_timeout: seconds its hub may stay blocked before its watchdog ends it; the
             heartbeat beats four times as often (at most once a second).
-        overrides: settings forced on the worker's server: its share of the limits, the
-            arbiter's listen settings, and the instance's parts switched off.
-        load: imports the application and returns its configured server.
-        on_load_error: logs a LaunchError or ConfigError from ``load``.
+        config: the worker server's settings: the instance's, as the probe reported them
+            (those the arbiter holds kept as they were at start), with the worker's share of
+            the limits and the instance's parts switched off.
+        app: how to import the application.
         signal_handles: the arbiter's signal handles, cancelled in the child.
     """
 
@@ -98,9 +118,8 @@ class WorkerSpec:
     stack_file: IO[bytes]
     parent: int
     worker_timeout: float
-    overrides: dict[str, Any]
-    load: Callable[[], RpcServer]
-    on_load_error: Callable[[Exception], None]
+    config: Config
+    app: Application
     signal_handles: list[Any]
 
 
@@ -168,10 +187,10 @@ class _Worker:
         install_signal_handlers(self._signal_actions())
         fork.unblock_signals(ignore=IGNORED_SIGNALS)
         try:
-            server = spec.load()
-            server.reconfigure(server.config.replace(**spec.overrides))
+            server = spec.app.load_code()
+            server.reconfigure(spec.config)
         except (LaunchError, ConfigError) as exc:
-            spec.on_load_error(exc)
+            spec.app.on_load_error(exc)
             return EXIT_LOAD_FAILED
         self.server = server
         if self.stop_requested:
