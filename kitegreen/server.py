@@ -85,6 +85,7 @@ class RpcServer:
         self.service = service
         self.handler = handler
         self._methods = build_methods(service, handler)
+        self._given_reporter = reporter
         self._reporter: Reporter = reporter or NullReporter()
         self._registry = registry
         self._configure(config or Config())
@@ -569,6 +570,17 @@ class RpcServer:
     def _on_remote_config_event(self, kind: str, detail: str) -> None:
         if kind != "changed":  # applied changes are events through update_limits
             self.reports.report(REMOTE_CONFIG, f"{kind}: {detail}")
+
+    @property
+    def registry(self) -> Registry | None:
+        """The registry given to the constructor; None: Consul at ``consul_addr``."""
+        return self._registry
+
+    @property
+    def reporter(self) -> Reporter | None:
+        """The reporter given to the constructor; None if none was (reports then go to the log
+        and the event ring only)."""
+        return self._given_reporter
 
     @property
     def debug_address(self) -> tuple[str, int] | None:

@@ -806,6 +806,47 @@ class TestOneInstance:
         )
         assert deregistered < first_worker_stop
 
+    def test_a_registry_given_in_code_is_refused_rather_than_dropped(self, tmp_path):
+        """RpcServer(registry=...) cannot be honoured by workers (the arbiter registers, and
+        never imports the code): the launch fails with exit 2 and says why."""
+        module = tmp_path / "own_registry.py"
+        module.write_text(
+            "import kitegreen\n"
+            "from service import Handler, testsvc_thrift\n"
+            "class Registry:\n"
+            "    def register(self, reg): pass\n"
+            "    def deregister(self, reg): pass\n"
+            "server = kitegreen.RpcServer(testsvc_thrift.TestService, Handler(),\n"
+            "    kitegreen.Config(host='127.0.0.1', port=0), registry=Registry())\n"
+        )
+        args = (*LOOPBACK, "--workers", "2", "--register")
+        with Launcher(f"{module}:server", *args, env=module_env()) as launcher:
+            assert launcher.wait(15.0) == 2, launcher.output()[-3000:]
+        (record,) = launcher.named("cannot launch")
+        assert "RpcServer(registry=...) cannot be used with --workers" in record["error"]
+        assert launcher.named("worker spawned") == []
+
+    def test_a_reporter_given_in_code_is_said_to_reach_the_workers_only(self, tmp_path):
+        """RpcServer(reporter=...) reaches each worker's reports; the arbiter says that its own
+        go to its log only."""
+        module = tmp_path / "own_reporter.py"
+        module.write_text(
+            "import kitegreen\n"
+            "from service import Handler, testsvc_thrift\n"
+            "class Reporter:\n"
+            "    def report(self, kind, message, suppressed): pass\n"
+            "server = kitegreen.RpcServer(testsvc_thrift.TestService, Handler(),\n"
+            "    kitegreen.Config(host='127.0.0.1', port=0), reporter=Reporter())\n"
+        )
+        with arbiter(target=f"{module}:server", env=module_env()) as instance:
+            record = instance.launcher.wait_for_event(
+                "RpcServer(reporter=...) with workers: each worker reports to it; the reports "
+                "of the instance's Consul registration and remote configuration go to the "
+                "arbiter's log and /runtime/kite only"
+            )
+            assert record["level"] == "warning"
+            assert instance.stop() == 0
+
     def test_remote_config_reaches_every_worker_within_2_seconds(self, agent):
         """A limit put in Consul is watched once and reaches every worker, as its share."""
         env = launcher_env(CONSUL_HTTP_ADDR=agent.address)

@@ -23,9 +23,10 @@ import socket
 import sys
 import traceback
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import gevent
+import structlog
 from gevent.event import AsyncResult
 
 from kitegreen.config import Config
@@ -37,6 +38,9 @@ from kitegreen.workers.worker import (
     IGNORED_SIGNALS,
     Application,
 )
+
+if TYPE_CHECKING:
+    from kitegreen.server import RpcServer
 
 MAX_CONFIG = 1024 * 1024
 PROBE_TIMEOUT_MIN = 60.0
@@ -218,6 +222,29 @@ def _read_all(sock: Any) -> bytes:
     return data
 
 
+def _check_fits_workers(server: RpcServer) -> None:
+    """Refuse what the application's own code gave its server that an instance of workers
+    cannot honour, rather than drop it silently.
+
+    Raises:
+        ConfigError: a registry was given and the instance registers: the arbiter registers
+            it, and never imports the application, so the registry could not be used.
+    """
+    if server.registry is not None and server.config.register:
+        raise ConfigError(
+            "RpcServer(registry=...) cannot be used with --workers 2 or more: the arbiter "
+            "registers the instance itself, in Consul at consul_addr, and never imports the "
+            "application; run one process, or leave the registry out",
+            field="workers",
+        )
+    if server.reporter is not None:
+        structlog.get_logger("kitegreen").warning(
+            "RpcServer(reporter=...) with workers: each worker reports to it; the reports of "
+            "the instance's Consul registration and remote configuration go to the arbiter's "
+            "log and /runtime/kite only"
+        )
+
+
 def _run_probe(child_end: Any, app: Application, signal_handles: list[Any]) -> NoReturn:
     status = EXIT_CRASHED
     try:
@@ -225,6 +252,7 @@ def _run_probe(child_end: Any, app: Application, signal_handles: list[Any]) -> N
         fork.unblock_signals(ignore=IGNORED_SIGNALS)
         try:
             server = app.load()
+            _check_fits_workers(server)
         except (LaunchError, ConfigError) as exc:
             app.on_load_error(exc)
             status = EXIT_LOAD_FAILED
