@@ -91,6 +91,14 @@ class Arbiter:
         assert self.proc.poll() is None, self.launcher.output()[-3000:]
         return self.live_workers()
 
+    def wait_for_replacement(self, pid: int, count: int = 2, timeout: float = 15.0) -> set[int]:
+        """The live workers once ``pid`` has exited and ``count`` workers are ready."""
+        assert wait_until(
+            lambda: pid not in self.live_workers() and len(self.live_workers()) == count,
+            timeout=timeout,
+        ), f"{pid} not replaced\n{self.launcher.output()[-3000:]}"
+        return self.live_workers()
+
     def address(self) -> tuple[str, int]:
         return self.launcher.address()
 
@@ -321,10 +329,7 @@ class TestServing:
             assert requests() == 30
             victim = min(instance.live_workers())
             os.kill(victim, signal.SIGKILL)
-            assert wait_until(
-                lambda: victim not in instance.live_workers() and len(instance.live_workers()) == 2,
-                timeout=15.0,
-            )
+            instance.wait_for_replacement(victim)
             assert requests() == 30
             assert instance.stop() == 0
 
@@ -501,10 +506,7 @@ class TestSupervision:
             config.write_text("limit_qps: -5\n")
             victim = min(instance.live_workers())
             os.kill(victim, signal.SIGKILL)
-            assert wait_until(
-                lambda: victim not in instance.live_workers() and len(instance.live_workers()) == 2,
-                timeout=15.0,
-            ), instance.launcher.output()[-3000:]
+            instance.wait_for_replacement(victim)
             assert instance.named("cannot launch") == []
             limits = [row["overload"]["qps_limit"] for row in instance.runtime()["workers"]]
             assert limits == [50, 50]
@@ -522,8 +524,7 @@ class TestSupervision:
                 assert record["seconds"] >= WORKER_TIMEOUT
                 assert "in block_hub" in record["stack"]
                 assert "tests/service.py" in record["stack"]
-                assert wait_until(lambda: record["worker"] not in instance.live_workers())
-                assert record["worker"] not in instance.wait_for_workers(2)
+                instance.wait_for_replacement(record["worker"])
                 assert gone(record["worker"])
             finally:
                 caller.kill()
@@ -548,7 +549,7 @@ class TestSupervision:
             )
             assert record["worker"] == victim
             assert record["seconds"] > WORKER_TIMEOUT
-            assert victim not in instance.wait_for_workers(2)
+            instance.wait_for_replacement(victim)
             assert instance.named(TIMED_OUT) == []
             assert instance.stop() == 0
 
