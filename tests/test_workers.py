@@ -26,6 +26,7 @@ from typing import Any
 import gevent
 import gevent.event
 import pytest
+import structlog
 import wire
 from conftest import TESTS, loopback_config, wait_until
 from consul_double import ConsulDouble
@@ -39,6 +40,7 @@ from kitegreen.config import DEFAULT_LIMIT_CONNECTIONS, Config
 from kitegreen.metrics import Metrics, merge_snapshots
 from kitegreen.workers.balance import DEFER, SLACK, AcceptBalance
 from kitegreen.workers.board import Board
+from kitegreen.workers.control import MAX_LINE, Channel
 from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.instance import share
 from kitegreen.workers.probe import config_from_json, config_to_json
@@ -1031,6 +1033,84 @@ class TestInstanceStats:
         stats = InstanceStats()
         assert not stats.update(8, figures(1, 3))
         assert requests_of(stats.totals()) == 0
+
+
+class TestControlChannel:
+    """The arbiter<->worker channel, over a socketpair in this process."""
+
+    @pytest.fixture
+    def pair(self) -> Iterator[tuple[socket.socket, socket.socket]]:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            yield ours, theirs
+
+    @staticmethod
+    def channel(sock: socket.socket, received: list[Any], **kwargs: Any) -> Channel:
+        closed = kwargs.pop("closed", None)
+        return Channel(
+            sock,
+            on_message=received.append,
+            on_closed=closed.set if closed is not None else lambda: None,
+            log=structlog.get_logger("test"),
+            **kwargs,
+        )
+
+    def test_a_message_that_cannot_go_out_in_time_closes_the_channel(self, pair):
+        """A peer that reads nothing: sending never blocks, and once a message cannot be
+        sent in time the channel closes (what went of it would corrupt the next message)."""
+        ours, _ = pair
+        closed = gevent.event.Event()
+        channel = self.channel(ours, [], closed=closed, send_timeout=0.2)
+        channel.start()
+        started = time.monotonic()
+        for _ in range(40):
+            assert channel.send({"type": "stats", "pad": "x" * 65536})
+        assert time.monotonic() - started < 0.5  # queued, not sent
+        assert closed.wait(10.0)
+        assert channel.closed
+        assert not channel.send({"type": "stats"})
+
+    def test_a_line_in_many_pieces_is_one_message(self, pair):
+        """A long message arriving a little at a time is read once, whole."""
+        ours, theirs = pair
+        received: list[Any] = []
+        channel = self.channel(ours, received)
+        channel.start()
+        line = json.dumps({"type": "stats", "pad": "y" * 500_000}).encode() + b"\n"
+        for start in range(0, len(line), 4096):
+            theirs.sendall(line[start : start + 4096])
+        assert wait_until(lambda: received, timeout=10.0)
+        assert received == [json.loads(line)]
+        channel.close()
+
+    def test_a_line_over_the_limit_closes_the_channel(self, pair):
+        """A line longer than MAX_LINE (1 MiB) is a bug of ours, not a message to buffer."""
+        ours, theirs = pair
+        closed = gevent.event.Event()
+        channel = self.channel(ours, [], closed=closed)
+        channel.start()
+        with contextlib.suppress(OSError):
+            theirs.sendall(b"z" * (MAX_LINE + 2 * 65536))
+        assert closed.wait(10.0)
+
+    def test_a_flooding_peer_does_not_starve_other_greenlets(self, pair):
+        """Messages already waiting are handled a received batch at a time, with other
+        greenlets run between batches."""
+        COUNT = 8_000
+        ours, theirs = pair
+        received: list[Any] = []
+        # About 100 KB: more than one read, less than the socket's buffer.
+        lines = b"".join(json.dumps({"n": n}).encode() + b"\n" for n in range(COUNT))
+        writer = gevent.spawn(theirs.sendall, lines)
+        channel = self.channel(ours, received)
+        channel.start()
+        seen_by_another: list[int] = []
+        gevent.spawn(lambda: seen_by_another.append(len(received))).join(timeout=10.0)
+        assert wait_until(lambda: len(received) == COUNT, timeout=10.0)
+        writer.join(timeout=10.0)
+        assert seen_by_another
+        assert seen_by_another[0] < COUNT
+        channel.close()
 
 
 class TestWorkerProcess:

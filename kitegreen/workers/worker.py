@@ -40,7 +40,7 @@ from kitegreen.signals import install_signal_handlers
 from kitegreen.workers import fork
 from kitegreen.workers.balance import AcceptBalance
 from kitegreen.workers.board import Board, Slot
-from kitegreen.workers.control import Channel
+from kitegreen.workers.control import SEND_TIMEOUT, Channel
 from kitegreen.workers.heartbeat import Pulse, Watchdog
 
 if TYPE_CHECKING:
@@ -171,11 +171,11 @@ class _Worker:
         pulse.beat()
         pulse.start()
         try:
-            return self._serve(pulse, interval)
+            return self._serve(interval)
         finally:
             pulse.stop()
 
-    def _serve(self, pulse: Pulse, interval: float) -> int:
+    def _serve(self, interval: float) -> int:
         spec = self.spec
         self.channel = Channel(
             socket.socket(fileno=spec.control.detach()),
@@ -209,8 +209,7 @@ class _Worker:
         clean = server.stop()
         self.exiting = True
         self.channel.send({"type": "final", "stats": self.stats()})
-        # Stopped by now: the watchdog must not end the process while the last message goes.
-        pulse.stop()
+        self.channel.flush(SEND_TIMEOUT)
         self.channel.close()
         return EXIT_OK if clean and not self.quick else EXIT_UNCLEAN_STOP
 
