@@ -809,6 +809,34 @@ class TestOneInstance:
         )
         assert deregistered < first_worker_stop
 
+    def test_the_arbiter_supervises_while_it_deregisters(self, agent):
+        """A deregistration that takes its time does not hold the arbiter's loop: a worker that
+        dies meanwhile is seen to at once, and the drain starts once Consul has answered."""
+        env = launcher_env(CONSUL_HTTP_ADDR=agent.address)
+        with arbiter(
+            "--register", "--register-delay", "0", "--drain-time", "0", workers=2, env=env
+        ) as instance:
+            agent.wait_for_registration("workers-test", timeout=10.0)
+            agent.slow_seconds = 2.0
+            agent.mode = "slow"
+            victim = min(instance.live_workers())
+            instance.proc.send_signal(signal.SIGTERM)
+            assert wait_until(
+                lambda: [e for e in instance.named("stopping") if e["pid"] == instance.proc.pid]
+            )
+            os.kill(victim, signal.SIGKILL)
+            # Unclean: a worker was killed.
+            assert instance.launcher.wait(20.0) == 1, instance.launcher.output()[-3000:]
+        records = instance.launcher.events()
+        killed = next(
+            i
+            for i, e in enumerate(records)
+            if e["event"] == "worker stopped" and e["worker"] == victim
+        )
+        deregistered = next(i for i, e in enumerate(records) if e["event"] == "deregistered")
+        assert killed < deregistered
+        assert instance.named("worker spawned")[2:] == []
+
     def test_a_registry_given_in_code_is_refused_rather_than_dropped(self, tmp_path):
         """RpcServer(registry=...) cannot be honoured by workers (the arbiter registers, and
         never imports the code): the launch fails with exit 2 and says why."""

@@ -55,6 +55,7 @@ from __future__ import annotations
 import _socket
 import contextlib
 import functools
+import math
 import os
 import signal
 import socket
@@ -93,6 +94,14 @@ EXIT_WORKERS_FAILED = 4
 STOP_GRACE = 2.0
 """Seconds past ``exit_wait_time`` that the arbiter waits for workers to exit before it kills
 what is left (a worker cuts its requests off at ``exit_wait_time`` by itself)."""
+FINAL_WAIT = 1.0
+"""Seconds an exited worker's final figures are awaited on its channel."""
+DEREGISTER_WAIT = 5.0
+"""Seconds the arbiter waits at its exit for a deregistration still under way (the registrar
+bounds its own calls)."""
+MAX_CLOSERS = 256
+"""Connections the arbiter closes at once during the final stop (each lingers up to a
+second reading what its client sends)."""
 WATCHDOG_GRACE = 2.0
 """Seconds past ``worker_timeout`` after which the arbiter kills a worker whose heartbeat is
 stale: its own watchdog should have ended it by then (see ``heartbeat.py``)."""
@@ -215,7 +224,12 @@ class Arbiter:
         self._workers: dict[int, WorkerProcess] = {}
         self._board = Board()
         self._signal_handles: list[Any] = []
-        self._closers = Pool()
+        self._closers = Pool(size=MAX_CLOSERS)
+        """Connections taken from the backlog once every worker was told to stop, closing."""
+        self._retiring = Pool()
+        """Exited workers whose final figures are awaited."""
+        self._deregistering: gevent.Greenlet | None = None
+        self._drain = 0.0
         self._phase = SERVING
         self._wanted = config.workers
         self._generation = 0
@@ -236,7 +250,7 @@ class Arbiter:
         self._spawn_not_before = 0.0
         self._spawn_backoff = Backoff(initial=SPAWN_RETRY_INITIAL, maximum=SPAWN_RETRY_MAX)
         """Waits after a spawn failed for want of a slot, a descriptor or memory."""
-        self._drain_until = 0.0
+        self._drain_until = math.inf
         self._kill_at = 0.0
         self._killed_all = False
         self._stop_signal = signal.SIGTERM
@@ -302,7 +316,10 @@ class Arbiter:
             if self._probe_waiter is not None:
                 self._probe_waiter.join(timeout=6.0)
             self._close_listener()
+            if self._deregistering is not None:
+                self._deregistering.join(timeout=DEREGISTER_WAIT)
             self.instance.stop()
+            self._retiring.join(timeout=FINAL_WAIT + 1.0)
             self._closers.join(timeout=CLOSE_LINGER + 1.0)
         status = self._exit_status()
         self.log.info("stopped", clean=status == EXIT_OK, status=status)
@@ -369,6 +386,8 @@ class Arbiter:
             self._on_ready(event[1])
         elif kind == "probed":
             self._on_probed(event[1], event[2])
+        elif kind == "deregistered":
+            self._on_deregistered()
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -421,11 +440,22 @@ class Arbiter:
             exit_wait_time=config.exit_wait_time,
         )
         self._phase = DRAINING
-        # First, so that clients stop picking this instance while it still serves them.
-        self.instance.deregister()
-        self._drain_until = time.monotonic() + drain
-        if drain <= 0:
+        self._drain = drain
+        if not graceful:
             self._signal_stop(time.monotonic())
+        # First, so that clients stop picking this instance while it still serves them; off
+        # the loop, since the registry may take seconds to answer: the drain time starts once
+        # it has.
+        self._drain_until = math.inf
+        self._deregistering = gevent.spawn(self._deregister)
+
+    def _deregister(self) -> None:
+        self.instance.deregister()
+        self._events.put(("deregistered",))
+
+    def _on_deregistered(self) -> None:
+        if self._phase == DRAINING:
+            self._drain_until = time.monotonic() + self._drain
 
     def _signal_stop(self, now: float) -> None:
         self._phase = STOPPING_PHASE
@@ -703,6 +733,10 @@ class Arbiter:
         if worker is None:
             return
         worker.exit_status = status
+        worker.exited = True
+        heartbeat_age = worker.slot.age()
+        # Its slot is free for the next spawn from now on.
+        worker.slot.clear()
         if worker.ready_at is not None:
             # One fewer serving: the others' shares grow only now that it no longer serves.
             self.instance.send_limits(source="workers")
@@ -713,14 +747,13 @@ class Arbiter:
                 "worker timed out: its hub did not run for worker_timeout; its watchdog wrote "
                 "its stacks and ended it",
                 worker=pid,
-                seconds=round(worker.slot.age(), 3),
+                seconds=round(heartbeat_age, 3),
                 worker_timeout=self._config.worker_timeout,
                 stack=stack,
             )
-        # Its final figures are on the channel ahead of the end-of-stream.
-        worker.channel.join(timeout=1.0)
-        self.instance.stats.retire(pid)
-        worker.close()
+        # Its final figures are on the channel ahead of the end-of-stream; the loop does not
+        # wait for them (one exit after another would hold it a second each).
+        self._retiring.spawn(self._retire, worker)
         if self._phase != SERVING:
             # Draining or stopping: an exit is expected (a service manager may have signalled
             # every process), and nothing is replaced any more.
@@ -760,6 +793,11 @@ class Arbiter:
         self._failed = True
         self._begin_stop(signal.SIGTERM, graceful=True)
 
+    def _retire(self, worker: WorkerProcess) -> None:
+        worker.channel.join(timeout=FINAL_WAIT)
+        self.instance.stats.retire(worker.pid)
+        worker.close()
+
     def _check_heartbeats(self, now: float) -> None:
         # A worker's own watchdog ends it once its hub has not run for worker_timeout (see
         # heartbeat.py). This is the backup, for a worker that cannot run at all (SIGSTOP,
@@ -784,8 +822,9 @@ class Arbiter:
 
     def _refuse_backlog(self) -> None:
         """Take in what waits in the backlog and close each with a FIN: once every worker has
-        been told to stop, nobody will serve these, and closing the listener would reset them."""
-        while True:
+        been told to stop, nobody will serve these, and closing the listener would reset them.
+        At most :data:`MAX_CLOSERS` close at once; the rest wait in the backlog meanwhile."""
+        while not self._closers.full():
             try:
                 fd, _ = self._listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):

@@ -112,9 +112,9 @@ class WorkerProcess:
         return os.WEXITSTATUS(status)
 
     def close(self) -> None:
-        """Release the channel, the board slot and the stack file (once reaped)."""
+        """Release the channel and the stack file (once reaped; the arbiter clears the board
+        slot as soon as it hears of the exit, for the next spawn to take)."""
         self.channel.close()
-        self.slot.clear()
         self.stack_file.close()
 
     def as_dict(self, now: float) -> dict[str, Any]:
