@@ -67,12 +67,12 @@ import gevent
 import structlog
 from gevent.pool import Pool
 from gevent.queue import Empty, Queue
-from gevent.util import format_run_info
 
 from kitegreen.backoff import Backoff
 from kitegreen.config import DEFAULT_WORKER_TIMEOUT, MAX_WORKERS, Config
 from kitegreen.exceptions import ConfigError, ListenError, describe
-from kitegreen.signals import install_signal_handlers
+from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_WORKERS_FAILED
+from kitegreen.signals import format_stacks, install_signal_handlers
 from kitegreen.transport.listener import ListenSpec, listen, remove_unix_socket
 from kitegreen.transport.stream import CLOSE_LINGER
 from kitegreen.workers import fork
@@ -83,13 +83,6 @@ from kitegreen.workers.instance import Instance, ready_count
 from kitegreen.workers.probe import Probe, probe_config, probe_timeout, start_probe
 from kitegreen.workers.process import BOOTING, WorkerProcess
 from kitegreen.workers.worker import Application, WorkerSpec, run_worker
-
-EXIT_OK = 0
-EXIT_UNCLEAN_STOP = 1
-EXIT_USAGE = 2
-EXIT_LISTEN = 3
-EXIT_WORKERS_FAILED = 4
-"""Workers kept exiting at start-up (see ``crashes.py``)."""
 
 STOP_GRACE = 2.0
 """Seconds past ``exit_wait_time`` that the arbiter waits for workers to exit before it kills
@@ -398,7 +391,7 @@ class Arbiter:
             self.log.warning(
                 "signal received, stopping at once without draining",
                 signal=signum.name,
-                stack=_stacks(),
+                stack=format_stacks(),
             )
             self._begin_stop(signum, graceful=False)
         elif signum == signal.SIGHUP:
@@ -406,7 +399,7 @@ class Arbiter:
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             self._scale(1 if signum == signal.SIGTTIN else -1, signum)
         elif signum == signal.SIGUSR1:
-            self.log.info("greenlet and thread stacks", signal=signum.name, stack=_stacks())
+            self.log.info("greenlet and thread stacks", signal=signum.name, stack=format_stacks())
             for worker in self._workers.values():
                 worker.send_signal(signal.SIGUSR1)
         else:
@@ -874,7 +867,3 @@ def _describe(address: tuple[str, int] | str) -> str:
     if isinstance(address, str):
         return f"unix:{address}"
     return ListenSpec("tcp", address[0], address[1]).describe()
-
-
-def _stacks() -> str:
-    return "\n".join(format_run_info())

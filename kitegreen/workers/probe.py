@@ -31,13 +31,9 @@ from gevent.event import AsyncResult
 
 from kitegreen.config import Config
 from kitegreen.exceptions import ConfigError, LaunchError, describe
+from kitegreen.exits import EXIT_CRASHED, EXIT_USAGE
 from kitegreen.workers import fork
-from kitegreen.workers.worker import (
-    EXIT_CRASHED,
-    EXIT_LOAD_FAILED,
-    IGNORED_SIGNALS,
-    Application,
-)
+from kitegreen.workers.worker import IGNORED_SIGNALS, Application
 
 if TYPE_CHECKING:
     from kitegreen.server import RpcServer
@@ -104,7 +100,7 @@ def start_probe(
             if end is not None:
                 end.close()
         log.error("cannot start the probe", error=describe(exc))
-        return EXIT_LOAD_FAILED
+        return EXIT_USAGE
     if pid == 0:
         _run_probe(child_end, app, list(signal_handles))
     child_end.close()
@@ -159,16 +155,16 @@ class Probe:
             fork.reap(self.pid)
         status: int | None = self._exited.value
         if data is None or status is None or self._cancelled:
-            return EXIT_LOAD_FAILED
+            return EXIT_USAGE
         if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-            if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != EXIT_LOAD_FAILED:
+            if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != EXIT_USAGE:
                 log.error("the application could not be loaded", status=status)
-            return EXIT_LOAD_FAILED
+            return EXIT_USAGE
         try:
             return config_from_json(data)
         except ConfigError as exc:
             log.error("the probe's answer could not be read", error=describe(exc))
-            return EXIT_LOAD_FAILED
+            return EXIT_USAGE
 
     def cancel(self) -> None:
         """Kill the child now (the arbiter is stopping); :meth:`result` reports a failure
@@ -255,7 +251,7 @@ def _run_probe(child_end: Any, app: Application, signal_handles: list[Any]) -> N
             _check_fits_workers(server)
         except (LaunchError, ConfigError) as exc:
             app.on_load_error(exc)
-            status = EXIT_LOAD_FAILED
+            status = EXIT_USAGE
         else:
             with socket.socket(fileno=child_end.detach()) as sock:
                 sock.sendall(config_to_json(server.config))

@@ -18,7 +18,6 @@ before it stops the workers), and its share of the instance's limits.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import os
 import signal
@@ -31,12 +30,12 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import gevent
 import structlog
-from gevent.util import format_run_info
 
 from kitegreen.config import Config
 from kitegreen.exceptions import ConfigError, LaunchError
+from kitegreen.exits import EXIT_CRASHED, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_USAGE
 from kitegreen.metrics import process_figures
-from kitegreen.signals import install_signal_handlers
+from kitegreen.signals import ServerStop, install_signal_handlers
 from kitegreen.workers import fork
 from kitegreen.workers.balance import AcceptBalance
 from kitegreen.workers.board import Board, Slot
@@ -46,11 +45,6 @@ from kitegreen.workers.heartbeat import Pulse, Watchdog
 if TYPE_CHECKING:
     from kitegreen.server import RpcServer
 
-EXIT_OK = 0
-EXIT_UNCLEAN_STOP = 1
-EXIT_LOAD_FAILED = 2
-EXIT_CRASHED = 70
-"""A worker that raised out of its own code (``EX_SOFTWARE``): a bug of kitegreen's."""
 
 IGNORED_SIGNALS = (
     signal.SIGINT,
@@ -142,8 +136,11 @@ class _Worker:
         self.spec = spec
         self.server: RpcServer | None = None
         self.log = structlog.get_logger("kitegreen.worker")
-        self.stop_requested = False
-        self.quick = False
+        # The other workers' accept balance must not wait for a stopping worker to take
+        # connections.
+        self.stop = ServerStop(
+            lambda: self.server, self.log, before=lambda: spec.slot.set_accepting(False)
+        )
         self.exiting = False
         self.channel: Channel | None = None
         self._stats_seq = itertools.count(1)
@@ -184,16 +181,19 @@ class _Worker:
             log=self.log,
         )
         self.channel.start()
-        install_signal_handlers(self._signal_actions())
+        # The arbiter stops its workers with a control message. SIGTERM is kept for the kernel
+        # (PDEATHSIG) and for people; SIGINT is ignored (IGNORED_SIGNALS): a terminal's Ctrl-C
+        # reaches the whole process group, and the arbiter must drain before its workers stop.
+        install_signal_handlers(self.stop.actions(graceful=(signal.SIGTERM,)))
         fork.unblock_signals(ignore=IGNORED_SIGNALS)
         try:
             server = spec.app.load_code()
             server.reconfigure(spec.config)
         except (LaunchError, ConfigError) as exc:
             spec.app.on_load_error(exc)
-            return EXIT_LOAD_FAILED
+            return EXIT_USAGE
         self.server = server
-        if self.stop_requested:
+        if self.stop.requested:
             return EXIT_OK
         balance = AcceptBalance(
             spec.board, spec.slot, self._open_connections, stale_after=STALE_BEATS * interval
@@ -211,7 +211,7 @@ class _Worker:
         self.channel.send({"type": "final", "stats": self.stats()})
         self.channel.flush(SEND_TIMEOUT)
         self.channel.close()
-        return EXIT_OK if clean and not self.quick else EXIT_UNCLEAN_STOP
+        return EXIT_OK if clean and not self.stop.quick else EXIT_UNCLEAN_STOP
 
     def _open_connections(self) -> int:
         return self.server.limiter.connections if self.server is not None else 0
@@ -242,53 +242,17 @@ class _Worker:
             # In a greenlet of its own: a stop waits for the drain, and the channel must go on
             # answering meanwhile.
             if message.get("graceful", True):
-                gevent.spawn(self._stop, "asked to stop by the arbiter")
+                gevent.spawn(self.stop.graceful, "asked to stop by the arbiter")
             else:
-                gevent.spawn(self._quit, "asked by the arbiter to stop at once without draining")
-
-    def _stop(self, reason: str, **fields: Any) -> None:
-        self.stop_requested = True
-        # The other workers' accept balance must not wait for this one to take connections.
-        self.spec.slot.set_accepting(False)
-        if self.server is not None:
-            self.log.info(reason, **fields)
-            self.server.stop()
-
-    def _quit(self, reason: str, **fields: Any) -> None:
-        self.log.warning(reason, stack=_stacks(), **fields)
-        if self.stop_requested or self.server is None:
-            # A graceful stop is already waiting for requests in flight, and stop() is
-            # idempotent: only leaving the process cuts that wait short.
-            sys.stderr.flush()
-            os._exit(EXIT_UNCLEAN_STOP)
-        self.quick = self.stop_requested = True
-        self.spec.slot.set_accepting(False)
-        self.server.stop(timeout=0)
+                gevent.spawn(
+                    self.stop.at_once, "asked by the arbiter to stop at once without draining"
+                )
 
     def _orphaned(self) -> None:
-        gevent.spawn(self._stop, "the arbiter is gone; stopping", arbiter=self.spec.parent)
+        gevent.spawn(self.stop.graceful, "the arbiter is gone; stopping", arbiter=self.spec.parent)
 
     def _channel_closed(self) -> None:
-        if not self.exiting and not self.stop_requested:
-            gevent.spawn(self._stop, "the control channel closed: the arbiter is gone; stopping")
-
-    def _signal_actions(self) -> dict[signal.Signals, Callable[[], object]]:
-        # The arbiter stops its workers with a control message. SIGTERM is kept for the kernel
-        # (PDEATHSIG) and for people; SIGINT is ignored (IGNORED_SIGNALS): a terminal's Ctrl-C
-        # reaches the whole process group, and the arbiter must drain before its workers stop.
-        def dump_stacks() -> None:
-            self.log.info("greenlet and thread stacks", signal="SIGUSR1", stack=_stacks())
-
-        return {
-            signal.SIGTERM: functools.partial(
-                self._stop, "signal received, stopping", signal="SIGTERM"
-            ),
-            signal.SIGQUIT: functools.partial(
-                self._quit, "signal received, stopping at once without draining", signal="SIGQUIT"
-            ),
-            signal.SIGUSR1: dump_stacks,
-        }
-
-
-def _stacks() -> str:
-    return "\n".join(format_run_info())
+        if not self.exiting and not self.stop.requested:
+            gevent.spawn(
+                self.stop.graceful, "the control channel closed: the arbiter is gone; stopping"
+            )
