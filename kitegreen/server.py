@@ -43,7 +43,12 @@ from kitegreen.rpc.loop import Connection, ServeContext
 from kitegreen.rpc.methods import build_methods
 from kitegreen.rpc.panics import PanicLog
 from kitegreen.transport.acceptor import Acceptor
-from kitegreen.transport.listener import ListenSpec, listen, remove_unix_socket
+from kitegreen.transport.listener import (
+    ListenSpec,
+    describe_address,
+    listen,
+    remove_unix_socket,
+)
 from kitegreen.transport.streams import IdleSweeper
 
 SERVER_START = "Server Start"
@@ -387,11 +392,7 @@ class RpcServer:
 
     def describe_address(self) -> str:
         """The bound address as text: ``127.0.0.1:8888``, ``[::1]:8888``, ``unix:/path``."""
-        addr = self.address
-        if isinstance(addr, str):
-            return f"unix:{addr}"
-        host, port = addr
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return describe_address(self.address)
 
     # -- connections -----------------------------------------------------------------------
 

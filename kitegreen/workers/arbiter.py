@@ -73,7 +73,12 @@ from kitegreen.config import DEFAULT_WORKER_TIMEOUT, MAX_WORKERS, Config
 from kitegreen.exceptions import ConfigError, ListenError, describe
 from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_WORKERS_FAILED
 from kitegreen.signals import format_stacks, install_signal_handlers
-from kitegreen.transport.listener import ListenSpec, listen, remove_unix_socket
+from kitegreen.transport.listener import (
+    ListenSpec,
+    describe_address,
+    listen,
+    remove_unix_socket,
+)
 from kitegreen.transport.stream import CLOSE_LINGER
 from kitegreen.workers import fork
 from kitegreen.workers.board import Board
@@ -287,7 +292,7 @@ class Arbiter:
         config = self._config
         self.log.info(
             "listening",
-            address=_describe(self.address),
+            address=describe_address(self.address),
             workers=config.workers,
             worker_timeout=config.worker_timeout,
             limits={"conn": config.limit_connections, "qps": config.limit_qps},
@@ -861,9 +866,3 @@ def _close_with_fin(sock: Any) -> None:
         pass
     finally:
         sock.close()
-
-
-def _describe(address: tuple[str, int] | str) -> str:
-    if isinstance(address, str):
-        return f"unix:{address}"
-    return ListenSpec("tcp", address[0], address[1]).describe()

@@ -38,7 +38,7 @@ from kitegreen.metrics import InstanceMetrics, process_figures
 from kitegreen.registry import ConsulRegistry, Registrar, make_registration
 from kitegreen.remote_config import RemoteConfigWatcher
 from kitegreen.reporter import REGISTRY, REMOTE_CONFIG, NullReporter, ReportGate
-from kitegreen.transport.listener import ListenSpec
+from kitegreen.transport.listener import ListenSpec, describe_address
 from kitegreen.workers.process import READY, WorkerProcess
 from kitegreen.workers.stats import InstanceStats, requests_of
 
@@ -277,7 +277,7 @@ class Instance:
             "service": config.service_name,
             "cluster": config.cluster,
             "version": {"service": config.version, "kitegreen": VERSION},
-            "address": _describe(self.address),
+            "address": describe_address(self.address),
             "arbiter": self._arbiter(),
             "workers": rows,
             "totals": {
@@ -339,9 +339,3 @@ class Instance:
 def ready_count(workers: Iterable[WorkerProcess]) -> int:
     """How many of ``workers`` are serving."""
     return sum(1 for w in workers if w.state == READY)
-
-
-def _describe(address: tuple[str, int] | str) -> str:
-    if isinstance(address, str):
-        return f"unix:{address}"
-    return ListenSpec("tcp", address[0], address[1]).describe()
