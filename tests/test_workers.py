@@ -752,6 +752,34 @@ class TestStop:
         stopped = {e["worker"]: e["exit"] for e in instance.named("worker stopped")}
         assert stopped == dict.fromkeys(workers, "exit 0")
 
+    def test_connections_arriving_once_the_workers_stop_get_a_clean_end(self):
+        """Once every worker was told to stop, a new connection is taken from the backlog by
+        the arbiter and ended with a FIN after its request is read: no reset, no refusal."""
+        with arbiter("--drain-time", "0", "--exit-wait-time", "10", workers=2) as instance:
+            workers = instance.live_workers()
+            address = instance.address()
+
+            def slow() -> bytes:
+                with socket.create_connection(address, timeout=20.0) as sock:
+                    sock.sendall(wire.encode("binary", "slow", seconds=4.0, message="done"))
+                    return sock.recv(100)
+
+            call = gevent.spawn(slow)
+            instance.launcher.wait_for_event("slow call started")
+            instance.proc.send_signal(signal.SIGTERM)
+            # A worker logs "stopping" and stops accepting with no greenlet switch between.
+            assert wait_until(
+                lambda: {e["pid"] for e in instance.named("stopping")} >= workers, timeout=10.0
+            )
+            for _ in range(5):
+                with socket.create_connection(address, timeout=5.0) as sock:
+                    sock.sendall(ECHO)
+                    with pytest.raises(EOFError) as ended:
+                        _read_reply(sock)
+                    assert ended.value.args[0] == 0
+            assert instance.launcher.wait(20.0) == 0
+            assert b"done" in call.get(timeout=10.0)
+
     def test_no_worker_outlives_a_killed_arbiter(self):
         """An arbiter killed with SIGKILL takes its workers with it."""
         with arbiter(workers=2) as instance:

@@ -73,13 +73,14 @@ from kitegreen.config import DEFAULT_WORKER_TIMEOUT, MAX_WORKERS, Config
 from kitegreen.exceptions import ConfigError, ListenError, describe
 from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_WORKERS_FAILED
 from kitegreen.signals import format_stacks, install_signal_handlers
+from kitegreen.transport.acceptor import take_backlog
 from kitegreen.transport.listener import (
     ListenSpec,
     describe_address,
     listen,
     remove_unix_socket,
 )
-from kitegreen.transport.stream import CLOSE_LINGER
+from kitegreen.transport.stream import CLOSE_LINGER, MessageStream
 from kitegreen.workers import fork
 from kitegreen.workers.board import Board
 from kitegreen.workers.control import Channel
@@ -822,14 +823,15 @@ class Arbiter:
         """Take in what waits in the backlog and close each with a FIN: once every worker has
         been told to stop, nobody will serve these, and closing the listener would reset them.
         At most :data:`MAX_CLOSERS` close at once; the rest wait in the backlog meanwhile."""
-        while not self._closers.full():
-            try:
-                fd, _ = self._listener._accept()  # type: ignore[attr-defined]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            self._closers.spawn(_close_with_fin, socket.socket(fileno=fd))
+        room = self._closers.free_count()
+        if room > 0:
+            take_backlog(self._listener, self._refuse, limit=room)
+
+    def _refuse(self, raw: Any, address: Any) -> None:
+        # A connection's own close: a FIN, then what the client sends is read and dropped
+        # until it closes too (closing with unread bytes would send a reset instead).
+        stream = MessageStream(raw, rw_timeout=CLOSE_LINGER, max_frame_size=1)
+        self._closers.spawn(stream.close)
 
     def _close_listener(self) -> None:
         self._refuse_backlog()
@@ -851,18 +853,3 @@ class Arbiter:
             "workers_ready": ready_count(self._workers.values()),
             "worker_restarts": self._restarts,
         }
-
-
-def _close_with_fin(sock: Any) -> None:
-    """End a connection nobody will serve with a FIN, reading what the client sends meanwhile
-    (closing with unread bytes would send a reset instead)."""
-    try:
-        sock.shutdown(_socket.SHUT_WR)
-        sock.settimeout(CLOSE_LINGER)
-        deadline = time.monotonic() + CLOSE_LINGER
-        while time.monotonic() < deadline and sock.recv(65536):
-            pass
-    except OSError:
-        pass
-    finally:
-        sock.close()
