@@ -21,19 +21,17 @@ from gevent.pool import Pool
 
 from kitegreen._version import VERSION
 from kitegreen.config import Config, check_endpoint_qps_limits, check_int
-from kitegreen.consul_client import close_client, make_consul
+from kitegreen.consul_client import ConsulConnection
 from kitegreen.debug import DebugServer
 from kitegreen.events import Event, EventQueue
 from kitegreen.hubwatch import HubWatch
 from kitegreen.limiter import Limiter, Limits
 from kitegreen.metrics import Metrics
-from kitegreen.registry import ConsulRegistry, Registrar, Registry, make_registration
+from kitegreen.registry import ConsulRegistry, Registrar, Registry, make_registrar
 from kitegreen.remote_config import RemoteConfigWatcher
 from kitegreen.reporter import (
     CONNECTION_OVERLOAD,
     HUB_BLOCKED,
-    REGISTRY,
-    REMOTE_CONFIG,
     NullReporter,
     Reporter,
     ReportGate,
@@ -54,7 +52,6 @@ from kitegreen.transport.streams import IdleSweeper
 SERVER_START = "Server Start"
 SERVER_STOP = "Server Stop"
 CONFIG_CHANGE = "Config Change"
-REGISTRY_CHANGE = "Registry Change"
 
 
 class RpcServer:
@@ -138,16 +135,16 @@ class RpcServer:
         self._stopped = GEvent()
         self._stop_greenlet: gevent.Greenlet | None = None
         self._clean_stop = True
-        self._consul: Any = None
+        self._consul = ConsulConnection(config.consul_addr, config.consul_token)
         self.registrar: Registrar | None = None
         self.remote_config: RemoteConfigWatcher | None = None
         if config.remote_config:
             self.remote_config = RemoteConfigWatcher(
-                self._consul_client(),
+                self._consul.client(),
                 config.service_name,
                 config.cluster,
                 apply=self._apply_remote_limits,
-                on_event=self._on_remote_config_event,
+                on_event=self.reports.remote_config_event,
                 log=self.log,
             )
         self.debug_server: DebugServer | None = None
@@ -326,8 +323,7 @@ class RpcServer:
             for part in reversed(self._background):
                 part.stop()
             ctx.panics.flush()
-            if self._consul is not None:
-                close_client(self._consul)
+            self._consul.close()
             self.events.push(SERVER_STOP, "clean" if clean else "requests cut off")
             self.log.info("stopped", clean=clean)
         finally:
@@ -520,42 +516,18 @@ class RpcServer:
 
     # -- Consul ------------------------------------------------------------------------------
 
-    def _consul_client(self) -> Any:
-        if self._consul is None:
-            self._consul = make_consul(self.config.consul_addr, self.config.consul_token)
-        return self._consul
-
     def _make_registrar(self, spec: ListenSpec) -> None:
-        config = self.config
-        if not config.register:
-            return
-        if spec.kind != "tcp" or config.service_mesh_mode:
-            self.log.info("not registering: only a TCP listener outside service-mesh mode is")
-            return
         port = self.address[1] if isinstance(self.address, tuple) else 0
-        registration = make_registration(
-            service=config.service_name,
-            cluster=config.cluster,
-            version=config.version,
-            host=spec.host,
-            port=port,
-            check=config.health_check,
-        )
-        self.registrar = Registrar(
-            self._registry or ConsulRegistry(self._consul_client()),
-            registration,
-            delay=config.register_delay,
-            refresh=config.register_interval,
-            on_change=self._on_registry_event,
+        self.registrar = make_registrar(
+            self.config,
+            spec,
+            port,
+            registry=lambda: self._registry or ConsulRegistry(self._consul.client()),
+            on_change=self.reports.registry_change,
             log=self.log,
         )
-        self._background.insert(0, self.registrar)
-
-    def _on_registry_event(self, kind: str, detail: str) -> None:
-        if kind == "failed":
-            self.reports.report(REGISTRY, detail)
-        else:
-            self.events.push(REGISTRY_CHANGE, f"{kind}: {detail}")
+        if self.registrar is not None:
+            self._background.insert(0, self.registrar)
 
     def _apply_remote_limits(self, changes: dict[str, Any]) -> None:
         local = self.config
@@ -567,10 +539,6 @@ class RpcServer:
             ),
             source="consul",
         )
-
-    def _on_remote_config_event(self, kind: str, detail: str) -> None:
-        if kind != "changed":  # applied changes are events through update_limits
-            self.reports.report(REMOTE_CONFIG, f"{kind}: {detail}")
 
     @property
     def registry(self) -> Registry | None:

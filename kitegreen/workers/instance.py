@@ -30,20 +30,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kitegreen._version import VERSION
 from kitegreen.config import Config
-from kitegreen.consul_client import close_client, make_consul
+from kitegreen.consul_client import ConsulConnection
 from kitegreen.debug import DebugServer
 from kitegreen.events import EventQueue
 from kitegreen.limiter import Limits
 from kitegreen.metrics import InstanceMetrics, process_figures
-from kitegreen.registry import ConsulRegistry, Registrar, make_registration
+from kitegreen.registry import ConsulRegistry, make_registrar
 from kitegreen.remote_config import RemoteConfigWatcher
-from kitegreen.reporter import REGISTRY, REMOTE_CONFIG, NullReporter, ReportGate
+from kitegreen.reporter import NullReporter, ReportGate
 from kitegreen.transport.listener import ListenSpec, describe_address
 from kitegreen.workers.process import READY, WorkerProcess
 from kitegreen.workers.stats import InstanceStats, requests_of
 
 CONFIG_CHANGE = "Config Change"
-REGISTRY_CHANGE = "Registry Change"
 
 
 def share(limit: int, workers: int) -> int:
@@ -88,16 +87,23 @@ class Instance:
         self.stats = InstanceStats()
         self._remote: dict[str, Any] = {}
         self.limits = self._compose_limits()
-        self._consul: Any = None
-        self.registrar = self._make_registrar(spec)
+        self._consul = ConsulConnection(config.consul_addr, config.consul_token)
+        self.registrar = make_registrar(
+            config,
+            spec,
+            address[1] if isinstance(address, tuple) else 0,
+            registry=lambda: ConsulRegistry(self._consul.client()),
+            on_change=self.reports.registry_change,
+            log=log,
+        )
         self.remote_config: RemoteConfigWatcher | None = None
         if config.remote_config:
             self.remote_config = RemoteConfigWatcher(
-                self._consul_client(),
+                self._consul.client(),
                 config.service_name,
                 config.cluster,
                 apply=self._apply_remote_limits,
-                on_event=self._on_remote_config_event,
+                on_event=self.reports.remote_config_event,
                 log=log,
             )
         self.metrics: InstanceMetrics | None = (
@@ -140,9 +146,7 @@ class Instance:
         for part in (self.remote_config, self.registrar, self.debug_server):
             if part is not None:
                 part.stop()
-        if self._consul is not None:
-            close_client(self._consul)
-            self._consul = None
+        self._consul.close()
 
     # -- limits --------------------------------------------------------------------------------
 
@@ -207,48 +211,6 @@ class Instance:
             f"qps {before.qps}->{self.limits.qps}, endpoint_qps {dict(self.limits.endpoint_qps)}",
         )
         self.send_limits(source="consul")
-
-    def _on_remote_config_event(self, kind: str, detail: str) -> None:
-        if kind != "changed":
-            self.reports.report(REMOTE_CONFIG, f"{kind}: {detail}")
-
-    # -- Consul --------------------------------------------------------------------------------
-
-    def _consul_client(self) -> Any:
-        if self._consul is None:
-            self._consul = make_consul(self.config.consul_addr, self.config.consul_token)
-        return self._consul
-
-    def _make_registrar(self, spec: ListenSpec) -> Registrar | None:
-        config = self.config
-        if not config.register:
-            return None
-        if spec.kind != "tcp" or config.service_mesh_mode:
-            self.log.info("not registering: only a TCP listener outside service-mesh mode is")
-            return None
-        port = self.address[1] if isinstance(self.address, tuple) else 0
-        registration = make_registration(
-            service=config.service_name,
-            cluster=config.cluster,
-            version=config.version,
-            host=spec.host,
-            port=port,
-            check=config.health_check,
-        )
-        return Registrar(
-            ConsulRegistry(self._consul_client()),
-            registration,
-            delay=config.register_delay,
-            refresh=config.register_interval,
-            on_change=self._on_registry_event,
-            log=self.log,
-        )
-
-    def _on_registry_event(self, kind: str, detail: str) -> None:
-        if kind == "failed":
-            self.reports.report(REGISTRY, detail)
-        else:
-            self.events.push(REGISTRY_CHANGE, f"{kind}: {detail}")
 
     # -- the debug server ----------------------------------------------------------------------
 
