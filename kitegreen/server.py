@@ -203,8 +203,8 @@ class RpcServer:
 
     def start(
         self,
-        listener: Any = None,
         *,
+        listener: Any = None,
         max_accept: int | None = None,
         accept_gate: Callable[[], float] | None = None,
     ) -> None:
@@ -224,6 +224,7 @@ class RpcServer:
 
         Raises:
             ListenError: the listening socket could not be created.
+            ConfigError: ``max_accept`` is below 1.
             RuntimeError: the server was already started.
         """
         if self._started:

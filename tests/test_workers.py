@@ -1243,3 +1243,14 @@ class TestAcceptGate:
         finally:
             server.stop(timeout=2.0)
             listener.close()
+
+    def test_max_accept_below_one_is_a_config_error(self, handler):
+        """start(max_accept=0) is refused with the project's ConfigError; the listener it was
+        given is left open for its owner."""
+        server = kitegreen.RpcServer(testsvc_thrift.TestService, handler, loopback_config())
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            with pytest.raises(kitegreen.ConfigError, match="max_accept must be >= 1, got 0"):
+                server.start(listener=listener, max_accept=0)
+            assert listener.fileno() >= 0

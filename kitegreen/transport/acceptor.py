@@ -10,6 +10,8 @@ from typing import Any
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from kitegreen.exceptions import ConfigError
+
 
 class Acceptor(StreamServer):  # type: ignore[misc]
     """Accepts connections and runs ``handle(sock, address)`` for each in ``pool``.
@@ -24,6 +26,9 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         gate: called before each accept; a positive result is a number of seconds to leave
             the listener alone instead (processes sharing a listener use it to share
             connections out evenly).
+
+    Raises:
+        ConfigError: ``max_accept`` is below 1.
     """
 
     def __init__(
@@ -42,7 +47,7 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         self._deferral: Any = None
         if max_accept is not None:
             if max_accept < 1:
-                raise ValueError(f"max_accept must be >= 1, got {max_accept}")
+                raise ConfigError(f"max_accept must be >= 1, got {max_accept}")
             self.max_accept = max_accept
 
     def do_read(self) -> tuple[Any, Any] | None:

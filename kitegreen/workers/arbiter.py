@@ -70,6 +70,7 @@ from gevent.queue import Empty, Queue
 
 from kitegreen.backoff import Backoff
 from kitegreen.config import DEFAULT_WORKER_TIMEOUT, MAX_WORKERS, Config
+from kitegreen.config.settings import restart_fields
 from kitegreen.exceptions import ConfigError, ListenError, describe
 from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_WORKERS_FAILED
 from kitegreen.signals import format_stacks, install_signal_handlers
@@ -109,6 +110,10 @@ SPAWN_RETRY_MAX = 5.0
 TICK = 0.25
 STOP_TICK = 0.05
 
+RESTART_FIELDS = restart_fields()
+"""Settings the arbiter itself uses and cannot change without a restart; a reload keeps them
+and says so if the new configuration differs."""
+
 SERVING = "serving"
 DRAINING = "draining"
 STOPPING_PHASE = "stopping"
@@ -123,40 +128,6 @@ _SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
-_LISTEN_FIELDS = (
-    "host",
-    "port",
-    "listen_type",
-    "unix_socket",
-    "backlog",
-    "service_mesh_mode",
-    "service_mesh_ingress_addr",
-)
-_RESTART_FIELDS = (
-    *_LISTEN_FIELDS,
-    "service_name",
-    "cluster",
-    "version",
-    "register",
-    "consul_addr",
-    "consul_token",
-    "register_delay",
-    "register_interval",
-    "health_check",
-    "remote_config",
-    "enable_debug_server",
-    "debug_host",
-    "debug_port",
-    "debug_max_connections",
-    "debug_idle_timeout",
-    "enable_metrics",
-    "event_capacity",
-    "report_interval",
-    "log_format",
-    "log_level",
-)
-"""Settings the arbiter itself uses and cannot change without a restart; a reload keeps them
-and says so if the new configuration differs."""
 
 
 def serve(
@@ -527,9 +498,9 @@ class Arbiter:
             self._refuse_reload("the probe could not load the application and its settings")
             return
         old = self._config
-        kept = [name for name in _RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
+        kept = [name for name in RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
         try:
-            config = new.replace(**{name: getattr(old, name) for name in _RESTART_FIELDS})
+            config = new.replace(**{name: getattr(old, name) for name in RESTART_FIELDS})
         except ConfigError as exc:
             self._refuse_reload(f"the new settings do not fit the ones kept: {exc}")
             return
