@@ -49,6 +49,11 @@ from kitegreen.transport.listener import (
 )
 from kitegreen.transport.streams import IdleSweeper
 
+FIRST_REQUEST_GRACE = 1.0
+"""Seconds a stop spares a connection accepted before it that has not sent its first request
+yet: a client that connects and sends at once is answered, never met with an end-of-stream for
+a request it did send (a loaded client may take some milliseconds between the two)."""
+
 SERVER_START = "Server Start"
 SERVER_STOP = "Server Stop"
 CONFIG_CHANGE = "Config Change"
@@ -354,7 +359,7 @@ class RpcServer:
         """End connections as they fall idle; True if none had a request cut off."""
         streams = self._ctx.streams
         while len(self._pool):
-            streams.end_idle()
+            streams.end_idle(FIRST_REQUEST_GRACE)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

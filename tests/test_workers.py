@@ -208,8 +208,10 @@ class Caller:
     """Calls echo in a loop until stopped, and sorts out every way a call can end.
 
     With ``keep_alive`` it reuses one connection and reconnects after a clean end-of-stream
-    (the connection contract allows one before any byte of a reply); without, each call has a
-    connection of its own. A refused connection, a reset or a reply cut short is a failure.
+    (the connection contract allows one before any byte of a reply, for a request that crossed
+    the stop); without, each call has a connection of its own, whose one request must be
+    answered. A refused connection, a reset or a reply cut short is a failure; ``clean_ends``
+    counts the ends before any byte.
     """
 
     def __init__(self, address: tuple[str, int], *, keep_alive: bool) -> None:
@@ -389,6 +391,8 @@ class TestReload:
                 for caller in callers:
                     caller.stop()
             assert [f for c in callers for f in c.failures] == []
+            # A connection's first request is always answered, even as its worker stops.
+            assert [c.clean_ends for c in callers if not c.keep_alive] == [0, 0]
             assert during > 0
             assert new.isdisjoint(old)
             assert wait_until(lambda: all(gone(pid) for pid in old))
