@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 import types
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +111,16 @@ class Arbiter:
             body: bytes = response.read()
             return body
 
+    def health(self) -> int:
+        """The status of ``GET /health``."""
+        where = self.launcher.wait_for_event("debug server listening")["address"]
+        try:
+            with urllib.request.urlopen(f"http://{where}/health", timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code
+
     def runtime(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(self.debug("/runtime/kite"))
         return doc
@@ -148,6 +159,36 @@ CRASH_AFTER_START = (
     "gevent.spawn_later(0.05, os._exit, 3)\n"
 )
 HEALTHY = "from workers_target import server\n"
+TAGGED = (
+    "from service import Handler, testsvc_thrift\n"
+    "import kitegreen\n"
+    "class Tagged(Handler):\n"
+    "    def echo(self, message):\n"
+    "        return TAG + message\n"
+    "server = kitegreen.RpcServer(testsvc_thrift.TestService, Tagged(),\n"
+    "    kitegreen.Config(service_name='workers-test', host='127.0.0.1', port=0))\n"
+)
+"""A target whose echo says which version of the code answered: ``TAG = ...`` goes first."""
+HOLD_IMPORT = (
+    "import os, time\n"
+    "if os.path.exists(HOLD):\n"
+    "    with open(WAITING, 'a') as f:\n"
+    "        f.write(f'{os.getpid()}\\n')\n"
+    "    deadline = time.monotonic() + 30.0\n"
+    "    while os.path.exists(HOLD) and time.monotonic() < deadline:\n"
+    "        time.sleep(0.01)\n"
+)
+"""Appended to a target: while the file HOLD exists, an import of it waits (for up to 30 s),
+having written its pid to WAITING."""
+
+
+def holding_target(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A target (``HEALTHY``) whose import waits while the returned ``hold`` file exists; the
+    ``waiting`` file gets the pid of each process waiting so."""
+    module, hold, waiting = tmp_path / "app.py", tmp_path / "hold", tmp_path / "waiting"
+    code = HEALTHY + HOLD_IMPORT
+    module.write_text(code.replace("HOLD", repr(str(hold))).replace("WAITING", repr(str(waiting))))
+    return module, hold, waiting
 
 
 WORKER_TIMEOUT = 4
@@ -169,17 +210,17 @@ def block_a_worker(address: tuple[str, int]) -> None:
         sock.recv(100)
 
 
-def echo_call(address: tuple[str, int]) -> None:
-    """One echo call on a fresh connection, raw: the exact reply bytes or an exception."""
+def echo_call(address: tuple[str, int], reply: bytes = ECHO_REPLY) -> None:
+    """One echo call on a fresh connection, raw: the exact ``reply`` bytes or an exception."""
     with socket.create_connection(address, timeout=5.0) as sock:
         sock.sendall(ECHO)
-        assert _read_reply(sock) == ECHO_REPLY
+        assert _read_reply(sock, len(reply)) == reply
 
 
-def _read_reply(sock: socket.socket) -> bytes:
+def _read_reply(sock: socket.socket, size: int = len(ECHO_REPLY)) -> bytes:
     got = b""
-    while len(got) < len(ECHO_REPLY):
-        chunk = sock.recv(len(ECHO_REPLY) - len(got))
+    while len(got) < size:
+        chunk = sock.recv(size - len(got))
         if not chunk:
             raise EOFError(len(got))
         got += chunk
@@ -283,9 +324,9 @@ class TestServing:
             assert set(open_per_worker) == workers
             assert sum(open_per_worker.values()) == 40
             # An even split is 20 each. Without the accept balance one worker could take most
-            # of them (see the README's measurements); with it, no worker takes a connection
-            # while it has more than SLACK over another.
-            assert max(open_per_worker.values()) - min(open_per_worker.values()) <= 2 * SLACK + 2
+            # of them (see the README's measurements). With it, no worker takes a connection
+            # while it has more than SLACK over another, unless the other's heartbeat looks
+            # stale, which a loaded machine can make happen: the bound is a loose one.
             assert min(open_per_worker.values()) >= 10, open_per_worker
             assert instance.stop() == 0
 
@@ -398,6 +439,54 @@ class TestReload:
             assert wait_until(lambda: all(gone(pid) for pid in old))
             assert instance.stop() == 0
 
+    def test_a_reload_runs_the_code_as_it_is_now_on_disk(self, tmp_path):
+        """Each SIGHUP's workers import the target afresh: edits between reloads are served."""
+        module = tmp_path / "app.py"
+        module.write_text("TAG = 'one:'\n" + TAGGED)
+        with arbiter(target=f"{module}:server", env=module_env()) as instance:
+            address = instance.address()
+            echo_call(address, _echo_reply("one:workers"))
+            for generation, tag in ((1, "two:"), (2, "three:")):
+                old = instance.live_workers()
+                module.write_text(f"TAG = {tag!r}\n" + TAGGED)
+                instance.proc.send_signal(signal.SIGHUP)
+                assert wait_until(
+                    lambda generation=generation: any(
+                        e["generation"] == generation for e in instance.named("reload complete")
+                    ),
+                    timeout=30.0,
+                ), instance.launcher.output()[-3000:]
+                assert wait_until(lambda old=old: all(gone(pid) for pid in old))
+                for _ in range(4):
+                    echo_call(address, _echo_reply(tag + "workers"))
+            assert instance.stop() == 0
+
+    def test_a_reload_never_has_fewer_than_n_workers_ready(self):
+        """A reload starts a new worker and waits for it to be ready before it stops an old
+        one: the workers ready never drop below the number wanted (replayed from the
+        arbiter's log, which records each change as it makes it)."""
+        with arbiter(workers=3) as instance:
+            ready = set(instance.live_workers())
+            since = len(instance.launcher.events())
+            instance.proc.send_signal(signal.SIGHUP)
+            instance.launcher.wait_for_event("reload complete", timeout=60.0)
+            assert instance.wait_for_workers(3).isdisjoint(ready)
+            fewest = len(ready)
+            stopped = 0
+            for record in instance.launcher.events()[since:]:
+                if record["pid"] != instance.proc.pid:
+                    continue
+                event = record["event"]
+                if event == "worker ready":
+                    ready.add(record["worker"])
+                elif event in ("stopping an old worker: reload", *EXITED):
+                    stopped += event == "stopping an old worker: reload"
+                    ready.discard(record["worker"])
+                fewest = min(fewest, len(ready))
+            assert stopped == 3
+            assert fewest == 3
+            assert instance.stop() == 0
+
     def test_sighup_with_a_broken_application_keeps_the_workers(self, tmp_path):
         """A reload whose code no longer imports is refused; the old workers keep serving."""
         module = tmp_path / "app.py"
@@ -418,23 +507,7 @@ class TestReload:
     def test_the_arbiter_supervises_while_a_reload_loads_the_application(self, tmp_path):
         """While a reload's probe is still importing the application, a killed worker is
         replaced and SIGTERM stops the instance at once (the probe is killed)."""
-        module = tmp_path / "app.py"
-        hold, waiting = tmp_path / "hold", tmp_path / "waiting"
-        module.write_text(
-            HEALTHY
-            + "import os, time\n"
-            + "if os.path.exists(HOLD):\n"
-            + "    with open(WAITING, 'a') as f:\n"
-            + "        f.write(f'{os.getpid()}\\n')\n"
-            + "    deadline = time.monotonic() + 30.0\n"
-            + "    while os.path.exists(HOLD) and time.monotonic() < deadline:\n"
-            + "        time.sleep(0.01)\n"
-        )
-        module.write_text(
-            module.read_text()
-            .replace("HOLD", repr(str(hold)))
-            .replace("WAITING", repr(str(waiting)))
-        )
+        module, hold, waiting = holding_target(tmp_path)
         with arbiter(target=f"{module}:server", env=module_env()) as instance:
             victim = min(instance.live_workers())
             hold.touch()
@@ -557,6 +630,23 @@ class TestSupervision:
             assert record["seconds"] > WORKER_TIMEOUT
             instance.wait_for_replacement(victim)
             assert instance.named(TIMED_OUT) == []
+            assert instance.stop() == 0
+
+    def test_health_is_503_while_a_worker_is_down(self, tmp_path):
+        """/health is 503 from a worker's death until its replacement is ready."""
+        module, hold, waiting = holding_target(tmp_path)
+        with arbiter(target=f"{module}:server", env=module_env()) as instance:
+            assert instance.health() == 200
+            hold.touch()
+            victim = min(instance.live_workers())
+            os.kill(victim, signal.SIGKILL)
+            # The replacement waits in its import until the test lets it go on.
+            assert wait_until(lambda: waiting.exists() and waiting.read_text(), timeout=15.0)
+            assert instance.health() == 503
+            assert instance.runtime()["arbiter"]["workers_ready"] == 1
+            hold.unlink()
+            instance.wait_for_replacement(victim)
+            assert instance.health() == 200
             assert instance.stop() == 0
 
     def test_without_descriptors_spawns_wait_and_reloads_are_refused(self):
@@ -733,6 +823,42 @@ class TestStop:
             assert all(gone(pid) for pid in workers)
             stopped = {e["pid"] for e in instance.named("stopped")}
             assert stopped == {instance.proc.pid, *workers}
+
+    def test_sigterm_exits_1_when_a_call_is_cut_off(self):
+        """A call still running when exit_wait_time (2 s here) passes is cut off: its worker
+        exits 1, and so does the instance."""
+        with arbiter(workers=2) as instance:
+            address = instance.address()
+
+            def slow() -> bytes:
+                with socket.create_connection(address, timeout=20.0) as sock:
+                    sock.sendall(wire.encode("binary", "slow", seconds=15.0, message="late"))
+                    return sock.recv(100)
+
+            call = gevent.spawn(slow)
+            try:
+                instance.launcher.wait_for_event("slow call started")
+                assert instance.stop() == 1, instance.launcher.output()[-3000:]
+                assert call.get(timeout=5.0) == b""
+            finally:
+                call.kill()
+            cut = [e for e in instance.named("worker stopped") if e["exit"] == "exit 1"]
+            assert len(cut) == 1
+            (stopped,) = [e for e in instance.named("stopped") if e["pid"] == instance.proc.pid]
+            assert (stopped["clean"], stopped["status"]) == (False, 1)
+
+    def test_health_is_503_while_the_instance_stops(self):
+        """From the moment the arbiter begins to stop (its drain time included), /health says
+        503, though the workers still serve."""
+        with arbiter("--drain-time", "5", workers=2) as instance:
+            assert instance.health() == 200
+            instance.proc.send_signal(signal.SIGTERM)
+            assert wait_until(
+                lambda: [e for e in instance.named("stopping") if e["pid"] == instance.proc.pid]
+            )
+            assert instance.health() == 503
+            echo_call(instance.address())
+            assert instance.launcher.wait(20.0) == 0
 
     def test_workers_ignore_a_sigint_sent_to_the_whole_group(self):
         """Ctrl-C signals every process of the group: the workers leave the stop to the
@@ -914,15 +1040,23 @@ class TestOneInstance:
         """A limit put in Consul is watched once and reaches every worker, as its share."""
         env = launcher_env(CONSUL_HTTP_ADDR=agent.address)
         with arbiter("--remote-config", workers=2, env=env) as instance:
+            workers = instance.live_workers()
             agent.wait_for_blocked(count=1, timeout=10.0)
+
+            def applied() -> set[int]:
+                return {
+                    e["pid"]
+                    for e in instance.named("limits changed")
+                    if e["source"] == "consul" and e["qps"] == 4
+                }
+
             agent.kv_put("kite/limit/qps/workers-test", "7")
-            assert wait_until(
-                lambda: (
-                    [w["overload"]["qps_limit"] for w in instance.runtime()["workers"]] == [4, 4]
-                ),
-                timeout=2.0,
-            )
-            assert instance.runtime()["overload"]["qps_limit"] == 7
+            # Watched in the log each worker writes as it applies it: a scrape of
+            # /runtime/kite would ask every worker each time, and load the instance it times.
+            assert wait_until(lambda: applied() >= workers, timeout=2.0), applied()
+            runtime = instance.runtime()
+            assert [w["overload"]["qps_limit"] for w in runtime["workers"]] == [4, 4]
+            assert runtime["overload"]["qps_limit"] == 7
             assert instance.stop() == 0
 
 
@@ -954,13 +1088,26 @@ class TestAcceptBalance:
         assert gate() == 0
         assert gate() == DEFER
 
-    def test_ignores_workers_not_accepting_or_not_alive(self):
-        """Stopping workers and workers with a stale heartbeat do not hold the others back."""
-        board, slots = self.board_with((100, True), (0, False), (0, True))
-        clock = [time.monotonic() + 10.0]
+    def test_ignores_workers_not_accepting(self):
+        """A worker that does not accept (it is stopping), however few connections it has,
+        does not hold the others back."""
+        board, slots = self.board_with((100, True), (0, False))
+        gate = AcceptBalance(board, slots[0], lambda: 100, stale_after=5.0)
+        assert gate.fewest_elsewhere() is None
+        assert gate() == 0
+
+    def test_ignores_workers_whose_heartbeat_is_stale(self):
+        """An accepting worker whose heartbeat is older than stale_after (its hub is blocked)
+        does not hold the others back; while it is fresh, it does."""
+        board, slots = self.board_with((100, True), (0, True))
+        stamped = time.monotonic()
+        clock = [stamped + 10.0]
         gate = AcceptBalance(board, slots[0], lambda: 100, stale_after=5.0, clock=lambda: clock[0])
         assert gate.fewest_elsewhere() is None
         assert gate() == 0
+        clock[0] = stamped + 1.0
+        assert gate.fewest_elsewhere() == 0
+        assert gate() == DEFER
 
     def test_publishes_its_own_count(self):
         """Each look at the gate publishes this worker's open connections for the others."""
