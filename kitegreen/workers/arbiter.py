@@ -3,8 +3,10 @@
 The arbiter binds the listener once, forks the workers, and then only supervises; it serves
 no RPC itself. Its main loop runs in the main greenlet (every fork happens there, so that a
 child starts from a known place) and waits on one queue: signal handlers only put the signal
-there, the hub's child watchers put exits there, the control channels put ready notices there.
-Between events it checks the heartbeats and brings the workers to the number wanted.
+there, the hub's child watchers put exits there, the control channels put ready notices there,
+and the greenlets that wait on slow things (a reload's probe, the deregistration from Consul)
+put their results there. Between events it checks the heartbeats and brings the workers to the
+number wanted; nothing in the loop waits on a worker, a probe or Consul.
 
 =========  ====================================================================================
 signal     what the arbiter does
@@ -17,10 +19,11 @@ TERM, INT  graceful stop: deregister from Consul, keep serving ``drain_time``, t
            counted as crashes nor replaced.
 QUIT       log the stacks, tell every worker to stop at once (no drain); exit 1. During a
            graceful stop it cuts the drain short.
-HUP        rolling reload: a probe loads the code and settings afresh (if they fail, nothing
-           changes); then, one at a time, a new worker is started and, once it is ready, an
-           old one is stopped. The listener is never closed, so clients calling in a loop
-           see neither a refused connection nor a reset.
+HUP        rolling reload: a probe loads the code and settings afresh while the loop goes on
+           (if they fail, nothing changes); then, one at a time, a new worker is started and,
+           once it is ready, an old one is stopped. The listener is never closed, so clients
+           calling in a loop see neither a refused connection nor a reset. One reload at a
+           time: a HUP during one starts another when it ends.
 TTIN/TTOU  one worker more / fewer (at least one); the limits are shared anew as workers
            become ready or exit.
 USR1       log the arbiter's stacks and have every worker log its own.
@@ -31,16 +34,19 @@ Supervision: a worker that exits unasked is replaced. One that exits before it w
 within :data:`~kitegreen.workers.crashes.CRASH_WINDOW` of being ready counts as a start-up
 crash; the next is spawned after an exponential backoff, and after
 :data:`~kitegreen.workers.crashes.MAX_STARTUP_CRASHES` with no proof of health between them
-(``crashes.py``) the instance stops with exit status :data:`EXIT_WORKERS_FAILED` (4) and says
-why. During a reload the new generation's crashes are counted apart: when they exhaust their
-count the reload is aborted (the new workers are stopped, the previous settings and generation
-restored) and the instance keeps serving. A worker whose hub has not
-run for ``worker_timeout`` (it is blocked, or hangs while importing) is ended by its own
-watchdog, which writes its stacks to a file the arbiter logs when it reaps the worker; the
-arbiter replaces it, and kills a worker whose heartbeat stays stale past that (SIGSTOP, stuck
-in the kernel). No worker outlives the arbiter: each asks the kernel for SIGTERM when the
-arbiter dies (Linux), stops by itself when its control channel reads end-of-stream or its
-parent changes, and its watchdog ends it if its hub is blocked meanwhile.
+(``crashes.py``) the instance stops with exit status 4 and says why. During a reload the new
+generation's crashes are counted apart: when they exhaust their count the reload is aborted
+(the new workers are stopped, the previous settings and generation restored) and the instance
+keeps serving. A spawn that fails (no descriptor, no memory, no free slot on the board) is
+tried again after a backoff.
+
+A worker whose hub has not run for ``worker_timeout`` (it is blocked, or hangs while
+importing) is ended by its own watchdog, which writes its stacks to a file the arbiter logs
+when it reaps the worker; the arbiter replaces it, and kills a worker whose heartbeat stays
+stale past that (SIGSTOP, stuck in the kernel). No worker outlives the arbiter: each asks the
+kernel for SIGTERM when the arbiter dies (Linux), stops by itself when its control channel
+reads end-of-stream or its parent changes, and its watchdog ends it if its hub is blocked
+meanwhile.
 
 The arbiter stops a worker with a message on its control channel, not a signal: a worker
 ignores SIGINT (a terminal's Ctrl-C reaches the whole process group) and acts on SIGTERM only
@@ -545,7 +551,8 @@ class Arbiter:
                 worker.stop()
             if self._may_spawn(now, self._crashes):
                 for _ in range(self._wanted - len(current)):
-                    self._spawn()
+                    if not self._spawn():
+                        break
             return
         assert reload_crashes is not None
         # A reload rolls one worker at a time: a new one first, an old one once it is ready.
@@ -600,17 +607,21 @@ class Arbiter:
             self._reload_pending = False
             self._reload()
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> bool:
         """Fork one worker. When there is no free slot on the board (workers still stopping),
         no descriptor or no memory to fork, spawns wait with a backoff: nothing a spawn does
-        may end the arbiter."""
+        may end the arbiter.
+
+        Returns:
+            Whether a worker was forked.
+        """
         with contextlib.ExitStack() as allocated:
             try:
                 used = {w.slot.index for w in self._workers.values()}
                 free = next((i for i in range(self._board.size) if i not in used), None)
                 if free is None:
                     self._defer_spawns("no slot free on the board: workers are still stopping")
-                    return
+                    return False
                 stack_file = allocated.enter_context(tempfile.TemporaryFile())
                 parent_end, child_end = _socket.socketpair()
                 allocated.callback(parent_end.close)
@@ -632,7 +643,7 @@ class Arbiter:
                 pid = fork.fork(self._child_exited)
             except OSError as exc:
                 self._defer_spawns("cannot start a worker", error=describe(exc))
-                return
+                return False
             if pid == 0:
                 run_worker(spec)
             allocated.pop_all()
@@ -650,6 +661,7 @@ class Arbiter:
         self.instance.stats.track(pid)
         channel.start()
         self.log.info("worker spawned", worker=pid, generation=self._generation)
+        return True
 
     def _defer_spawns(self, reason: str, **fields: Any) -> None:
         delay = self._spawn_backoff.next()
@@ -684,7 +696,7 @@ class Arbiter:
 
     def _on_ready(self, pid: int) -> None:
         worker = self._workers.get(pid)
-        if worker is None or worker.ready_at is not None:
+        if worker is None or worker.exited or worker.ready_at is not None:
             return
         worker.ready_at = time.monotonic()
         self.log.info(

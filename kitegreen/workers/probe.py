@@ -6,9 +6,16 @@ imports the application: whatever an import does (open connections, start thread
 would be copied into every worker, and a SIGHUP could not load the new code in fresh workers
 without first unloading the old code from the arbiter, which Python cannot do reliably
 (extension modules, references held elsewhere). So a probe, forked like a worker, imports the
-target, layers the settings exactly as a worker will, sends the effective :class:`Config` back
-as JSON and exits. At start-up a failing probe is a failing launch (exit 2, with the error the
-probe logged); on SIGHUP it is a refused reload, and the old workers go on serving.
+target, layers the config file, the environment and the flags on its settings, sends the
+effective :class:`Config` back as JSON and exits; the workers get that Config, and import the
+code only. At start-up a failing probe is a failing launch (exit 2, with the error the probe
+logged); on SIGHUP it is a refused reload, and the old workers go on serving. The probe also
+refuses what the application's code gives its server that workers cannot honour (a registry).
+
+At start-up the launcher waits for the probe (:func:`probe_config`); on SIGHUP the arbiter
+forks it (:func:`start_probe`) and awaits :meth:`Probe.result` in a greenlet, so that its loop
+goes on meanwhile. Nothing a probe meets (no descriptor to fork with, a malformed answer, a
+timeout) raises out of it.
 """
 
 from __future__ import annotations
