@@ -33,16 +33,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kitegreen.signals import install_signal_handlers
+from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_USAGE
+from kitegreen.signals import ServerStop, install_signal_handlers
 
 if TYPE_CHECKING:
     from kitegreen.server import RpcServer
-
-EXIT_OK = 0
-EXIT_UNCLEAN_STOP = 1
-EXIT_USAGE = 2
-EXIT_LISTEN = 3
-EXIT_WORKERS_FAILED = 4
 
 _MISSING = object()
 
@@ -114,8 +109,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
     on_load_error = functools.partial(_log_launch_error, log, args.target)
     if early.workers > 1 and not args.check_config:
         from kitegreen.workers.arbiter import serve
+        from kitegreen.workers.worker import Application
 
-        return serve(load, on_load_error, log)
+        # The probe loads the settings from every source; workers import the code only and
+        # are given what the probe reported.
+        app = Application(load, functools.partial(load_target, args.target), on_load_error)
+        return serve(app, log, worker_timeout=early.worker_timeout)
     try:
         server = load()
     except (LaunchError, ConfigError) as exc:
@@ -147,8 +146,8 @@ def serve_single(server: RpcServer, log: Any) -> int:
     """Serve ``server`` in this process until a signal stops it; return the exit status."""
     from kitegreen.exceptions import ListenError
 
-    outcome = _Outcome()
-    install_signal_handlers(_single_process_actions(server, log, outcome))
+    stop = ServerStop(lambda: server, log)
+    install_signal_handlers(_single_process_actions(log, stop))
     try:
         server.start()
     except ListenError as exc:
@@ -156,7 +155,7 @@ def serve_single(server: RpcServer, log: Any) -> int:
         return EXIT_LISTEN
     server.serve()
     clean = server.stop()
-    return EXIT_OK if clean and not outcome.quick else EXIT_UNCLEAN_STOP
+    return EXIT_OK if clean and not stop.quick else EXIT_UNCLEAN_STOP
 
 
 def _restart_as_arbiter(argv: Sequence[str] | None, workers: int, log: Any) -> None:
@@ -169,37 +168,10 @@ def _restart_as_arbiter(argv: Sequence[str] | None, workers: int, log: Any) -> N
     os.execv(sys.executable, command)  # noqa: S606 - our own interpreter and arguments
 
 
-@dataclasses.dataclass
-class _Outcome:
-    stopping: bool = False
-    quick: bool = False
-
-
 def _single_process_actions(
-    server: RpcServer, log: Any, outcome: _Outcome
+    log: Any, stop: ServerStop
 ) -> dict[signal.Signals, Callable[[], object]]:
     """What each signal does to a server running in the launcher's own process."""
-
-    def stop(signum: signal.Signals) -> None:
-        log.info("signal received, stopping", signal=signum.name)
-        outcome.stopping = True
-        server.stop()
-
-    def quit_now() -> None:
-        # Go's SIGQUIT dumps the goroutines and exits; gunicorn's is a quick shutdown.
-        log.warning(
-            "signal received, stopping at once without draining",
-            signal="SIGQUIT",
-            stack=_stacks(),
-        )
-        outcome.quick = True
-        if outcome.stopping:
-            # A graceful stop is already waiting for requests in flight and stop() is
-            # idempotent: only leaving the process cuts that wait short.
-            sys.stderr.flush()
-            os._exit(EXIT_UNCLEAN_STOP)
-        outcome.stopping = True
-        server.stop(timeout=0)
 
     def reload() -> None:
         log.warning(
@@ -207,28 +179,17 @@ def _single_process_actions(
             signal="SIGHUP",
         )
 
-    def dump_stacks() -> None:
-        log.info("greenlet and thread stacks", signal="SIGUSR1", stack=_stacks())
-
     def upgrade() -> None:
         log.warning(
             "signal ignored: binary upgrade is not supported; still serving", signal="SIGUSR2"
         )
 
+    # Go's SIGQUIT dumps the goroutines and exits; gunicorn's is a quick shutdown.
     return {
-        signal.SIGTERM: functools.partial(stop, signal.SIGTERM),
-        signal.SIGINT: functools.partial(stop, signal.SIGINT),
-        signal.SIGQUIT: quit_now,
+        **stop.actions(graceful=(signal.SIGTERM, signal.SIGINT)),
         signal.SIGHUP: reload,
-        signal.SIGUSR1: dump_stacks,
         signal.SIGUSR2: upgrade,
     }
-
-
-def _stacks() -> str:
-    from gevent.util import format_run_info
-
-    return "\n".join(format_run_info())
 
 
 # -- arguments ---------------------------------------------------------------------------------

@@ -43,6 +43,36 @@ def make_consul(addr: str, token: str) -> Any:
     )
 
 
+class ConsulConnection:
+    """The Consul client of a server or an instance: made on first use, closed once.
+
+    Args:
+        addr: ``consul_addr``.
+        token: ``consul_token``.
+    """
+
+    def __init__(self, addr: str, token: str) -> None:
+        self._addr = addr
+        self._token = token
+        self._client: Any = None
+
+    def client(self) -> Any:
+        """The ``consul.Consul`` client, made now if it was not yet.
+
+        Raises:
+            ConfigError: ``addr`` is not host:port.
+        """
+        if self._client is None:
+            self._client = make_consul(self._addr, self._token)
+        return self._client
+
+    def close(self) -> None:
+        """Close the client's connections, if it was made; idempotent."""
+        client, self._client = self._client, None
+        if client is not None:
+            close_client(client)
+
+
 class StopConsulCall(ConnectionAbortedError):
     """Thrown into a greenlet that may be inside a Consul call, to stop it.
 

@@ -12,7 +12,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import gevent
 from gevent.event import Event as GEvent
@@ -20,6 +20,10 @@ from gevent.event import Event as GEvent
 from kitegreen.backoff import Backoff
 from kitegreen.consul_client import StopConsulCall
 from kitegreen.exceptions import RegistryError, describe
+
+if TYPE_CHECKING:
+    from kitegreen.config import Config
+    from kitegreen.transport.listener import ListenSpec
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 TCP_CHECK_INTERVAL = "10s"
@@ -173,6 +177,49 @@ class ConsulRegistry:
         """
         if self._client.agent.check.ttl_pass(reg.check_id, notes="kitegreen heartbeat") is False:
             raise RegistryError(f"the agent does not know check {reg.check_id}")
+
+
+def make_registrar(
+    config: Config,
+    spec: ListenSpec,
+    port: int,
+    *,
+    registry: Callable[[], Registry],
+    on_change: Callable[[str, str], None],
+    log: Any,
+) -> Registrar | None:
+    """The registrar of a server (or an instance of workers) that listens per ``spec`` on
+    ``port``; None, logged, when it does not register.
+
+    Args:
+        config: the settings (``register``, the service, the check, the delays).
+        spec: where it listens; only a TCP listener outside service-mesh mode registers.
+        port: the bound port (the one asked for may be 0).
+        registry: makes the registry, if one is needed.
+        on_change: see :class:`Registrar`.
+        log: a structlog logger.
+    """
+    if not config.register:
+        return None
+    if spec.kind != "tcp" or config.service_mesh_mode:
+        log.info("not registering: only a TCP listener outside service-mesh mode is")
+        return None
+    registration = make_registration(
+        service=config.service_name,
+        cluster=config.cluster,
+        version=config.version,
+        host=spec.host,
+        port=port,
+        check=config.health_check,
+    )
+    return Registrar(
+        registry(),
+        registration,
+        delay=config.register_delay,
+        refresh=config.register_interval,
+        on_change=on_change,
+        log=log,
+    )
 
 
 class Registrar:

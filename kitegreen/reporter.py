@@ -19,6 +19,8 @@ PANIC = "Panic"
 HUB_BLOCKED = "Hub Blocked"
 REGISTRY = "Registry"
 REMOTE_CONFIG = "Remote Config"
+REGISTRY_CHANGE = "Registry Change"
+"""The event of a registration or a deregistration (a failure is a :data:`REGISTRY` report)."""
 
 
 @runtime_checkable
@@ -90,3 +92,18 @@ class ReportGate:
         except Exception:  # noqa: BLE001 - a broken reporter must not break the request path
             self._log.exception("reporter failed", kind=kind)
         return True
+
+    def registry_change(self, kind: str, detail: str) -> None:
+        """A :class:`~kitegreen.registry.Registrar`'s ``on_change``: a failure is reported, a
+        registration or a deregistration is an event."""
+        if kind == "failed":
+            self.report(REGISTRY, detail)
+        else:
+            self._events.push(REGISTRY_CHANGE, f"{kind}: {detail}")
+
+    def remote_config_event(self, kind: str, detail: str) -> None:
+        """A :class:`~kitegreen.remote_config.RemoteConfigWatcher`'s ``on_event``: a rejected
+        value or an unreachable Consul is reported (applied changes are events of whoever
+        applies them)."""
+        if kind != "changed":
+            self.report(REMOTE_CONFIG, f"{kind}: {detail}")

@@ -21,19 +21,17 @@ from gevent.pool import Pool
 
 from kitegreen._version import VERSION
 from kitegreen.config import Config, check_endpoint_qps_limits, check_int
-from kitegreen.consul_client import close_client, make_consul
+from kitegreen.consul_client import ConsulConnection
 from kitegreen.debug import DebugServer
 from kitegreen.events import Event, EventQueue
 from kitegreen.hubwatch import HubWatch
 from kitegreen.limiter import Limiter, Limits
 from kitegreen.metrics import Metrics
-from kitegreen.registry import ConsulRegistry, Registrar, Registry, make_registration
+from kitegreen.registry import ConsulRegistry, Registrar, Registry, make_registrar
 from kitegreen.remote_config import RemoteConfigWatcher
 from kitegreen.reporter import (
     CONNECTION_OVERLOAD,
     HUB_BLOCKED,
-    REGISTRY,
-    REMOTE_CONFIG,
     NullReporter,
     Reporter,
     ReportGate,
@@ -43,13 +41,22 @@ from kitegreen.rpc.loop import Connection, ServeContext
 from kitegreen.rpc.methods import build_methods
 from kitegreen.rpc.panics import PanicLog
 from kitegreen.transport.acceptor import Acceptor
-from kitegreen.transport.listener import ListenSpec, listen, remove_unix_socket
+from kitegreen.transport.listener import (
+    ListenSpec,
+    describe_address,
+    listen,
+    remove_unix_socket,
+)
 from kitegreen.transport.streams import IdleSweeper
+
+FIRST_REQUEST_GRACE = 1.0
+"""Seconds a stop spares a connection accepted before it that has not sent its first request
+yet: a client that connects and sends at once is answered, never met with an end-of-stream for
+a request it did send (a loaded client may take some milliseconds between the two)."""
 
 SERVER_START = "Server Start"
 SERVER_STOP = "Server Stop"
 CONFIG_CHANGE = "Config Change"
-REGISTRY_CHANGE = "Registry Change"
 
 
 class RpcServer:
@@ -85,6 +92,7 @@ class RpcServer:
         self.service = service
         self.handler = handler
         self._methods = build_methods(service, handler)
+        self._given_reporter = reporter
         self._reporter: Reporter = reporter or NullReporter()
         self._registry = registry
         self._configure(config or Config())
@@ -132,16 +140,16 @@ class RpcServer:
         self._stopped = GEvent()
         self._stop_greenlet: gevent.Greenlet | None = None
         self._clean_stop = True
-        self._consul: Any = None
+        self._consul = ConsulConnection(config.consul_addr, config.consul_token)
         self.registrar: Registrar | None = None
         self.remote_config: RemoteConfigWatcher | None = None
         if config.remote_config:
             self.remote_config = RemoteConfigWatcher(
-                self._consul_client(),
+                self._consul.client(),
                 config.service_name,
                 config.cluster,
                 apply=self._apply_remote_limits,
-                on_event=self._on_remote_config_event,
+                on_event=self.reports.remote_config_event,
                 log=self.log,
             )
         self.debug_server: DebugServer | None = None
@@ -200,8 +208,8 @@ class RpcServer:
 
     def start(
         self,
-        listener: Any = None,
         *,
+        listener: Any = None,
         max_accept: int | None = None,
         accept_gate: Callable[[], float] | None = None,
     ) -> None:
@@ -221,6 +229,7 @@ class RpcServer:
 
         Raises:
             ListenError: the listening socket could not be created.
+            ConfigError: ``max_accept`` is below 1.
             RuntimeError: the server was already started.
         """
         if self._started:
@@ -320,8 +329,7 @@ class RpcServer:
             for part in reversed(self._background):
                 part.stop()
             ctx.panics.flush()
-            if self._consul is not None:
-                close_client(self._consul)
+            self._consul.close()
             self.events.push(SERVER_STOP, "clean" if clean else "requests cut off")
             self.log.info("stopped", clean=clean)
         finally:
@@ -351,7 +359,7 @@ class RpcServer:
         """End connections as they fall idle; True if none had a request cut off."""
         streams = self._ctx.streams
         while len(self._pool):
-            streams.end_idle()
+            streams.end_idle(FIRST_REQUEST_GRACE)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -386,11 +394,7 @@ class RpcServer:
 
     def describe_address(self) -> str:
         """The bound address as text: ``127.0.0.1:8888``, ``[::1]:8888``, ``unix:/path``."""
-        addr = self.address
-        if isinstance(addr, str):
-            return f"unix:{addr}"
-        host, port = addr
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return describe_address(self.address)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -518,42 +522,18 @@ class RpcServer:
 
     # -- Consul ------------------------------------------------------------------------------
 
-    def _consul_client(self) -> Any:
-        if self._consul is None:
-            self._consul = make_consul(self.config.consul_addr, self.config.consul_token)
-        return self._consul
-
     def _make_registrar(self, spec: ListenSpec) -> None:
-        config = self.config
-        if not config.register:
-            return
-        if spec.kind != "tcp" or config.service_mesh_mode:
-            self.log.info("not registering: only a TCP listener outside service-mesh mode is")
-            return
         port = self.address[1] if isinstance(self.address, tuple) else 0
-        registration = make_registration(
-            service=config.service_name,
-            cluster=config.cluster,
-            version=config.version,
-            host=spec.host,
-            port=port,
-            check=config.health_check,
-        )
-        self.registrar = Registrar(
-            self._registry or ConsulRegistry(self._consul_client()),
-            registration,
-            delay=config.register_delay,
-            refresh=config.register_interval,
-            on_change=self._on_registry_event,
+        self.registrar = make_registrar(
+            self.config,
+            spec,
+            port,
+            registry=lambda: self._registry or ConsulRegistry(self._consul.client()),
+            on_change=self.reports.registry_change,
             log=self.log,
         )
-        self._background.insert(0, self.registrar)
-
-    def _on_registry_event(self, kind: str, detail: str) -> None:
-        if kind == "failed":
-            self.reports.report(REGISTRY, detail)
-        else:
-            self.events.push(REGISTRY_CHANGE, f"{kind}: {detail}")
+        if self.registrar is not None:
+            self._background.insert(0, self.registrar)
 
     def _apply_remote_limits(self, changes: dict[str, Any]) -> None:
         local = self.config
@@ -566,9 +546,16 @@ class RpcServer:
             source="consul",
         )
 
-    def _on_remote_config_event(self, kind: str, detail: str) -> None:
-        if kind != "changed":  # applied changes are events through update_limits
-            self.reports.report(REMOTE_CONFIG, f"{kind}: {detail}")
+    @property
+    def registry(self) -> Registry | None:
+        """The registry given to the constructor; None: Consul at ``consul_addr``."""
+        return self._registry
+
+    @property
+    def reporter(self) -> Reporter | None:
+        """The reporter given to the constructor; None if none was (reports then go to the log
+        and the event ring only)."""
+        return self._given_reporter
 
     @property
     def debug_address(self) -> tuple[str, int] | None:

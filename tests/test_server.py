@@ -721,6 +721,21 @@ class TestStop:
                 raw.send(encode_call("ping"))
             assert raw.sock.recv(64) == b""
 
+    def test_a_first_request_sent_just_after_the_stop_began_is_answered(self, make_server):
+        """A client that connected before the stop and sends its first request only after it
+        began (a loaded client takes a moment between the two) gets the reply, then a FIN:
+        a connection that has sent nothing yet is spared for a moment, not ended at once."""
+        server = make_server(exit_wait_time=5.0)
+        address = server.address
+        with RawClient(address) as raw:
+            assert wait_until(lambda: open_connections(server) == 1)
+            stopper = gevent.spawn(server.stop)
+            assert wait_until(lambda: not can_connect(address), timeout=2.0)
+            raw.send(encode_call("echo", message="late"))
+            assert raw.read_message()[3].success == "late"
+            assert raw.sock.recv(1) == b""
+            assert stopper.get(timeout=5.0) is True
+
     def test_stop_is_idempotent(self, server):
         """stop() may be called again, and concurrently; each call reports the same outcome."""
         address = server.address

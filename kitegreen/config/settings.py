@@ -83,6 +83,8 @@ class Doc:
         choices: the values a text setting accepts; ``Config`` checks them.
         flags: the launcher's option strings; empty: ``--field-name``.
         secret: hidden from ``--check-config`` output.
+        restart: held by the arbiter of ``--workers`` (where to listen, Consul, the debug
+            server, logging): a reload keeps it, only a restart changes it.
     """
 
     help: str
@@ -92,6 +94,7 @@ class Doc:
     choices: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
     secret: bool = False
+    restart: bool = False
 
 
 def doc(
@@ -103,12 +106,13 @@ def doc(
     choices: tuple[str, ...] = (),
     flags: tuple[str, ...] = (),
     secret: bool = False,
+    restart: bool = False,
 ) -> Mapping[str, Any]:
     """Field metadata holding a :class:`Doc`: ``text`` is its help line, the rest as there."""
     if group not in GROUPS:
         raise ValueError(f"unknown --help group {group!r}")
     return types.MappingProxyType(
-        {"doc": Doc(text, group, placeholder, default_text, choices, flags, secret)}
+        {"doc": Doc(text, group, placeholder, default_text, choices, flags, secret, restart)}
     )
 
 
@@ -136,6 +140,7 @@ class Config:
             "service",
             placeholder="NAME",
             default_text="the Thrift service's name",
+            restart=True,
         ),
     )
     cluster: str = field(
@@ -144,6 +149,7 @@ class Config:
             "cluster: a Consul tag and part of the remote config keys",
             "service",
             placeholder="NAME",
+            restart=True,
         ),
     )
     version: str = field(
@@ -154,11 +160,12 @@ class Config:
             placeholder="VERSION",
             # --version conventionally prints the program's version; this is the service's.
             flags=("--service-version",),
+            restart=True,
         ),
     )
     host: str = field(
         default=DEFAULT_HOST,
-        metadata=doc("TCP host to listen on", "listen", placeholder="HOST"),
+        metadata=doc("TCP host to listen on", "listen", placeholder="HOST", restart=True),
     )
     port: int = field(
         default=DEFAULT_PORT,
@@ -166,6 +173,7 @@ class Config:
             "TCP port to listen on; 0 binds a free one (logged as the listening address)",
             "listen",
             placeholder="PORT",
+            restart=True,
         ),
     )
     listen_type: str = field(
@@ -174,6 +182,7 @@ class Config:
             "what to listen on; auto: unix when --unix names a path, else tcp",
             "listen",
             choices=LISTEN_TYPES,
+            restart=True,
         ),
     )
     unix_socket: str = field(
@@ -183,17 +192,21 @@ class Config:
             "listen",
             placeholder="PATH",
             flags=("--unix", "--unix-socket"),
+            restart=True,
         ),
     )
     backlog: int = field(
         default=DEFAULT_BACKLOG,
-        metadata=doc("listen backlog: connections the kernel queues before accept", "listen"),
+        metadata=doc(
+            "listen backlog: connections the kernel queues before accept", "listen", restart=True
+        ),
     )
     service_mesh_mode: bool = field(
         default=False,
         metadata=doc(
             "listen on the service-mesh ingress address; limits are left to the sidecar",
             "listen",
+            restart=True,
         ),
     )
     service_mesh_ingress_addr: str = field(
@@ -202,6 +215,7 @@ class Config:
             "service-mesh ingress to listen on: host:port or a socket path",
             "listen",
             placeholder="HOST:PORT|PATH",
+            restart=True,
         ),
     )
     workers: int = field(
@@ -299,16 +313,18 @@ class Config:
     enable_metrics: bool = field(
         default=True,
         metadata=doc(
-            "collect Prometheus metrics, served on the debug server's /metrics", "reports"
+            "collect Prometheus metrics, served on the debug server's /metrics",
+            "reports",
+            restart=True,
         ),
     )
     report_interval: float = field(
         default=DEFAULT_REPORT_INTERVAL,
-        metadata=doc("seconds between two reports of the same kind", "reports"),
+        metadata=doc("seconds between two reports of the same kind", "reports", restart=True),
     )
     event_capacity: int = field(
         default=DEFAULT_EVENT_CAPACITY,
-        metadata=doc("recent events kept for /runtime/kite", "reports"),
+        metadata=doc("recent events kept for /runtime/kite", "reports", restart=True),
     )
     hub_block_threshold: float = field(
         default=DEFAULT_HUB_BLOCK_THRESHOLD,
@@ -319,11 +335,13 @@ class Config:
     )
     enable_debug_server: bool = field(
         default=True,
-        metadata=doc("serve /runtime/kite, /metrics, /debug/greenlets and /health", "debug"),
+        metadata=doc(
+            "serve /runtime/kite, /metrics, /debug/greenlets and /health", "debug", restart=True
+        ),
     )
     debug_host: str = field(
         default=DEFAULT_DEBUG_HOST,
-        metadata=doc("host for the debug server", "debug", placeholder="HOST"),
+        metadata=doc("host for the debug server", "debug", placeholder="HOST", restart=True),
     )
     debug_port: int | None = field(
         default=None,
@@ -333,6 +351,7 @@ class Config:
             "debug",
             placeholder="PORT",
             default_text="1 followed by the service port",
+            restart=True,
         ),
     )
     debug_max_connections: int = field(
@@ -340,15 +359,18 @@ class Config:
         metadata=doc(
             "most debug connections open at once; more are accepted and closed at once",
             "debug",
+            restart=True,
         ),
     )
     debug_idle_timeout: float = field(
         default=DEFAULT_DEBUG_IDLE_TIMEOUT,
-        metadata=doc("close a debug connection that sends nothing for this long", "debug"),
+        metadata=doc(
+            "close a debug connection that sends nothing for this long", "debug", restart=True
+        ),
     )
     register: bool = field(
         default=False,
-        metadata=doc("register the service in Consul", "consul"),
+        metadata=doc("register the service in Consul", "consul", restart=True),
     )
     consul_addr: str = field(
         default="",
@@ -357,15 +379,16 @@ class Config:
             "consul",
             placeholder="HOST:PORT",
             default_text=DEFAULT_CONSUL_ADDR,
+            restart=True,
         ),
     )
     consul_token: str = field(
         default="",
-        metadata=doc("Consul ACL token", "consul", placeholder="TOKEN", secret=True),
+        metadata=doc("Consul ACL token", "consul", placeholder="TOKEN", secret=True, restart=True),
     )
     register_delay: float = field(
         default=DEFAULT_REGISTER_DELAY,
-        metadata=doc("seconds between listening and registering", "consul"),
+        metadata=doc("seconds between listening and registering", "consul", restart=True),
     )
     register_interval: float = field(
         default=DEFAULT_REGISTER_INTERVAL,
@@ -373,6 +396,7 @@ class Config:
             "seconds between checks that the agent still knows this instance (and TTL "
             "heartbeats, at most a third of the TTL)",
             "consul",
+            restart=True,
         ),
     )
     health_check: str = field(
@@ -381,11 +405,14 @@ class Config:
             "Consul health check: tcp on the service port, ttl kept alive by a heartbeat, or none",
             "consul",
             choices=HEALTH_CHECKS,
+            restart=True,
         ),
     )
     remote_config: bool = field(
         default=False,
-        metadata=doc("watch kite's limit keys in Consul KV and apply them live", "consul"),
+        metadata=doc(
+            "watch kite's limit keys in Consul KV and apply them live", "consul", restart=True
+        ),
     )
     log_format: str = field(
         default="auto",
@@ -393,11 +420,12 @@ class Config:
             "auto: console when standard error is a terminal, else json (one object a line)",
             "logging",
             choices=LOG_FORMATS,
+            restart=True,
         ),
     )
     log_level: str = field(
         default="info",
-        metadata=doc("lowest level logged", "logging", choices=LOG_LEVELS),
+        metadata=doc("lowest level logged", "logging", choices=LOG_LEVELS, restart=True),
     )
     access_log: bool = field(
         default=False,
@@ -630,3 +658,8 @@ def _normalise_networks(entries: object) -> tuple[str, ...]:
             ) from None
         out.append(str(network))
     return tuple(out)
+
+
+def restart_fields() -> tuple[str, ...]:
+    """The settings a reload of ``--workers`` keeps (:attr:`Doc.restart`)."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["doc"].restart)

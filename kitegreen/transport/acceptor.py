@@ -10,6 +10,8 @@ from typing import Any
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from kitegreen.exceptions import ConfigError
+
 
 class Acceptor(StreamServer):  # type: ignore[misc]
     """Accepts connections and runs ``handle(sock, address)`` for each in ``pool``.
@@ -24,6 +26,9 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         gate: called before each accept; a positive result is a number of seconds to leave
             the listener alone instead (processes sharing a listener use it to share
             connections out evenly).
+
+    Raises:
+        ConfigError: ``max_accept`` is below 1.
     """
 
     def __init__(
@@ -42,7 +47,7 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         self._deferral: Any = None
         if max_accept is not None:
             if max_accept < 1:
-                raise ValueError(f"max_accept must be >= 1, got {max_accept}")
+                raise ConfigError(f"max_accept must be >= 1, got {max_accept}")
             self.max_accept = max_accept
 
     def do_read(self) -> tuple[Any, Any] | None:
@@ -56,20 +61,7 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         return self._accept_one()
 
     def _accept_one(self) -> tuple[Any, Any] | None:
-        # A plain non-blocking socket rather than gevent's cooperative one: the connection
-        # drives it with io watchers directly (transport.stream), which takes the per-request
-        # cost of gevent's socket methods off the hot path.
-        listener = self.socket
-        try:
-            fd, address = listener._accept()
-        except BlockingIOError:
-            return None
-        raw = _socket.socket(listener.family, listener.type, listener.proto, fd)
-        raw.setblocking(False)
-        if listener.family in (_socket.AF_INET, _socket.AF_INET6):
-            # One write per reply: Nagle could only hold it back behind a delayed ACK.
-            raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-        return raw, address
+        return accept_one(self.socket)
 
     def stop_accepting(self) -> None:
         """Stop accepting, a deferral by the gate included."""
@@ -102,10 +94,51 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         Returns:
             How many connections were taken in.
         """
-        taken = 0
-        while True:
-            accepted = self._accept_one()
-            if accepted is None:
-                return taken
-            taken += 1
-            handle(*accepted)
+        return take_backlog(self.socket, handle)
+
+
+def accept_one(listener: Any) -> tuple[Any, Any] | None:
+    """Accept a connection from the non-blocking ``listener`` if one is waiting.
+
+    Returns:
+        A plain non-blocking socket (``TCP_NODELAY`` on TCP) and the peer's address; None if
+        no connection was waiting.
+
+    Raises:
+        OSError: accept() failed otherwise (no descriptor left, the connection aborted).
+    """
+    # A plain non-blocking socket rather than gevent's cooperative one: the connection drives
+    # it with io watchers directly (transport.stream), which takes the per-request cost of
+    # gevent's socket methods off the hot path.
+    try:
+        fd, address = listener._accept()
+    except BlockingIOError:
+        return None
+    raw = _socket.socket(listener.family, listener.type, listener.proto, fd)
+    raw.setblocking(False)
+    if listener.family in (_socket.AF_INET, _socket.AF_INET6):
+        # One write per reply: Nagle could only hold it back behind a delayed ACK.
+        raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    return raw, address
+
+
+def take_backlog(
+    listener: Any, handle: Callable[[Any, Any], None], limit: int | None = None
+) -> int:
+    """Accept the connections the kernel has completed on ``listener`` (at most ``limit``), and
+    pass each to ``handle``; stop early if accept() fails (no descriptor left).
+
+    Returns:
+        How many connections were taken in.
+    """
+    taken = 0
+    while limit is None or taken < limit:
+        try:
+            accepted = accept_one(listener)
+        except OSError:
+            break
+        if accepted is None:
+            break
+        taken += 1
+        handle(*accepted)
+    return taken

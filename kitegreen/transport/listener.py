@@ -66,6 +66,17 @@ class ListenSpec:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def describe_address(address: tuple[str, int] | str) -> str:
+    """A bound address as people write it (see :meth:`ListenSpec.describe`).
+
+    Args:
+        address: ``(host, port)`` for TCP, the path for a Unix socket.
+    """
+    if isinstance(address, str):
+        return ListenSpec("unix", path=address).describe()
+    return ListenSpec("tcp", host=address[0], port=address[1]).describe()
+
+
 def listen(spec: ListenSpec, backlog: int) -> socket.socket:
     """Create, bind and listen on the socket ``spec`` describes.
 
@@ -81,7 +92,7 @@ def listen(spec: ListenSpec, backlog: int) -> socket.socket:
 
 
 def _listen_tcp(host: str, port: int, backlog: int) -> socket.socket:
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = describe_address((host, port))
     try:
         infos = socket.getaddrinfo(
             host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE

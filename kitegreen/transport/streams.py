@@ -34,13 +34,25 @@ class StreamSet:
         """Streams in the middle of a request: reading it, running its handler, replying."""
         return sum(1 for s in self._streams if not s.idle)
 
-    def end_idle(self) -> int:
+    def end_idle(self, first_request_grace: float = 0.0) -> int:
         """End every stream that waits for a request with nothing unread (for a stop).
+
+        Args:
+            first_request_grace: seconds for which a connection that has received nothing yet
+                is spared after it started waiting: its client connected while the server
+                still accepted, and its first request may be on its way (ended now, that
+                request would be answered with an end-of-stream). A later call ends it.
 
         Returns:
             How many were told to end; they close with a FIN from their own greenlets.
         """
-        return sum(1 for s in self if s.interrupt_if_idle(StopServing("server stopping")))
+        now = time.monotonic()
+        ended = 0
+        for stream in self:
+            if stream.wire is None and now - stream.idle_since < first_request_grace:
+                continue
+            ended += stream.interrupt_if_idle(StopServing("server stopping"))
+        return ended
 
 
 class IdleSweeper:

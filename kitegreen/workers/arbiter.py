@@ -3,35 +3,54 @@
 The arbiter binds the listener once, forks the workers, and then only supervises; it serves
 no RPC itself. Its main loop runs in the main greenlet (every fork happens there, so that a
 child starts from a known place) and waits on one queue: signal handlers only put the signal
-there, the hub's child watchers put exits there, the control channels put ready notices there.
-Between events it checks the heartbeats and brings the workers to the number wanted.
+there, the hub's child watchers put exits there, the control channels put ready notices there,
+and the greenlets that wait on slow things (a reload's probe, the deregistration from Consul)
+put their results there. Between events it checks the heartbeats and brings the workers to the
+number wanted; nothing in the loop waits on a worker, a probe or Consul.
 
 =========  ====================================================================================
 signal     what the arbiter does
 =========  ====================================================================================
-TERM, INT  graceful stop: deregister from Consul, keep serving ``drain_time``, then SIGTERM
-           every worker (each drains as a single process does); exit 0 if all stopped
+TERM, INT  graceful stop: deregister from Consul, keep serving ``drain_time``, then tell
+           every worker to stop (each drains as a single process does); exit 0 if all stopped
            cleanly, 1 otherwise. Connections that reach the shared backlog meanwhile get a
-           clean end-of-stream (FIN) before any byte, never a reset.
-QUIT       log the stacks, SIGQUIT every worker (no drain); exit 1. During a graceful stop it
-           cuts the drain short.
-HUP        rolling reload: a probe loads the code and settings afresh (if they fail, nothing
-           changes); then, one at a time, a new worker is started and, once it is ready, an
-           old one is stopped. The listener is never closed, so clients calling in a loop
-           see neither a refused connection nor a reset.
-TTIN/TTOU  one worker more / fewer (at least one); the limits are shared anew.
+           clean end-of-stream (FIN) before any byte, never a reset. Workers exiting during
+           the drain or the stop (a service manager that signals every process) are neither
+           counted as crashes nor replaced.
+QUIT       log the stacks, tell every worker to stop at once (no drain); exit 1. During a
+           graceful stop it cuts the drain short.
+HUP        rolling reload: a probe loads the code and settings afresh while the loop goes on
+           (if they fail, nothing changes); then, one at a time, a new worker is started and,
+           once it is ready, an old one is stopped. The listener is never closed, so clients
+           calling in a loop see neither a refused connection nor a reset. One reload at a
+           time: a HUP during one starts another when it ends.
+TTIN/TTOU  one worker more / fewer (at least one); the limits are shared anew as workers
+           become ready or exit.
 USR1       log the arbiter's stacks and have every worker log its own.
 USR2       logged and ignored: binary upgrade is not supported.
 =========  ====================================================================================
 
 Supervision: a worker that exits unasked is replaced. One that exits before it was ready or
-within :data:`CRASH_WINDOW` of being ready counts as a start-up crash; the next is spawned
-after an exponential backoff, and after :data:`MAX_STARTUP_CRASHES` in a row the instance
-stops with exit status :data:`EXIT_WORKERS_FAILED` (4) and says why. A worker whose heartbeat
-is older than ``worker_timeout`` (its hub is blocked, or it hangs while importing) has its
-stacks written by faulthandler, logged, and is killed and replaced. No worker outlives the
-arbiter: each asks the kernel for SIGTERM when the arbiter dies (Linux), and stops by itself
-when its control channel reads end-of-stream or its parent changes.
+within :data:`~kitegreen.workers.crashes.CRASH_WINDOW` of being ready counts as a start-up
+crash; the next is spawned after an exponential backoff, and after
+:data:`~kitegreen.workers.crashes.MAX_STARTUP_CRASHES` with no proof of health between them
+(``crashes.py``) the instance stops with exit status 4 and says why. During a reload the new
+generation's crashes are counted apart: when they exhaust their count the reload is aborted
+(the new workers are stopped, the previous settings and generation restored) and the instance
+keeps serving. A spawn that fails (no descriptor, no memory, no free slot on the board) is
+tried again after a backoff.
+
+A worker whose hub has not run for ``worker_timeout`` (it is blocked, or hangs while
+importing) is ended by its own watchdog, which writes its stacks to a file the arbiter logs
+when it reaps the worker; the arbiter replaces it, and kills a worker whose heartbeat stays
+stale past that (SIGSTOP, stuck in the kernel). No worker outlives the arbiter: each asks the
+kernel for SIGTERM when the arbiter dies (Linux), stops by itself when its control channel
+reads end-of-stream or its parent changes, and its watchdog ends it if its hub is blocked
+meanwhile.
+
+The arbiter stops a worker with a message on its control channel, not a signal: a worker
+ignores SIGINT (a terminal's Ctrl-C reaches the whole process group) and acts on SIGTERM only
+when someone else sends it (the kernel when the arbiter dies, a person).
 
 The listener is shared, not one ``SO_REUSEPORT`` socket per worker: see the README
 ("Workers") for the measurements behind that choice.
@@ -40,56 +59,66 @@ The listener is shared, not one ``SO_REUSEPORT`` socket per worker: see the READ
 from __future__ import annotations
 
 import _socket
+import contextlib
 import functools
+import math
 import os
 import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 import structlog
 from gevent.pool import Pool
 from gevent.queue import Empty, Queue
-from gevent.util import format_run_info
 
 from kitegreen.backoff import Backoff
-from kitegreen.config import MAX_WORKERS, Config
-from kitegreen.exceptions import ListenError
-from kitegreen.signals import install_signal_handlers
-from kitegreen.transport.listener import ListenSpec, listen, remove_unix_socket
-from kitegreen.transport.stream import CLOSE_LINGER
+from kitegreen.config import DEFAULT_WORKER_TIMEOUT, MAX_WORKERS, Config
+from kitegreen.config.settings import restart_fields
+from kitegreen.exceptions import ConfigError, ListenError, describe
+from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_WORKERS_FAILED
+from kitegreen.signals import format_stacks, install_signal_handlers
+from kitegreen.transport.acceptor import take_backlog
+from kitegreen.transport.listener import (
+    ListenSpec,
+    describe_address,
+    listen,
+    remove_unix_socket,
+)
+from kitegreen.transport.stream import CLOSE_LINGER, MessageStream
 from kitegreen.workers import fork
 from kitegreen.workers.board import Board
 from kitegreen.workers.control import Channel
+from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.instance import Instance, ready_count
-from kitegreen.workers.probe import probe_config
-from kitegreen.workers.process import BOOTING, STOPPING, WorkerProcess
-from kitegreen.workers.worker import STACK_SIGNAL, WorkerSpec, run_worker
+from kitegreen.workers.probe import Probe, probe_config, probe_timeout, start_probe
+from kitegreen.workers.process import BOOTING, WorkerProcess
+from kitegreen.workers.worker import Application, WorkerSpec, run_worker
 
-if TYPE_CHECKING:
-    from kitegreen.server import RpcServer
-
-EXIT_OK = 0
-EXIT_UNCLEAN_STOP = 1
-EXIT_USAGE = 2
-EXIT_LISTEN = 3
-EXIT_WORKERS_FAILED = 4
-"""Workers kept exiting at start-up (:data:`MAX_STARTUP_CRASHES` in a row)."""
-
-MAX_STARTUP_CRASHES = 5
-CRASH_WINDOW = 10.0
-"""Seconds after becoming ready within which a worker's exit counts as a start-up crash."""
 STOP_GRACE = 2.0
 """Seconds past ``exit_wait_time`` that the arbiter waits for workers to exit before it kills
 what is left (a worker cuts its requests off at ``exit_wait_time`` by itself)."""
-STACK_WAIT = 1.0
-"""Seconds the arbiter waits for a timed-out worker's stacks before it kills the worker."""
-PROBE_TIMEOUT_MIN = 60.0
+FINAL_WAIT = 1.0
+"""Seconds an exited worker's final figures are awaited on its channel."""
+DEREGISTER_WAIT = 5.0
+"""Seconds the arbiter waits at its exit for a deregistration still under way (the registrar
+bounds its own calls)."""
+MAX_CLOSERS = 256
+"""Connections the arbiter closes at once during the final stop (each lingers up to a
+second reading what its client sends)."""
+WATCHDOG_GRACE = 2.0
+"""Seconds past ``worker_timeout`` after which the arbiter kills a worker whose heartbeat is
+stale: its own watchdog should have ended it by then (see ``heartbeat.py``)."""
+SPAWN_RETRY_INITIAL = 0.1
+SPAWN_RETRY_MAX = 5.0
 TICK = 0.25
 STOP_TICK = 0.05
+
+RESTART_FIELDS = restart_fields()
+"""Settings the arbiter itself uses and cannot change without a restart; a reload keeps them
+and says so if the new configuration differs."""
 
 SERVING = "serving"
 DRAINING = "draining"
@@ -105,54 +134,23 @@ _SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
-_LISTEN_FIELDS = (
-    "host",
-    "port",
-    "listen_type",
-    "unix_socket",
-    "backlog",
-    "service_mesh_mode",
-    "service_mesh_ingress_addr",
-)
-_RESTART_FIELDS = (
-    *_LISTEN_FIELDS,
-    "service_name",
-    "cluster",
-    "version",
-    "register",
-    "consul_addr",
-    "consul_token",
-    "register_delay",
-    "register_interval",
-    "health_check",
-    "remote_config",
-    "enable_debug_server",
-    "debug_host",
-    "debug_port",
-    "debug_max_connections",
-    "debug_idle_timeout",
-    "enable_metrics",
-    "event_capacity",
-    "report_interval",
-    "log_format",
-    "log_level",
-)
-"""Settings the arbiter itself uses and cannot change without a restart; a reload keeps them
-and says so if the new configuration differs."""
 
 
 def serve(
-    load: Callable[[], RpcServer],
-    on_load_error: Callable[[Exception], None],
+    app: Application,
     log: Any = None,
+    *,
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
 ) -> int:
     """Probe the application, bind, fork the workers and supervise them until stopped.
 
     Args:
-        load: imports the application and returns its configured server (called only in
-            forked children: the probe and the workers).
-        on_load_error: logs a LaunchError or ConfigError raised by ``load``.
+        app: how to load the application (only in forked children: the probe and the
+            workers).
         log: a structlog logger.
+        worker_timeout: ``worker_timeout`` as the launcher knows it before the probe (from the
+            config file, the environment and the flags): the probe gets as long as a reload's
+            would (:func:`~kitegreen.workers.probe.probe_timeout`).
 
     Returns:
         The launcher's exit status: 0 clean, 1 unclean or SIGQUIT, 2 the application or its
@@ -164,13 +162,11 @@ def serve(
     # memory between the workers (copy-on-write) and takes the time out of each worker's start.
     import kitegreen.server  # noqa: F401
 
-    config = probe_config(
-        load, on_load_error, signal_handles=(), timeout=PROBE_TIMEOUT_MIN, log=log
-    )
+    config = probe_config(app, signal_handles=(), timeout=probe_timeout(worker_timeout), log=log)
     if isinstance(config, int):
         return config
     try:
-        arbiter = Arbiter(config, load, on_load_error, log)
+        arbiter = Arbiter(config, app, log)
     except ListenError as exc:
         log.error("cannot listen", error=str(exc))
         return EXIT_LISTEN
@@ -184,8 +180,7 @@ class Arbiter:
 
     Args:
         config: the application's effective settings, as the probe reported them.
-        load: imports the application and returns its configured server (in the workers).
-        on_load_error: logs a LaunchError or ConfigError raised by ``load``.
+        app: how to load the application (in the probes and the workers).
         log: a structlog logger.
 
     Raises:
@@ -195,29 +190,43 @@ class Arbiter:
     def __init__(
         self,
         config: Config,
-        load: Callable[[], RpcServer],
-        on_load_error: Callable[[Exception], None],
+        app: Application,
         log: Any,
     ) -> None:
         self._config = config
-        self._load = load
-        self._on_load_error = on_load_error
+        self._app = app
         self.log = log
         self._events: Queue[tuple[Any, ...]] = Queue()
         self._workers: dict[int, WorkerProcess] = {}
         self._board = Board()
         self._signal_handles: list[Any] = []
-        self._closers = Pool()
-        self._killers = Pool()
-        self._backoff = Backoff(initial=0.1, maximum=5.0)
+        self._closers = Pool(size=MAX_CLOSERS)
+        """Connections taken from the backlog once every worker was told to stop, closing."""
+        self._retiring = Pool()
+        """Exited workers whose final figures are awaited."""
+        self._deregistering: gevent.Greenlet | None = None
+        self._drain = 0.0
         self._phase = SERVING
         self._wanted = config.workers
         self._generation = 0
+        self._generations = 0
+        """Generations started so far: an aborted reload's number is never used again."""
         self._age = 0
-        self._crashes = 0
+        self._crashes = CrashPolicy()
+        """Start-up crashes of the generation in service (and of older ones still running)."""
+        self._reload_crashes: CrashPolicy | None = None
+        """During a reload, start-up crashes of the new generation."""
+        self._before_reload: tuple[Config, int, int] | None = None
+        """During a reload: the settings, generation and workers wanted to go back to."""
+        self._reload_pending = False
+        self._probe: Probe | None = None
+        """The reload's probe while it loads the application."""
+        self._probe_waiter: gevent.Greenlet | None = None
         self._restarts = 0
         self._spawn_not_before = 0.0
-        self._drain_until = 0.0
+        self._spawn_backoff = Backoff(initial=SPAWN_RETRY_INITIAL, maximum=SPAWN_RETRY_MAX)
+        """Waits after a spawn failed for want of a slot, a descriptor or memory."""
+        self._drain_until = math.inf
         self._kill_at = 0.0
         self._killed_all = False
         self._stop_signal = signal.SIGTERM
@@ -261,7 +270,7 @@ class Arbiter:
         config = self._config
         self.log.info(
             "listening",
-            address=_describe(self.address),
+            address=describe_address(self.address),
             workers=config.workers,
             worker_timeout=config.worker_timeout,
             limits={"conn": config.limit_connections, "qps": config.limit_qps},
@@ -279,9 +288,14 @@ class Arbiter:
             # once it exits, but not before its listener and registration are gone.
             for worker in self._workers.values():
                 worker.stop()
+            self._cancel_probe()
+            if self._probe_waiter is not None:
+                self._probe_waiter.join(timeout=6.0)
             self._close_listener()
+            if self._deregistering is not None:
+                self._deregistering.join(timeout=DEREGISTER_WAIT)
             self.instance.stop()
-            self._killers.join(timeout=STACK_WAIT + 1.0)
+            self._retiring.join(timeout=FINAL_WAIT + 1.0)
             self._closers.join(timeout=CLOSE_LINGER + 1.0)
         status = self._exit_status()
         self.log.info("stopped", clean=status == EXIT_OK, status=status)
@@ -309,7 +323,8 @@ class Arbiter:
                 self._signal_stop(now)
                 continue
             self._check_heartbeats(now)
-            self._manage(now)
+            if self._phase == SERVING:
+                self._manage(now)
 
     def _next_wakeup(self) -> float:
         if self._phase == STOPPING_PHASE:
@@ -318,6 +333,9 @@ class Arbiter:
         now = time.monotonic()
         if self._spawn_not_before > now:
             wake = min(wake, self._spawn_not_before - now)
+        for policy in (self._crashes, self._reload_crashes):
+            if policy is not None and policy.wait() > 0:
+                wake = min(wake, policy.wait())
         if self._phase == DRAINING:
             wake = min(wake, max(self._drain_until - now, 0.0))
         return max(wake, 0.0)
@@ -342,6 +360,10 @@ class Arbiter:
             self._on_exit(event[1], event[2])
         elif kind == "ready":
             self._on_ready(event[1])
+        elif kind == "probed":
+            self._on_probed(event[1], event[2])
+        elif kind == "deregistered":
+            self._on_deregistered()
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -352,7 +374,7 @@ class Arbiter:
             self.log.warning(
                 "signal received, stopping at once without draining",
                 signal=signum.name,
-                stack=_stacks(),
+                stack=format_stacks(),
             )
             self._begin_stop(signum, graceful=False)
         elif signum == signal.SIGHUP:
@@ -360,7 +382,7 @@ class Arbiter:
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             self._scale(1 if signum == signal.SIGTTIN else -1, signum)
         elif signum == signal.SIGUSR1:
-            self.log.info("greenlet and thread stacks", signal=signum.name, stack=_stacks())
+            self.log.info("greenlet and thread stacks", signal=signum.name, stack=format_stacks())
             for worker in self._workers.values():
                 worker.send_signal(signal.SIGUSR1)
         else:
@@ -374,10 +396,12 @@ class Arbiter:
             if not graceful and self._stop_signal != signal.SIGQUIT:
                 self._stop_signal = signal.SIGQUIT
                 for worker in self._workers.values():
-                    worker.send_signal(signal.SIGQUIT)
+                    worker.stop(graceful=False)
                 self._kill_at = min(self._kill_at, time.monotonic() + STOP_GRACE)
             return
         self._stop_signal = signal.SIGTERM if graceful else signal.SIGQUIT
+        self._reload_pending = False
+        self._cancel_probe()
         if self._phase == DRAINING:
             if not graceful:
                 self._signal_stop(time.monotonic())
@@ -392,16 +416,27 @@ class Arbiter:
             exit_wait_time=config.exit_wait_time,
         )
         self._phase = DRAINING
-        # First, so that clients stop picking this instance while it still serves them.
-        self.instance.deregister()
-        self._drain_until = time.monotonic() + drain
-        if drain <= 0:
+        self._drain = drain
+        if not graceful:
             self._signal_stop(time.monotonic())
+        # First, so that clients stop picking this instance while it still serves them; off
+        # the loop, since the registry may take seconds to answer: the drain time starts once
+        # it has.
+        self._drain_until = math.inf
+        self._deregistering = gevent.spawn(self._deregister)
+
+    def _deregister(self) -> None:
+        self.instance.deregister()
+        self._events.put(("deregistered",))
+
+    def _on_deregistered(self) -> None:
+        if self._phase == DRAINING:
+            self._drain_until = time.monotonic() + self._drain
 
     def _signal_stop(self, now: float) -> None:
         self._phase = STOPPING_PHASE
         for worker in self._workers.values():
-            worker.stop(self._stop_signal)
+            worker.stop(graceful=self._stop_signal == signal.SIGTERM)
         wait = self._config.exit_wait_time if self._stop_signal == signal.SIGTERM else 0.0
         self._kill_at = now + wait + STOP_GRACE
 
@@ -425,104 +460,194 @@ class Arbiter:
             )
             return
         self._wanted = wanted
+        if self._before_reload is not None:
+            # An aborted reload goes back to this number, not the one before the reload.
+            config, generation, _ = self._before_reload
+            self._before_reload = (config, generation, wanted)
         self.log.info("workers wanted changed", signal=signum.name, workers=wanted)
         self.instance.events.push("Workers", f"{signum.name}: {wanted} workers wanted")
-        self.instance.set_worker_count(wanted)
 
     def _reload(self) -> None:
         if self._phase != SERVING:
             self.log.warning("signal ignored: the instance is stopping", signal="SIGHUP")
             return
+        if self._reloading or self._probe is not None:
+            # One reload at a time: the next starts from the settings this one brings in.
+            self._reload_pending = True
+            self.log.info("a reload is in progress; reloading again once it ends")
+            return
         self.log.info("reloading: loading the application and its settings afresh")
-        new = probe_config(
-            self._load,
-            self._on_load_error,
-            signal_handles=self._signal_handles,
-            timeout=max(PROBE_TIMEOUT_MIN, self._config.worker_timeout),
-            log=self.log,
+        probe = start_probe(self._app, signal_handles=self._signal_handles, log=self.log)
+        if isinstance(probe, int):
+            self._refuse_reload("the probe could not be started")
+            return
+        self._probe = probe
+        # The probe loads the application in its own time; the loop goes on supervising (and
+        # acting on signals) meanwhile, and hears of the result as an event.
+        self._probe_waiter = gevent.spawn(
+            self._await_probe, probe, probe_timeout(self._config.worker_timeout)
         )
+
+    def _await_probe(self, probe: Probe, timeout: float) -> None:
+        self._events.put(("probed", probe, probe.result(timeout)))
+
+    def _cancel_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+
+    def _on_probed(self, probe: Probe, new: Config | int) -> None:
+        if probe is not self._probe:
+            return  # cancelled: the instance is stopping
+        self._probe = self._probe_waiter = None
         if isinstance(new, int):
-            self.log.error(
-                "reload refused: the application or its settings do not load; "
-                "the workers keep serving"
-            )
-            self.instance.events.push("Reload", "refused: the application does not load")
+            self._refuse_reload("the probe could not load the application and its settings")
             return
         old = self._config
-        kept = [name for name in _RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
+        kept = [name for name in RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
+        try:
+            config = new.replace(**{name: getattr(old, name) for name in RESTART_FIELDS})
+        except ConfigError as exc:
+            self._refuse_reload(f"the new settings do not fit the ones kept: {exc}")
+            return
         if kept:
             self.log.warning(
                 "these settings change only with a restart; kept as they were", settings=kept
             )
-        self._config = new.replace(**{name: getattr(old, name) for name in _RESTART_FIELDS})
+        self._before_reload = (old, self._generation, self._wanted)
+        self._config = config
         self._wanted = self._config.workers
-        self._generation += 1
+        self._generations += 1
+        self._generation = self._generations
+        self._reload_crashes = CrashPolicy()
         self._reloading = True
         self.instance.reconfigure(self._config)
         self.log.info("rolling reload", generation=self._generation, workers=self._wanted)
         self.instance.events.push("Reload", f"generation {self._generation}")
 
+    def _refuse_reload(self, why: str) -> None:
+        self.log.error("reload refused; the workers keep serving", reason=why)
+        self.instance.events.push("Reload", f"refused: {why}")
+        self._reload_if_pending()
+
     # -- workers -------------------------------------------------------------------------------
 
     def _manage(self, now: float) -> None:
         """Bring the workers to the number wanted: replace, scale, roll a reload forward."""
-        live = [w for w in self._workers.values() if w.state != STOPPING]
-        if self._crashes and any(
-            w.ready_at is not None and now - w.ready_at >= CRASH_WINDOW for w in live
-        ):
-            self._crashes = 0
-            self._backoff.reset()
+        live = [w for w in self._workers.values() if w.live]
         old = sorted((w for w in live if w.generation < self._generation), key=lambda w: w.age)
         current = sorted((w for w in live if w.generation == self._generation), key=lambda w: w.age)
+        reload_crashes = self._reload_crashes
+        if reload_crashes is None:
+            self._crashes.note_health(live)
+        else:
+            self._crashes.note_health(old)
+            reload_crashes.note_health(current)
         if not old:
             if self._reloading:
-                self._reloading = False
-                self.log.info("reload complete", generation=self._generation)
+                self._end_reload()
             for worker in current[: max(len(current) - self._wanted, 0)]:
                 self.log.info("stopping a worker: fewer wanted", worker=worker.pid)
                 worker.stop()
-            if now >= self._spawn_not_before:
+            if self._may_spawn(now, self._crashes):
                 for _ in range(self._wanted - len(current)):
-                    self._spawn()
+                    if not self._spawn():
+                        break
             return
+        assert reload_crashes is not None
         # A reload rolls one worker at a time: a new one first, an old one once it is ready.
         if any(w.state == BOOTING for w in current):
             return
         if len(live) > self._wanted:
+            if not reload_crashes.proven:
+                # A new worker crashed: no old one stops until a new one has proved itself.
+                return
             self.log.info("stopping an old worker: reload", worker=old[0].pid)
             old[0].stop()
-        elif now >= self._spawn_not_before:
+        elif self._may_spawn(now, reload_crashes):
             self._spawn()
 
-    def _spawn(self) -> None:
-        self._age += 1
-        used = {w.slot.index for w in self._workers.values()}
-        slot = self._board.slot(next(i for i in range(self._board.size) if i not in used))
-        stack_file = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the WorkerProcess
-        parent_end, child_end = _socket.socketpair()
-        spec = WorkerSpec(
-            listener=self._listener,
-            control=child_end,
-            board=self._board,
-            slot=slot,
-            stack_file=stack_file,
-            parent=os.getpid(),
-            worker_timeout=self._config.worker_timeout,
-            overrides=self._worker_overrides(),
-            load=self._load,
-            on_load_error=self._on_load_error,
-            signal_handles=self._signal_handles,
+    def _may_spawn(self, now: float, crashes: CrashPolicy) -> bool:
+        return now >= self._spawn_not_before and crashes.may_spawn()
+
+    def _end_reload(self) -> None:
+        self._reloading = False
+        if self._reload_crashes is not None:
+            # The new generation is the one in service now, crashes counted so far included.
+            self._crashes = self._reload_crashes
+        self._reload_crashes = None
+        self._before_reload = None
+        self.log.info("reload complete", generation=self._generation)
+        self._reload_if_pending()
+
+    def _abort_reload(self, last_exit: str) -> None:
+        """The new generation keeps crashing: stop it and go back to the previous one."""
+        assert self._before_reload is not None
+        aborted = self._generation
+        self._config, self._generation, self._wanted = self._before_reload
+        self._before_reload = None
+        self._reload_crashes = None
+        self._reloading = False
+        for worker in self._workers.values():
+            if worker.generation == aborted:
+                worker.stop()
+        self.instance.reconfigure(self._config)
+        self.log.error(
+            "reload aborted: the new workers keep exiting at start-up; the previous generation "
+            "keeps serving with its settings",
+            generation=aborted,
+            restored_generation=self._generation,
+            last_exit=last_exit,
         )
-        try:
-            pid = fork.fork(self._child_exited)
-        except OSError as exc:
-            for resource in (stack_file, parent_end, child_end):
-                resource.close()
-            self.log.error("cannot fork a worker", error=str(exc))
-            self._spawn_not_before = time.monotonic() + self._backoff.next()
-            return
-        if pid == 0:
-            run_worker(spec)
+        self.instance.events.push("Reload", f"generation {aborted} aborted: {last_exit}")
+        self._reload_if_pending()
+
+    def _reload_if_pending(self) -> None:
+        if self._reload_pending:
+            self._reload_pending = False
+            self._reload()
+
+    def _spawn(self) -> bool:
+        """Fork one worker. When there is no free slot on the board (workers still stopping),
+        no descriptor or no memory to fork, spawns wait with a backoff: nothing a spawn does
+        may end the arbiter.
+
+        Returns:
+            Whether a worker was forked.
+        """
+        with contextlib.ExitStack() as allocated:
+            try:
+                used = {w.slot.index for w in self._workers.values()}
+                free = next((i for i in range(self._board.size) if i not in used), None)
+                if free is None:
+                    self._defer_spawns("no slot free on the board: workers are still stopping")
+                    return False
+                stack_file = allocated.enter_context(tempfile.TemporaryFile())
+                parent_end, child_end = _socket.socketpair()
+                allocated.callback(parent_end.close)
+                allocated.callback(child_end.close)
+                self._age += 1
+                slot = self._board.slot(free)
+                spec = WorkerSpec(
+                    listener=self._listener,
+                    control=child_end,
+                    board=self._board,
+                    slot=slot,
+                    stack_file=stack_file,
+                    parent=os.getpid(),
+                    worker_timeout=self._config.worker_timeout,
+                    config=self._worker_config(),
+                    app=self._app,
+                    signal_handles=self._signal_handles,
+                )
+                pid = fork.fork(self._child_exited)
+            except OSError as exc:
+                self._defer_spawns("cannot start a worker", error=describe(exc))
+                return False
+            if pid == 0:
+                run_worker(spec)
+            allocated.pop_all()
+        self._spawn_backoff.reset()
         child_end.close()
         channel = Channel(
             socket.socket(fileno=parent_end.detach()),
@@ -533,21 +658,33 @@ class Arbiter:
         self._workers[pid] = WorkerProcess(
             pid, self._age, self._generation, channel, slot, stack_file
         )
+        self.instance.stats.track(pid)
         channel.start()
         self.log.info("worker spawned", worker=pid, generation=self._generation)
+        return True
 
-    def _worker_overrides(self) -> dict[str, Any]:
-        return {
-            **{name: getattr(self._config, name) for name in _LISTEN_FIELDS},
-            **self.instance.worker_limits(),
-            "register": False,
-            "remote_config": False,
-            "enable_debug_server": False,
-            "drain_time": 0.0,
-        }
+    def _defer_spawns(self, reason: str, **fields: Any) -> None:
+        delay = self._spawn_backoff.next()
+        self._spawn_not_before = time.monotonic() + delay
+        self.log.error(f"{reason}; trying again later", retry_in=round(delay, 3), **fields)
+
+    def _worker_config(self) -> Config:
+        """The instance's settings as the probe reported them, for one worker's server."""
+        return self._config.replace(
+            # The share it will have once ready, with those serving and those starting with it.
+            **self.instance.worker_limits(max(self.instance.serving() + 1, self._wanted)),
+            register=False,
+            remote_config=False,
+            enable_debug_server=False,
+            drain_time=0.0,
+        )
 
     def _child_exited(self, pid: int, status: int) -> None:
-        # In the hub: only queue.
+        # In the hub: mark and queue. The child is reaped by now and its pid free for another
+        # process, so nothing may signal it from here on, though its exit is still queued.
+        worker = self._workers.get(pid)
+        if worker is not None:
+            worker.exited = True
         self._events.put_nowait(("exit", pid, status))
 
     def _on_message(self, pid: int, message: dict[str, Any]) -> None:
@@ -559,7 +696,7 @@ class Arbiter:
 
     def _on_ready(self, pid: int) -> None:
         worker = self._workers.get(pid)
-        if worker is None or worker.ready_at is not None:
+        if worker is None or worker.exited or worker.ready_at is not None:
             return
         worker.ready_at = time.monotonic()
         self.log.info(
@@ -568,8 +705,9 @@ class Arbiter:
             generation=worker.generation,
             seconds=round(worker.ready_at - worker.spawned_at, 3),
         )
-        # Limits may have changed while it was starting.
-        self.instance.send_limits(source="arbiter", to=[worker])
+        # One more worker serving: every share shrinks (limits may also have changed while it
+        # was starting).
+        self.instance.send_limits(source="workers")
 
     def _on_exit(self, pid: int, status: int) -> None:
         fork.reap(pid)
@@ -577,11 +715,30 @@ class Arbiter:
         if worker is None:
             return
         worker.exit_status = status
-        # Its final figures are on the channel ahead of the end-of-stream.
-        worker.channel.join(timeout=1.0)
-        self.instance.stats.retire(pid)
-        worker.close()
-        if self._phase == STOPPING_PHASE:
+        worker.exited = True
+        heartbeat_age = worker.slot.age()
+        # Its slot is free for the next spawn from now on.
+        worker.slot.clear()
+        if worker.ready_at is not None:
+            # One fewer serving: the others' shares grow only now that it no longer serves.
+            self.instance.send_limits(source="workers")
+        stack = worker.read_stack()
+        if stack:
+            worker.timed_out = True
+            self.log.error(
+                "worker timed out: its hub did not run for worker_timeout; its watchdog wrote "
+                "its stacks and ended it",
+                worker=pid,
+                seconds=round(heartbeat_age, 3),
+                worker_timeout=self._config.worker_timeout,
+                stack=stack,
+            )
+        # Its final figures are on the channel ahead of the end-of-stream; the loop does not
+        # wait for them (one exit after another would hold it a second each).
+        self._retiring.spawn(self._retire, worker)
+        if self._phase != SERVING:
+            # Draining or stopping: an exit is expected (a service manager may have signalled
+            # every process), and nothing is replaced any more.
             if worker.exit_code != 0:
                 self._clean = False
             self.log.info("worker stopped", worker=pid, exit=worker.describe_exit())
@@ -590,76 +747,74 @@ class Arbiter:
             self.log.info("worker stopped", worker=pid, exit=worker.describe_exit())
             return
         self._restarts += 1
-        now = time.monotonic()
-        early = worker.ready_at is None or now - worker.ready_at < CRASH_WINDOW
+        reload_crashes = self._reload_crashes
+        new_generation = reload_crashes is not None and worker.generation == self._generation
+        policy = reload_crashes if reload_crashes is not None and new_generation else self._crashes
+        delay = policy.exited(worker)
         self.log.error(
             "worker exited unasked; replacing it",
             worker=pid,
             exit=worker.describe_exit(),
             timed_out=worker.timed_out,
             was_ready=worker.ready_at is not None,
+            generation=worker.generation,
+            start_up_crash=delay is not None,
+            restart_in=None if delay is None else round(delay, 3),
         )
         self.instance.events.push("Worker Exit", f"{pid}: {worker.describe_exit()}")
-        if not early:
-            self._crashes = 0
-            self._backoff.reset()
+        if not policy.exhausted:
             return
-        self._crashes += 1
-        if self._crashes >= MAX_STARTUP_CRASHES:
-            self.log.error(
-                "workers keep exiting at start-up; stopping the instance",
-                crashes=self._crashes,
-                last_exit=worker.describe_exit(),
-            )
-            self._failed = True
-            self._begin_stop(signal.SIGTERM, graceful=True)
+        if new_generation:
+            self._abort_reload(worker.describe_exit())
             return
-        self._spawn_not_before = now + self._backoff.next()
+        self.log.error(
+            "workers keep exiting at start-up; stopping the instance",
+            crashes=policy.crashes,
+            last_exit=worker.describe_exit(),
+        )
+        self._failed = True
+        self._begin_stop(signal.SIGTERM, graceful=True)
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        worker.channel.join(timeout=FINAL_WAIT)
+        self.instance.stats.retire(worker.pid)
+        worker.close()
 
     def _check_heartbeats(self, now: float) -> None:
-        timeout = self._config.worker_timeout
+        # A worker's own watchdog ends it once its hub has not run for worker_timeout (see
+        # heartbeat.py). This is the backup, for a worker that cannot run at all (SIGSTOP,
+        # uninterruptible sleep) and so cannot end itself.
+        limit = self._config.worker_timeout + WATCHDOG_GRACE
         for worker in self._workers.values():
-            if worker.timed_out:
+            if worker.timed_out or worker.exited:
                 continue
             stale = worker.slot.age(now)
-            if stale > timeout:
+            if stale > limit:
                 worker.timed_out = True
-                self._killers.spawn(self._dump_and_kill, worker, stale)
-
-    def _dump_and_kill(self, worker: WorkerProcess, stale: float) -> None:
-        worker.send_signal(STACK_SIGNAL)
-        deadline = time.monotonic() + STACK_WAIT
-        stack, seen = "", -1
-        # faulthandler writes from the worker's signal handler; done when the text stops growing.
-        while time.monotonic() < deadline:
-            gevent.sleep(0.05)
-            stack = worker.read_stack()
-            if stack and len(stack) == seen:
-                break
-            seen = len(stack)
-        self.log.error(
-            "worker timed out: its hub has not run for longer than worker_timeout; "
-            "killing and replacing it",
-            worker=worker.pid,
-            seconds=round(stale, 3),
-            worker_timeout=self._config.worker_timeout,
-            stack=stack or "(no stack written)",
-        )
-        worker.send_signal(signal.SIGKILL)
+                self.log.error(
+                    "worker timed out and did not end itself (stopped, or stuck in the "
+                    "kernel); killing it",
+                    worker=worker.pid,
+                    seconds=round(stale, 3),
+                    worker_timeout=self._config.worker_timeout,
+                )
+                worker.send_signal(signal.SIGKILL)
 
     # -- the listener ------------------------------------------------------------------------------
 
     def _refuse_backlog(self) -> None:
         """Take in what waits in the backlog and close each with a FIN: once every worker has
-        been told to stop, nobody will serve these, and closing the listener would reset them."""
-        while True:
-            try:
-                fd, _ = self._listener._accept()  # type: ignore[attr-defined]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            self._closers.spawn(_close_with_fin, socket.socket(fileno=fd))
+        been told to stop, nobody will serve these, and closing the listener would reset them.
+        At most :data:`MAX_CLOSERS` close at once; the rest wait in the backlog meanwhile."""
+        room = self._closers.free_count()
+        if room > 0:
+            take_backlog(self._listener, self._refuse, limit=room)
+
+    def _refuse(self, raw: Any, address: Any) -> None:
+        # A connection's own close: a FIN, then what the client sends is read and dropped
+        # until it closes too (closing with unread bytes would send a reset instead).
+        stream = MessageStream(raw, rw_timeout=CLOSE_LINGER, max_frame_size=1)
+        self._closers.spawn(stream.close)
 
     def _close_listener(self) -> None:
         self._refuse_backlog()
@@ -681,28 +836,3 @@ class Arbiter:
             "workers_ready": ready_count(self._workers.values()),
             "worker_restarts": self._restarts,
         }
-
-
-def _close_with_fin(sock: Any) -> None:
-    """End a connection nobody will serve with a FIN, reading what the client sends meanwhile
-    (closing with unread bytes would send a reset instead)."""
-    try:
-        sock.shutdown(_socket.SHUT_WR)
-        sock.settimeout(CLOSE_LINGER)
-        deadline = time.monotonic() + CLOSE_LINGER
-        while time.monotonic() < deadline and sock.recv(65536):
-            pass
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
-def _describe(address: tuple[str, int] | str) -> str:
-    if isinstance(address, str):
-        return f"unix:{address}"
-    return ListenSpec("tcp", address[0], address[1]).describe()
-
-
-def _stacks() -> str:
-    return "\n".join(format_run_info())

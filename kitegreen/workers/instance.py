@@ -7,10 +7,13 @@ The arbiter owns what belongs to the instance rather than to a process, once:
 - **Remote configuration**: watched once; a change reaches every worker over its control
   channel at once (well within the 2 s the issue asks for).
 - **Limits**: ``limit_connections``, ``limit_qps`` and the per-method QPS limits stay the
-  instance's. Each worker enforces its share, ``ceil(limit / N)`` for N wanted workers (0 stays
-  0, off); the shares are sent again whenever N or a limit changes. The instance may take in
-  up to ``N - 1`` more than the limit through rounding, and a worker whose connections are
-  busier than the others' refuses requests before the instance as a whole reaches its QPS limit.
+  instance's. Each worker enforces its share, ``ceil(limit / n)`` for the n workers serving
+  (0 stays 0, off): those that became ready, until they exit (one told to stop still serves
+  what it has while it drains). The shares are sent again whenever a worker becomes ready or
+  exits and whenever a limit changes; a worker starting takes the share it will have once
+  ready. The instance may take in up to ``n - 1`` more than the limit through rounding, and a
+  worker whose connections are busier than the others' refuses requests before the instance
+  as a whole reaches its QPS limit.
 - **The debug server**: one per instance, on the arbiter. ``/metrics`` sums the workers'
   counters and histograms and shows each worker's gauges with a ``pid`` label;
   ``/runtime/kite`` shows each worker and the totals; ``/health`` is 200 only while every
@@ -27,20 +30,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kitegreen._version import VERSION
 from kitegreen.config import Config
-from kitegreen.consul_client import close_client, make_consul
+from kitegreen.consul_client import ConsulConnection
 from kitegreen.debug import DebugServer
 from kitegreen.events import EventQueue
 from kitegreen.limiter import Limits
 from kitegreen.metrics import InstanceMetrics, process_figures
-from kitegreen.registry import ConsulRegistry, Registrar, make_registration
+from kitegreen.registry import ConsulRegistry, make_registrar
 from kitegreen.remote_config import RemoteConfigWatcher
-from kitegreen.reporter import REGISTRY, REMOTE_CONFIG, NullReporter, ReportGate
-from kitegreen.transport.listener import ListenSpec
+from kitegreen.reporter import NullReporter, ReportGate
+from kitegreen.transport.listener import ListenSpec, describe_address
 from kitegreen.workers.process import READY, WorkerProcess
 from kitegreen.workers.stats import InstanceStats, requests_of
 
 CONFIG_CHANGE = "Config Change"
-REGISTRY_CHANGE = "Registry Change"
 
 
 def share(limit: int, workers: int) -> int:
@@ -83,19 +85,25 @@ class Instance:
         self.events = EventQueue(config.event_capacity)
         self.reports = ReportGate(config.report_interval, self.events, NullReporter(), log)
         self.stats = InstanceStats()
-        self.worker_count = config.workers
         self._remote: dict[str, Any] = {}
         self.limits = self._compose_limits()
-        self._consul: Any = None
-        self.registrar = self._make_registrar(spec)
+        self._consul = ConsulConnection(config.consul_addr, config.consul_token)
+        self.registrar = make_registrar(
+            config,
+            spec,
+            address[1] if isinstance(address, tuple) else 0,
+            registry=lambda: ConsulRegistry(self._consul.client()),
+            on_change=self.reports.registry_change,
+            log=log,
+        )
         self.remote_config: RemoteConfigWatcher | None = None
         if config.remote_config:
             self.remote_config = RemoteConfigWatcher(
-                self._consul_client(),
+                self._consul.client(),
                 config.service_name,
                 config.cluster,
                 apply=self._apply_remote_limits,
-                on_event=self._on_remote_config_event,
+                on_event=self.reports.remote_config_event,
                 log=log,
             )
         self.metrics: InstanceMetrics | None = (
@@ -138,30 +146,31 @@ class Instance:
         for part in (self.remote_config, self.registrar, self.debug_server):
             if part is not None:
                 part.stop()
-        if self._consul is not None:
-            close_client(self._consul)
-            self._consul = None
+        self._consul.close()
 
     # -- limits --------------------------------------------------------------------------------
 
-    def worker_limits(self) -> dict[str, Any]:
-        """One worker's share of the limits, as ``Config`` fields."""
-        n = max(self.worker_count, 1)
+    def serving(self) -> int:
+        """The workers that hold a share of the limits: ready, and not exited yet."""
+        return sum(1 for w in self._workers() if w.ready_at is not None and not w.exited)
+
+    def worker_limits(self, workers: int | None = None) -> dict[str, Any]:
+        """One worker's share of the limits, as ``Config`` fields.
+
+        Args:
+            workers: how many share them; the workers serving when None (a worker being
+                spawned is given the share it will have once ready).
+        """
+        n = max(self.serving() if workers is None else workers, 1)
         return {
             "limit_connections": share(self.limits.connections, n),
             "limit_qps": share(self.limits.qps, n),
             "endpoint_qps_limits": {m: share(q, n) for m, q in self.limits.endpoint_qps.items()},
         }
 
-    def set_worker_count(self, workers: int) -> None:
-        """Share the limits over ``workers`` from now on, and tell the workers."""
-        self.worker_count = workers
-        self.send_limits(source="workers")
-
     def reconfigure(self, config: Config) -> None:
-        """Take the local limits and the worker count of a reloaded configuration."""
+        """Take the local limits of a reloaded configuration, and tell the workers."""
         self.config = config
-        self.worker_count = config.workers
         self.limits = self._compose_limits()
         self.send_limits(source="reload")
 
@@ -203,48 +212,6 @@ class Instance:
         )
         self.send_limits(source="consul")
 
-    def _on_remote_config_event(self, kind: str, detail: str) -> None:
-        if kind != "changed":
-            self.reports.report(REMOTE_CONFIG, f"{kind}: {detail}")
-
-    # -- Consul --------------------------------------------------------------------------------
-
-    def _consul_client(self) -> Any:
-        if self._consul is None:
-            self._consul = make_consul(self.config.consul_addr, self.config.consul_token)
-        return self._consul
-
-    def _make_registrar(self, spec: ListenSpec) -> Registrar | None:
-        config = self.config
-        if not config.register:
-            return None
-        if spec.kind != "tcp" or config.service_mesh_mode:
-            self.log.info("not registering: only a TCP listener outside service-mesh mode is")
-            return None
-        port = self.address[1] if isinstance(self.address, tuple) else 0
-        registration = make_registration(
-            service=config.service_name,
-            cluster=config.cluster,
-            version=config.version,
-            host=spec.host,
-            port=port,
-            check=config.health_check,
-        )
-        return Registrar(
-            ConsulRegistry(self._consul_client()),
-            registration,
-            delay=config.register_delay,
-            refresh=config.register_interval,
-            on_change=self._on_registry_event,
-            log=self.log,
-        )
-
-    def _on_registry_event(self, kind: str, detail: str) -> None:
-        if kind == "failed":
-            self.reports.report(REGISTRY, detail)
-        else:
-            self.events.push(REGISTRY_CHANGE, f"{kind}: {detail}")
-
     # -- the debug server ----------------------------------------------------------------------
 
     def runtime_info(self) -> dict[str, Any]:
@@ -272,7 +239,7 @@ class Instance:
             "service": config.service_name,
             "cluster": config.cluster,
             "version": {"service": config.version, "kitegreen": VERSION},
-            "address": _describe(self.address),
+            "address": describe_address(self.address),
             "arbiter": self._arbiter(),
             "workers": rows,
             "totals": {
@@ -334,9 +301,3 @@ class Instance:
 def ready_count(workers: Iterable[WorkerProcess]) -> int:
     """How many of ``workers`` are serving."""
     return sum(1 for w in workers if w.state == READY)
-
-
-def _describe(address: tuple[str, int] | str) -> str:
-    if isinstance(address, str):
-        return f"unix:{address}"
-    return ListenSpec("tcp", address[0], address[1]).describe()

@@ -15,6 +15,7 @@ from kitegreen.workers.control import Channel
 BOOTING = "booting"
 READY = "ready"
 STOPPING = "stopping"
+EXITED = "exited"
 
 MAX_STACK = 256 * 1024
 """Bytes of a worker's stack dump read back; faulthandler's dumps are a few KB."""
@@ -31,11 +32,13 @@ class WorkerProcess:
         generation: the reload generation it was spawned in (0 until the first SIGHUP).
         channel: the arbiter's end of its control channel.
         slot: its slot on the board (its heartbeat, connections, accepting).
-        stack_file: where its faulthandler writes stacks on the arbiter's request.
+        stack_file: where its watchdog writes its stacks before it ends the worker.
         spawned_at: monotonic time of the fork.
         ready_at: monotonic time its server started accepting; None until then.
         stop_requested: the arbiter asked it to stop (an exit is then expected).
-        timed_out: the arbiter killed it for a stale heartbeat.
+        timed_out: its watchdog ended it, or the arbiter killed it, for a stale heartbeat.
+        exited: it has exited and been reaped (by the hub, before the arbiter handles the
+            exit): its pid may belong to another process already.
         exit_status: its wait status once reaped (see :meth:`describe_exit`).
     """
 
@@ -49,30 +52,44 @@ class WorkerProcess:
     ready_at: float | None = None
     stop_requested: bool = False
     timed_out: bool = False
+    exited: bool = False
     exit_status: int | None = None
 
     @property
     def state(self) -> str:
-        """``booting``, ``ready`` or ``stopping``."""
+        """``booting``, ``ready``, ``stopping`` or ``exited``."""
+        if self.exited:
+            return EXITED
         if self.stop_requested or self.timed_out:
             return STOPPING
         return READY if self.ready_at is not None else BOOTING
 
+    @property
+    def live(self) -> bool:
+        """Booting or ready: neither asked to stop, nor timed out, nor exited."""
+        return self.state in (BOOTING, READY)
+
     def send_signal(self, signum: signal.Signals) -> bool:
-        """Send ``signum``; False if the process is already gone."""
+        """Send ``signum``; False if the process is already gone (then nothing is sent: once
+        reaped, its pid may have been given to another process)."""
+        if self.exited:
+            return False
         try:
             os.kill(self.pid, signum)
         except ProcessLookupError:
             return False
         return True
 
-    def stop(self, signum: signal.Signals = signal.SIGTERM) -> None:
-        """Ask it to stop: SIGTERM drains its connections, SIGQUIT cuts them off."""
+    def stop(self, *, graceful: bool = True) -> None:
+        """Ask it to stop over its control channel: gracefully (it drains its connections, as
+        on SIGTERM) or at once (it cuts them off, as on SIGQUIT). A channel already closed
+        falls back on the signal."""
         self.stop_requested = True
-        self.send_signal(signum)
+        if not self.channel.send({"type": "stop", "graceful": graceful}):
+            self.send_signal(signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def read_stack(self) -> str:
-        """What its faulthandler has written so far."""
+        """What its watchdog wrote; empty unless the watchdog ended it."""
         with contextlib.suppress(OSError, ValueError):
             return os.pread(self.stack_file.fileno(), MAX_STACK, 0).decode("utf-8", "replace")
         return ""
@@ -95,9 +112,9 @@ class WorkerProcess:
         return os.WEXITSTATUS(status)
 
     def close(self) -> None:
-        """Release the channel, the board slot and the stack file (once reaped)."""
+        """Release the channel and the stack file (once reaped; the arbiter clears the board
+        slot as soon as it hears of the exit, for the next spawn to take)."""
         self.channel.close()
-        self.slot.clear()
         self.stack_file.close()
 
     def as_dict(self, now: float) -> dict[str, Any]:

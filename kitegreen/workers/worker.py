@@ -1,23 +1,24 @@
 """A worker process: what runs in the child after the arbiter forks.
 
 In order: leave the arbiter's greenlets and descriptors behind (``fork.start_afresh``), ask the
-kernel for SIGTERM should the arbiter die, start the heartbeat and the control channel, install
-the worker's signal handlers, import the application afresh (``load``: the arbiter never
-imports it, so a SIGHUP's new workers run the code as it is on disk now), start its
-``RpcServer`` on the inherited listener and tell the arbiter it is ready. It serves until a
-signal stops it, then sends its final figures and exits: 0 after a clean stop, 1 when requests
-in flight were cut off, 2 when the application would not load.
+kernel for SIGTERM should the arbiter die, start the heartbeat with its watchdog and the control
+channel, install the worker's signal handlers, import the application afresh (the arbiter never
+imports it, so a SIGHUP's new workers run the code as it is on disk now), give its server the
+settings the arbiter hands it (the probe's: the config file is not read again), start its
+``RpcServer`` on the inherited listener and tell the arbiter it is ready. It serves until the
+arbiter tells it to stop (or a signal does), then sends its final figures and exits: 0 after a
+clean stop, 1 when requests in flight were cut off or its watchdog ended it (its hub blocked for
+``worker_timeout``), 2 when the application would not load.
 
 The server runs with the instance's parts left to the arbiter: no Consul registration, no
 remote configuration watch, no debug server, no drain time (the arbiter deregisters and waits
-before it signals the workers), and its share of the instance's limits.
+before it stops the workers), and its share of the instance's limits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import faulthandler
-import functools
+import itertools
 import os
 import signal
 import socket
@@ -27,34 +28,36 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
+import gevent
 import structlog
-from gevent.util import format_run_info
 
+from kitegreen.config import Config
 from kitegreen.exceptions import ConfigError, LaunchError
+from kitegreen.exits import EXIT_CRASHED, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_USAGE
 from kitegreen.metrics import process_figures
-from kitegreen.signals import install_signal_handlers
+from kitegreen.signals import ServerStop, install_signal_handlers
 from kitegreen.workers import fork
 from kitegreen.workers.balance import AcceptBalance
 from kitegreen.workers.board import Board, Slot
-from kitegreen.workers.control import Channel
-from kitegreen.workers.heartbeat import Pulse
+from kitegreen.workers.control import SEND_TIMEOUT, Channel
+from kitegreen.workers.heartbeat import Pulse, Watchdog
 
 if TYPE_CHECKING:
     from kitegreen.server import RpcServer
 
-EXIT_OK = 0
-EXIT_UNCLEAN_STOP = 1
-EXIT_LOAD_FAILED = 2
-EXIT_CRASHED = 70
-"""A worker that raised out of its own code (``EX_SOFTWARE``): a bug of kitegreen's."""
 
-STACK_SIGNAL = signal.SIGUSR2
-"""What the arbiter sends a worker whose heartbeat is stale: faulthandler, registered for it,
-writes every thread's Python stack from the C signal handler, which works even while the hub is
-stuck in C code that holds the GIL and no greenlet can run."""
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH)
-"""The arbiter's signals: a worker that receives one (a terminal's process group, a careless
-``kill``) ignores it rather than stopping, which is the default for TTIN and TTOU."""
+IGNORED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
+"""Signals meant for the arbiter: a worker that receives one (a terminal's process group, a
+careless ``kill``) ignores it rather than stopping, which is the default for TTIN and TTOU.
+SIGINT among them: Ctrl-C reaches every process of the group, and the workers must keep
+serving while the arbiter drains."""
 MAX_ACCEPT = 1
 """Connections a worker accepts per wake-up of its accept loop: every worker is woken when a
 connection arrives on the shared listener, and the first to run would otherwise take the whole
@@ -62,6 +65,24 @@ burst (gevent's default is 100). See the README's measurements."""
 HEARTBEAT_INTERVAL_MAX = 1.0
 STALE_BEATS = 3
 """Heartbeats a worker may miss before the others' accept balance stops counting on it."""
+
+
+@dataclass(frozen=True)
+class Application:
+    """How a child process gets the application, as the launcher knows it.
+
+    Attributes:
+        load: imports the target and layers the config file, the environment and the flags
+            on its settings (the probe: what the instance will run with).
+        load_code: imports the target only (a worker, which is given the settings the probe
+            reported rather than reading the config file and the environment again: a
+            replacement runs with what was validated, whatever is on disk now).
+        on_load_error: logs a LaunchError or ConfigError raised by either.
+    """
+
+    load: Callable[[], RpcServer]
+    load_code: Callable[[], RpcServer]
+    on_load_error: Callable[[Exception], None]
 
 
 @dataclass(frozen=True)
@@ -73,14 +94,14 @@ class WorkerSpec:
         control: the worker's end of its control channel, a plain ``_socket.socket``.
         board: the instance's board.
         slot: its slot on the board (heartbeat, connections open, accepting).
-        stack_file: where faulthandler writes its stacks.
+        stack_file: where its watchdog writes its stacks (``heartbeat.py``).
         parent: the arbiter's pid.
-        worker_timeout: seconds its hub may stay blocked; the heartbeat beats four times as
-            often (at most once a second).
-        overrides: settings forced on the worker's server: its share of the limits, the
-            arbiter's listen settings, and the instance's parts switched off.
-        load: imports the application and returns its configured server.
-        on_load_error: logs a LaunchError or ConfigError from ``load``.
+        worker_timeout: seconds its hub may stay blocked before its watchdog ends it; the
+            heartbeat beats four times as often (at most once a second).
+        config: the worker server's settings: the instance's, as the probe reported them
+            (those the arbiter holds kept as they were at start), with the worker's share of
+            the limits and the instance's parts switched off.
+        app: how to import the application.
         signal_handles: the arbiter's signal handles, cancelled in the child.
     """
 
@@ -91,9 +112,8 @@ class WorkerSpec:
     stack_file: IO[bytes]
     parent: int
     worker_timeout: float
-    overrides: dict[str, Any]
-    load: Callable[[], RpcServer]
-    on_load_error: Callable[[Exception], None]
+    config: Config
+    app: Application
     signal_handles: list[Any]
 
 
@@ -116,10 +136,14 @@ class _Worker:
         self.spec = spec
         self.server: RpcServer | None = None
         self.log = structlog.get_logger("kitegreen.worker")
-        self.stop_requested = False
-        self.quick = False
+        # The other workers' accept balance must not wait for a stopping worker to take
+        # connections.
+        self.stop = ServerStop(
+            lambda: self.server, self.log, before=lambda: spec.slot.set_accepting(False)
+        )
         self.exiting = False
         self.channel: Channel | None = None
+        self._stats_seq = itertools.count(1)
 
     def run(self) -> int:
         spec = self.spec
@@ -129,11 +153,27 @@ class _Worker:
         )
         if not fork.die_with_parent(signal.SIGTERM, spec.parent):
             return EXIT_OK  # the arbiter died while forking us: nobody to serve for
-        faulthandler.register(STACK_SIGNAL, file=spec.stack_file, all_threads=True, chain=False)
-        spec.slot.stamp()
         interval = min(spec.worker_timeout / 4, HEARTBEAT_INTERVAL_MAX)
-        pulse = Pulse(spec.slot, interval, spec.parent, self._open_connections, self._orphaned)
+        pulse = Pulse(
+            spec.slot,
+            interval,
+            parent=spec.parent,
+            open_connections=self._open_connections,
+            orphaned=self._orphaned,
+            watchdog=Watchdog(spec.worker_timeout, spec.stack_file),
+            log=self.log,
+        )
+        # Armed now, before the application is imported with the hub blocked: an import that
+        # hangs ends the worker, its stack in the log, as a blocked hub later would.
+        pulse.beat()
         pulse.start()
+        try:
+            return self._serve(interval)
+        finally:
+            pulse.stop()
+
+    def _serve(self, interval: float) -> int:
+        spec = self.spec
         self.channel = Channel(
             socket.socket(fileno=spec.control.detach()),
             on_message=self._on_message,
@@ -141,16 +181,19 @@ class _Worker:
             log=self.log,
         )
         self.channel.start()
-        install_signal_handlers(self._signal_actions())
+        # The arbiter stops its workers with a control message. SIGTERM is kept for the kernel
+        # (PDEATHSIG) and for people; SIGINT is ignored (IGNORED_SIGNALS): a terminal's Ctrl-C
+        # reaches the whole process group, and the arbiter must drain before its workers stop.
+        install_signal_handlers(self.stop.actions(graceful=(signal.SIGTERM,)))
         fork.unblock_signals(ignore=IGNORED_SIGNALS)
         try:
-            server = spec.load()
-            server.reconfigure(server.config.replace(**spec.overrides))
+            server = spec.app.load_code()
+            server.reconfigure(spec.config)
         except (LaunchError, ConfigError) as exc:
-            spec.on_load_error(exc)
-            return EXIT_LOAD_FAILED
+            spec.app.on_load_error(exc)
+            return EXIT_USAGE
         self.server = server
-        if self.stop_requested:
+        if self.stop.requested:
             return EXIT_OK
         balance = AcceptBalance(
             spec.board, spec.slot, self._open_connections, stale_after=STALE_BEATS * interval
@@ -166,17 +209,19 @@ class _Worker:
         clean = server.stop()
         self.exiting = True
         self.channel.send({"type": "final", "stats": self.stats()})
-        pulse.stop()
+        self.channel.flush(SEND_TIMEOUT)
         self.channel.close()
-        return EXIT_OK if clean and not self.quick else EXIT_UNCLEAN_STOP
+        return EXIT_OK if clean and not self.stop.quick else EXIT_UNCLEAN_STOP
 
     def _open_connections(self) -> int:
         return self.server.limiter.connections if self.server is not None else 0
 
     def stats(self) -> dict[str, Any]:
-        """This worker's figures for the arbiter (see ``control.py``)."""
+        """This worker's figures for the arbiter (see ``control.py``), numbered: the arbiter
+        keeps only the newest it received."""
         server = self.server
         return {
+            "seq": next(self._stats_seq),
             "metrics": server.metrics.snapshot() if server and server.metrics else None,
             "overload": server.overload() if server else None,
             "process": process_figures(),
@@ -193,51 +238,21 @@ class _Worker:
                 endpoint_qps_limits=message["endpoint_qps_limits"],
                 source=str(message.get("source", "arbiter")),
             )
-
-    def _stop(self, reason: str, **fields: Any) -> None:
-        self.stop_requested = True
-        # The other workers' accept balance must not wait for this one to take connections.
-        self.spec.slot.set_accepting(False)
-        if self.server is not None:
-            self.log.info(reason, **fields)
-            self.server.stop()
+        elif kind == "stop":
+            # In a greenlet of its own: a stop waits for the drain, and the channel must go on
+            # answering meanwhile.
+            if message.get("graceful", True):
+                gevent.spawn(self.stop.graceful, "asked to stop by the arbiter")
+            else:
+                gevent.spawn(
+                    self.stop.at_once, "asked by the arbiter to stop at once without draining"
+                )
 
     def _orphaned(self) -> None:
-        self._stop("the arbiter is gone; stopping", arbiter=self.spec.parent)
+        gevent.spawn(self.stop.graceful, "the arbiter is gone; stopping", arbiter=self.spec.parent)
 
     def _channel_closed(self) -> None:
-        if not self.exiting and not self.stop_requested:
-            self._stop("the control channel closed: the arbiter is gone; stopping")
-
-    def _signal_actions(self) -> dict[signal.Signals, Callable[[], object]]:
-        def stop(signum: signal.Signals) -> None:
-            self._stop("signal received, stopping", signal=signum.name)
-
-        def quit_now() -> None:
-            self.log.warning(
-                "signal received, stopping at once without draining",
-                signal="SIGQUIT",
-                stack=_stacks(),
+        if not self.exiting and not self.stop.requested:
+            gevent.spawn(
+                self.stop.graceful, "the control channel closed: the arbiter is gone; stopping"
             )
-            if self.stop_requested or self.server is None:
-                # A graceful stop is already waiting for requests in flight, and stop() is
-                # idempotent: only leaving the process cuts that wait short.
-                sys.stderr.flush()
-                os._exit(EXIT_UNCLEAN_STOP)
-            self.quick = self.stop_requested = True
-            self.spec.slot.set_accepting(False)
-            self.server.stop(timeout=0)
-
-        def dump_stacks() -> None:
-            self.log.info("greenlet and thread stacks", signal="SIGUSR1", stack=_stacks())
-
-        return {
-            signal.SIGTERM: functools.partial(stop, signal.SIGTERM),
-            signal.SIGINT: functools.partial(stop, signal.SIGINT),
-            signal.SIGQUIT: quit_now,
-            signal.SIGUSR1: dump_stacks,
-        }
-
-
-def _stacks() -> str:
-    return "\n".join(format_run_info())
