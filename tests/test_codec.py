@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import shutil
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +31,7 @@ from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.transport.memory import TCyMemoryBuffer
 from wire import varint
 
+import kitegreen
 from kitegreen.codec import _thrift
 from kitegreen.exceptions import FrameTooLarge, ProtocolError
 
@@ -664,3 +669,21 @@ def test_no_leaks_on_success_or_error_paths():
     finally:
         tracemalloc.stop()
     assert after - before < 64 * 1024, f"{after - before} bytes left behind by 2000 rounds"
+
+
+def test_a_checkout_without_the_built_codec_says_how_to_fix_it(tmp_path):
+    """Importing kitegreen from a source tree whose codec was never built (``pip install .``,
+    then ``python -m kitegreen`` from the checkout) names the cause and the fix."""
+    source = Path(kitegreen.__file__).parent
+    shutil.copytree(source, tmp_path / "kitegreen", ignore=shutil.ignore_patterns("*.so"))
+    result = subprocess.run(
+        [sys.executable, "-c", "import kitegreen.codec"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "compiled codec is not built" in result.stderr
+    assert "pip install -e ." in result.stderr
