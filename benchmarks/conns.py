@@ -1,0 +1,197 @@
+"""Where the cost of more connections goes: ``python benchmarks/conns.py [STUDY ...]``.
+
+kitegreen's server CPU per request grows between 50 and 500 connections (``run.py``'s target
+"at 500 no more than 1.10x its own at 50"). Each study below separates one possible cause, on
+``ping()`` over binary/buffered, kitegreen with its limits off, at ``--conns`` (50,500):
+
+``null``        the C null server (``loadgen --serve``) pinned like a server: its CPU per
+                request is mostly the kernel's loopback TCP path, so its growth is the kernel's
+``curve``       one kitegreen server, the connection counts measured back to back, twice
+``syscalls``    system calls per request (``strace -c -f`` attached for a fixed request count)
+``cachegrind``  user-space instructions and simulated cache misses per request (valgrind's
+                cachegrind, last level set to ``--cache`` bytes, by default an EPYC core's
+                512 KiB L2), a run without load subtracted; slow: about a minute per count
+
+Every run is bounded by a request count or a duration, and binds 127.0.0.1 only. Needs the
+load generator ``run.py`` builds, and ``strace`` / ``valgrind`` for those studies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run  # noqa: E402 - the benchmarks folder is not a package
+import servers  # noqa: E402
+
+WIRE = "binary-buffered"
+SUBJECT = "kitegreen-unlimited"
+
+
+def loadgen(port: int, msg: run.Message, conns: int, requests: int) -> int:
+    """Serve ``requests`` calls over ``conns`` connections; how many were done."""
+    proc = subprocess.run(
+        [
+            str(run.LOADGEN),
+            *("--port", str(port), "--request", str(msg.request), "--reply", str(msg.reply)),
+            *("--conns", str(conns), "--warmup", "0", "--duration", "300"),
+            *("--max-requests", str(requests), "--connect-timeout", "30"),
+        ],
+        capture_output=True,
+        timeout=360,
+        check=True,
+    )
+    result = json.loads(proc.stdout)
+    return int(result["requests"] + result.get("warmup_requests", 0))
+
+
+def start(cmd: list[str], port: int, msg: run.Message, within: float) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + within
+    while not run.call_once(port, msg, timeout=1.0):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise SystemExit(f"server did not start: {' '.join(cmd[:4])} ...")
+        time.sleep(0.05)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> str:
+    """SIGTERM the server's group; what it wrote on standard error."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return err.decode(errors="replace")
+
+
+def cpu_per_request(
+    label: str, pid: int, port: int, args: argparse.Namespace, msg: run.Message, pin: bool
+) -> None:
+    """Each connection count in turn, ``--rounds`` times: req/s and the server's CPU µs/req."""
+    for rnd in range(args.rounds):
+        for conns in args.conns:
+            cpu0 = run.cpu_seconds(pid)
+            res = run.run_loadgen(port, msg, conns, args.warmup, args.duration, pin)
+            us = run._per_request(run.cpu_seconds(pid) - cpu0, res)
+            rps = res["rps"]
+            print(f"{label} round {rnd} {conns:5d} conns: {rps:9,.0f} req/s {us:6.2f} µs/req")
+
+
+def study_null(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
+    port = run.free_port()
+    cmd = [str(run.LOADGEN), "--port", str(port), "--request", str(msg.request)]
+    cmd += ["--reply", str(msg.reply), "--serve", "300"]
+    proc = start(run.pinned(run.SERVER_CORE, cmd, pin), port, msg, 5.0)
+    try:
+        cpu_per_request("null", proc.pid, port, args, msg, pin)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def study_curve(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
+    server = run.start_server(SUBJECT, WIRE, msg, pin)
+    try:
+        cpu_per_request("curve", server.proc.pid, server.port, args, msg, pin)
+    finally:
+        server.stop()
+
+
+def study_syscalls(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
+    for conns in args.conns:
+        port = run.free_port()
+        proc = start(servers.command(SUBJECT, port, WIRE), port, msg, 30.0)
+        out = run.BUILD / f"strace.{conns}.txt"
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-p", str(proc.pid), "-o", str(out)],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(1.0)  # strace attaches to every thread; no event says when it has
+            done = loadgen(port, msg, conns, args.requests)
+        finally:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(timeout=30)
+            stop(proc)
+        rows = []
+        for line in out.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                rows.append((parts[-1], int(parts[3]) / done))
+        top = ", ".join(f"{name} {per:.3f}" for name, per in sorted(rows, key=lambda r: -r[1])[:4])
+        total = sum(per for _, per in rows)
+        print(f"syscalls {conns:5d} conns: {total:.3f} per request ({top})")
+
+
+def study_cachegrind(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
+    def measure(conns: int) -> tuple[int, dict[str, int]]:
+        port = run.free_port()
+        cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", f"--LL={args.cache},8,64"]
+        cmd += [f"--cachegrind-out-file={run.BUILD / f'cachegrind.{conns}.out'}"]
+        proc = start(cmd + servers.command(SUBJECT, port, WIRE), port, msg, 120.0)
+        try:
+            done = loadgen(port, msg, conns, args.requests) if conns else 0
+        finally:
+            text = stop(proc)
+        figures = {}
+        for key, pattern in (
+            ("instructions", r"I\s+refs:\s+([\d,]+)"),
+            ("D1 misses", r"D1\s+misses:\s+([\d,]+)"),
+            ("LL data misses", r"LLd misses:\s+([\d,]+)"),
+        ):
+            found = re.search(pattern, text)
+            if found is None:
+                raise SystemExit(f"no {key!r} in cachegrind's summary")
+            figures[key] = int(found.group(1).replace(",", ""))
+        return done, figures
+
+    _, idle = measure(0)
+    for conns in args.conns:
+        done, figures = measure(conns)
+        per = ", ".join(f"{k} {(v - idle[k]) / done:,.1f}" for k, v in figures.items())
+        print(f"cachegrind {conns:5d} conns, {done} requests, per request: {per}")
+
+
+STUDIES = {
+    "null": study_null,
+    "curve": study_curve,
+    "syscalls": study_syscalls,
+    "cachegrind": study_cachegrind,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("studies", nargs="*", help=f"any of {', '.join(STUDIES)} (default: all)")
+    parser.add_argument("--conns", default="50,500", help="comma-separated connection counts")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--requests", type=int, default=20000, help="per count, strace/valgrind")
+    parser.add_argument("--cache", type=int, default=512 * 1024, help="simulated cache, bytes")
+    args = parser.parse_args(argv)
+    args.conns = [int(c) for c in args.conns.split(",")]
+    unknown = [s for s in args.studies if s not in STUDIES]
+    if unknown:
+        parser.error(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}")
+    run.build_loadgen()
+    msg = run.encode_messages()["ping", WIRE]
+    pin = run.can_pin()
+    for name in args.studies or list(STUDIES):
+        STUDIES[name](args, msg, pin)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
