@@ -245,6 +245,7 @@ class RpcServer:
         else:
             host, port = sock.getsockname()[:2]
             self._address = (str(host), int(port))
+        running: list[Any] = []
         try:
             self._acceptor = Acceptor(
                 sock,
@@ -255,15 +256,27 @@ class RpcServer:
                 gate=accept_gate,
             )
             self._acceptor.start()
-            self._started = True
             self._make_registrar(spec)
             for part in self._background:
                 part.start()
+                running.append(part)
         except BaseException:
+            # Undo everything, so that nothing runs for a server that did not start (a
+            # registrar would announce a closed port) and start() can be called again.
+            for part in reversed(running):
+                part.stop()
+            if self.registrar is not None:
+                self._background.remove(self.registrar)
+                self.registrar = None
+            if self._acceptor is not None:
+                self._acceptor.stop_accepting()
+                self._acceptor = None
             self._cleanup_listener()
             if self._owns_listener:
                 sock.close()
+            self._address = None
             raise
+        self._started = True
         where = self.describe_address()
         self.log.info(
             "listening",
@@ -399,9 +412,6 @@ class RpcServer:
     # -- connections -----------------------------------------------------------------------
 
     def _admit(self, sock: Any, address: Any) -> bool:
-        if self._ctx.stopping:
-            sock.close()
-            return False
         if self.limiter.admit_connection():
             return True
         sock.close()

@@ -5,12 +5,14 @@ clients and, for what no well-behaved client does (stall, pipeline, send garbage
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import socket
 import stat
 import struct
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +35,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer, TTransportException
 
 import kitegreen
+from kitegreen.hubwatch import HubWatch
 
 TestService = testsvc_thrift.TestService
 
@@ -346,6 +349,33 @@ class TestTcpListen:
         assert port > 0
         assert server.describe_address() == f"127.0.0.1:{port}"
 
+    def test_a_start_that_fails_undoes_itself_and_can_be_retried(self, handler, monkeypatch):
+        """When a part of the server fails to start (here the hub watchdog's thread, as when
+        the process is out of threads), start() raises, nothing is left accepting on the port,
+        and a later start() serves."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = kitegreen.RpcServer(
+            TestService, handler, loopback_config(port=port, hub_block_threshold=1.0)
+        )
+
+        def no_thread(self: Any) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(HubWatch, "start", no_thread)
+        with pytest.raises(RuntimeError, match="new thread"):
+            server.start()
+        assert not server.started
+        assert not can_connect(("127.0.0.1", port))
+        monkeypatch.undo()
+        server.start()
+        try:
+            with thriftpy2_client(TestService, server.address) as client:
+                assert client.echo("retried") == "retried"
+        finally:
+            assert server.stop(timeout=2.0)
+
     def test_address_in_use(self, server, handler):
         """A port another server holds raises ListenError naming the address."""
         port = server.address[1]
@@ -432,6 +462,31 @@ class TestHandlerErrors:
             assert info.value.message == "bad input"
             assert info.value.code == 422
             assert client.add(1, 1) == 2
+
+    def test_a_declared_exception_is_freed_once_answered(self, handler, make_server, monkeypatch):
+        """The declared exception a handler raises, and with it the frames its traceback holds
+        (the request's arguments and bytes), is freed once answered, with the cyclic GC off:
+        a connection keeps no request alive after its reply."""
+        refs: list[weakref.ref[BaseException]] = []
+
+        def raise_declared(message: str, code: int) -> None:
+            exc = testsvc_thrift.Declared(message=message, code=code)
+            refs.append(weakref.ref(exc))
+            raise exc
+
+        monkeypatch.setattr(handler, "raise_declared", raise_declared)
+        server = make_server()
+        gc.disable()
+        try:
+            with thriftpy2_client(testsvc_thrift.TestService, server.address) as client:
+                with pytest.raises(testsvc_thrift.Declared):
+                    client.raise_declared("bad input", 422)
+                assert wait_until(lambda: refs[0]() is None, timeout=2.0), (
+                    "the declared exception outlived its reply"
+                )
+                assert client.add(1, 1) == 2
+        finally:
+            gc.enable()
 
     def test_wrong_return_type_is_internal_error(self, server):
         """A result the IDL cannot encode gets INTERNAL_ERROR; the connection serves on."""

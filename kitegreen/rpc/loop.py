@@ -261,7 +261,13 @@ class Connection:
         fid = 0
         outcome = "ok"
         try:
-            value = method.func(*args)
+            try:
+                value = method.func(*args)
+            finally:
+                # Before any answer goes out, error answers included: a timer firing in a
+                # send would leave half a message on the wire and kill the connection.
+                if timer is not None:
+                    timer.close()
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
@@ -269,7 +275,10 @@ class Connection:
             return
         except method.declared_types as exc:
             fid = method.declared_fid(exc)
-            value = exc
+            # Without its traceback: the traceback holds this frame, which holds the
+            # exception, a cycle that would keep the request's bytes and arguments alive
+            # until the cyclic GC runs.
+            value = exc.with_traceback(None)
             outcome = "declared"
         except TApplicationException as exc:
             if not method.oneway:
@@ -287,9 +296,6 @@ class Connection:
                 )
             self._finish(method, begun, "internal")
             return
-        finally:
-            if timer is not None:
-                timer.close()
 
         if not method.oneway:
             self._send_result(method, seqid, fid, value)
