@@ -171,18 +171,6 @@ StructSpec_repr(StructSpec *self)
     return PyUnicode_FromFormat("<StructSpec %R, %zd fields>", self->cls, self->nfields);
 }
 
-static PyObject *
-StructSpec_get_cls(StructSpec *self, void *closure)
-{
-    (void)closure;
-    return Py_NewRef(self->cls);
-}
-
-static PyGetSetDef StructSpec_getset[] = {
-    {"cls", (getter)StructSpec_get_cls, NULL, "The thriftpy2 class this spec describes.", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
 static PyTypeObject StructSpecType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "kitegreen.codec._thrift.StructSpec",
@@ -191,7 +179,6 @@ static PyTypeObject StructSpecType = {
     .tp_repr = (reprfunc)StructSpec_repr,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A thriftpy2 struct's spec, compiled once for the codec.",
-    .tp_getset = StructSpec_getset,
 };
 
 static PyObject *compile_spec(PyObject *cls);
@@ -394,7 +381,7 @@ compile_spec(PyObject *cls)
         if (self->nfields == 1 || fid > max_fid)
             max_fid = (int)fid;
     }
-    /* A direct index for the usual small, dense field ids; binary search otherwise. */
+    /* A direct index for the usual small, dense field ids; a linear scan otherwise. */
     if (self->nfields && max_fid - min_fid < 1024) {
         self->span = max_fid - min_fid + 1;
         self->min_fid = min_fid;
@@ -1369,25 +1356,12 @@ Scanner_feed(Scanner *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(rc ? start + self->st.pos : -1);
 }
 
-static PyObject *
-Scanner_get_consumed(Scanner *self, void *closure)
-{
-    (void)closure;
-    return PyLong_FromSsize_t(self->st.pos);
-}
-
 static PyMethodDef Scanner_methods[] = {
     {"feed", (PyCFunction)(void (*)(void))Scanner_feed, METH_FASTCALL,
      "feed(buf, start, end) -> int\n\nGo on scanning the message that begins at buf[start], "
      "of which end-start bytes are present. Returns the offset just past its end, or -1 "
      "when more bytes are needed."},
     {NULL, NULL, 0, NULL},
-};
-
-static PyGetSetDef Scanner_getset[] = {
-    {"consumed", (getter)Scanner_get_consumed, NULL, "Bytes of the message scanned so far.",
-     NULL},
-    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject ScannerType = {
@@ -1397,7 +1371,6 @@ static PyTypeObject ScannerType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The state of a scan for the end of a message whose bytes are still arriving.",
     .tp_methods = Scanner_methods,
-    .tp_getset = Scanner_getset,
 };
 
 /* scan(proto, buf, start, end, max_size) -> int | Scanner */
@@ -2208,7 +2181,6 @@ PyInit__thrift(void)
         return NULL;
     if (PyModule_AddIntConstant(m, "BINARY", PROTO_BINARY) < 0 ||
         PyModule_AddIntConstant(m, "COMPACT", PROTO_COMPACT) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
         PyModule_AddObjectRef(m, "StructSpec", (PyObject *)&StructSpecType) < 0 ||
         PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0) {
         Py_DECREF(m);

@@ -5,15 +5,10 @@ from typing_extensions import Buffer
 
 BINARY: Final[int]
 COMPACT: Final[int]
-MAX_DEPTH: Final[int]
 
-class StructSpec:
-    @property
-    def cls(self) -> type: ...
+class StructSpec: ...
 
 class Scanner:
-    @property
-    def consumed(self) -> int: ...
     def feed(self, buf: Buffer, start: int, end: int, /) -> int: ...
 
 def compile(cls: type, /) -> StructSpec: ...

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from kitegreen.codec._thrift import BINARY, COMPACT
+from kitegreen.codec.headers import header_kind
 from kitegreen.exceptions import ProtocolError
 
 BINARY_MAGIC = 0x80
@@ -28,7 +29,6 @@ DETECT_BYTES = 6
 """The most bytes :func:`detect` needs to decide."""
 
 _NAMES = {BINARY: "binary", COMPACT: "compact"}
-_HEADER_MAGIC = {b"\x10\x00": "ttheader", b"\x0f\xff": "theader"}
 
 
 class Wire(NamedTuple):
@@ -85,7 +85,7 @@ def detect(head: bytes, max_frame_size: int) -> Wire | None:
     if marker in (0x10, 0x0F):
         if len(head) < 6:
             return None
-        header = _HEADER_MAGIC.get(bytes(head[4:6]))
+        header = header_kind(head)
         if header is not None:
             return Wire(BINARY, framed=True, header=header)
     raise ProtocolError(f"not a Thrift message: starts with {bytes(head[:6])!r}")

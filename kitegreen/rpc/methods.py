@@ -25,7 +25,6 @@ class Method:
         result_cls: the generated ``<name>_result`` struct.
         func: the handler's bound method, called with the arguments the codec decodes as a
             tuple in IDL order (``_thrift.read_args``).
-        arg_names: argument names, in IDL order.
         oneway: whether the method sends no reply.
         declared: ``(exception class, result field id)`` for each ``throws`` clause.
         stats: per-method instruments, attached by the server (metrics, limits).
@@ -37,7 +36,6 @@ class Method:
     args_cls: type
     result_cls: type
     func: Callable[..., Any]
-    arg_names: tuple[str, ...]
     oneway: bool
     declared: tuple[tuple[type[BaseException], int], ...]
     declared_types: tuple[type[BaseException], ...]
@@ -83,8 +81,6 @@ def build_methods(service: Any, handler: object) -> dict[str, Method]:
     for name in names:
         args_cls = getattr(service, f"{name}_args")
         result_cls = getattr(service, f"{name}_result")
-        # IDL declaration order, which is how thriftpy2's own TProcessor passes arguments.
-        arg_names = tuple(spec[1] for spec in args_cls.thrift_spec.values())
         declared = tuple(
             (spec[2], fid)
             for fid, spec in sorted(result_cls.thrift_spec.items())
@@ -96,7 +92,6 @@ def build_methods(service: Any, handler: object) -> dict[str, Method]:
                 args_cls=args_cls,
                 result_cls=result_cls,
                 func=getattr(handler, name),
-                arg_names=arg_names,
                 oneway=bool(getattr(result_cls, "oneway", False)),
                 declared=declared,
                 declared_types=tuple(cls for cls, _ in declared),
