@@ -1,26 +1,10 @@
-"""A server for the launcher tests: ``python -m kitegreen tests/launcher_target.py:server``.
-
-``slow`` logs ``slow call started`` when it begins, so a test reading the log knows the call is
-in flight before it signals the process.
-"""
+"""A server for the launcher tests: ``python -m kitegreen tests/launcher_target.py:server``."""
 
 from __future__ import annotations
 
-import structlog
-from conftest import Handler, testsvc_thrift
+from service import LoggingHandler, testsvc_thrift
 
 import kitegreen
-
-log = structlog.get_logger("launcher_target")
-
-
-class LoggingHandler(Handler):
-    """The test handler, telling the log when a slow call starts."""
-
-    def slow(self, seconds: float, message: str) -> str:
-        log.info("slow call started", seconds=seconds)
-        return super().slow(seconds, message)
-
 
 server = kitegreen.RpcServer(
     testsvc_thrift.TestService,

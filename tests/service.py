@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import structlog
 import thriftpy2
 
 import kitegreen
@@ -80,3 +81,12 @@ class Handler:
         end = time.perf_counter() + self._capped(seconds)
         while time.perf_counter() < end:
             pass
+
+
+class LoggingHandler(Handler):
+    """The test handler, logging ``slow call started`` when ``slow`` begins: a test reading a
+    launched server's log then knows the call is in flight before it signals the process."""
+
+    def slow(self, seconds: float, message: str) -> str:
+        structlog.get_logger("kitegreen.tests").info("slow call started", seconds=seconds)
+        return super().slow(seconds, message)

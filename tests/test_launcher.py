@@ -404,7 +404,7 @@ class TestErrors:
 
     def test_target_that_is_not_a_server(self):
         """A target naming something other than a server says what it expected."""
-        status, _, stderr = run("tests/launcher_target.py:Handler", *QUIET)
+        status, _, stderr = run("tests/launcher_target.py:LoggingHandler", *QUIET)
         assert status == 2
         assert "expected a kitegreen.RpcServer" in stderr
 
