@@ -30,8 +30,9 @@ import gc
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Collection, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import gevent
 from gevent import os as gevent_os
@@ -61,6 +62,24 @@ def fork(on_exit: Callable[[int, int], None]) -> int:
     if pid:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return pid
+
+
+def run_child(body: Callable[[], int], crashed: int) -> NoReturn:
+    """Run a just-forked child's ``body`` and exit with its status; never return.
+
+    Whatever happens, the child must not return into the parent's code (it would run the
+    arbiter's loop a second time): an exception is printed and the child exits ``crashed``.
+    """
+    status = crashed
+    try:
+        status = body()
+    except BaseException:  # noqa: BLE001 - whatever happens, the child must not return
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(status)
 
 
 def reap(pid: int) -> None:

@@ -27,8 +27,6 @@ import json
 import os
 import signal
 import socket
-import sys
-import traceback
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -249,8 +247,7 @@ def _check_fits_workers(server: RpcServer) -> None:
 
 
 def _run_probe(child_end: Any, app: Application, signal_handles: list[Any]) -> NoReturn:
-    status = EXIT_CRASHED
-    try:
+    def body() -> int:
         fork.start_afresh(keep_fds=(child_end.fileno(),), signal_handles=signal_handles)
         fork.unblock_signals(ignore=IGNORED_SIGNALS)
         try:
@@ -258,15 +255,9 @@ def _run_probe(child_end: Any, app: Application, signal_handles: list[Any]) -> N
             _check_fits_workers(server)
         except (LaunchError, ConfigError) as exc:
             app.on_load_error(exc)
-            status = EXIT_USAGE
-        else:
-            with socket.socket(fileno=child_end.detach()) as sock:
-                sock.sendall(config_to_json(server.config))
-            status = 0
-    except BaseException:  # noqa: BLE001 - whatever happens, the child must not return
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        os._exit(status)
+            return EXIT_USAGE
+        with socket.socket(fileno=child_end.detach()) as sock:
+            sock.sendall(config_to_json(server.config))
+        return 0
+
+    fork.run_child(body, crashed=EXIT_CRASHED)

@@ -17,13 +17,9 @@ before it stops the workers), and its share of the instance's limits.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import signal
 import socket
-import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, NoReturn
@@ -119,16 +115,7 @@ class WorkerSpec:
 
 def run_worker(spec: WorkerSpec) -> NoReturn:
     """Run a worker in a just-forked child; never returns into the arbiter's code."""
-    status = EXIT_CRASHED
-    try:
-        status = _Worker(spec).run()
-    except BaseException:  # noqa: BLE001 - whatever happens, the child must not return
-        with contextlib.suppress(Exception):
-            traceback.print_exc()
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        os._exit(status)
+    fork.run_child(lambda: _Worker(spec).run(), crashed=EXIT_CRASHED)
 
 
 class _Worker:
