@@ -18,7 +18,7 @@ from kitegreen._version import VERSION as __version__  # noqa: N811
 if _typing.TYPE_CHECKING:
     from kitegreen.config import Config
     from kitegreen.context import RequestInfo, real_ip, request_info
-    from kitegreen.events import Event
+    from kitegreen.discovery.registry import ConsulRegistry, NullRegistry, Registration, Registry
     from kitegreen.exceptions import (
         ConfigError,
         FrameTooLarge,
@@ -29,8 +29,8 @@ if _typing.TYPE_CHECKING:
         ProtocolError,
         RegistryError,
     )
-    from kitegreen.registry import ConsulRegistry, NullRegistry, Registration, Registry
-    from kitegreen.reporter import NullReporter, Reporter
+    from kitegreen.observability.events import Event
+    from kitegreen.observability.reporter import NullReporter, Reporter
     from kitegreen.server import RpcServer
 
 __all__ = [
@@ -60,20 +60,20 @@ __all__ = [
 _SOURCES = {
     "Config": "kitegreen.config",
     "ConfigError": "kitegreen.exceptions",
-    "ConsulRegistry": "kitegreen.registry",
-    "Event": "kitegreen.events",
+    "ConsulRegistry": "kitegreen.discovery.registry",
+    "Event": "kitegreen.observability.events",
     "FrameTooLarge": "kitegreen.exceptions",
     "HandlerError": "kitegreen.exceptions",
     "KitegreenError": "kitegreen.exceptions",
     "LaunchError": "kitegreen.exceptions",
     "ListenError": "kitegreen.exceptions",
-    "NullRegistry": "kitegreen.registry",
-    "NullReporter": "kitegreen.reporter",
+    "NullRegistry": "kitegreen.discovery.registry",
+    "NullReporter": "kitegreen.observability.reporter",
     "ProtocolError": "kitegreen.exceptions",
-    "Registration": "kitegreen.registry",
-    "Registry": "kitegreen.registry",
+    "Registration": "kitegreen.discovery.registry",
+    "Registry": "kitegreen.discovery.registry",
     "RegistryError": "kitegreen.exceptions",
-    "Reporter": "kitegreen.reporter",
+    "Reporter": "kitegreen.observability.reporter",
     "RequestInfo": "kitegreen.context",
     "RpcServer": "kitegreen.server",
     "real_ip": "kitegreen.context",

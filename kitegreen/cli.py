@@ -90,10 +90,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
     tune_malloc()
     import structlog
 
-    from kitegreen import logs
     from kitegreen.config import Config
     from kitegreen.config.help import describe
     from kitegreen.exceptions import ConfigError, LaunchError
+    from kitegreen.observability import logs
 
     args, flags = _parse_args(argv, prog)
     try:

@@ -21,15 +21,16 @@ from gevent.pool import Pool
 
 from kitegreen._version import VERSION
 from kitegreen.config import Config, check_endpoint_qps_limits, check_int
-from kitegreen.consul_client import ConsulConnection
-from kitegreen.debug import DebugServer
-from kitegreen.events import Event, EventQueue
-from kitegreen.hubwatch import HubWatch
+from kitegreen.discovery.consul import ConsulConnection
+from kitegreen.discovery.registry import ConsulRegistry, Registrar, Registry, make_registrar
+from kitegreen.discovery.remote_config import RemoteConfigWatcher
 from kitegreen.limiter import Limiter, Limits
-from kitegreen.metrics import Metrics
-from kitegreen.registry import ConsulRegistry, Registrar, Registry, make_registrar
-from kitegreen.remote_config import RemoteConfigWatcher
-from kitegreen.reporter import (
+from kitegreen.observability.debug import DebugServer
+from kitegreen.observability.events import Event, EventQueue
+from kitegreen.observability.hubwatch import HubWatch
+from kitegreen.observability.metrics import Metrics
+from kitegreen.observability.panics import PanicLog
+from kitegreen.observability.reporter import (
     CONNECTION_OVERLOAD,
     HUB_BLOCKED,
     NullReporter,
@@ -39,15 +40,14 @@ from kitegreen.reporter import (
 from kitegreen.rpc import metadata
 from kitegreen.rpc.loop import Connection, ServeContext
 from kitegreen.rpc.methods import build_methods
-from kitegreen.rpc.panics import PanicLog
 from kitegreen.transport.acceptor import Acceptor
+from kitegreen.transport.connections import IdleSweeper
 from kitegreen.transport.listener import (
     ListenSpec,
     describe_address,
     listen,
     remove_unix_socket,
 )
-from kitegreen.transport.streams import IdleSweeper
 
 FIRST_REQUEST_GRACE = 1.0
 """Seconds a stop spares a connection accepted before it that has not sent its first request

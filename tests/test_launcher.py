@@ -24,8 +24,8 @@ from conftest import TESTS, testsvc_thrift, wait_until
 from launching import Launcher, json_lines, launcher_env
 
 from kitegreen import Config
-from kitegreen import logs as kg_logs
 from kitegreen.config import DEFAULT_LIMIT_QPS, DEFAULT_WORKER_TIMEOUT
+from kitegreen.observability import logs as kg_logs
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -24,11 +24,11 @@ from thrift.Thrift import TApplicationException as ApacheAppError
 from thriftpy2.thrift import TApplicationException
 
 import kitegreen
-from kitegreen.events import EventQueue
-from kitegreen.hubwatch import HubWatch
-from kitegreen.reporter import ReportGate
+from kitegreen.observability.events import EventQueue
+from kitegreen.observability.hubwatch import HubWatch
+from kitegreen.observability.panics import PanicLog
+from kitegreen.observability.reporter import ReportGate
 from kitegreen.rpc.loop import LOADSHEDDING
-from kitegreen.rpc.panics import PanicLog
 
 pytestmark = pytest.mark.timeout(20)
 

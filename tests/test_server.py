@@ -35,7 +35,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TMemoryBuffer, TTransportException
 
 import kitegreen
-from kitegreen.hubwatch import HubWatch
+from kitegreen.observability.hubwatch import HubWatch
 
 TestService = testsvc_thrift.TestService
 

@@ -25,11 +25,12 @@ from kitegreen.codec.headers import HeaderFrame, StrKey, parse_frame
 from kitegreen.context import RequestInfo
 from kitegreen.exceptions import ProtocolError, describe
 from kitegreen.limiter import Limiter
-from kitegreen.metrics import Metrics
-from kitegreen.reporter import PANIC, QPS_OVERLOAD, ReportGate
+from kitegreen.observability.metrics import Metrics
+from kitegreen.observability.panics import PanicLog
+from kitegreen.observability.reporter import PANIC, QPS_OVERLOAD, ReportGate
 from kitegreen.rpc import metadata
 from kitegreen.rpc.methods import Method
-from kitegreen.rpc.panics import PanicLog
+from kitegreen.transport.connections import StreamSet
 from kitegreen.transport.stream import (
     CLOSE_LINGER,
     IdleTimeout,
@@ -37,7 +38,6 @@ from kitegreen.transport.stream import (
     PeerClosed,
     StopServing,
 )
-from kitegreen.transport.streams import StreamSet
 
 LOADSHEDDING = 11
 """``TApplicationException`` type for a request refused by a QPS limit: fbthrift's

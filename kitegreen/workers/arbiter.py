@@ -74,11 +74,12 @@ import structlog
 from gevent.pool import Pool
 from gevent.queue import Empty, Queue
 
-from kitegreen.backoff import Backoff
 from kitegreen.config import DEFAULT_WORKER_TIMEOUT, MAX_WORKERS, Config
 from kitegreen.config.settings import restart_fields
+from kitegreen.discovery.backoff import Backoff
 from kitegreen.exceptions import ConfigError, ListenError, describe
 from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_WORKERS_FAILED
+from kitegreen.instance import Instance, ready_count
 from kitegreen.signals import format_stacks, install_signal_handlers
 from kitegreen.transport.acceptor import take_backlog
 from kitegreen.transport.listener import (
@@ -92,7 +93,6 @@ from kitegreen.workers import fork
 from kitegreen.workers.board import Board
 from kitegreen.workers.control import Channel
 from kitegreen.workers.crashes import CrashPolicy
-from kitegreen.workers.instance import Instance, ready_count
 from kitegreen.workers.probe import Probe, probe_config, probe_timeout, start_probe
 from kitegreen.workers.process import BOOTING, WorkerProcess
 from kitegreen.workers.worker import Application, WorkerSpec, run_worker

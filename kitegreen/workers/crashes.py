@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from kitegreen.backoff import Backoff
+from kitegreen.discovery.backoff import Backoff
 
 MAX_STARTUP_CRASHES = 5
 """Start-up crashes in a row after which the arbiter gives up."""

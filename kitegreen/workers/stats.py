@@ -21,7 +21,7 @@ from typing import Any
 
 import gevent
 
-from kitegreen.metrics import empty_snapshot, merge_snapshots
+from kitegreen.observability.metrics import empty_snapshot, merge_snapshots
 from kitegreen.workers.process import WorkerProcess
 
 STATS_TIMEOUT = 1.0
@@ -90,7 +90,7 @@ class InstanceStats:
 
     def totals(self) -> dict[str, Any]:
         """Counters and histograms of the instance (retired and live workers), gauges of the
-        live ones: one :meth:`~kitegreen.metrics.Metrics.snapshot`-shaped value."""
+        live ones: one :meth:`~kitegreen.observability.metrics.Metrics.snapshot`-shaped value."""
         live = [s["metrics"] for s in self.live().values() if s.get("metrics")]
         return merge_snapshots([self._retired, *live])
 

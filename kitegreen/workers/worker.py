@@ -30,7 +30,7 @@ import structlog
 from kitegreen.config import Config
 from kitegreen.exceptions import ConfigError, LaunchError
 from kitegreen.exits import EXIT_CRASHED, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_USAGE
-from kitegreen.metrics import process_figures
+from kitegreen.observability.metrics import process_figures
 from kitegreen.signals import ServerStop, install_signal_handlers
 from kitegreen.workers import fork
 from kitegreen.workers.balance import AcceptBalance

@@ -30,14 +30,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kitegreen._version import VERSION
 from kitegreen.config import Config
-from kitegreen.consul_client import ConsulConnection
-from kitegreen.debug import DebugServer
-from kitegreen.events import EventQueue
+from kitegreen.discovery.consul import ConsulConnection
+from kitegreen.discovery.registry import ConsulRegistry, make_registrar
+from kitegreen.discovery.remote_config import RemoteConfigWatcher
 from kitegreen.limiter import Limits
-from kitegreen.metrics import InstanceMetrics, process_figures
-from kitegreen.registry import ConsulRegistry, make_registrar
-from kitegreen.remote_config import RemoteConfigWatcher
-from kitegreen.reporter import NullReporter, ReportGate
+from kitegreen.observability.debug import DebugServer
+from kitegreen.observability.events import EventQueue
+from kitegreen.observability.metrics import InstanceMetrics, process_figures
+from kitegreen.observability.reporter import NullReporter, ReportGate
 from kitegreen.transport.listener import ListenSpec, describe_address
 from kitegreen.workers.process import READY, WorkerProcess
 from kitegreen.workers.stats import InstanceStats, requests_of

@@ -27,9 +27,9 @@ from typing import Any
 import gevent
 from gevent.event import Event as GEvent
 
-from kitegreen.backoff import Backoff
 from kitegreen.config import check_int
-from kitegreen.consul_client import StopConsulCall
+from kitegreen.discovery.backoff import Backoff
+from kitegreen.discovery.consul import StopConsulCall
 from kitegreen.exceptions import ConfigError, describe
 
 KEY_PREFIX = "kite/limit"

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from kitegreen.events import EventQueue
+from kitegreen.observability.events import EventQueue
 
 CONNECTION_OVERLOAD = "Connection Overload"
 QPS_OVERLOAD = "QPS Overload"
@@ -94,16 +94,16 @@ class ReportGate:
         return True
 
     def registry_change(self, kind: str, detail: str) -> None:
-        """A :class:`~kitegreen.registry.Registrar`'s ``on_change``: a failure is reported, a
-        registration or a deregistration is an event."""
+        """A :class:`~kitegreen.discovery.registry.Registrar`'s ``on_change``: a failure is
+        reported, a registration or a deregistration is an event."""
         if kind == "failed":
             self.report(REGISTRY, detail)
         else:
             self._events.push(REGISTRY_CHANGE, f"{kind}: {detail}")
 
     def remote_config_event(self, kind: str, detail: str) -> None:
-        """A :class:`~kitegreen.remote_config.RemoteConfigWatcher`'s ``on_event``: a rejected
-        value or an unreachable Consul is reported (applied changes are events of whoever
+        """A :class:`~kitegreen.discovery.remote_config.RemoteConfigWatcher`'s ``on_event``:
+        a rejected value or an unreachable Consul is reported (applied changes are events of whoever
         applies them)."""
         if kind != "changed":
             self.report(REMOTE_CONFIG, f"{kind}: {detail}")

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import gevent
 from gevent.event import Event as GEvent
 
-from kitegreen.backoff import Backoff
-from kitegreen.consul_client import StopConsulCall
+from kitegreen.discovery.backoff import Backoff
+from kitegreen.discovery.consul import StopConsulCall
 from kitegreen.exceptions import RegistryError, describe
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class ConsulRegistry:
     """A :class:`Registry` on a Consul agent's HTTP API, through py-consul.
 
     Args:
-        client: a ``consul.Consul`` (see :func:`kitegreen.consul_client.make_consul`).
+        client: a ``consul.Consul`` (see :func:`kitegreen.discovery.consul.make_consul`).
     """
 
     def __init__(self, client: Any) -> None:

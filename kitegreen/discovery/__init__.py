@@ -1,0 +1,1 @@
+"""Consul: registration, the remote configuration, the client and its backoff."""
