@@ -1,101 +1,169 @@
-"""One instance, whatever the number of workers: what Consul, the debug port and the limits see.
+"""The control plane of one kitegreen instance, built once whatever the number of processes.
 
-The arbiter owns what belongs to the instance rather than to a process, once:
+An :class:`Instance` owns what belongs to the instance rather than to the code that serves
+requests: the recent-event ring and the rate-limited reports, the limits (the local settings
+with Consul's on top), the Consul registration, the remote-configuration watch, the debug
+server, the hub watch of its own process, ``runtime_info`` and the metrics it exposes.
 
-- **Consul registration**: registered once, for the shared listener's port; deregistered first
-  when the instance stops, before any worker is told to stop.
-- **Remote configuration**: watched once; a change reaches every worker over its control
-  channel at once (well within the 2 s the issue asks for).
-- **Limits**: ``limit_connections``, ``limit_qps`` and the per-method QPS limits stay the
-  instance's. Each worker enforces its share, ``ceil(limit / n)`` for the n workers serving
-  (0 stays 0, off): those that became ready, until they exit (one told to stop still serves
-  what it has while it drains). The shares are sent again whenever a worker becomes ready or
-  exits and whenever a limit changes; a worker starting takes the share it will have once
-  ready. The instance may take in up to ``n - 1`` more than the limit through rounding, and a
-  worker whose connections are busier than the others' refuses requests before the instance
-  as a whole reaches its QPS limit.
-- **The debug server**: one per instance, on the arbiter. ``/metrics`` sums the workers'
-  counters and histograms and shows each worker's gauges with a ``pid`` label;
-  ``/runtime/kite`` shows each worker and the totals; ``/health`` is 200 only while every
-  wanted worker is up and the instance is not stopping.
+It governs a :class:`Serving`, the data plane seen from above:
+
+- one process: :class:`~kitegreen.server.RpcServer` runs an
+  :class:`~kitegreen.rpc.engine.Engine` and an instance governing it in the same process;
+- ``--workers N``: the arbiter runs the instance, governing its
+  :class:`~kitegreen.workers.fleet.Fleet`; each worker is an engine that takes its share of
+  the limits over its control channel.
+
+The rules for the limits are the same in both: each limit in force is Consul's value while
+Consul sets one (the cluster key over the service key), else the local setting (the
+configuration, as changed since by ``update_limits()`` or a reload); a key removed or
+deleted brings the local setting back; while Consul is unreachable the last values stay.
+Each change that alters the limits in force is one ``limits changed`` log line and one
+``Config Change`` event.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from kitegreen._version import VERSION
-from kitegreen.config import Config
+from kitegreen.config import Config, check_endpoint_qps_limits, check_int
 from kitegreen.discovery.consul import ConsulConnection
-from kitegreen.discovery.registry import ConsulRegistry, make_registrar
+from kitegreen.discovery.registry import ConsulRegistry, Registrar, Registry, make_registrar
 from kitegreen.discovery.remote_config import RemoteConfigWatcher
 from kitegreen.limiter import Limits
 from kitegreen.observability.debug import DebugServer
-from kitegreen.observability.events import EventQueue
-from kitegreen.observability.metrics import InstanceMetrics, process_figures
-from kitegreen.observability.reporter import NullReporter, ReportGate
-from kitegreen.transport.listener import ListenSpec, describe_address
-from kitegreen.workers.process import READY, WorkerProcess
-from kitegreen.workers.stats import InstanceStats, requests_of
+from kitegreen.observability.events import Event, EventQueue
+from kitegreen.observability.hubwatch import HubWatch, block_reporter
+from kitegreen.observability.reporter import ReportGate
+from kitegreen.transport.listener import Binding
 
 CONFIG_CHANGE = "Config Change"
+"""The event of a change to the limits in force."""
+STOP_PHASE = "Stop Phase"
+"""The event of each phase of a stop (see :data:`STOP_PHASES`)."""
+STOP_PHASES = ("deregistered", "stopped accepting", "drained", "stopped")
+"""The phases of a graceful stop, in order, in both modes: the instance has left the registry
+(``drain_time`` then passes, serving as usual); no connection is accepted any more; the
+requests in flight have finished (or were cut off); the background greenlets have stopped."""
 
 
-def share(limit: int, workers: int) -> int:
-    """One worker's share of an instance's limit: ``ceil(limit / workers)``; 0 stays 0 (off)."""
-    return -(-limit // workers) if limit else 0
+class Serving(Protocol):
+    """The data plane an :class:`Instance` governs."""
+
+    def apply_limits(self, limits: Limits, source: str) -> dict[str, Any]:
+        """Enforce the instance's ``limits`` (``source`` said who changed them).
+
+        Returns:
+            What to add to the ``limits changed`` log line (with workers: each one's share).
+        """
+
+    def load(self) -> dict[str, Any]:
+        """``conn_now`` and ``conn_busy`` now, plus what ``overload`` shows in this mode."""
+
+    def runtime(self) -> dict[str, Any]:
+        """What ``/runtime/kite`` shows in this mode besides the instance's own keys."""
+
+    def healthy(self) -> bool:
+        """What ``/health`` says: serving, and not stopping."""
+
+    def metrics_exposition(self) -> Callable[[], bytes] | None:
+        """What ``/metrics`` serves; None with metrics off."""
+
+    def hub_blocked(self) -> None:
+        """Count one block of this process's hub."""
+
+
+class LimitLayers:
+    """The limits in force: the local settings, with the ones Consul sets on top.
+
+    Args:
+        local: the limits of the configuration.
+    """
+
+    def __init__(self, local: Limits) -> None:
+        self._local = local
+        self._remote: dict[str, Any] = {}
+
+    @property
+    def in_force(self) -> Limits:
+        """Consul's value where it sets one, the local setting elsewhere."""
+        local, remote = self._local, self._remote
+        return Limits(
+            connections=remote.get("limit_connections", local.connections),
+            qps=remote.get("limit_qps", local.qps),
+            endpoint_qps=dict(remote.get("endpoint_qps_limits", local.endpoint_qps)),
+        )
+
+    def set_local(
+        self,
+        *,
+        connections: int | None = None,
+        qps: int | None = None,
+        endpoint_qps: Mapping[str, int] | None = None,
+    ) -> None:
+        """Change local settings; None keeps one."""
+        local = self._local
+        self._local = Limits(
+            local.connections if connections is None else connections,
+            local.qps if qps is None else qps,
+            dict(local.endpoint_qps if endpoint_qps is None else endpoint_qps),
+        )
+
+    def set_remote(self, changes: Mapping[str, Any]) -> None:
+        """Apply a remote-config change: ``{limit name: value}``; None removes Consul's value,
+        bringing back the local setting."""
+        for name, value in changes.items():
+            if value is None:
+                self._remote.pop(name, None)
+            else:
+                self._remote[name] = value
+
+
+def local_limits(config: Config) -> Limits:
+    """The limits ``config`` sets."""
+    return Limits(config.limit_connections, config.limit_qps, dict(config.endpoint_qps_limits))
 
 
 class Instance:
-    """The instance-wide parts of an arbiter: registration, remote config, limits, debug server.
+    """Events, reports, limits, registration, remote config, debug server, hub watch.
 
     Args:
         config: the instance's settings.
-        spec: what the listener is bound to.
-        address: where it is bound (the TCP port, resolved if 0 was asked for).
-        workers: returns the worker processes alive now.
-        arbiter: returns the arbiter's own state for /runtime/kite and /metrics
-            (``pid``, ``workers_wanted``, ``workers_ready``, ``generation``, ``phase``,
-            ``worker_restarts``).
-        healthy: whether every wanted worker is up and the instance is not stopping.
+        serving: the data plane it governs.
+        events: the recent-event ring.
+        reports: the rate-limited reports (recording to ``events``).
         log: a structlog logger.
+        registry: where to register when ``config.register`` is on; Consul at
+            ``config.consul_addr`` when None.
+        watch_hub: whether to watch this process's hub (``hub_block_threshold``): the
+            process that runs the handlers does; the arbiter, which runs none and forks, does
+            not (each worker watches its own).
     """
 
     def __init__(
         self,
         config: Config,
-        spec: ListenSpec,
-        address: tuple[str, int] | str,
+        serving: Serving,
         *,
-        workers: Callable[[], Sequence[WorkerProcess]],
-        arbiter: Callable[[], dict[str, Any]],
-        healthy: Callable[[], bool],
+        events: EventQueue,
+        reports: ReportGate,
         log: Any,
+        registry: Registry | None = None,
+        watch_hub: bool = True,
     ) -> None:
         self.config = config
-        self.address = address
-        self._workers = workers
-        self._arbiter = arbiter
-        self._healthy = healthy
+        self.serving = serving
+        self.events = events
+        self.reports = reports
         self.log = log
-        self.events = EventQueue(config.event_capacity)
-        self.reports = ReportGate(config.report_interval, self.events, NullReporter(), log)
-        self.stats = InstanceStats()
-        self._remote: dict[str, Any] = {}
-        self.limits = self._compose_limits()
+        self._registry = registry
+        self._layers = LimitLayers(local_limits(config))
+        self.limits = self._layers.in_force
         self._consul = ConsulConnection(config.consul_addr, config.consul_token)
-        self.registrar = make_registrar(
-            config,
-            spec,
-            address[1] if isinstance(address, tuple) else 0,
-            registry=lambda: ConsulRegistry(self._consul.client()),
-            on_change=self.reports.registry_change,
-            log=log,
-        )
+        self.binding: Binding | None = None
+        self.registrar: Registrar | None = None
+        self.debug_server: DebugServer | None = None
         self.remote_config: RemoteConfigWatcher | None = None
         if config.remote_config:
             self.remote_config = RemoteConfigWatcher(
@@ -106,198 +174,182 @@ class Instance:
                 on_event=self.reports.remote_config_event,
                 log=log,
             )
-        self.metrics: InstanceMetrics | None = (
-            InstanceMetrics(self._metrics_source, self._arbiter_families)
-            if config.enable_metrics
-            else None
+        self.hub_watch: HubWatch | None = None
+        if watch_hub and config.hub_block_threshold > 0:
+            self.hub_watch = HubWatch(
+                config.hub_block_threshold, block_reporter(log, reports, serving.hub_blocked)
+            )
+        self._running: list[Any] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, binding: Binding) -> None:
+        """Register, start the debug server, the hub watch and the remote-config watch, for an
+        instance listening at ``binding``. On failure what was started is stopped again, and
+        ``start()`` may be called again.
+        """
+        config = self.config
+        self.binding = binding
+        self.registrar = make_registrar(
+            config,
+            binding.spec,
+            binding.port,
+            registry=lambda: self._registry or ConsulRegistry(self._consul.client()),
+            on_change=self.reports.registry_change,
+            log=self.log,
         )
-        self.debug_server: DebugServer | None = None
         if config.enable_debug_server:
-            port = address[1] if isinstance(address, tuple) else 0
             self.debug_server = DebugServer(
                 config.debug_host,
-                config.effective_debug_port(port),
+                config.effective_debug_port(binding.port),
                 max_connections=config.debug_max_connections,
                 idle_timeout=config.debug_idle_timeout,
                 runtime=self.runtime_info,
-                metrics=self.metrics.exposition if self.metrics else None,
-                healthy=healthy,
-                log=log,
+                metrics=self.serving.metrics_exposition(),
+                healthy=self.serving.healthy,
+                log=self.log,
             )
+        try:
+            for part in (self.registrar, self.debug_server, self.hub_watch, self.remote_config):
+                if part is not None:
+                    part.start()
+                    self._running.append(part)
+        except BaseException:
+            self.stop()
+            self.registrar = self.debug_server = None
+            raise
 
     @property
     def registered(self) -> bool:
         """Whether the instance registers in Consul (it then keeps serving ``drain_time``)."""
         return self.registrar is not None
 
-    def start(self) -> None:
-        """Start registration, the remote configuration watch and the debug server."""
-        for part in (self.debug_server, self.registrar, self.remote_config):
-            if part is not None:
-                part.start()
+    @property
+    def drain_time(self) -> float:
+        """Seconds to keep serving after deregistering (``effective_drain_time``)."""
+        return self.config.effective_drain_time(self.registered)
 
     def deregister(self) -> None:
         """Deregister from Consul: the first step of stopping. Idempotent."""
         if self.registrar is not None:
             self.registrar.deregister()
+        self.stop_phase("deregistered")
+
+    def stop_phase(self, phase: str) -> None:
+        """Record that the stop reached ``phase`` (one of :data:`STOP_PHASES`): a log line
+        and an event."""
+        self.log.info("stop phase", phase=phase)
+        self.events.push(STOP_PHASE, phase)
 
     def stop(self) -> None:
-        """Stop every part; idempotent."""
-        for part in (self.remote_config, self.registrar, self.debug_server):
-            if part is not None:
-                part.stop()
+        """Stop every part, in the reverse order of their start; idempotent."""
+        while self._running:
+            self._running.pop().stop()
         self._consul.close()
 
     # -- limits --------------------------------------------------------------------------------
 
-    def serving(self) -> int:
-        """The workers that hold a share of the limits: ready, and not exited yet."""
-        return sum(1 for w in self._workers() if w.ready_at is not None and not w.exited)
+    def update_limits(
+        self,
+        *,
+        limit_connections: int | None = None,
+        limit_qps: int | None = None,
+        endpoint_qps_limits: Mapping[str, int] | None = None,
+        source: str = "api",
+    ) -> Limits:
+        """Change the local limits; None keeps one. Consul's values, where it sets any, stay
+        in force over them.
 
-    def worker_limits(self, workers: int | None = None) -> dict[str, Any]:
-        """One worker's share of the limits, as ``Config`` fields.
+        Returns:
+            The limits now in force.
 
-        Args:
-            workers: how many share them; the workers serving when None (a worker being
-                spawned is given the share it will have once ready).
+        Raises:
+            ConfigError: a limit is negative or not an integer.
         """
-        n = max(self.serving() if workers is None else workers, 1)
-        return {
-            "limit_connections": share(self.limits.connections, n),
-            "limit_qps": share(self.limits.qps, n),
-            "endpoint_qps_limits": {m: share(q, n) for m, q in self.limits.endpoint_qps.items()},
-        }
+        for name, value in (("limit_connections", limit_connections), ("limit_qps", limit_qps)):
+            if value is not None:
+                check_int(name, value)
+        if endpoint_qps_limits is not None:
+            check_endpoint_qps_limits(endpoint_qps_limits)
+        self._layers.set_local(
+            connections=limit_connections, qps=limit_qps, endpoint_qps=endpoint_qps_limits
+        )
+        return self._enforce(source)
 
     def reconfigure(self, config: Config) -> None:
-        """Take the local limits of a reloaded configuration, and tell the workers."""
+        """Take the settings of a reloaded configuration, its local limits among them, and
+        hand the limits to the data plane again (the workers serving may have changed)."""
         self.config = config
-        self.limits = self._compose_limits()
-        self.send_limits(source="reload")
-
-    def send_limits(self, source: str, to: Iterable[WorkerProcess] | None = None) -> None:
-        """Send the current shares to ``to`` (every live worker when None)."""
-        message = {"type": "limits", "source": source, **self.worker_limits()}
-        for worker in self._workers() if to is None else to:
-            worker.channel.send(message)
-
-    def _compose_limits(self) -> Limits:
-        local, remote = self.config, self._remote
-        return Limits(
-            connections=remote.get("limit_connections", local.limit_connections),
-            qps=remote.get("limit_qps", local.limit_qps),
-            endpoint_qps=dict(remote.get("endpoint_qps_limits", local.endpoint_qps_limits)),
+        local = local_limits(config)
+        self._layers.set_local(
+            connections=local.connections, qps=local.qps, endpoint_qps=local.endpoint_qps
         )
+        self._enforce("reload", always=True)
+
+    def reapply_limits(self, source: str) -> None:
+        """Hand the limits in force to the data plane again (with workers: the shares change
+        when one becomes ready or exits)."""
+        self.serving.apply_limits(self.limits, source)
 
     def _apply_remote_limits(self, changes: dict[str, Any]) -> None:
-        for name, value in changes.items():
-            if value is None:
-                self._remote.pop(name, None)
-            else:
-                self._remote[name] = value
-        before, self.limits = self.limits, self._compose_limits()
-        if self.limits == before:
-            return
+        self._layers.set_remote(changes)
+        self._enforce("consul")
+
+    def _enforce(self, source: str, *, always: bool = False) -> Limits:
+        before, after = self.limits, self._layers.in_force
+        self.limits = after
+        if after == before:
+            if always:
+                self.serving.apply_limits(after, source)
+            return after
+        extra = self.serving.apply_limits(after, source)
         self.log.info(
             "limits changed",
-            source="consul",
-            conn=self.limits.connections,
-            qps=self.limits.qps,
-            endpoint_qps=dict(self.limits.endpoint_qps),
-            worker_share=self.worker_limits(),
+            source=source,
+            conn=after.connections,
+            qps=after.qps,
+            endpoint_qps=dict(after.endpoint_qps),
+            **extra,
         )
         self.events.push(
             CONFIG_CHANGE,
-            f"consul: conn {before.connections}->{self.limits.connections}, "
-            f"qps {before.qps}->{self.limits.qps}, endpoint_qps {dict(self.limits.endpoint_qps)}",
+            f"{source}: conn {before.connections}->{after.connections}, "
+            f"qps {before.qps}->{after.qps}, endpoint_qps {dict(after.endpoint_qps)}",
         )
-        self.send_limits(source="consul")
+        return after
 
-    # -- the debug server ----------------------------------------------------------------------
+    # -- what it shows -------------------------------------------------------------------------
+
+    def push_event(self, name: str, detail: str = "") -> Event:
+        """Record an event in the recent-event ring."""
+        return self.events.push(name, detail)
+
+    def remote_configs(self) -> dict[str, Any]:
+        """The remote configuration in force; empty without the remote-config watch."""
+        return self.remote_config.snapshot() if self.remote_config else {}
+
+    def overload(self) -> dict[str, Any]:
+        """Connections open and busy, and the instance's limits."""
+        return {
+            **self.serving.load(),
+            "conn_limit": self.limits.connections,
+            "qps_limit": self.limits.qps,
+            "endpoint_qps_limits": dict(self.limits.endpoint_qps),
+            "limits_enabled": not self.config.service_mesh_mode,
+        }
 
     def runtime_info(self) -> dict[str, Any]:
-        """What the arbiter's ``GET /runtime/kite`` shows: the instance, each worker, totals."""
-        workers = list(self._workers())
-        self.stats.refresh(workers)
-        live = self.stats.live()
-        now = time.monotonic()
-        rows = []
-        for worker in workers:
-            figures = live.get(worker.pid, {})
-            rows.append(
-                {
-                    **worker.as_dict(now),
-                    "stale": worker.pid in self.stats.stale,
-                    "requests": requests_of(figures.get("metrics")),
-                    "overload": figures.get("overload"),
-                }
-            )
-        overloads = [row["overload"] for row in rows if row["overload"]]
-        conn_now = sum(int(o["conn_now"]) for o in overloads)
-        conn_busy = sum(int(o["conn_busy"]) for o in overloads)
+        """What ``GET /runtime/kite`` shows: the same keys in both modes, plus what the data
+        plane adds (with workers: the arbiter, each worker, the totals)."""
         config = self.config
+        extra = self.serving.runtime()  # first: with workers, it asks each for its figures
         return {
             "service": config.service_name,
             "cluster": config.cluster,
             "version": {"service": config.version, "kitegreen": VERSION},
-            "address": describe_address(self.address),
-            "arbiter": self._arbiter(),
-            "workers": rows,
-            "totals": {
-                "requests": requests_of(self.stats.totals()),
-                "conn_now": conn_now,
-                "conn_busy": conn_busy,
-            },
-            "overload": {
-                "conn_now": conn_now,
-                "conn_busy": conn_busy,
-                "conn_limit": self.limits.connections,
-                "qps_limit": self.limits.qps,
-                "endpoint_qps_limits": dict(self.limits.endpoint_qps),
-                "limits_enabled": not config.service_mesh_mode,
-                "worker_share": self.worker_limits(),
-            },
-            "remote_configs": self.remote_config.snapshot() if self.remote_config else {},
+            "address": self.binding.describe() if self.binding is not None else None,
+            "overload": self.overload(),
+            "remote_configs": self.remote_configs(),
             "events": [e.as_dict() for e in self.events.recent()],
+            **extra,
         }
-
-    def _metrics_source(
-        self,
-    ) -> tuple[
-        Mapping[str, Any],
-        Mapping[int | None, Mapping[str, float]],
-        Mapping[int, Mapping[str, float]],
-    ]:
-        workers = list(self._workers())
-        self.stats.refresh(workers)
-        live = self.stats.live()
-        gauges: dict[int | None, Mapping[str, float]] = {}
-        processes: dict[int, Mapping[str, float]] = {}
-        for pid, figures in live.items():
-            if figures.get("metrics"):
-                gauges[pid] = figures["metrics"]["gauges"]
-            if figures.get("process"):
-                processes[pid] = figures["process"]
-        arbiter_pid = int(self._arbiter()["pid"])
-        processes[arbiter_pid] = process_figures()
-        return self.stats.totals(), gauges, processes
-
-    def _arbiter_families(self) -> Iterable[Any]:
-        state = self._arbiter()
-        yield GaugeMetricFamily(
-            "kitegreen_workers", "Worker processes serving now.", value=state["workers_ready"]
-        )
-        yield GaugeMetricFamily(
-            "kitegreen_workers_wanted",
-            "Worker processes the arbiter keeps up (--workers, changed by TTIN and TTOU).",
-            value=state["workers_wanted"],
-        )
-        yield CounterMetricFamily(
-            "kitegreen_worker_restarts",
-            "Workers that exited unasked (crashed, killed, timed out) and were replaced.",
-            value=state["worker_restarts"],
-        )
-
-
-def ready_count(workers: Iterable[WorkerProcess]) -> int:
-    """How many of ``workers`` are serving."""
-    return sum(1 for w in workers if w.state == READY)

@@ -118,8 +118,7 @@ def watchdog_threads(server: kitegreen.RpcServer) -> int:
         f: Any = frame
         while f is not None:
             if f.f_code is code:
-                watch = f.f_locals.get("self")
-                if getattr(watch._on_block, "__self__", None) is server:
+                if f.f_locals.get("self") is server.hub_watch:
                     count += 1
                 break
             f = f.f_back

@@ -38,12 +38,12 @@ from thriftpy2.transport.memory import TCyMemoryBuffer
 
 import kitegreen
 from kitegreen.config import DEFAULT_LIMIT_CONNECTIONS, Config
-from kitegreen.instance import share
 from kitegreen.observability.metrics import Metrics, merge_snapshots
 from kitegreen.workers.balance import DEFER, SLACK, AcceptBalance
 from kitegreen.workers.board import Board
 from kitegreen.workers.control import MAX_LINE, Channel
 from kitegreen.workers.crashes import CrashPolicy
+from kitegreen.workers.fleet import share
 from kitegreen.workers.probe import config_from_json, config_to_json
 from kitegreen.workers.process import WorkerProcess
 from kitegreen.workers.stats import InstanceStats, requests_of

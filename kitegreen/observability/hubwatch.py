@@ -28,6 +28,8 @@ from typing import Any
 import gevent
 from gevent import monkey
 
+from kitegreen.observability.reporter import HUB_BLOCKED, ReportGate
+
 _start_thread = monkey.get_original("_thread", "start_new_thread")
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 _get_ident = monkey.get_original("_thread", "get_ident")
@@ -130,3 +132,22 @@ def _outermost(frame: FrameType) -> FrameType:
     while frame.f_back is not None:
         frame = frame.f_back
     return frame
+
+
+def block_reporter(
+    log: Any, reports: ReportGate, count: Callable[[], None]
+) -> Callable[[float, list[str]], None]:
+    """A :class:`HubWatch`'s ``on_block`` for one process: a warning with the stack, a count
+    (``count``, the process's metric), a rate-limited report."""
+
+    def on_block(seconds: float, stack: list[str]) -> None:
+        where = (
+            stack[-1].strip().splitlines()[0]
+            if stack
+            else "no stack: C code held the GIL throughout (decoding a very large message, say)"
+        )
+        log.warning("hub blocked", seconds=round(seconds, 3), where=where, stack="".join(stack))
+        count()
+        reports.report(HUB_BLOCKED, f"gevent hub blocked for {seconds:.3f}s at {where}")
+
+    return on_block

@@ -94,6 +94,18 @@ class Metrics:
             stats = self.methods[name] = MethodStats()
         return stats
 
+    def connection_accepted(self) -> None:
+        """Count one client connection accepted."""
+        self.connections += 1
+
+    def panicked(self) -> None:
+        """Count one handler panic."""
+        self.panics += 1
+
+    def hub_blocked(self) -> None:
+        """Count one time the gevent hub was blocked past the threshold."""
+        self.hub_blocks += 1
+
     def overload(self, limit: str) -> None:
         """Count one connection or request refused by ``limit``."""
         self.overloads[limit] = self.overloads.get(limit, 0) + 1

@@ -84,13 +84,25 @@ class ServeContext:
     mesh_mode: bool = False
     """The service-mesh sidecar is the only peer: its ``rip`` header is trusted."""
     enforce_rpc_timeout: bool = False
+    close_linger: float = CLOSE_LINGER
+    """Seconds a closing connection reads what its client still sends (see
+    :meth:`~kitegreen.transport.stream.MessageStream.close`)."""
     streams: StreamSet = field(default_factory=StreamSet)
-    stop_began: bool = False
-    """Set when ``RpcServer.stop()`` is called: TTHeader replies from then on carry
-    ``crrst=1``, so Kitex clients stop reusing their connections."""
-    stopping: bool = False
-    """Set by ``RpcServer.stop()`` once the listener is closed: each connection finishes the
-    requests that reached it, then closes."""
+    stop_announced: bool = field(default=False, init=False)
+    """Whether a stop has begun (:meth:`announce_stop`); read-only outside this class."""
+    finishing: bool = field(default=False, init=False)
+    """Whether the listener is closed (:meth:`finish_requests`); read-only outside."""
+
+    def announce_stop(self) -> None:
+        """A stop has begun: TTHeader replies from now on carry ``crrst=1``, so Kitex clients
+        stop reusing their connections; requests are still served as usual."""
+        self.stop_announced = True
+
+    def finish_requests(self) -> None:
+        """The listener is closed: each connection finishes the requests that reached it,
+        then closes."""
+        self.stop_announced = True
+        self.finishing = True
 
 
 def peer_ip(address: Any) -> str | None:
@@ -127,7 +139,7 @@ class Connection:
         if ctx.get_real_ip:
             context.set_real_ip(self.peer)
         ctx.streams.add(stream)
-        linger = CLOSE_LINGER
+        linger = ctx.close_linger
         try:
             self._loop()
         except GreenletExit:
@@ -165,7 +177,7 @@ class Connection:
             self._handle(*message)
             # The request's bytes must not outlive it: an idle connection holds no buffer.
             del message
-            if ctx.stopping and not stream.has_input():
+            if ctx.finishing and not stream.has_input():
                 # Nothing more arrived: the FIN that follows tells the client a request it
                 # sends from now on was never seen.
                 return
@@ -355,7 +367,7 @@ class Connection:
         if frame is None:
             return message
         headers = self._info.response_headers if self._info is not None else {}
-        if frame.kind == "ttheader" and self.ctx.stop_began:
+        if frame.kind == "ttheader" and self.ctx.stop_announced:
             headers = {**headers, StrKey.CONNECTION_READY_TO_RESET: "1"}
         return frame.reply(message, str_info=headers)
 
@@ -428,7 +440,7 @@ class Connection:
         ctx = self.ctx
         ctx.panics.panic(method.name, exc, peer=self.peer, stage=stage or "calling the handler")
         if ctx.metrics is not None:
-            ctx.metrics.panics += 1
+            ctx.metrics.panicked()
         ctx.reports.report(PANIC, f"{method.name}: {describe(exc)}")
 
     def _finish(self, method: Method, begun: float, outcome: str) -> None:

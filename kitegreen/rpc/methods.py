@@ -27,7 +27,7 @@ class Method:
             tuple in IDL order (``_thrift.read_args``).
         oneway: whether the method sends no reply.
         declared: ``(exception class, result field id)`` for each ``throws`` clause.
-        stats: per-method instruments, attached by the server (metrics, limits).
+        stats: per-method instruments (:meth:`attach_stats`).
         args_spec: ``args_cls`` compiled for the codec.
         result_spec: ``result_cls`` compiled for the codec.
     """
@@ -57,6 +57,10 @@ class Method:
             if isinstance(exc, cls):
                 return fid
         raise TypeError(f"{type(exc).__name__} is not declared by {self.name}")
+
+    def attach_stats(self, stats: Any) -> None:
+        """Count this method's calls in ``stats`` (a ``MethodStats``; None: not counted)."""
+        self.stats = stats
 
 
 def build_methods(service: Any, handler: object) -> dict[str, Method]:

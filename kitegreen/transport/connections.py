@@ -32,7 +32,7 @@ class StreamSet:
 
     def busy(self) -> int:
         """Streams in the middle of a request: reading it, running its handler, replying."""
-        return sum(1 for s in self._streams if not s.idle)
+        return sum(1 for s in self._streams if s.idle_for(0.0) is None)
 
     def end_idle(self, first_request_grace: float = 0.0) -> int:
         """End every stream that waits for a request with nothing unread (for a stop).
@@ -49,7 +49,8 @@ class StreamSet:
         now = time.monotonic()
         ended = 0
         for stream in self:
-            if stream.wire is None and now - stream.idle_since < first_request_grace:
+            waited = stream.idle_for(now)
+            if stream.wire is None and waited is not None and waited < first_request_grace:
                 continue
             ended += stream.interrupt_if_idle(StopServing("server stopping"))
         return ended
@@ -100,6 +101,7 @@ class IdleSweeper:
         now = self._clock()
         closed = 0
         for stream in self._streams:
-            if stream.idle and now - stream.idle_since > self.idle_timeout:
+            waited = stream.idle_for(now)
+            if waited is not None and waited > self.idle_timeout:
                 closed += stream.interrupt_if_idle(IdleTimeout("idle_timeout"))
         return closed

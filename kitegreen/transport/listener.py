@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from kitegreen.config import Config
 from kitegreen.exceptions import ListenError
@@ -168,3 +169,43 @@ def remove_unix_socket(path: str, inode: int) -> None:
     with contextlib.suppress(OSError):
         if os.lstat(path).st_ino == inode:
             os.unlink(path)
+
+
+class Binding:
+    """A listening socket's address, and the Unix socket file it owns, for the single
+    process's engine and the arbiter alike.
+
+    Args:
+        spec: what was asked for.
+        sock: the bound, listening socket.
+        owned: whether this process created it (only then is a Unix socket file removed at
+            :meth:`release`); a worker's shared listener is not its own.
+    """
+
+    def __init__(self, spec: ListenSpec, sock: Any, *, owned: bool) -> None:
+        self.spec = spec
+        self.owned = owned
+        self._inode: int | None = None
+        self.address: tuple[str, int] | str
+        if spec.kind == "unix":
+            self.address = spec.path
+            if owned:
+                self._inode = os.stat(spec.path).st_ino
+        else:
+            host, port = sock.getsockname()[:2]
+            self.address = (str(host), int(port))
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port; 0 for a Unix socket."""
+        return self.address[1] if isinstance(self.address, tuple) else 0
+
+    def describe(self) -> str:
+        """The bound address as text: ``127.0.0.1:8888``, ``[::1]:8888``, ``unix:/path``."""
+        return describe_address(self.address)
+
+    def release(self) -> None:
+        """Remove our Unix socket file (unless another server replaced it); idempotent."""
+        inode, self._inode = self._inode, None
+        if inode is not None:
+            remove_unix_socket(self.spec.path, inode)

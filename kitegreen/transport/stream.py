@@ -269,6 +269,11 @@ class MessageStream:
         except OSError:
             return False
 
+    def idle_for(self, now: float) -> float | None:
+        """Seconds this stream has waited for its next message at ``now``; None while it is
+        in the middle of one."""
+        return now - self.idle_since if self.idle else None
+
     def interrupt_if_idle(self, exc: BaseException) -> bool:
         """Raise ``exc`` into the connection if it is waiting for a message with nothing unread.
 

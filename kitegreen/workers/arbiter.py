@@ -79,20 +79,18 @@ from kitegreen.config.settings import restart_fields
 from kitegreen.discovery.backoff import Backoff
 from kitegreen.exceptions import ConfigError, ListenError, describe
 from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_WORKERS_FAILED
-from kitegreen.instance import Instance, ready_count
+from kitegreen.instance import Instance, local_limits
+from kitegreen.observability.events import EventQueue
+from kitegreen.observability.reporter import NullReporter, ReportGate
 from kitegreen.signals import format_stacks, install_signal_handlers
 from kitegreen.transport.acceptor import take_backlog
-from kitegreen.transport.listener import (
-    ListenSpec,
-    describe_address,
-    listen,
-    remove_unix_socket,
-)
+from kitegreen.transport.listener import Binding, ListenSpec, listen
 from kitegreen.transport.stream import CLOSE_LINGER, MessageStream
 from kitegreen.workers import fork
 from kitegreen.workers.board import Board
 from kitegreen.workers.control import Channel
 from kitegreen.workers.crashes import CrashPolicy
+from kitegreen.workers.fleet import Fleet, ready_count
 from kitegreen.workers.probe import Probe, probe_config, probe_timeout, start_probe
 from kitegreen.workers.process import BOOTING, WorkerProcess
 from kitegreen.workers.worker import Application, WorkerSpec, run_worker
@@ -233,29 +231,30 @@ class Arbiter:
         self._clean = True
         self._failed = False
         self._reloading = False
-        self._unix_inode: int | None = None
-        self._spec = ListenSpec.from_config(config)
-        sock = listen(self._spec, config.backlog)
+        spec = ListenSpec.from_config(config)
+        sock = listen(spec, config.backlog)
+        self._binding = Binding(spec, sock, owned=True)
+        self.address = self._binding.address
         # A plain socket: the workers inherit it across the fork, where gevent's would be tied
         # to the arbiter's hub; the arbiter itself only ever accepts from it without waiting.
         self._listener = _socket.socket(fileno=sock.detach())
         self._listener.setblocking(False)
-        self.address: tuple[str, int] | str
-        if self._spec.kind == "unix":
-            self._unix_inode = os.stat(self._spec.path).st_ino
-            self.address = self._spec.path
-        else:
-            host, port = self._listener.getsockname()[:2]
-            self.address = (str(host), int(port))
         try:
-            self.instance = Instance(
+            self.fleet = Fleet(
                 config,
-                self._spec,
-                self.address,
+                local_limits(config),
                 workers=lambda: list(self._workers.values()),
                 arbiter=self._state,
                 healthy=self._healthy,
+            )
+            events = EventQueue(config.event_capacity)
+            self.instance = Instance(
+                config,
+                self.fleet,
+                events=events,
+                reports=ReportGate(config.report_interval, events, NullReporter(), log),
                 log=log,
+                watch_hub=False,
             )
         except BaseException:
             self._close_listener()
@@ -270,7 +269,7 @@ class Arbiter:
         config = self._config
         self.log.info(
             "listening",
-            address=describe_address(self.address),
+            address=self._binding.describe(),
             workers=config.workers,
             worker_timeout=config.worker_timeout,
             limits={"conn": config.limit_connections, "qps": config.limit_qps},
@@ -279,7 +278,7 @@ class Arbiter:
             {sig: functools.partial(self._events.put, ("signal", sig)) for sig in _SIGNALS}
         )
         try:
-            self.instance.start()
+            self.instance.start(self._binding)
             self._supervise()
         finally:
             for handle in self._signal_handles:
@@ -297,6 +296,8 @@ class Arbiter:
             self.instance.stop()
             self._retiring.join(timeout=FINAL_WAIT + 1.0)
             self._closers.join(timeout=CLOSE_LINGER + 1.0)
+            if self._phase == STOPPING_PHASE:
+                self.instance.stop_phase("stopped")
         status = self._exit_status()
         self.log.info("stopped", clean=status == EXIT_OK, status=status)
         return status
@@ -315,6 +316,7 @@ class Arbiter:
             if self._phase == STOPPING_PHASE:
                 self._refuse_backlog()
                 if not self._workers:
+                    self.instance.stop_phase("drained")
                     return
                 if now >= self._kill_at and not self._killed_all:
                     self._kill_remaining()
@@ -407,7 +409,7 @@ class Arbiter:
                 self._signal_stop(time.monotonic())
             return
         config = self._config
-        drain = config.effective_drain_time(self.instance.registered) if graceful else 0.0
+        drain = self.instance.drain_time if graceful else 0.0
         self.log.info(
             "stopping",
             signal=signum.name,
@@ -437,6 +439,9 @@ class Arbiter:
         self._phase = STOPPING_PHASE
         for worker in self._workers.values():
             worker.stop(graceful=self._stop_signal == signal.SIGTERM)
+        # Each worker closes its listener now; what reaches the shared backlog from here on
+        # is refused with a FIN (_refuse_backlog).
+        self.instance.stop_phase("stopped accepting")
         wait = self._config.exit_wait_time if self._stop_signal == signal.SIGTERM else 0.0
         self._kill_at = now + wait + STOP_GRACE
 
@@ -658,7 +663,7 @@ class Arbiter:
         self._workers[pid] = WorkerProcess(
             pid, self._age, self._generation, channel, slot, stack_file
         )
-        self.instance.stats.track(pid)
+        self.fleet.stats.track(pid)
         channel.start()
         self.log.info("worker spawned", worker=pid, generation=self._generation)
         return True
@@ -669,14 +674,11 @@ class Arbiter:
         self.log.error(f"{reason}; trying again later", retry_in=round(delay, 3), **fields)
 
     def _worker_config(self) -> Config:
-        """The instance's settings as the probe reported them, for one worker's server."""
+        """The instance's settings as the probe reported them, for one worker's engine, with
+        the share of the limits it will have once ready (with those serving and those starting
+        with it)."""
         return self._config.replace(
-            # The share it will have once ready, with those serving and those starting with it.
-            **self.instance.worker_limits(max(self.instance.serving() + 1, self._wanted)),
-            register=False,
-            remote_config=False,
-            enable_debug_server=False,
-            drain_time=0.0,
+            **self.fleet.worker_limits(max(self.fleet.serving() + 1, self._wanted))
         )
 
     def _child_exited(self, pid: int, status: int) -> None:
@@ -692,7 +694,7 @@ class Arbiter:
         if kind == "ready":
             self._events.put(("ready", pid))
         elif kind == "final" and isinstance(message.get("stats"), dict):
-            self.instance.stats.update(pid, message["stats"])
+            self.fleet.stats.update(pid, message["stats"])
 
     def _on_ready(self, pid: int) -> None:
         worker = self._workers.get(pid)
@@ -707,7 +709,7 @@ class Arbiter:
         )
         # One more worker serving: every share shrinks (limits may also have changed while it
         # was starting).
-        self.instance.send_limits(source="workers")
+        self.instance.reapply_limits(source="workers")
 
     def _on_exit(self, pid: int, status: int) -> None:
         fork.reap(pid)
@@ -721,7 +723,7 @@ class Arbiter:
         worker.slot.clear()
         if worker.ready_at is not None:
             # One fewer serving: the others' shares grow only now that it no longer serves.
-            self.instance.send_limits(source="workers")
+            self.instance.reapply_limits(source="workers")
         stack = worker.read_stack()
         if stack:
             worker.timed_out = True
@@ -777,7 +779,7 @@ class Arbiter:
 
     def _retire(self, worker: WorkerProcess) -> None:
         worker.channel.join(timeout=FINAL_WAIT)
-        self.instance.stats.retire(worker.pid)
+        self.fleet.stats.retire(worker.pid)
         worker.close()
 
     def _check_heartbeats(self, now: float) -> None:
@@ -819,8 +821,7 @@ class Arbiter:
     def _close_listener(self) -> None:
         self._refuse_backlog()
         self._listener.close()
-        if self._spec.kind == "unix" and self._unix_inode is not None:
-            remove_unix_socket(self._spec.path, self._unix_inode)
+        self._binding.release()
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -4,15 +4,19 @@ In order: leave the arbiter's greenlets and descriptors behind (``fork.start_afr
 kernel for SIGTERM should the arbiter die, start the heartbeat with its watchdog and the control
 channel, install the worker's signal handlers, import the application afresh (the arbiter never
 imports it, so a SIGHUP's new workers run the code as it is on disk now), give its server the
-settings the arbiter hands it (the probe's: the config file is not read again), start its
-``RpcServer`` on the inherited listener and tell the arbiter it is ready. It serves until the
+settings the arbiter hands it (the probe's: the config file is not read again), start an
+:class:`~kitegreen.rpc.engine.Engine` for its service on the inherited listener and tell the
+arbiter it is ready. It serves until the
 arbiter tells it to stop (or a signal does), then sends its final figures and exits: 0 after a
 clean stop, 1 when requests in flight were cut off or its watchdog ended it (its hub blocked for
 ``worker_timeout``), 2 when the application would not load.
 
-The server runs with the instance's parts left to the arbiter: no Consul registration, no
-remote configuration watch, no debug server, no drain time (the arbiter deregisters and waits
-before it stops the workers), and its share of the instance's limits.
+A worker is the data plane only: the instance's control plane (Consul registration, the
+remote configuration, the debug server, the limits) is the arbiter's
+:class:`~kitegreen.instance.Instance`, which hands each worker its share of the limits and
+tells it when to stop (after it has deregistered and waited ``drain_time``). The worker keeps
+what belongs to its own process: its reports (to the application's reporter), its metrics,
+and the watch of its own hub.
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ import structlog
 from kitegreen.config import Config
 from kitegreen.exceptions import ConfigError, LaunchError
 from kitegreen.exits import EXIT_CRASHED, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_USAGE
+from kitegreen.limiter import Limits
+from kitegreen.observability.events import EventQueue
+from kitegreen.observability.hubwatch import HubWatch, block_reporter
 from kitegreen.observability.metrics import process_figures
+from kitegreen.observability.reporter import NullReporter, ReportGate
 from kitegreen.signals import ServerStop, install_signal_handlers
 from kitegreen.workers import fork
 from kitegreen.workers.balance import AcceptBalance
@@ -39,6 +47,7 @@ from kitegreen.workers.control import SEND_TIMEOUT, Channel
 from kitegreen.workers.heartbeat import Pulse, Watchdog
 
 if TYPE_CHECKING:
+    from kitegreen.rpc.engine import Engine
     from kitegreen.server import RpcServer
 
 
@@ -94,9 +103,9 @@ class WorkerSpec:
         parent: the arbiter's pid.
         worker_timeout: seconds its hub may stay blocked before its watchdog ends it; the
             heartbeat beats four times as often (at most once a second).
-        config: the worker server's settings: the instance's, as the probe reported them
+        config: the worker engine's settings: the instance's, as the probe reported them
             (those the arbiter holds kept as they were at start), with the worker's share of
-            the limits and the instance's parts switched off.
+            the limits.
         app: how to import the application.
         signal_handles: the arbiter's signal handles, cancelled in the child.
     """
@@ -121,12 +130,14 @@ def run_worker(spec: WorkerSpec) -> NoReturn:
 class _Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        self.server: RpcServer | None = None
+        self.engine: Engine | None = None
         self.log = structlog.get_logger("kitegreen.worker")
         # The other workers' accept balance must not wait for a stopping worker to take
         # connections.
         self.stop = ServerStop(
-            lambda: self.server, self.log, before=lambda: spec.slot.set_accepting(False)
+            lambda: _EngineStop(self.engine) if self.engine is not None else None,
+            self.log,
+            before=lambda: spec.slot.set_accepting(False),
         )
         self.exiting = False
         self.channel: Channel | None = None
@@ -175,25 +186,40 @@ class _Worker:
         fork.unblock_signals(ignore=IGNORED_SIGNALS)
         try:
             server = spec.app.load_code()
-            server.reconfigure(spec.config)
+            config = spec.config.replace(service_name=server.config.service_name)
         except (LaunchError, ConfigError) as exc:
             spec.app.on_load_error(exc)
             return EXIT_USAGE
-        self.server = server
+        engine = self.engine = _make_engine(server, config)
         if self.stop.requested:
             return EXIT_OK
         balance = AcceptBalance(
             spec.board, spec.slot, self._open_connections, stale_after=STALE_BEATS * interval
         )
-        server.start(
+        binding = engine.start(
             listener=socket.socket(fileno=spec.listener.detach()),
             max_accept=MAX_ACCEPT,
             accept_gate=balance,
         )
+        hub_watch: HubWatch | None = None
+        if config.hub_block_threshold > 0:
+            hub_watch = HubWatch(
+                config.hub_block_threshold,
+                block_reporter(engine.log, engine.reports, self._count_hub_block),
+            )
+            hub_watch.start()
+        engine.log.info(
+            "listening",
+            address=binding.describe(),
+            limits={"conn": config.limit_connections, "qps": config.limit_qps},
+        )
         spec.slot.set_accepting(True)
         self.channel.send({"type": "ready"})
-        server.serve()
-        clean = server.stop()
+        engine.wait_stopped()
+        clean = engine.clean_stop
+        if hub_watch is not None:
+            hub_watch.stop()
+        engine.log.info("stopped", clean=clean)
         self.exiting = True
         self.channel.send({"type": "final", "stats": self.stats()})
         self.channel.flush(SEND_TIMEOUT)
@@ -201,16 +227,20 @@ class _Worker:
         return EXIT_OK if clean and not self.stop.quick else EXIT_UNCLEAN_STOP
 
     def _open_connections(self) -> int:
-        return self.server.limiter.connections if self.server is not None else 0
+        return self.engine.connections if self.engine is not None else 0
+
+    def _count_hub_block(self) -> None:
+        if self.engine is not None and self.engine.metrics is not None:
+            self.engine.metrics.hub_blocked()
 
     def stats(self) -> dict[str, Any]:
         """This worker's figures for the arbiter (see ``control.py``), numbered: the arbiter
         keeps only the newest it received."""
-        server = self.server
+        engine = self.engine
         return {
             "seq": next(self._stats_seq),
-            "metrics": server.metrics.snapshot() if server and server.metrics else None,
-            "overload": server.overload() if server else None,
+            "metrics": engine.metrics.snapshot() if engine and engine.metrics else None,
+            "overload": engine.overload() if engine else None,
             "process": process_figures(),
         }
 
@@ -218,13 +248,8 @@ class _Worker:
         kind = message.get("type")
         if kind == "stats" and self.channel is not None:
             self.channel.send({"reply_to": message.get("id"), **self.stats()})
-        elif kind == "limits" and self.server is not None:
-            self.server.update_limits(
-                limit_connections=message["limit_connections"],
-                limit_qps=message["limit_qps"],
-                endpoint_qps_limits=message["endpoint_qps_limits"],
-                source=str(message.get("source", "arbiter")),
-            )
+        elif kind == "limits" and self.engine is not None:
+            self._take_share(message)
         elif kind == "stop":
             # In a greenlet of its own: a stop waits for the drain, and the channel must go on
             # answering meanwhile.
@@ -235,6 +260,26 @@ class _Worker:
                     self.stop.at_once, "asked by the arbiter to stop at once without draining"
                 )
 
+    def _take_share(self, message: dict[str, Any]) -> None:
+        """Enforce the share of the instance's limits the arbiter sent."""
+        assert self.engine is not None
+        share = Limits(
+            int(message["limit_connections"]),
+            int(message["limit_qps"]),
+            {str(m): int(q) for m, q in dict(message["endpoint_qps_limits"]).items()},
+        )
+        before = self.engine.limiter.limits
+        after = self.engine.apply_limits(share)
+        if after != before:
+            # This worker's share: the instance's limits are logged by the arbiter.
+            self.engine.log.info(
+                "limits changed",
+                source=str(message.get("source", "arbiter")),
+                conn=after.connections,
+                qps=after.qps,
+                endpoint_qps=dict(after.endpoint_qps),
+            )
+
     def _orphaned(self) -> None:
         gevent.spawn(self.stop.graceful, "the arbiter is gone; stopping", arbiter=self.spec.parent)
 
@@ -242,4 +287,33 @@ class _Worker:
         if not self.exiting and not self.stop.requested:
             gevent.spawn(
                 self.stop.graceful, "the control channel closed: the arbiter is gone; stopping"
+            )
+
+
+def _make_engine(server: RpcServer, config: Config) -> Engine:
+    """The worker's engine for the application's service, reporting to its reporter."""
+    log = structlog.get_logger("kitegreen").bind(service=config.service_name)
+    events = EventQueue(config.event_capacity)
+    reports = ReportGate(config.report_interval, events, server.reporter or NullReporter(), log)
+    return server.make_engine(config, reports, log)
+
+
+class _EngineStop:
+    """A worker's stop: the engine's phases, with no drain time (the arbiter waited it out
+    before it asked) and the ``stopping`` line a single process writes too."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def stop(self, timeout: float | None = None) -> bool:
+        return self._engine.stop(timeout, on_phase=self._on_phase)
+
+    def _on_phase(self, phase: str) -> None:
+        if phase == "stopping":
+            engine = self._engine
+            engine.log.info(
+                "stopping",
+                connections=engine.connections,
+                drain_time=0.0,
+                exit_wait_time=engine.config.exit_wait_time,
             )

@@ -1,0 +1,381 @@
+"""The data plane of one process: bytes in, calls, bytes out.
+
+An :class:`Engine` owns the listener (bound here or handed in), the acceptor, connection
+admission, the greenlet pool, the :class:`~kitegreen.rpc.loop.ServeContext` every connection
+shares, the idle sweeper, and the phases of a stop, each a verb the owner calls in order:
+
+1. :meth:`Engine.begin_stop`: ``/health`` turns 503 and TTHeader replies ask Kitex clients to
+   stop reusing their connections; the engine still accepts and serves.
+2. :meth:`Engine.close_listener`: stop accepting, take in the backlog, close the socket.
+3. :meth:`Engine.drain`: each connection finishes what reached it and closes as it falls idle;
+   at the deadline what is left is cut off.
+4. :meth:`Engine.finish`: background greenlets stop, panics are flushed.
+
+:meth:`Engine.stop` runs them in that order, once, and calls its owner back after each: the
+single process deregisters and waits ``drain_time`` after the first, and records each phase.
+
+The single process (:class:`~kitegreen.server.RpcServer`) runs one engine beside its
+:class:`~kitegreen.instance.Instance`; each worker of ``--workers N`` runs one engine on the
+listener the arbiter shares, and nothing else of the control plane.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent.event import Event as GEvent
+from gevent.pool import Pool
+
+from kitegreen.config import Config
+from kitegreen.limiter import Limiter, Limits
+from kitegreen.observability.metrics import Metrics
+from kitegreen.observability.panics import PanicLog
+from kitegreen.observability.reporter import CONNECTION_OVERLOAD, ReportGate
+from kitegreen.rpc import metadata
+from kitegreen.rpc.loop import Connection, ServeContext
+from kitegreen.rpc.methods import Method
+from kitegreen.transport.acceptor import Acceptor
+from kitegreen.transport.connections import IdleSweeper
+from kitegreen.transport.listener import Binding, ListenSpec, listen
+from kitegreen.transport.stream import CLOSE_LINGER
+
+FIRST_REQUEST_GRACE = 1.0
+"""Seconds a stop spares a connection accepted before it that has not sent its first request
+yet: a client that connects and sends at once is answered, never met with an end-of-stream for
+a request it did send (a loaded client may take some milliseconds between the two)."""
+
+
+class Engine:
+    """Serves the methods of one service on one listener, in pooled greenlets.
+
+    Args:
+        methods: the method table (:func:`~kitegreen.rpc.methods.build_methods`).
+        config: the settings the data plane reads (limits, timeouts, frame size, ...).
+        reports: where overloads and panics are reported.
+        log: a structlog logger.
+        close_linger: seconds a closing connection reads what its client still sends, so that
+            it closes with a FIN rather than a reset (tests shorten it).
+        first_request_grace: see :data:`FIRST_REQUEST_GRACE` (tests shorten it).
+    """
+
+    def __init__(
+        self,
+        methods: dict[str, Method],
+        config: Config,
+        *,
+        reports: ReportGate,
+        log: Any,
+        close_linger: float = CLOSE_LINGER,
+        first_request_grace: float = FIRST_REQUEST_GRACE,
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.reports = reports
+        self.limiter = Limiter(
+            Limits(config.limit_connections, config.limit_qps, dict(config.endpoint_qps_limits)),
+            config.qps_fill_interval,
+            enabled=not config.service_mesh_mode,
+        )
+        self.metrics: Metrics | None = (
+            Metrics(self._runtime_figures) if config.enable_metrics else None
+        )
+        for name, method in methods.items():
+            method.attach_stats(self.metrics.method(name) if self.metrics else None)
+        self._ctx = ServeContext(
+            methods=methods,
+            limiter=self.limiter,
+            reports=reports,
+            metrics=self.metrics,
+            log=log,
+            panics=PanicLog(log),
+            read_write_timeout=config.read_write_timeout,
+            max_frame_size=config.max_frame_size,
+            get_real_ip=config.get_real_ip,
+            access_log=config.access_log,
+            trusted_proxies=metadata.networks(config.trusted_proxies),
+            mesh_mode=config.service_mesh_mode,
+            enforce_rpc_timeout=config.enforce_rpc_timeout,
+            close_linger=close_linger,
+        )
+        self._first_request_grace = first_request_grace
+        self._pool = Pool()
+        self._acceptor: Acceptor | None = None
+        self.binding: Binding | None = None
+        """Where the engine listens (or listened, once stopped); None before start()."""
+        self.idle_sweeper: IdleSweeper | None = None
+        if config.idle_timeout > 0:
+            self.idle_sweeper = IdleSweeper(self._ctx.streams, config.idle_timeout)
+        self._started = False
+        self._stopped = GEvent()
+        self._stop_greenlet: gevent.Greenlet | None = None
+        self._clean_stop = True
+
+    # -- start -----------------------------------------------------------------------------
+
+    def start(
+        self,
+        *,
+        listener: Any = None,
+        max_accept: int | None = None,
+        accept_gate: Callable[[], float] | None = None,
+    ) -> Binding:
+        """Bind (unless ``listener`` is given) and start accepting; undone on failure.
+
+        Args:
+            listener: a bound, listening socket shared with other processes; the engine does
+                not own it (see :meth:`close_listener`).
+            max_accept: connections taken per wake-up of the accept loop.
+            accept_gate: called before each accept; a positive result is a number of seconds
+                to leave the listener to the other processes sharing it instead.
+
+        Returns:
+            Where it listens.
+
+        Raises:
+            ListenError: the listening socket could not be created.
+            ConfigError: ``max_accept`` is below 1.
+            RuntimeError: the engine was already started.
+        """
+        if self._started:
+            raise RuntimeError("the server was already started; a stopped server cannot restart")
+        spec = ListenSpec.from_config(self.config)
+        owned = listener is None
+        sock = listen(spec, self.config.backlog) if owned else listener
+        binding = Binding(spec, sock, owned=owned)
+        try:
+            self._acceptor = Acceptor(
+                sock,
+                self._handle,
+                self._admit,
+                self._pool,
+                max_accept=max_accept,
+                gate=accept_gate,
+            )
+            self._acceptor.start()
+            if self.idle_sweeper is not None:
+                self.idle_sweeper.start()
+        except BaseException:
+            self._acceptor = None
+            binding.release()
+            if owned:
+                sock.close()
+            raise
+        self.binding = binding
+        self._started = True
+        return binding
+
+    def abort_start(self) -> None:
+        """Undo :meth:`start` when what the owner starts after it fails: nothing was served,
+        so the listener closes at once and ``start()`` may be called again."""
+        if not self._started:
+            return
+        if self.idle_sweeper is not None:
+            self.idle_sweeper.stop()
+        acceptor, self._acceptor = self._acceptor, None
+        if acceptor is not None:
+            acceptor.stop_accepting()
+            acceptor.close()
+        if self.binding is not None:
+            self.binding.release()
+        self.binding = None
+        self._started = False
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` succeeded (and was not undone)."""
+        return self._started
+
+    @property
+    def clean_stop(self) -> bool:
+        """Whether the stop cut no request off (True until a stop has finished)."""
+        return self._clean_stop
+
+    @property
+    def serving(self) -> bool:
+        """Started, and no stop has begun: what ``/health`` says."""
+        return self._started and not self._ctx.stop_announced
+
+    # -- the stop phases, in order ---------------------------------------------------------
+
+    def stop(
+        self, timeout: float | None = None, *, on_phase: Callable[[str], None] | None = None
+    ) -> bool:
+        """Run the stop phases once and wait for them; safe to call more than once, from any
+        greenlet (a second call waits for the first).
+
+        Args:
+            timeout: how long requests in flight may take to finish once the listener is
+                closed; ``exit_wait_time`` when None.
+            on_phase: called in the stopping greenlet after each phase with its name:
+                ``"stopping"`` (after :meth:`begin_stop`; what it does before returning, the
+                engine still serves through), ``"stopped accepting"``, ``"drained"``,
+                ``"stopped"``.
+
+        Returns:
+            True if every request in flight finished; False if some were cut off.
+        """
+        if not self._started:
+            self._stopped.set()
+            return True
+        if self._stop_greenlet is None:
+            self._stop_greenlet = gevent.spawn(self._stop, timeout, on_phase)
+        self._stopped.wait()
+        return self._clean_stop
+
+    def wait_stopped(self) -> None:
+        """Block until a stop has finished."""
+        self._stopped.wait()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop has finished."""
+        return bool(self._stopped.is_set())
+
+    def _stop(self, timeout: float | None, on_phase: Callable[[str], None] | None) -> None:
+        wait = self.config.exit_wait_time if timeout is None else timeout
+        phase = on_phase or _nothing
+        try:
+            self.begin_stop()
+            phase("stopping")
+            self.close_listener()
+            phase("stopped accepting")
+            self._clean_stop = self.drain(time.monotonic() + wait)
+            phase("drained")
+            self.finish()
+            phase("stopped")
+        finally:
+            self._stopped.set()
+
+    def begin_stop(self) -> None:
+        """Phase 1: say that this process is stopping (``/health`` 503, TTHeader ``crrst``);
+        keep accepting and serving."""
+        self._ctx.announce_stop()
+
+    def close_listener(self) -> None:
+        """Phase 2: stop accepting, take in what the kernel already accepted, close the socket.
+
+        A shared listener (handed to :meth:`start`) stays open in the processes still
+        accepting; its backlog is theirs, and its Unix socket path is never removed here.
+        """
+        acceptor = self._acceptor
+        assert acceptor is not None
+        acceptor.stop_accepting()
+        binding = self.binding
+        if binding is not None and binding.owned:
+            # Closing the listener would reset connections still in its backlog; they are
+            # taken in and served like the others (a request they sent gets its reply, then a
+            # FIN).
+            taken = acceptor.drain_backlog(self._take_in)
+            if taken:
+                self.log.info("took in the listen backlog", connections=taken)
+        # close() rather than stop(): gevent's stop() would also kill our handlers.
+        acceptor.close()
+        if binding is not None:
+            binding.release()
+        self._ctx.finish_requests()
+
+    def drain(self, deadline: float) -> bool:
+        """Phase 3: end connections as they fall idle until none is left or ``deadline``
+        (``time.monotonic()``) passes; then cut off what is left.
+
+        Returns:
+            True if no request was cut off.
+        """
+        streams = self._ctx.streams
+        while len(self._pool):
+            streams.end_idle(self._first_request_grace)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._pool.join(timeout=min(remaining, 0.05))
+        busy = streams.busy()
+        if len(self._pool):
+            if busy:
+                self.log.error(
+                    "exit_wait_time passed with requests in flight; cutting them off",
+                    connections=busy,
+                )
+            self._pool.kill(block=True, timeout=1.0)
+        return busy == 0
+
+    def finish(self) -> None:
+        """Phase 4: stop the background greenlets and flush the panic log."""
+        if self.idle_sweeper is not None:
+            self.idle_sweeper.stop()
+        self._ctx.panics.flush()
+
+    # -- what the control plane reads and sets ---------------------------------------------
+
+    def apply_limits(self, limits: Limits) -> Limits:
+        """Enforce ``limits`` from now on (for this process: its share, with workers).
+
+        Returns:
+            The limits now in force.
+        """
+        return self.limiter.update(
+            connections=limits.connections, qps=limits.qps, endpoint_qps=limits.endpoint_qps
+        )
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return self.limiter.connections
+
+    def overload(self) -> dict[str, Any]:
+        """Connections open, how many are in a request, and the limits in force (kite's
+        OverLoad)."""
+        limits = self.limiter.limits
+        return {
+            "conn_now": self.limiter.connections,
+            "conn_busy": self._ctx.streams.busy(),
+            "conn_limit": limits.connections,
+            "qps_limit": limits.qps,
+            "endpoint_qps_limits": dict(limits.endpoint_qps),
+            "limits_enabled": self.limiter.enabled,
+        }
+
+    def greenlets(self) -> int:
+        """Greenlets this engine runs: one per connection, the sweeper."""
+        return len(self._pool) + (1 if self.idle_sweeper is not None else 0)
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _admit(self, sock: Any, address: Any) -> bool:
+        if self.limiter.admit_connection():
+            return True
+        sock.close()
+        if self.metrics is not None:
+            self.metrics.overload("connections")
+        self.reports.report(
+            CONNECTION_OVERLOAD,
+            f"connection from {address!r} refused: {self.limiter.connections} open, "
+            f"limit {self.limiter.limits.connections}",
+        )
+        return False
+
+    def _take_in(self, sock: Any, address: Any) -> None:
+        self.limiter.admit_connection(force=True)
+        self._pool.spawn(self._handle, sock, address)
+
+    def _handle(self, sock: Any, address: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.connection_accepted()
+        try:
+            Connection(sock, address, self._ctx).serve()
+        finally:
+            self.limiter.release_connection()
+
+    def _runtime_figures(self) -> dict[str, float]:
+        hub = gevent.get_hub()
+        return {
+            "connections_open": float(self.limiter.connections),
+            "greenlets": float(self.greenlets()),
+            "pending_callbacks": float(getattr(hub.loop, "pendingcnt", 0) or 0),
+        }
+
+
+def _nothing(phase: str) -> None:
+    """No owner to tell of a stop phase."""
