@@ -144,7 +144,7 @@ def load_server(target: str, file: str | None, flags: dict[str, Any]) -> RpcServ
 
 def serve_single(server: RpcServer, log: Any) -> int:
     """Serve ``server`` in this process until a signal stops it; return the exit status."""
-    from kitegreen.exceptions import ListenError
+    from kitegreen.exceptions import ConfigError, ListenError
 
     stop = ServerStop(lambda: server, log)
     install_signal_handlers(_single_process_actions(log, stop))
@@ -153,6 +153,11 @@ def serve_single(server: RpcServer, log: Any) -> int:
     except ListenError as exc:
         log.error("cannot listen", error=str(exc))
         return EXIT_LISTEN
+    except ConfigError as exc:
+        # A part of the instance would not start (a malformed Consul address, say); the
+        # server undid its start, as the arbiter does.
+        log.error("cannot start", error=str(exc))
+        return EXIT_USAGE
     server.serve()
     clean = server.stop()
     return EXIT_OK if clean and not stop.quick else EXIT_UNCLEAN_STOP

@@ -78,7 +78,13 @@ from kitegreen.config import DEFAULT_WORKER_TIMEOUT, MAX_WORKERS, Config
 from kitegreen.config.settings import restart_fields
 from kitegreen.discovery.backoff import Backoff
 from kitegreen.exceptions import ConfigError, ListenError, describe
-from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_WORKERS_FAILED
+from kitegreen.exits import (
+    EXIT_LISTEN,
+    EXIT_OK,
+    EXIT_UNCLEAN_STOP,
+    EXIT_USAGE,
+    EXIT_WORKERS_FAILED,
+)
 from kitegreen.instance import Instance, local_limits
 from kitegreen.observability.events import EventQueue
 from kitegreen.observability.reporter import NullReporter, ReportGate
@@ -152,8 +158,8 @@ def serve(
 
     Returns:
         The launcher's exit status: 0 clean, 1 unclean or SIGQUIT, 2 the application or its
-        settings would not load, 3 the listener could not be created, 4 workers kept exiting
-        at start-up.
+        settings would not load, or a part of the instance would not start with them, 3 the
+        listener could not be created, 4 workers kept exiting at start-up.
     """
     log = log or structlog.get_logger("kitegreen.arbiter")
     # The workers import the server's modules anyway; importing them here once shares their
@@ -230,6 +236,7 @@ class Arbiter:
         self._stop_signal = signal.SIGTERM
         self._clean = True
         self._failed = False
+        self._start_failed = False
         self._reloading = False
         spec = ListenSpec.from_config(config)
         sock = listen(spec, config.backlog)
@@ -278,8 +285,13 @@ class Arbiter:
             {sig: functools.partial(self._events.put, ("signal", sig)) for sig in _SIGNALS}
         )
         try:
-            self.instance.start(self._binding)
-            self._supervise()
+            try:
+                self.instance.start(self._binding)
+            except ConfigError as exc:
+                self.log.error("cannot start", error=str(exc))
+                self._start_failed = True
+            else:
+                self._supervise()
         finally:
             for handle in self._signal_handles:
                 handle.cancel()
@@ -303,6 +315,8 @@ class Arbiter:
         return status
 
     def _exit_status(self) -> int:
+        if self._start_failed:
+            return EXIT_USAGE
         if self._failed:
             return EXIT_WORKERS_FAILED
         if self._clean and self._stop_signal != signal.SIGQUIT:
