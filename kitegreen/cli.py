@@ -21,16 +21,11 @@ import argparse
 import dataclasses
 import difflib
 import functools
-import importlib
-import importlib.util
-import inspect
 import json
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_USAGE
@@ -38,8 +33,6 @@ from kitegreen.signals import ServerStop, install_signal_handlers
 
 if TYPE_CHECKING:
     from kitegreen.server import RpcServer
-
-_MISSING = object()
 
 
 def patch() -> None:
@@ -105,8 +98,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
         return EXIT_USAGE
     logs.configure(early.log_format, early.log_level)
     log = structlog.get_logger("kitegreen")
+    from kitegreen.target import load_target, log_launch_error
+
     load = functools.partial(load_server, args.target, args.config, flags)
-    on_load_error = functools.partial(_log_launch_error, log, args.target)
+    on_load_error = functools.partial(log_launch_error, log, args.target)
     if early.workers > 1 and not args.check_config:
         from kitegreen.workers.arbiter import serve
         from kitegreen.workers.worker import Application
@@ -136,6 +131,7 @@ def load_server(target: str, file: str | None, flags: dict[str, Any]) -> RpcServ
         ConfigError: a setting is malformed or out of range.
     """
     from kitegreen.config import Config
+    from kitegreen.target import load_target
 
     server = load_target(target)
     server.reconfigure(Config.load(base=server.config, file=file, flags=flags))
@@ -270,110 +266,3 @@ def _unknown_argument(parser: argparse.ArgumentParser, arg: str) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else "--help lists the flags"
     return f"unknown flag {name}; {hint}"
-
-
-# -- the target --------------------------------------------------------------------------------
-
-
-def load_target(target: str) -> RpcServer:
-    """Import ``MODULE:ATTR`` and return the RpcServer it names (or makes).
-
-    Raises:
-        LaunchError: the module or attribute is missing, the target is not an RpcServer nor a
-            callable taking no arguments that returns one, or the user's code raised while
-            being imported or called. In that last case the error's ``__cause__`` is the
-            exception the user's code raised, for its traceback.
-    """
-    from kitegreen.exceptions import LaunchError
-    from kitegreen.server import RpcServer
-
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise LaunchError(f"target must be MODULE:ATTR, got {target!r}")
-    module = _import(module_name)
-    obj = getattr(module, attr, _MISSING)
-    if obj is _MISSING:
-        raise LaunchError(f"{module_name} has no attribute {attr!r}")
-    if not isinstance(obj, RpcServer) and callable(obj):
-        _check_takes_no_arguments(target, obj)
-        try:
-            obj = obj()
-        except Exception as exc:
-            raise LaunchError(f"{target}() raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(obj, RpcServer):
-        raise LaunchError(
-            f"{target} is a {type(obj).__name__}, expected a kitegreen.RpcServer "
-            "or a callable returning one"
-        )
-    return obj
-
-
-def _import(module_name: str) -> Any:
-    from kitegreen.exceptions import LaunchError
-
-    if module_name.endswith(".py") or os.sep in module_name:
-        path = Path(module_name).resolve()
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        if spec is None or spec.loader is None or not path.exists():
-            raise LaunchError(f"cannot load {module_name}: no such file")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        sys.path.insert(0, str(path.parent))
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            raise LaunchError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
-        return module
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            # The target itself is missing: its traceback would show only importlib.
-            raise LaunchError(f"cannot import {module_name}: {exc}") from None
-        raise LaunchError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
-    except Exception as exc:
-        raise LaunchError(f"cannot import {module_name}: {type(exc).__name__}: {exc}") from exc
-
-
-def _check_takes_no_arguments(target: str, obj: Callable[..., Any]) -> None:
-    from kitegreen.exceptions import LaunchError
-
-    try:
-        signature = inspect.signature(obj)
-    except (TypeError, ValueError):
-        return  # no signature to read (some C callables): calling it will tell
-    try:
-        signature.bind()
-    except TypeError:
-        needed = [
-            p.name
-            for p in signature.parameters.values()
-            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
-        raise LaunchError(
-            f"{target} is a callable that needs arguments ({', '.join(needed)}); name an "
-            "RpcServer, or a callable that takes none and returns one"
-        ) from None
-
-
-def _log_launch_error(log: Any, target: str, exc: Exception) -> None:
-    """Log a launch error once; with the user's traceback when the user's code raised."""
-    cause = exc.__cause__
-    if cause is None:
-        log.error("cannot launch", target=target, error=str(exc))
-    else:
-        log.error("cannot launch", target=target, error=str(exc), exception=_user_traceback(cause))
-
-
-def _user_traceback(exc: BaseException) -> str:
-    """``exc``'s traceback from the first frame that is not the launcher's or importlib's."""
-    tb = exc.__traceback__
-    while tb is not None and _is_launcher_frame(tb.tb_frame.f_code.co_filename):
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
-
-
-def _is_launcher_frame(filename: str) -> bool:
-    return filename == __file__ or filename.startswith("<frozen importlib")

@@ -83,9 +83,9 @@ class RequestInfo:
         string key-value, which a Kitex client reads as backward metainfo)."""
         self.response_headers[key] = value
 
-    def set_backward(self, key: str, value: str) -> None:
-        """Send Kitex backward metainfo: on TTHeader it travels under its bare key."""
-        self.response_headers[key] = value
+    set_backward = set_response_header
+    """Kitex's name for :meth:`set_response_header`: backward metainfo travels as a TTHeader
+    string key-value under its bare key."""
 
     def set_biz_status(
         self, status: int, message: str = "", extra: Mapping[str, str] | None = None

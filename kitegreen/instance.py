@@ -36,7 +36,7 @@ from kitegreen.observability.debug import DebugServer
 from kitegreen.observability.events import Event, EventQueue
 from kitegreen.observability.hubwatch import HubWatch, block_reporter
 from kitegreen.observability.reporter import ReportGate
-from kitegreen.transport.listener import Binding
+from kitegreen.transport.listener import Binding, describe_address
 
 CONFIG_CHANGE = "Config Change"
 """The event of a change to the limits in force."""
@@ -347,7 +347,7 @@ class Instance:
             "service": config.service_name,
             "cluster": config.cluster,
             "version": {"service": config.version, "kitegreen": VERSION},
-            "address": self.binding.describe() if self.binding is not None else None,
+            "address": describe_address(self.binding.address) if self.binding else None,
             "overload": self.overload(),
             "remote_configs": self.remote_configs(),
             "events": [e.as_dict() for e in self.events.recent()],

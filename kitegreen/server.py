@@ -219,7 +219,7 @@ class RpcServer:
             self.engine.abort_start()
             raise
         self._started = True
-        where = binding.describe()
+        where = describe_address(binding.address)
         self.log.info(
             "listening",
             address=where,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kitegreen.config.settings import Config, flag_name
+from kitegreen.config.settings import Config, flag_name, install_loader
 from kitegreen.exceptions import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -313,3 +313,6 @@ def _parse_pairs(name: str, raw: Any) -> dict[str, Any]:
             )
         pairs[method.strip()] = int(qps)
     return pairs
+
+
+install_loader(load, env_variables)

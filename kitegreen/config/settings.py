@@ -539,16 +539,41 @@ class Config:
         Raises:
             ConfigError: a value is malformed or out of range; the message names the source.
         """
-        from kitegreen.config.loader import load
-
-        return load(base=base or cls(), file=file, env=env, flags=flags)
+        return _LOADER.load(base=base or cls(), file=file, env=env, flags=flags)
 
     @staticmethod
     def env_variables() -> dict[str, str]:
         """Every environment variable the loader reads, mapped to the field it sets."""
-        from kitegreen.config.loader import env_variables
+        return _LOADER.env_variables()
 
-        return env_variables()
+
+class _Loader:
+    """Where :meth:`Config.load` and :meth:`Config.env_variables` find the loader.
+
+    ``config/loader.py`` imports this module and installs itself here when it is imported
+    (``kitegreen.config`` imports it before anyone can reach :class:`Config`), so that the
+    imports go one way: the loader knows the settings, the settings do not import the loader.
+    """
+
+    def __init__(self) -> None:
+        self._load: Any = None
+        self._env_variables: Any = None
+
+    def install(self, load: Any, env_variables: Any) -> None:
+        """Called once by ``config/loader.py``."""
+        self._load, self._env_variables = load, env_variables
+
+    def load(self, **kwargs: Any) -> Config:
+        config: Config = self._load(**kwargs)
+        return config
+
+    def env_variables(self) -> dict[str, str]:
+        names: dict[str, str] = self._env_variables()
+        return names
+
+
+_LOADER = _Loader()
+install_loader = _LOADER.install
 
 
 _DOCS: Mapping[str, Doc] = types.MappingProxyType(

@@ -23,10 +23,10 @@ from typing import Any
 
 from gevent import pywsgi
 from gevent.pool import Pool
-from gevent.util import format_run_info
 
-from kitegreen.exceptions import ListenError
-from kitegreen.transport.listener import ListenSpec, listen
+from kitegreen.exceptions import ListenError, describe
+from kitegreen.signals import format_stacks
+from kitegreen.transport.listener import ListenSpec, describe_address, listen
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -92,9 +92,7 @@ class DebugServer:
         self._server.start()
         host, port = sock.getsockname()[:2]
         self.address = (str(host), int(port))
-        self._log.info(
-            "debug server listening", address=ListenSpec("tcp", str(host), port).describe()
-        )
+        self._log.info("debug server listening", address=describe_address((str(host), int(port))))
 
     def stop(self) -> None:
         """Stop serving; idempotent."""
@@ -115,7 +113,7 @@ class DebugServer:
                     return _reply(start_response, "404 Not Found", b"metrics are off\n")
                 return _reply(start_response, "200 OK", self._metrics(), _PROMETHEUS_TEXT)
             if path in ("/debug/greenlets", "/debug/pprof/goroutine"):
-                body = "\n".join(format_run_info()).encode() + b"\n"
+                body = format_stacks().encode() + b"\n"
                 return _reply(start_response, "200 OK", body)
             if path == "/health":
                 if self._healthy():
@@ -129,7 +127,7 @@ class DebugServer:
             return _reply(
                 start_response,
                 "500 Internal Server Error",
-                f"{type(exc).__name__}: {exc}\n".encode(),
+                f"{describe(exc)}\n".encode(),
             )
         return _reply(start_response, "404 Not Found", b"unknown path; see /\n")
 

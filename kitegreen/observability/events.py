@@ -55,6 +55,3 @@ class EventQueue:
         events = list(self._ring)
         events.reverse()
         return events if limit is None else events[:limit]
-
-    def __len__(self) -> int:
-        return len(self._ring)

@@ -56,8 +56,6 @@ class HubWatch:
         self._hub: Any = None
         self._hub_thread = 0
         self._sampled_beat = -1.0
-        self.blocks = 0
-        """Blocks reported so far."""
 
     def start(self) -> None:
         """Start the heartbeat greenlet and the watchdog thread; idempotent."""
@@ -88,7 +86,6 @@ class HubWatch:
             if stalled > self.threshold + interval and self._sampled_beat != self._beat:
                 # The watchdog could not take a sample: C code held the GIL the whole time
                 # (a Cython decode loop, say). Report the stall without a stack.
-                self.blocks += 1
                 self._on_block(stalled, [])
             self._beat = now
             gevent.sleep(interval)
@@ -118,7 +115,6 @@ class HubWatch:
                 continue
             reported = id(root)
             stack = traceback.format_stack(frame, limit=STACK_LIMIT)
-            self.blocks += 1
             beat = self._beat
             self._sampled_beat = beat
             self._hub.loop.run_callback_threadsafe(self._report, beat, stack)

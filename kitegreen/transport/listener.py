@@ -60,22 +60,23 @@ class ListenSpec:
             return cls("unix", path=config.unix_socket)
         return cls("tcp", host=config.host, port=config.port)
 
-    def describe(self) -> str:
-        """The address as people write it: ``127.0.0.1:8888``, ``[::1]:8888``, ``unix:/path``."""
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+    @property
+    def address(self) -> tuple[str, int] | str:
+        """What was asked for: ``(host, port)`` for TCP, the path for a Unix socket."""
+        return self.path if self.kind == "unix" else (self.host, self.port)
 
 
 def describe_address(address: tuple[str, int] | str) -> str:
-    """A bound address as people write it (see :meth:`ListenSpec.describe`).
+    """An address as people write it: ``127.0.0.1:8888``, ``[::1]:8888``, ``unix:/path``; the
+    one place kitegreen formats a listening address.
 
     Args:
         address: ``(host, port)`` for TCP, the path for a Unix socket.
     """
     if isinstance(address, str):
-        return ListenSpec("unix", path=address).describe()
-    return ListenSpec("tcp", host=address[0], port=address[1]).describe()
+        return f"unix:{address}"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def listen(spec: ListenSpec, backlog: int) -> socket.socket:
@@ -199,10 +200,6 @@ class Binding:
     def port(self) -> int:
         """The bound TCP port; 0 for a Unix socket."""
         return self.address[1] if isinstance(self.address, tuple) else 0
-
-    def describe(self) -> str:
-        """The bound address as text: ``127.0.0.1:8888``, ``[::1]:8888``, ``unix:/path``."""
-        return describe_address(self.address)
 
     def release(self) -> None:
         """Remove our Unix socket file (unless another server replaced it); idempotent."""

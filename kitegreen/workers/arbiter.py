@@ -90,7 +90,7 @@ from kitegreen.observability.events import EventQueue
 from kitegreen.observability.reporter import NullReporter, ReportGate
 from kitegreen.signals import format_stacks, install_signal_handlers
 from kitegreen.transport.acceptor import take_backlog
-from kitegreen.transport.listener import Binding, ListenSpec, listen
+from kitegreen.transport.listener import Binding, ListenSpec, describe_address, listen
 from kitegreen.transport.stream import CLOSE_LINGER, MessageStream
 from kitegreen.workers import fork
 from kitegreen.workers.board import Board
@@ -276,7 +276,7 @@ class Arbiter:
         config = self._config
         self.log.info(
             "listening",
-            address=self._binding.describe(),
+            address=describe_address(self.address),
             workers=config.workers,
             worker_timeout=config.worker_timeout,
             limits={"conn": config.limit_connections, "qps": config.limit_qps},
@@ -700,7 +700,7 @@ class Arbiter:
         # process, so nothing may signal it from here on, though its exit is still queued.
         worker = self._workers.get(pid)
         if worker is not None:
-            worker.exited = True
+            worker.mark_reaped()
         self._events.put_nowait(("exit", pid, status))
 
     def _on_message(self, pid: int, message: dict[str, Any]) -> None:
@@ -712,9 +712,9 @@ class Arbiter:
 
     def _on_ready(self, pid: int) -> None:
         worker = self._workers.get(pid)
-        if worker is None or worker.exited or worker.ready_at is not None:
+        if worker is None or not worker.mark_ready():
             return
-        worker.ready_at = time.monotonic()
+        assert worker.ready_at is not None
         self.log.info(
             "worker ready",
             worker=pid,
@@ -730,8 +730,7 @@ class Arbiter:
         worker = self._workers.pop(pid, None)
         if worker is None:
             return
-        worker.exit_status = status
-        worker.exited = True
+        worker.mark_exited(status)
         heartbeat_age = worker.slot.age()
         # Its slot is free for the next spawn from now on.
         worker.slot.clear()
@@ -740,7 +739,7 @@ class Arbiter:
             self.instance.reapply_limits(source="workers")
         stack = worker.read_stack()
         if stack:
-            worker.timed_out = True
+            worker.mark_timed_out()
             self.log.error(
                 "worker timed out: its hub did not run for worker_timeout; its watchdog wrote "
                 "its stacks and ended it",
@@ -806,7 +805,7 @@ class Arbiter:
                 continue
             stale = worker.slot.age(now)
             if stale > limit:
-                worker.timed_out = True
+                worker.mark_timed_out()
                 self.log.error(
                     "worker timed out and did not end itself (stopped, or stuck in the "
                     "kernel); killing it",

@@ -34,12 +34,17 @@ class WorkerProcess:
         slot: its slot on the board (its heartbeat, connections, accepting).
         stack_file: where its watchdog writes its stacks before it ends the worker.
         spawned_at: monotonic time of the fork.
-        ready_at: monotonic time its server started accepting; None until then.
+        ready_at: monotonic time its engine started accepting; None until then
+            (:meth:`mark_ready`).
         stop_requested: the arbiter asked it to stop (an exit is then expected).
-        timed_out: its watchdog ended it, or the arbiter killed it, for a stale heartbeat.
+        timed_out: its watchdog ended it, or the arbiter killed it, for a stale heartbeat
+            (:meth:`mark_timed_out`).
         exited: it has exited and been reaped (by the hub, before the arbiter handles the
-            exit): its pid may belong to another process already.
-        exit_status: its wait status once reaped (see :meth:`describe_exit`).
+            exit): its pid may belong to another process already (:meth:`mark_reaped`).
+        exit_status: its wait status once reaped (:meth:`mark_exited`, see
+            :meth:`describe_exit`).
+
+    The attributes are read by others and written only by the methods here.
     """
 
     pid: int
@@ -68,6 +73,29 @@ class WorkerProcess:
     def live(self) -> bool:
         """Booting or ready: neither asked to stop, nor timed out, nor exited."""
         return self.state in (BOOTING, READY)
+
+    def mark_ready(self) -> bool:
+        """It said it is ready: record when. False (and nothing recorded) if it has exited or
+        was ready already."""
+        if self.exited or self.ready_at is not None:
+            return False
+        self.ready_at = time.monotonic()
+        return True
+
+    def mark_reaped(self) -> None:
+        """The hub reaped it: its pid may belong to another process from now on, so nothing
+        may signal it any more (its exit status comes with :meth:`mark_exited`)."""
+        self.exited = True
+
+    def mark_exited(self, status: int) -> None:
+        """Record its wait ``status``; it has exited."""
+        self.exit_status = status
+        self.exited = True
+
+    def mark_timed_out(self) -> None:
+        """Its hub stopped running for ``worker_timeout`` (its watchdog ended it, or the
+        arbiter is about to kill it)."""
+        self.timed_out = True
 
     def send_signal(self, signum: signal.Signals) -> bool:
         """Send ``signum``; False if the process is already gone (then nothing is sent: once

@@ -40,6 +40,7 @@ from kitegreen.observability.hubwatch import HubWatch, block_reporter
 from kitegreen.observability.metrics import process_figures
 from kitegreen.observability.reporter import NullReporter, ReportGate
 from kitegreen.signals import ServerStop, install_signal_handlers
+from kitegreen.transport.listener import describe_address
 from kitegreen.workers import fork
 from kitegreen.workers.balance import AcceptBalance
 from kitegreen.workers.board import Board, Slot
@@ -210,7 +211,7 @@ class _Worker:
             hub_watch.start()
         engine.log.info(
             "listening",
-            address=binding.describe(),
+            address=describe_address(binding.address),
             limits={"conn": config.limit_connections, "qps": config.limit_qps},
         )
         spec.slot.set_accepting(True)
