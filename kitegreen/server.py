@@ -108,9 +108,12 @@ class RpcServer:
             first_request_grace=self._first_request_grace,
         )
 
-    def set_close_timings(self, *, close_linger: float, first_request_grace: float) -> None:
-        """Shorten how long closing connections linger and how long a stop spares a connection
-        that has not sent its first request (both a second by default); for tests, before
+    def set_close_timings(
+        self, *, close_linger: float | None = None, first_request_grace: float | None = None
+    ) -> None:
+        """Change how long a closing connection reads what its client still sends, and how
+        long a stop spares a connection that has not sent its first request (a second each by
+        default; None keeps one). For tests, which need not wait a second for either; before
         start().
 
         Raises:
@@ -118,8 +121,10 @@ class RpcServer:
         """
         if self._started:
             raise RuntimeError("set_close_timings() must be called before start()")
-        self._close_linger = close_linger
-        self._first_request_grace = first_request_grace
+        if close_linger is not None:
+            self._close_linger = close_linger
+        if first_request_grace is not None:
+            self._first_request_grace = first_request_grace
         self._configure(self.config)
 
     def reconfigure(self, config: Config) -> None:

@@ -50,13 +50,15 @@ def handler() -> Handler:
 
 @pytest.fixture
 def make_server(handler: Handler) -> Iterator[Callable[..., kitegreen.RpcServer]]:
-    """Factory: ``make_server(**config)`` starts a server on loopback; all are stopped after."""
+    """Factory: ``make_server(**config)`` starts a server on loopback; all are stopped after.
+    ``close_linger=`` shortens how long its closing connections wait for their clients."""
     servers: list[kitegreen.RpcServer] = []
 
-    def make(**overrides: Any) -> kitegreen.RpcServer:
+    def make(close_linger: float | None = None, **overrides: Any) -> kitegreen.RpcServer:
         server = kitegreen.RpcServer(
             testsvc_thrift.TestService, handler, loopback_config(**overrides)
         )
+        server.set_close_timings(close_linger=close_linger)
         server.start()
         servers.append(server)
         return server

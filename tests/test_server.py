@@ -741,7 +741,7 @@ class TestStop:
 
     def test_idle_connection_is_closed(self, make_server):
         """An idle kept-alive connection is closed by stop, without waiting for exit_wait_time."""
-        server = make_server(exit_wait_time=5.0)
+        server = make_server(exit_wait_time=5.0, close_linger=0.1)
         with RawClient(server.address) as raw:
             assert raw.call("ping") is None
             start = time.monotonic()
@@ -753,7 +753,7 @@ class TestStop:
         """A request that reached the server (pipelined behind a slow call) when stop began is
         answered too: a connection is closed only when nothing waits in it, and with a FIN,
         so the client reads both replies, then end-of-stream, never a reset."""
-        server = make_server(exit_wait_time=5.0)
+        server = make_server(exit_wait_time=5.0, close_linger=0.1)
         with RawClient(server.address) as raw:
             raw.send(encode_call("slow", seconds=0.5, message="first"))
             raw.send(encode_call("echo", message="second"))
@@ -768,7 +768,7 @@ class TestStop:
         """An idle keep-alive connection is ended with a FIN, so a client whose next request
         crosses the stop reads end-of-stream without a byte of reply: the call was never
         handled and can be retried."""
-        server = make_server(exit_wait_time=5.0)
+        server = make_server(exit_wait_time=5.0, close_linger=0.1)
         with RawClient(server.address) as raw:
             assert raw.call("ping") is None
             assert server.stop() is True
