@@ -75,7 +75,6 @@ from gevent.pool import Pool
 from gevent.queue import Empty, Queue
 
 from kitegreen.config import DEFAULT_WORKER_TIMEOUT, MAX_WORKERS, Config
-from kitegreen.config.settings import restart_fields
 from kitegreen.discovery.backoff import Backoff
 from kitegreen.exceptions import ConfigError, ListenError, describe
 from kitegreen.exits import (
@@ -97,8 +96,9 @@ from kitegreen.workers.board import Board
 from kitegreen.workers.control import Channel
 from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.fleet import Fleet, ready_count
-from kitegreen.workers.probe import Probe, probe_config, probe_timeout, start_probe
+from kitegreen.workers.probe import probe_config, probe_timeout
 from kitegreen.workers.process import BOOTING, WorkerProcess
+from kitegreen.workers.reload import RollingReload
 from kitegreen.workers.worker import Application, WorkerSpec, run_worker
 
 STOP_GRACE = 2.0
@@ -119,10 +119,6 @@ SPAWN_RETRY_INITIAL = 0.1
 SPAWN_RETRY_MAX = 5.0
 TICK = 0.25
 STOP_TICK = 0.05
-
-RESTART_FIELDS = restart_fields()
-"""Settings the arbiter itself uses and cannot change without a restart; a reload keeps them
-and says so if the new configuration differs."""
 
 SERVING = "serving"
 DRAINING = "draining"
@@ -212,20 +208,20 @@ class Arbiter:
         self._drain = 0.0
         self._phase = SERVING
         self._wanted = config.workers
-        self._generation = 0
-        self._generations = 0
-        """Generations started so far: an aborted reload's number is never used again."""
         self._age = 0
         self._crashes = CrashPolicy()
         """Start-up crashes of the generation in service (and of older ones still running)."""
-        self._reload_crashes: CrashPolicy | None = None
-        """During a reload, start-up crashes of the new generation."""
-        self._before_reload: tuple[Config, int, int] | None = None
-        """During a reload: the settings, generation and workers wanted to go back to."""
-        self._reload_pending = False
-        self._probe: Probe | None = None
-        """The reload's probe while it loads the application."""
-        self._probe_waiter: gevent.Greenlet | None = None
+        self._reload = RollingReload(
+            app,
+            log,
+            post=self._events.put,
+            push_event=self._push_event,
+            may_reload=lambda: self._phase == SERVING,
+            signal_handles=lambda: self._signal_handles,
+            settings=lambda: (self._config, self._wanted),
+            adopt=self._adopt,
+            stop_generation=self._stop_generation,
+        )
         self._restarts = 0
         self._spawn_not_before = 0.0
         self._spawn_backoff = Backoff(initial=SPAWN_RETRY_INITIAL, maximum=SPAWN_RETRY_MAX)
@@ -237,7 +233,6 @@ class Arbiter:
         self._clean = True
         self._failed = False
         self._start_failed = False
-        self._reloading = False
         spec = ListenSpec.from_config(config)
         sock = listen(spec, config.backlog)
         self._binding = Binding(spec, sock, owned=True)
@@ -299,9 +294,7 @@ class Arbiter:
             # once it exits, but not before its listener and registration are gone.
             for worker in self._workers.values():
                 worker.stop()
-            self._cancel_probe()
-            if self._probe_waiter is not None:
-                self._probe_waiter.join(timeout=6.0)
+            self._reload.close()
             self._close_listener()
             if self._deregistering is not None:
                 self._deregistering.join(timeout=DEREGISTER_WAIT)
@@ -349,7 +342,7 @@ class Arbiter:
         now = time.monotonic()
         if self._spawn_not_before > now:
             wake = min(wake, self._spawn_not_before - now)
-        for policy in (self._crashes, self._reload_crashes):
+        for policy in (self._crashes, self._reload.crashes):
             if policy is not None and policy.wait() > 0:
                 wake = min(wake, policy.wait())
         if self._phase == DRAINING:
@@ -377,7 +370,7 @@ class Arbiter:
         elif kind == "ready":
             self._on_ready(event[1])
         elif kind == "probed":
-            self._on_probed(event[1], event[2])
+            self._reload.probed(event[1], event[2])
         elif kind == "deregistered":
             self._on_deregistered()
 
@@ -394,7 +387,7 @@ class Arbiter:
             )
             self._begin_stop(signum, graceful=False)
         elif signum == signal.SIGHUP:
-            self._reload()
+            self._reload.request()
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             self._scale(1 if signum == signal.SIGTTIN else -1, signum)
         elif signum == signal.SIGUSR1:
@@ -416,8 +409,7 @@ class Arbiter:
                 self._kill_at = min(self._kill_at, time.monotonic() + STOP_GRACE)
             return
         self._stop_signal = signal.SIGTERM if graceful else signal.SIGQUIT
-        self._reload_pending = False
-        self._cancel_probe()
+        self._reload.cancel()
         if self._phase == DRAINING:
             if not graceful:
                 self._signal_stop(time.monotonic())
@@ -479,92 +471,44 @@ class Arbiter:
             )
             return
         self._wanted = wanted
-        if self._before_reload is not None:
-            # An aborted reload goes back to this number, not the one before the reload.
-            config, generation, _ = self._before_reload
-            self._before_reload = (config, generation, wanted)
+        self._reload.rescaled(wanted)
         self.log.info("workers wanted changed", signal=signum.name, workers=wanted)
-        self.instance.events.push("Workers", f"{signum.name}: {wanted} workers wanted")
+        self.instance.push_event("Workers", f"{signum.name}: {wanted} workers wanted")
 
-    def _reload(self) -> None:
-        if self._phase != SERVING:
-            self.log.warning("signal ignored: the instance is stopping", signal="SIGHUP")
-            return
-        if self._reloading or self._probe is not None:
-            # One reload at a time: the next starts from the settings this one brings in.
-            self._reload_pending = True
-            self.log.info("a reload is in progress; reloading again once it ends")
-            return
-        self.log.info("reloading: loading the application and its settings afresh")
-        probe = start_probe(self._app, signal_handles=self._signal_handles, log=self.log)
-        if isinstance(probe, int):
-            self._refuse_reload("the probe could not be started")
-            return
-        self._probe = probe
-        # The probe loads the application in its own time; the loop goes on supervising (and
-        # acting on signals) meanwhile, and hears of the result as an event.
-        self._probe_waiter = gevent.spawn(
-            self._await_probe, probe, probe_timeout(self._config.worker_timeout)
-        )
+    # -- what the reload changes ---------------------------------------------------------------
 
-    def _await_probe(self, probe: Probe, timeout: float) -> None:
-        self._events.put(("probed", probe, probe.result(timeout)))
-
-    def _cancel_probe(self) -> None:
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            probe.cancel()
-
-    def _on_probed(self, probe: Probe, new: Config | int) -> None:
-        if probe is not self._probe:
-            return  # cancelled: the instance is stopping
-        self._probe = self._probe_waiter = None
-        if isinstance(new, int):
-            self._refuse_reload("the probe could not load the application and its settings")
-            return
-        old = self._config
-        kept = [name for name in RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
-        try:
-            config = new.replace(**{name: getattr(old, name) for name in RESTART_FIELDS})
-        except ConfigError as exc:
-            self._refuse_reload(f"the new settings do not fit the ones kept: {exc}")
-            return
-        if kept:
-            self.log.warning(
-                "these settings change only with a restart; kept as they were", settings=kept
-            )
-        self._before_reload = (old, self._generation, self._wanted)
+    def _adopt(self, config: Config, wanted: int) -> None:
         self._config = config
-        self._wanted = self._config.workers
-        self._generations += 1
-        self._generation = self._generations
-        self._reload_crashes = CrashPolicy()
-        self._reloading = True
-        self.instance.reconfigure(self._config)
-        self.log.info("rolling reload", generation=self._generation, workers=self._wanted)
-        self.instance.events.push("Reload", f"generation {self._generation}")
+        self._wanted = wanted
+        self.instance.reconfigure(config)
 
-    def _refuse_reload(self, why: str) -> None:
-        self.log.error("reload refused; the workers keep serving", reason=why)
-        self.instance.events.push("Reload", f"refused: {why}")
-        self._reload_if_pending()
+    def _stop_generation(self, generation: int) -> None:
+        for worker in self._workers.values():
+            if worker.generation == generation:
+                worker.stop()
+
+    def _push_event(self, name: str, detail: str) -> None:
+        self.instance.push_event(name, detail)
 
     # -- workers -------------------------------------------------------------------------------
 
     def _manage(self, now: float) -> None:
         """Bring the workers to the number wanted: replace, scale, roll a reload forward."""
         live = [w for w in self._workers.values() if w.live]
-        old = sorted((w for w in live if w.generation < self._generation), key=lambda w: w.age)
-        current = sorted((w for w in live if w.generation == self._generation), key=lambda w: w.age)
-        reload_crashes = self._reload_crashes
+        generation = self._reload.generation
+        old = sorted((w for w in live if w.generation < generation), key=lambda w: w.age)
+        current = sorted((w for w in live if w.generation == generation), key=lambda w: w.age)
+        reload_crashes = self._reload.crashes
         if reload_crashes is None:
             self._crashes.note_health(live)
         else:
             self._crashes.note_health(old)
             reload_crashes.note_health(current)
         if not old:
-            if self._reloading:
-                self._end_reload()
+            if self._reload.rolling:
+                # The new generation is the one in service now, crashes counted so far
+                # included.
+                self._crashes = self._reload.complete() or self._crashes
             for worker in current[: max(len(current) - self._wanted, 0)]:
                 self.log.info("stopping a worker: fewer wanted", worker=worker.pid)
                 worker.stop()
@@ -588,43 +532,6 @@ class Arbiter:
 
     def _may_spawn(self, now: float, crashes: CrashPolicy) -> bool:
         return now >= self._spawn_not_before and crashes.may_spawn()
-
-    def _end_reload(self) -> None:
-        self._reloading = False
-        if self._reload_crashes is not None:
-            # The new generation is the one in service now, crashes counted so far included.
-            self._crashes = self._reload_crashes
-        self._reload_crashes = None
-        self._before_reload = None
-        self.log.info("reload complete", generation=self._generation)
-        self._reload_if_pending()
-
-    def _abort_reload(self, last_exit: str) -> None:
-        """The new generation keeps crashing: stop it and go back to the previous one."""
-        assert self._before_reload is not None
-        aborted = self._generation
-        self._config, self._generation, self._wanted = self._before_reload
-        self._before_reload = None
-        self._reload_crashes = None
-        self._reloading = False
-        for worker in self._workers.values():
-            if worker.generation == aborted:
-                worker.stop()
-        self.instance.reconfigure(self._config)
-        self.log.error(
-            "reload aborted: the new workers keep exiting at start-up; the previous generation "
-            "keeps serving with its settings",
-            generation=aborted,
-            restored_generation=self._generation,
-            last_exit=last_exit,
-        )
-        self.instance.events.push("Reload", f"generation {aborted} aborted: {last_exit}")
-        self._reload_if_pending()
-
-    def _reload_if_pending(self) -> None:
-        if self._reload_pending:
-            self._reload_pending = False
-            self._reload()
 
     def _spawn(self) -> bool:
         """Fork one worker. When there is no free slot on the board (workers still stopping),
@@ -675,11 +582,11 @@ class Arbiter:
             log=self.log.bind(worker=pid),
         )
         self._workers[pid] = WorkerProcess(
-            pid, self._age, self._generation, channel, slot, stack_file
+            pid, self._age, self._reload.generation, channel, slot, stack_file
         )
         self.fleet.stats.track(pid)
         channel.start()
-        self.log.info("worker spawned", worker=pid, generation=self._generation)
+        self.log.info("worker spawned", worker=pid, generation=self._reload.generation)
         return True
 
     def _defer_spawns(self, reason: str, **fields: Any) -> None:
@@ -762,8 +669,8 @@ class Arbiter:
             self.log.info("worker stopped", worker=pid, exit=worker.describe_exit())
             return
         self._restarts += 1
-        reload_crashes = self._reload_crashes
-        new_generation = reload_crashes is not None and worker.generation == self._generation
+        reload_crashes = self._reload.crashes
+        new_generation = reload_crashes is not None and worker.generation == self._reload.generation
         policy = reload_crashes if reload_crashes is not None and new_generation else self._crashes
         delay = policy.exited(worker)
         self.log.error(
@@ -776,11 +683,11 @@ class Arbiter:
             start_up_crash=delay is not None,
             restart_in=None if delay is None else round(delay, 3),
         )
-        self.instance.events.push("Worker Exit", f"{pid}: {worker.describe_exit()}")
+        self.instance.push_event("Worker Exit", f"{pid}: {worker.describe_exit()}")
         if not policy.exhausted:
             return
         if new_generation:
-            self._abort_reload(worker.describe_exit())
+            self._reload.abort(worker.describe_exit())
             return
         self.log.error(
             "workers keep exiting at start-up; stopping the instance",
@@ -845,7 +752,7 @@ class Arbiter:
         return {
             "pid": os.getpid(),
             "phase": self._phase,
-            "generation": self._generation,
+            "generation": self._reload.generation,
             "workers_wanted": self._wanted,
             "workers_ready": ready_count(self._workers.values()),
             "worker_restarts": self._restarts,
