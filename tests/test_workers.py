@@ -710,7 +710,9 @@ class TestSupervision:
                 started = [
                     e["limits"]["conn"] for e in instance.named("listening") if e["pid"] == pid
                 ]
-                changed = [e["conn"] for e in instance.named("limits changed") if e["pid"] == pid]
+                changed = [
+                    e["conn"] for e in instance.named("limit share changed") if e["pid"] == pid
+                ]
                 return started + changed
 
             instance.proc.send_signal(signal.SIGHUP)
@@ -735,7 +737,7 @@ class TestSupervision:
                 grew = next(
                     i
                     for i, e in records
-                    if e["event"] == "limits changed" and e["pid"] == pid and e["conn"] == 6
+                    if e["event"] == "limit share changed" and e["pid"] == pid and e["conn"] == 6
                 )
                 assert grew > exited
             assert instance.stop() == 0
@@ -1046,7 +1048,7 @@ class TestOneInstance:
             def applied() -> set[int]:
                 return {
                     e["pid"]
-                    for e in instance.named("limits changed")
+                    for e in instance.named("limit share changed")
                     if e["source"] == "consul" and e["qps"] == 4
                 }
 

@@ -272,9 +272,9 @@ class _Worker:
         before = self.engine.limiter.limits
         after = self.engine.apply_limits(share)
         if after != before:
-            # This worker's share: the instance's limits are logged by the arbiter.
+            # This worker's share; the instance's limits are the arbiter's "limits changed".
             self.engine.log.info(
-                "limits changed",
+                "limit share changed",
                 source=str(message.get("source", "arbiter")),
                 conn=after.connections,
                 qps=after.qps,
