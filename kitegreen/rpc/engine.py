@@ -320,6 +320,11 @@ class Engine:
         )
 
     @property
+    def limits(self) -> Limits:
+        """The limits this process enforces now."""
+        return self.limiter.limits
+
+    @property
     def connections(self) -> int:
         """Connections open now."""
         return self.limiter.connections

@@ -269,7 +269,7 @@ class _Worker:
             int(message["limit_qps"]),
             {str(m): int(q) for m, q in dict(message["endpoint_qps_limits"]).items()},
         )
-        before = self.engine.limiter.limits
+        before = self.engine.limits
         after = self.engine.apply_limits(share)
         if after != before:
             # This worker's share; the instance's limits are the arbiter's "limits changed".
