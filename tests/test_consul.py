@@ -197,6 +197,18 @@ class TestRemoteConfig:
         assert wait_until(lambda: server.overload()["conn_limit"] == 300, timeout=2.0)
         assert "limit_connections" not in server.remote_configs()
 
+    def test_consul_wins_over_update_limits_until_it_drops_the_limit(self, agent, consul_server):
+        """A limit Consul sets stays in force over one set with update_limits(); once Consul
+        drops it, the value update_limits() set applies (not the configuration's)."""
+        server = consul_server(remote_config=True, limit_qps=1000)
+        key = f"kite/limit/qps/{SERVICE}"
+        agent.kv_put(key, "9")
+        assert wait_until(lambda: server.overload()["qps_limit"] == 9, timeout=2.0)
+        assert server.update_limits(limit_qps=300).qps == 9
+        assert server.overload()["qps_limit"] == 9
+        agent.kv_delete(key)
+        assert wait_until(lambda: server.overload()["qps_limit"] == 300, timeout=2.0)
+
     def test_endpoint_qps_limits_apply_to_their_method(self, agent, consul_server):
         """endpoint_qps JSON limits one method; others are untouched."""
         server = consul_server(remote_config=True, limit_qps=0)
