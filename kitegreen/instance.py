@@ -3,7 +3,8 @@
 An :class:`Instance` owns what belongs to the instance rather than to the code that serves
 requests: the recent-event ring and the rate-limited reports, the limits (the local settings
 with Consul's on top), the Consul registration, the remote-configuration watch, the debug
-server, the hub watch of its own process, ``runtime_info`` and the metrics it exposes.
+server, ``runtime_info`` and the metrics it exposes. (The watch of a hub belongs to the
+process whose handlers run on it: the engine's.)
 
 It governs a :class:`Serving`, the data plane seen from above:
 
@@ -34,7 +35,6 @@ from kitegreen.discovery.remote_config import RemoteConfigWatcher
 from kitegreen.limiter import Limits
 from kitegreen.observability.debug import DebugServer
 from kitegreen.observability.events import Event, EventQueue
-from kitegreen.observability.hubwatch import HubWatch, block_reporter
 from kitegreen.observability.reporter import ReportGate
 from kitegreen.transport.listener import Binding, describe_address
 
@@ -69,9 +69,6 @@ class Serving(Protocol):
 
     def metrics_exposition(self) -> Callable[[], bytes] | None:
         """What ``/metrics`` serves; None with metrics off."""
-
-    def hub_blocked(self) -> None:
-        """Count one block of this process's hub."""
 
 
 class LimitLayers:
@@ -136,9 +133,6 @@ class Instance:
         log: a structlog logger.
         registry: where to register when ``config.register`` is on; Consul at
             ``config.consul_addr`` when None.
-        watch_hub: whether to watch this process's hub (``hub_block_threshold``): the
-            process that runs the handlers does; the arbiter, which runs none and forks, does
-            not (each worker watches its own).
     """
 
     def __init__(
@@ -150,7 +144,6 @@ class Instance:
         reports: ReportGate,
         log: Any,
         registry: Registry | None = None,
-        watch_hub: bool = True,
     ) -> None:
         self.config = config
         self.serving = serving
@@ -174,18 +167,13 @@ class Instance:
                 on_event=self.reports.remote_config_event,
                 log=log,
             )
-        self.hub_watch: HubWatch | None = None
-        if watch_hub and config.hub_block_threshold > 0:
-            self.hub_watch = HubWatch(
-                config.hub_block_threshold, block_reporter(log, reports, serving.hub_blocked)
-            )
         self._running: list[Any] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self, binding: Binding) -> None:
-        """Register, start the debug server, the hub watch and the remote-config watch, for an
-        instance listening at ``binding``. On failure what was started is stopped again, and
+        """Register, start the debug server and the remote-config watch, for an instance
+        listening at ``binding``. On failure what was started is stopped again, and
         ``start()`` may be called again.
         """
         config = self.config
@@ -210,7 +198,7 @@ class Instance:
                 log=self.log,
             )
         try:
-            for part in (self.registrar, self.debug_server, self.hub_watch, self.remote_config):
+            for part in (self.registrar, self.debug_server, self.remote_config):
                 if part is not None:
                     part.start()
                     self._running.append(part)

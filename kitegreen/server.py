@@ -167,7 +167,7 @@ class RpcServer:
     @property
     def hub_watch(self) -> HubWatch | None:
         """The hub watch; None with ``hub_block_threshold`` 0."""
-        return self.instance.hub_watch
+        return self.engine.hub_watch
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -414,8 +414,3 @@ class LocalServing:
         """The engine's metrics."""
         metrics = self._engine.metrics
         return metrics.exposition if metrics is not None else None
-
-    def hub_blocked(self) -> None:
-        """Count it in the engine's metrics."""
-        if self._engine.metrics is not None:
-            self._engine.metrics.hub_blocked()

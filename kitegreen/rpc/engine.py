@@ -2,7 +2,8 @@
 
 An :class:`Engine` owns the listener (bound here or handed in), the acceptor, connection
 admission, the greenlet pool, the :class:`~kitegreen.rpc.loop.ServeContext` every connection
-shares, the idle sweeper, and the phases of a stop, each a verb the owner calls in order:
+shares, the idle sweeper, the watch of the hub its handlers run on, and the phases of a stop,
+each a verb the owner calls in order:
 
 1. :meth:`Engine.begin_stop`: ``/health`` turns 503 and TTHeader replies ask Kitex clients to
    stop reusing their connections; the engine still accepts and serves.
@@ -31,6 +32,7 @@ from gevent.pool import Pool
 
 from kitegreen.config import Config
 from kitegreen.limiter import Limiter, Limits
+from kitegreen.observability.hubwatch import HubWatch, block_reporter
 from kitegreen.observability.metrics import Metrics
 from kitegreen.observability.panics import PanicLog
 from kitegreen.observability.reporter import CONNECTION_OVERLOAD, ReportGate
@@ -108,6 +110,12 @@ class Engine:
         self.idle_sweeper: IdleSweeper | None = None
         if config.idle_timeout > 0:
             self.idle_sweeper = IdleSweeper(self._ctx.streams, config.idle_timeout)
+        self.hub_watch: HubWatch | None = None
+        """Reports handlers that block this process's hub (``hub_block_threshold`` > 0)."""
+        if config.hub_block_threshold > 0:
+            self.hub_watch = HubWatch(
+                config.hub_block_threshold, block_reporter(log, reports, self._count_hub_block)
+            )
         self._started = False
         self._stopped = GEvent()
         self._stop_greenlet: gevent.Greenlet | None = None
@@ -157,7 +165,14 @@ class Engine:
             self._acceptor.start()
             if self.idle_sweeper is not None:
                 self.idle_sweeper.start()
+            if self.hub_watch is not None:
+                self.hub_watch.start()
         except BaseException:
+            if self.idle_sweeper is not None:
+                self.idle_sweeper.stop()
+            if self._acceptor is not None:
+                self._acceptor.stop_accepting()
+                self._acceptor.close()
             self._acceptor = None
             binding.release()
             if owned:
@@ -172,8 +187,7 @@ class Engine:
         so the listener closes at once and ``start()`` may be called again."""
         if not self._started:
             return
-        if self.idle_sweeper is not None:
-            self.idle_sweeper.stop()
+        self._stop_background()
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.stop_accepting()
@@ -303,9 +317,13 @@ class Engine:
 
     def finish(self) -> None:
         """Phase 4: stop the background greenlets and flush the panic log."""
-        if self.idle_sweeper is not None:
-            self.idle_sweeper.stop()
+        self._stop_background()
         self._ctx.panics.flush()
+
+    def _stop_background(self) -> None:
+        for part in (self.hub_watch, self.idle_sweeper):
+            if part is not None:
+                part.stop()
 
     # -- what the control plane reads and sets ---------------------------------------------
 
@@ -343,8 +361,8 @@ class Engine:
         }
 
     def greenlets(self) -> int:
-        """Greenlets this engine runs: one per connection, the sweeper."""
-        return len(self._pool) + (1 if self.idle_sweeper is not None else 0)
+        """Greenlets this engine runs: one per connection, the sweeper, the hub watch."""
+        return len(self._pool) + sum(1 for p in (self.idle_sweeper, self.hub_watch) if p)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -372,6 +390,10 @@ class Engine:
             Connection(sock, address, self._ctx).serve()
         finally:
             self.limiter.release_connection()
+
+    def _count_hub_block(self) -> None:
+        if self.metrics is not None:
+            self.metrics.hub_blocked()
 
     def _runtime_figures(self) -> dict[str, float]:
         hub = gevent.get_hub()

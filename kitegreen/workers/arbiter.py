@@ -256,7 +256,6 @@ class Arbiter:
                 events=events,
                 reports=ReportGate(config.report_interval, events, NullReporter(), log),
                 log=log,
-                watch_hub=False,
             )
         except BaseException:
             self._close_listener()

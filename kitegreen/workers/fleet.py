@@ -122,9 +122,6 @@ class Fleet:
         """The instance's metrics: the workers' summed, the processes' gauges."""
         return self.metrics.exposition if self.metrics else None
 
-    def hub_blocked(self) -> None:
-        """The arbiter's own hub: logged and reported, not counted in the workers' metric."""
-
     # -- limits --------------------------------------------------------------------------------
 
     def serving(self) -> int:

@@ -16,7 +16,7 @@ remote configuration, the debug server, the limits) is the arbiter's
 :class:`~kitegreen.instance.Instance`, which hands each worker its share of the limits and
 tells it when to stop (after it has deregistered and waited ``drain_time``). The worker keeps
 what belongs to its own process: its reports (to the application's reporter), its metrics,
-and the watch of its own hub.
+and (in its engine) the watch of its own hub.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from kitegreen.exceptions import ConfigError, LaunchError
 from kitegreen.exits import EXIT_CRASHED, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_USAGE
 from kitegreen.limiter import Limits
 from kitegreen.observability.events import EventQueue
-from kitegreen.observability.hubwatch import HubWatch, block_reporter
 from kitegreen.observability.metrics import process_figures
 from kitegreen.observability.reporter import NullReporter, ReportGate
 from kitegreen.signals import ServerStop, install_signal_handlers
@@ -202,13 +201,6 @@ class _Worker:
             max_accept=MAX_ACCEPT,
             accept_gate=balance,
         )
-        hub_watch: HubWatch | None = None
-        if config.hub_block_threshold > 0:
-            hub_watch = HubWatch(
-                config.hub_block_threshold,
-                block_reporter(engine.log, engine.reports, self._count_hub_block),
-            )
-            hub_watch.start()
         engine.log.info(
             "listening",
             address=describe_address(binding.address),
@@ -218,8 +210,6 @@ class _Worker:
         self.channel.send({"type": "ready"})
         engine.wait_stopped()
         clean = engine.clean_stop
-        if hub_watch is not None:
-            hub_watch.stop()
         engine.log.info("stopped", clean=clean)
         self.exiting = True
         self.channel.send({"type": "final", "stats": self.stats()})
@@ -229,10 +219,6 @@ class _Worker:
 
     def _open_connections(self) -> int:
         return self.engine.connections if self.engine is not None else 0
-
-    def _count_hub_block(self) -> None:
-        if self.engine is not None and self.engine.metrics is not None:
-            self.engine.metrics.hub_blocked()
 
     def stats(self) -> dict[str, Any]:
         """This worker's figures for the arbiter (see ``control.py``), numbered: the arbiter
