@@ -153,6 +153,7 @@ class TestRegistration:
         assert seen["listening_at_deregister"] is True
         assert not can_connect(server.address)
 
+    @pytest.mark.slow
     def test_registered_server_drains_before_its_listener_closes(self, agent, consul_server):
         """With drain_time left to its default, a server registered in Consul keeps accepting
         and serving for 3 s after deregistering, so clients that found it through Consul have
@@ -261,6 +262,7 @@ class TestRemoteConfig:
         assert doc["overload"]["conn_limit"] == 77
 
 
+@pytest.mark.slow
 class TestLauncherDeregistration:
     def test_sigterm_deregisters_and_exits_zero(self, agent, tmp_path):
         """Through the launcher, SIGTERM deregisters the service and the process exits 0."""

@@ -826,6 +826,7 @@ class TestAbsurdLengths:
         assert outcome.received == 0
         assert_served(target, protocol, "framed")
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("protocol", ["binary", "compact"])
     def test_announced_lengths_reserve_nothing_until_the_bytes_arrive(self, make_server, protocol):
         """100 buffered connections each announce an echo_binary of 16 MiB minus a little (valid,
@@ -1146,6 +1147,7 @@ def fuzz_once(server: kitegreen.RpcServer, protocol: str, transport: str, payloa
         assert client.echo("ping") == "ping"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("protocol", "transport"), WIRES, ids=WIRE_IDS)
 class TestProperties:
     @FUZZ
@@ -1193,6 +1195,7 @@ def trickle(
     return sent, None
 
 
+@pytest.mark.slow
 class TestSlowPeers:
     @pytest.mark.parametrize(("protocol", "transport"), WIRES, ids=WIRE_IDS)
     def test_trickled_request_is_cut_off_while_others_are_served(
@@ -1370,6 +1373,7 @@ def running(*tasks: Steady | DebugProbe) -> Iterator[None]:
         gevent.joinall(greenlets, timeout=10, raise_error=True)
 
 
+@pytest.mark.slow
 class TestFloods:
     def test_thousands_of_connections_opened_and_dropped(self, make_server):
         """2000 connections, 100 at a time, closed at once, after half a request, after HTTP,
@@ -1543,6 +1547,7 @@ class TestDependencyFaults:
         assert [(m.name, m.seqid) for m in outcome.messages] == [("wrong_return", 1), ("echo", 2)]
         assert outcome.messages[1].body.success == "after"
 
+    @pytest.mark.slow
     def test_client_giving_up_on_a_blocked_handler_leaves_nothing_behind(
         self, make_server, handler
     ):

@@ -27,7 +27,8 @@ from kitegreen import Config
 from kitegreen import logs as kg_logs
 from kitegreen.config import DEFAULT_LIMIT_QPS, DEFAULT_WORKER_TIMEOUT
 
-pytestmark = pytest.mark.timeout(60)
+# Every test starts the launcher as a subprocess: slow.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
 TARGET = "tests/launcher_target.py:server"
 QUIET = ("--port", "0", "--host", "127.0.0.1", "--no-enable-debug-server")

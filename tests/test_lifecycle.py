@@ -19,7 +19,8 @@ from wire import encode
 
 from kitegreen.codec import _thrift
 
-pytestmark = pytest.mark.timeout(60)
+# Every test starts the launcher as a subprocess: slow.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
 MIB = 1 << 20
 

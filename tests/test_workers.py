@@ -48,7 +48,8 @@ from kitegreen.workers.probe import config_from_json, config_to_json
 from kitegreen.workers.process import WorkerProcess
 from kitegreen.workers.stats import InstanceStats, requests_of
 
-pytestmark = pytest.mark.timeout(60)
+# Every test starts the launcher as a subprocess: slow.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
 TARGET = "tests/workers_target.py:server"
 LOOPBACK = ("--host", "127.0.0.1", "--port", "0", "--debug-port", "0", "--exit-wait-time", "2")
