@@ -64,10 +64,8 @@ from gevent.pool import Pool  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-sys.path.insert(0, str(HERE.parent / "tests"))
-
 import soak_target  # noqa: E402 - the benchmarks folder is not a package
-from wire import (  # noqa: E402 - shared with tests/test_hostile.py
+from soak_wire import (  # noqa: E402
     EXCEPTION,
     INT32_MAX,
     ONEWAY,

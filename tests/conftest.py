@@ -10,6 +10,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import inspect  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -74,14 +75,41 @@ def server(make_server: Callable[..., kitegreen.RpcServer]) -> kitegreen.RpcServ
     return make_server()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until it is truthy or ``timeout`` passes; return its last value."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    *,
+    what: str | Callable[[], str] | None = None,
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Raises:
+        AssertionError: ``timeout`` passed first; the message says what was awaited (``what``,
+            a text or a callable giving one, read only then; by default the predicate's
+            source) and the predicate's last value.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
-        if value or time.monotonic() >= deadline:
+        if value:
             return value
+        if time.monotonic() >= deadline:
+            awaited = what() if callable(what) else what or _source(predicate)
+            raise AssertionError(
+                f"timed out after {timeout:g} s waiting for {awaited} (last value: {value!r})"
+            )
         gevent.sleep(interval)
+
+
+def _source(predicate: Callable[[], Any]) -> str:
+    """The code of ``predicate`` as written, for a timeout message."""
+    try:
+        text = inspect.getsource(predicate).strip()
+    except (OSError, TypeError):
+        return repr(predicate)
+    start = text.find("lambda")
+    return " ".join((text[start:] if start >= 0 else text).split())
 
 
 def can_connect(address: tuple[str, int]) -> bool:

@@ -152,6 +152,7 @@ class Launcher:
         wait_until(
             lambda: self.find_event(event) is not None or self.proc.poll() is not None,
             timeout=timeout,
+            what=lambda: f"a {event!r} log line;\n{self.output()}",
         )
         found = self.find_event(event)
         assert found is not None, (

@@ -1,5 +1,5 @@
 """The service every test talks to (``tests/idl/testsvc.thrift``) and its handler, shared by the
-tests, the launcher target and the soak script's server."""
+tests and the launcher and workers targets."""
 
 from __future__ import annotations
 

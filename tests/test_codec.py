@@ -166,6 +166,8 @@ def chain(depth: int) -> Any:
 # -- agreement with thriftpy2 and Apache Thrift ---------------------------------------------------
 
 
+# 150 generated values per test: the codec's long property runs, left out of the fast loop.
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["binary", "compact"])
 class TestAgreement:
     @CODEC_SETTINGS
@@ -310,6 +312,7 @@ class TestAgreement:
 # -- the scanner ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["binary", "compact"])
 class TestScanner:
     @CODEC_SETTINGS
@@ -545,6 +548,7 @@ class TestRefusal:
         with pytest.raises(ProtocolError, match="dict key"):
             read("binary", header("binary", "weird") + body, codec_thrift.Codec.weird_args)
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("protocol", ["binary", "compact"])
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(data=st.data())
@@ -629,6 +633,7 @@ class TestEncodingErrors:
 # -- memory ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_no_leaks_on_success_or_error_paths():
     """Thousands of decodes, encodes and refusals leave no memory behind (tracemalloc)."""
     good = tp2_write("binary", AllArgs(value=All(ints=[1, 2], leaves=[Leaf(s="a")], far=7)))

@@ -674,6 +674,7 @@ class TestPublicApi:
             if isinstance(value, type) and issubclass(value, BaseException):
                 assert issubclass(value, kitegreen.KitegreenError), name
 
+    @pytest.mark.slow
     def test_importing_the_package_is_lazy(self):
         """``import kitegreen`` imports neither the server nor ssl until a name is used, and
         using one name brings in the whole API."""

@@ -212,7 +212,7 @@ class TestTTHeader:
         server = make(access_log=True)
         with capture_logs() as logs:
             tt_roundtrip(server.address, tt_call(protocol, message="x", int_kv={LOG_ID: "L-9"}))
-            assert wait_until(lambda: [e for e in logs if e["event"] == "access"])
+            wait_until(lambda: [e for e in logs if e["event"] == "access"])
         [access] = [e for e in logs if e["event"] == "access"]
         assert access["log_id"] == "L-9"
 
@@ -303,7 +303,7 @@ class TestHandoverAtStop:
             sock.sendall(tt_call(message="before"))
             before = ttheader.decode(read_frame(sock))
             sock.sendall(tt_call(method="slow", seconds=0.5, message="during"))
-            gevent.sleep(0.1)  # the slow call is in the handler
+            wait_until(lambda: server.overload()["conn_busy"] == 1, 2.0, what="the slow call")
             stopper = gevent.spawn(server.stop)
             during = ttheader.decode(read_frame(sock))
             assert stopper.get(timeout=5) is True

@@ -876,6 +876,7 @@ def parse_or_refuse(data: bytes) -> None:
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.slow
 class TestProperties:
     """Properties over generated frames."""
 

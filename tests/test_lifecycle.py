@@ -12,14 +12,15 @@ from typing import Any
 
 import gevent
 import pytest
-from conftest import testsvc_thrift
+from conftest import testsvc_thrift, wait_until
 from gevent.event import Event
 from test_launcher import QUIET, TARGET, Launcher, launcher_env
 from wire import encode
 
 from kitegreen.codec import _thrift
 
-pytestmark = pytest.mark.timeout(60)
+# Every test starts the launcher as a subprocess: slow.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
 MIB = 1 << 20
 
@@ -69,18 +70,24 @@ class TestMemory:
                 for conn in conns:
                     conn.sendall(big)
                     assert read_exactly(conn, len(big_reply)) == big_reply
-                # The last reply is read whole, so the server is back to waiting; give its
-                # greenlets a moment to run their ends of the calls.
-                settled = [vm_kb(server.proc.pid, "VmRSS")]
-                deadline = time.monotonic() + 3.0
-                while settled[-1] - baseline > 16 * 1024 and time.monotonic() < deadline:
-                    gevent.sleep(0.05)
-                    settled.append(vm_kb(server.proc.pid, "VmRSS"))
+
+                # The last reply is read whole, so the server is back to waiting; its
+                # greenlets may still be running their ends of the calls.
+                def kept_mb() -> float:
+                    return (vm_kb(server.proc.pid, "VmRSS") - baseline) / 1024
+
+                wait_until(
+                    lambda: kept_mb() < 16,
+                    3.0,
+                    interval=0.05,
+                    what=lambda: (
+                        "resident memory back within 16 MB of where it was; 20 idle "
+                        f"connections kept {kept_mb():.0f} MB after 12 MiB echoes"
+                    ),
+                )
             finally:
                 for conn in conns:
                     conn.close()
-        grown_mb = (settled[-1] - baseline) / 1024
-        assert grown_mb < 16, f"20 idle connections kept {grown_mb:.0f} MB after 12 MiB echoes"
 
 
 @dataclass
@@ -150,7 +157,14 @@ class TestStopUnderLoad:
             greenlets = [gevent.spawn(c.run) for c in clients]
             for client in clients:
                 assert client.started.wait(10), "a client got no reply before the stop"
-            gevent.sleep(0.2)  # calls on every connection at the moment of the signal
+            # Every connection calling at the moment of the signal: each has had a reply since
+            # the last one started.
+            marks = [c.replies for c in clients]
+            wait_until(
+                lambda: all(c.replies > m for c, m in zip(clients, marks, strict=True)),
+                5.0,
+                what="a reply on every connection once all had started",
+            )
             server.proc.send_signal(signal.SIGTERM)
             assert server.wait(timeout=15) == 0, server.output()
             gevent.joinall(greenlets, timeout=10)

@@ -390,10 +390,10 @@ class TestDebugServer:
                 return str(c.slow(1.0, "done"))
 
         caller = gevent.spawn(slow_call)
-        assert wait_until(lambda: handler.in_flight == 1)
+        wait_until(lambda: handler.in_flight == 1)
         stopper = gevent.spawn(debug_server.stop)
         try:
-            assert wait_until(lambda: fetch(url)[0] == 503)
+            wait_until(lambda: fetch(url)[0] == 503)
             assert fetch(url)[2].strip() == b"stopping"
         finally:
             stopper.join(timeout=5)
@@ -501,7 +501,7 @@ class TestDebugServerLimits:
         held = [self.idle_connection(server) for _ in range(2)]
         try:
             assert self.health(server) is None
-            assert wait_until(lambda: self.health(server) == 200, timeout=5.0)
+            wait_until(lambda: self.health(server) == 200, timeout=5.0)
             assert all(self.closed_within(sock, 2.0) for sock in held)
         finally:
             for sock in held:
@@ -524,9 +524,7 @@ class TestMetrics:
             for _ in range(k):
                 with pytest.raises(testsvc_thrift.Declared):
                     c.raise_declared("nope", 7)
-        assert wait_until(
-            lambda: metric(server, "kitegreen_requests_total", method="raise_declared") == k
-        )
+        wait_until(lambda: metric(server, "kitegreen_requests_total", method="raise_declared") == k)
         assert metric(server, "kitegreen_requests_total", method="echo") == n
         assert metric(server, "kitegreen_requests_total", method="raise_undeclared") == m
         assert metric(server, "kitegreen_request_duration_seconds_count", method="echo") == n
@@ -550,7 +548,7 @@ class TestMetrics:
         with apache_client(server.address) as c:
             for _ in range(5):
                 assert c.echo("x") == "x"
-        assert wait_until(
+        wait_until(
             lambda: metric(server, "kitegreen_request_duration_seconds_count", method="echo") == 5
         )
         assert server.metrics is not None
@@ -577,9 +575,9 @@ class TestMetrics:
             ):
                 assert b.echo("b") == "b"
                 assert c.echo("c") == "c"
-                assert wait_until(lambda: metric(server, "kitegreen_connections_open") == 3)
-            assert wait_until(lambda: metric(server, "kitegreen_connections_open") == 1)
-        assert wait_until(lambda: metric(server, "kitegreen_connections_open") == 0)
+                wait_until(lambda: metric(server, "kitegreen_connections_open") == 3)
+            wait_until(lambda: metric(server, "kitegreen_connections_open") == 1)
+        wait_until(lambda: metric(server, "kitegreen_connections_open") == 0)
         assert metric(server, "kitegreen_connections_total") == 3
 
     def test_process_and_runtime_metrics_are_present(self, server):
@@ -599,7 +597,7 @@ class TestMetrics:
         one, two = make_server(), make_server()
         with thriftpy2_client(TestService, one.address) as c:
             assert c.echo("x") == "x"
-        assert wait_until(lambda: metric(one, "kitegreen_requests_total", method="echo") == 1)
+        wait_until(lambda: metric(one, "kitegreen_requests_total", method="echo") == 1)
         assert metric(two, "kitegreen_requests_total", method="echo") == 0
 
 
@@ -610,11 +608,10 @@ class TestHubBlocking:
     def test_cpu_bound_handler_is_reported(self, make_server):
         """A handler spinning the CPU past the threshold is a "Hub Blocked" event naming it."""
         server = make_server(hub_block_threshold=0.1)
-        assert wait_until(lambda: watchdog_threads(server) == 1)
+        wait_until(lambda: watchdog_threads(server) == 1)
         with thriftpy2_client(TestService, server.address) as c:
             c.block_hub(0.5)
             blocked = wait_until(lambda: events_named(server, "Hub Blocked"))
-        assert blocked
         assert "block_hub" in blocked[0].detail
         assert "service.py" in blocked[0].detail
         assert metric(server, "kitegreen_hub_blocked_total") >= 1
@@ -629,7 +626,7 @@ class TestHubBlocking:
 
         caller = gevent.spawn(slow_call)
         try:
-            assert wait_until(lambda: handler.in_flight == 1)
+            wait_until(lambda: handler.in_flight == 1)
             with apache_client(server.address) as c:
                 served = 0
                 while handler.in_flight:
@@ -658,9 +655,9 @@ class TestHubBlocking:
     def test_stop_ends_the_watchdog(self, make_server):
         """stop() ends the watchdog thread."""
         server = make_server(hub_block_threshold=0.1)
-        assert wait_until(lambda: watchdog_threads(server) == 1)
+        wait_until(lambda: watchdog_threads(server) == 1)
         server.stop()
-        assert wait_until(lambda: watchdog_threads(server) == 0)
+        wait_until(lambda: watchdog_threads(server) == 0)
 
 
 # -- access log ------------------------------------------------------------------------------
@@ -678,7 +675,7 @@ class TestAccessLog:
                     c.raise_declared("nope", 1)
                 with pytest.raises(TApplicationException):
                     c.raise_undeclared("boom")
-            assert wait_until(lambda: len(access_lines(logs)) == 4)
+            wait_until(lambda: len(access_lines(logs)) == 4)
         access = access_lines(logs)
         assert [(e["method"], e["outcome"]) for e in access] == [
             ("echo", "ok"),
@@ -699,7 +696,7 @@ class TestAccessLog:
             assert c.echo("x") == "x"
             with pytest.raises(TApplicationException):
                 c.echo("shed")
-            assert wait_until(lambda: len(access_lines(logs)) == 2)
+            wait_until(lambda: len(access_lines(logs)) == 2)
         assert [e["outcome"] for e in access_lines(logs)] == ["ok", "overload"]
 
     def test_off_by_default(self, server):
@@ -708,5 +705,5 @@ class TestAccessLog:
             for _ in range(3):
                 assert c.echo("x") == "x"
             assert c.add(1, 1) == 2
-        assert wait_until(lambda: metric(server, "kitegreen_requests_total", method="add") == 1)
+        wait_until(lambda: metric(server, "kitegreen_requests_total", method="add") == 1)
         assert access_lines(logs) == []

@@ -481,8 +481,10 @@ class TestHandlerErrors:
             with thriftpy2_client(testsvc_thrift.TestService, server.address) as client:
                 with pytest.raises(testsvc_thrift.Declared):
                     client.raise_declared("bad input", 422)
-                assert wait_until(lambda: refs[0]() is None, timeout=2.0), (
-                    "the declared exception outlived its reply"
+                wait_until(
+                    lambda: refs[0]() is None,
+                    timeout=2.0,
+                    what="the declared exception to be freed after its reply",
                 )
                 assert client.add(1, 1) == 2
         finally:
@@ -605,9 +607,9 @@ class TestTimeouts:
 
             sender = gevent.spawn(flood)
             try:
-                assert wait_until(lambda: open_connections(server) == 1, timeout=2.0)
+                wait_until(lambda: open_connections(server) == 1, timeout=2.0)
                 # Cut off while we still have not read a byte.
-                assert wait_until(lambda: open_connections(server) == 0, timeout=5.0)
+                wait_until(lambda: open_connections(server) == 0, timeout=5.0)
                 with thriftpy2_client(TestService, server.address) as other:
                     assert other.echo("others still served") == "others still served"
                 sent_error = sender.get(timeout=5.0)
@@ -715,7 +717,7 @@ class TestHostileInput:
             with contextlib.suppress(ConnectionResetError, BrokenPipeError):
                 raw.send(prefix + _garbage(seed))
             assert raw.closed_by_peer(timeout=4.0)
-        assert wait_until(lambda: open_connections(server) == 0, timeout=3.0)
+        wait_until(lambda: open_connections(server) == 0, timeout=3.0)
         with thriftpy2_client(TestService, server.address) as client:
             assert client.echo("still up") == "still up"
 
@@ -730,9 +732,9 @@ class TestStop:
         address = server.address
         call = gevent.spawn(slow_call, address, 1.0, "finished")
         try:
-            assert wait_until(lambda: handler.in_flight == 1, timeout=3.0)
+            wait_until(lambda: handler.in_flight == 1, timeout=3.0)
             stopper = gevent.spawn(server.stop)
-            assert wait_until(lambda: not can_connect(address), timeout=0.5)
+            wait_until(lambda: not can_connect(address), timeout=0.5)
             assert handler.in_flight == 1  # refused while the call was still running
             assert call.get(timeout=5.0) == "finished"
             assert stopper.get(timeout=5.0) is True
@@ -757,7 +759,7 @@ class TestStop:
         with RawClient(server.address) as raw:
             raw.send(encode_call("slow", seconds=0.5, message="first"))
             raw.send(encode_call("echo", message="second"))
-            assert wait_until(lambda: handler.in_flight == 1, timeout=3.0)
+            wait_until(lambda: handler.in_flight == 1, timeout=3.0)
             stopper = gevent.spawn(server.stop)
             replies = [raw.read_message()[3].success for _ in range(2)]
             assert replies == ["first", "second"]
@@ -783,9 +785,9 @@ class TestStop:
         server = make_server(exit_wait_time=5.0)
         address = server.address
         with RawClient(address) as raw:
-            assert wait_until(lambda: open_connections(server) == 1)
+            wait_until(lambda: open_connections(server) == 1)
             stopper = gevent.spawn(server.stop)
-            assert wait_until(lambda: not can_connect(address), timeout=2.0)
+            wait_until(lambda: not can_connect(address), timeout=2.0)
             raw.send(encode_call("echo", message="late"))
             assert raw.read_message()[3].success == "late"
             assert raw.sock.recv(1) == b""
@@ -828,7 +830,7 @@ class TestStop:
         server = make_server(exit_wait_time=0.3)
         call = gevent.spawn(slow_call, server.address, 3.0, "too late")
         try:
-            assert wait_until(lambda: handler.in_flight == 1, timeout=3.0)
+            wait_until(lambda: handler.in_flight == 1, timeout=3.0)
             start = time.monotonic()
             assert server.stop() is False
             assert time.monotonic() - start < 2.0
@@ -842,7 +844,7 @@ class TestStop:
         server = make_server(exit_wait_time=30.0)
         call = gevent.spawn(slow_call, server.address, 3.0, "too late")
         try:
-            assert wait_until(lambda: handler.in_flight == 1, timeout=3.0)
+            wait_until(lambda: handler.in_flight == 1, timeout=3.0)
             start = time.monotonic()
             assert server.stop(timeout=0.3) is False
             assert time.monotonic() - start < 2.0

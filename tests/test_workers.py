@@ -48,7 +48,8 @@ from kitegreen.workers.probe import config_from_json, config_to_json
 from kitegreen.workers.process import WorkerProcess
 from kitegreen.workers.stats import InstanceStats, requests_of
 
-pytestmark = pytest.mark.timeout(60)
+# Every test starts the launcher as a subprocess: slow.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
 TARGET = "tests/workers_target.py:server"
 LOOPBACK = ("--host", "127.0.0.1", "--port", "0", "--debug-port", "0", "--exit-wait-time", "2")
@@ -87,19 +88,23 @@ class Arbiter:
 
     def wait_for_workers(self, count: int, timeout: float = 15.0) -> set[int]:
         """The live workers once there are ``count`` of them."""
-        assert wait_until(
+        wait_until(
             lambda: len(self.live_workers()) == count or self.proc.poll() is not None,
             timeout=timeout,
-        ), f"not {count} workers: {self.live_workers()}\n{self.launcher.output()[-3000:]}"
+            what=lambda: (
+                f"{count} workers, have {self.live_workers()}\n{self.launcher.output()[-3000:]}"
+            ),
+        )
         assert self.proc.poll() is None, self.launcher.output()[-3000:]
         return self.live_workers()
 
     def wait_for_replacement(self, pid: int, count: int = 2, timeout: float = 15.0) -> set[int]:
         """The live workers once ``pid`` has exited and ``count`` workers are ready."""
-        assert wait_until(
+        wait_until(
             lambda: pid not in self.live_workers() and len(self.live_workers()) == count,
             timeout=timeout,
-        ), f"{pid} not replaced\n{self.launcher.output()[-3000:]}"
+            what=lambda: f"{pid} to be replaced\n{self.launcher.output()[-3000:]}",
+        )
         return self.live_workers()
 
     def address(self) -> tuple[str, int]:
@@ -342,8 +347,22 @@ class TestServing:
             histogram = metric(text, "kitegreen_request_duration_seconds_count", method="echo")
             assert histogram == 30
             for pid in workers:
-                assert metric(text, "kitegreen_connections_open", pid=str(pid)) == 0
                 assert metric(text, "process_resident_memory_bytes", pid=str(pid)) > 0
+
+            # A worker counts a connection closed once it has read the client's FIN, which
+            # may come after the client's last reply was read: polled, not read once.
+            def open_connections() -> list[float]:
+                scraped = instance.debug("/metrics").decode()
+                return [
+                    metric(scraped, "kitegreen_connections_open", pid=str(pid)) for pid in workers
+                ]
+
+            wait_until(
+                lambda: open_connections() == [0, 0],
+                5.0,
+                interval=0.1,
+                what=lambda: f"no connection open in either worker: {open_connections()}",
+            )
             assert metric(text, "kitegreen_workers") == 2
             runtime = instance.runtime()
             assert runtime["totals"]["requests"] == 30
@@ -367,7 +386,7 @@ class TestServing:
             instance.proc.send_signal(signal.SIGHUP)
             instance.launcher.wait_for_event("reload complete", timeout=30.0)
             assert instance.wait_for_workers(2).isdisjoint(old)
-            assert wait_until(lambda: all(gone(pid) for pid in old))
+            wait_until(lambda: all(gone(pid) for pid in old))
             assert requests() == 20
             for _ in range(10):
                 echo_call(instance.address())
@@ -421,13 +440,13 @@ class TestReload:
             address = instance.address()
             callers = [Caller(address, keep_alive=k) for k in (False, False, True, True)]
             try:
-                assert wait_until(lambda: all(c.ok for c in callers), timeout=10.0)
+                wait_until(lambda: all(c.ok for c in callers), timeout=10.0)
                 before = sum(c.ok for c in callers)
                 instance.proc.send_signal(signal.SIGHUP)
                 instance.launcher.wait_for_event("reload complete", timeout=30.0)
                 new = instance.wait_for_workers(2)
                 during = sum(c.ok for c in callers) - before
-                assert wait_until(lambda: sum(c.ok for c in callers) > before + during + 20)
+                wait_until(lambda: sum(c.ok for c in callers) > before + during + 20)
             finally:
                 for caller in callers:
                     caller.stop()
@@ -436,7 +455,7 @@ class TestReload:
             assert [c.clean_ends for c in callers if not c.keep_alive] == [0, 0]
             assert during > 0
             assert new.isdisjoint(old)
-            assert wait_until(lambda: all(gone(pid) for pid in old))
+            wait_until(lambda: all(gone(pid) for pid in old))
             assert instance.stop() == 0
 
     def test_a_reload_runs_the_code_as_it_is_now_on_disk(self, tmp_path):
@@ -450,13 +469,16 @@ class TestReload:
                 old = instance.live_workers()
                 module.write_text(f"TAG = {tag!r}\n" + TAGGED)
                 instance.proc.send_signal(signal.SIGHUP)
-                assert wait_until(
+                wait_until(
                     lambda generation=generation: any(
                         e["generation"] == generation for e in instance.named("reload complete")
                     ),
                     timeout=30.0,
-                ), instance.launcher.output()[-3000:]
-                assert wait_until(lambda old=old: all(gone(pid) for pid in old))
+                    what=lambda generation=generation: (
+                        f"reload {generation} to complete\n{instance.launcher.output()[-3000:]}"
+                    ),
+                )
+                wait_until(lambda old=old: all(gone(pid) for pid in old))
                 for _ in range(4):
                     echo_call(address, _echo_reply(tag + "workers"))
             assert instance.stop() == 0
@@ -512,11 +534,11 @@ class TestReload:
             victim = min(instance.live_workers())
             hold.touch()
             instance.proc.send_signal(signal.SIGHUP)
-            assert wait_until(lambda: waiting.exists() and waiting.read_text(), timeout=15.0)
+            wait_until(lambda: waiting.exists() and waiting.read_text(), timeout=15.0)
             os.kill(victim, signal.SIGKILL)
             record = instance.launcher.wait_for_event("worker exited unasked; replacing it")
             assert record["worker"] == victim
-            assert wait_until(lambda: len(instance.named("worker spawned")) == 3)
+            wait_until(lambda: len(instance.named("worker spawned")) == 3)
             instance.proc.send_signal(signal.SIGTERM)
             record = instance.launcher.wait_for_event("stopping")
             assert record["pid"] == instance.proc.pid
@@ -563,13 +585,14 @@ class TestSupervision:
             victim, survivor = sorted(instance.live_workers())
             os.kill(victim, signal.SIGKILL)
             killed_at = time.monotonic()
-            assert wait_until(
+            wait_until(
                 lambda: (
                     len(instance.live_workers() - {survivor}) == 1
                     and victim not in instance.live_workers()
                 ),
                 timeout=5.0,
-            ), instance.launcher.output()[-2000:]
+                what=lambda: f"{victim} to be replaced\n{instance.launcher.output()[-2000:]}",
+            )
             assert time.monotonic() - killed_at < 5.0
             (record,) = instance.named("worker exited unasked; replacing it")
             assert (record["worker"], record["exit"]) == (victim, "killed by SIGKILL")
@@ -641,7 +664,7 @@ class TestSupervision:
             victim = min(instance.live_workers())
             os.kill(victim, signal.SIGKILL)
             # The replacement waits in its import until the test lets it go on.
-            assert wait_until(lambda: waiting.exists() and waiting.read_text(), timeout=15.0)
+            wait_until(lambda: waiting.exists() and waiting.read_text(), timeout=15.0)
             assert instance.health() == 503
             assert instance.runtime()["arbiter"]["workers_ready"] == 1
             hold.unlink()
@@ -687,7 +710,7 @@ class TestSupervision:
             share = math.ceil(DEFAULT_LIMIT_CONNECTIONS / 3)
             assert runtime["overload"]["worker_share"]["limit_connections"] == share
             assert runtime["overload"]["conn_limit"] == DEFAULT_LIMIT_CONNECTIONS
-            assert wait_until(
+            wait_until(
                 lambda: all(
                     w["overload"]["conn_limit"] == share for w in instance.runtime()["workers"]
                 )
@@ -718,17 +741,17 @@ class TestSupervision:
             instance.proc.send_signal(signal.SIGHUP)
             instance.launcher.wait_for_event("reload complete", timeout=30.0)
             new = instance.wait_for_workers(2)
-            assert wait_until(lambda: all(gone(pid) for pid in old))
+            wait_until(lambda: all(gone(pid) for pid in old))
             # Three served at once, each on a third of the limit.
             assert all(4 in shares(pid) for pid in old), {pid: shares(pid) for pid in old}
-            assert wait_until(lambda: all(shares(pid)[-1:] == [6] for pid in new))
+            wait_until(lambda: all(shares(pid)[-1:] == [6] for pid in new))
             instance.proc.send_signal(signal.SIGTTIN)
             three = instance.wait_for_workers(3)
-            assert wait_until(lambda: all(shares(pid)[-1:] == [4] for pid in three))
+            wait_until(lambda: all(shares(pid)[-1:] == [4] for pid in three))
             ttou = len(instance.launcher.events())
             instance.proc.send_signal(signal.SIGTTOU)
             two = instance.wait_for_workers(2)
-            assert wait_until(lambda: all(shares(pid)[-1:] == [6] for pid in two))
+            wait_until(lambda: all(shares(pid)[-1:] == [6] for pid in two))
             records = list(enumerate(instance.launcher.events()))[ttou:]
             (taken,) = three - two
             # Its last line, written before it exits, hence before the others hear of its exit.
@@ -748,7 +771,7 @@ class TestSupervision:
             workers = instance.live_workers()
             instance.proc.send_signal(signal.SIGUSR1)
             expected = {instance.proc.pid, *workers}
-            assert wait_until(
+            wait_until(
                 lambda: {e["pid"] for e in instance.named("greenlet and thread stacks")} == expected
             )
             assert instance.stop() == 0
@@ -855,7 +878,7 @@ class TestStop:
         with arbiter("--drain-time", "5", workers=2) as instance:
             assert instance.health() == 200
             instance.proc.send_signal(signal.SIGTERM)
-            assert wait_until(
+            wait_until(
                 lambda: [e for e in instance.named("stopping") if e["pid"] == instance.proc.pid]
             )
             assert instance.health() == 503
@@ -870,9 +893,7 @@ class TestStop:
             workers = instance.live_workers()
             arbiter_pid = instance.proc.pid
             instance.launcher.signal_group(signal.SIGINT)
-            assert wait_until(
-                lambda: [e for e in instance.named("stopping") if e["pid"] == arbiter_pid]
-            )
+            wait_until(lambda: [e for e in instance.named("stopping") if e["pid"] == arbiter_pid])
             # Draining: the workers still accept and serve.
             for _ in range(3):
                 echo_call(instance.address())
@@ -900,7 +921,7 @@ class TestStop:
             instance.launcher.wait_for_event("slow call started")
             instance.proc.send_signal(signal.SIGTERM)
             # A worker logs "stopping" and stops accepting with no greenlet switch between.
-            assert wait_until(
+            wait_until(
                 lambda: {e["pid"] for e in instance.named("stopping")} >= workers, timeout=10.0
             )
             for _ in range(5):
@@ -918,7 +939,7 @@ class TestStop:
             workers = instance.live_workers()
             instance.proc.kill()
             instance.launcher.wait(5.0)
-            assert wait_until(lambda: all(gone(pid) for pid in workers), timeout=10.0)
+            wait_until(lambda: all(gone(pid) for pid in workers), timeout=10.0)
 
     def test_a_blocked_worker_does_not_outlive_a_killed_arbiter(self):
         """A worker stuck in code that never yields cannot act on its arbiter's death (the
@@ -929,7 +950,7 @@ class TestStop:
             caller = gevent.spawn(block_a_worker, instance.address())
             try:
                 # Until one worker's heartbeat has stopped: its hub is blocked.
-                assert wait_until(
+                wait_until(
                     lambda: any(
                         row["heartbeat_age"] > 1.0 for row in instance.runtime()["workers"]
                     ),
@@ -938,9 +959,7 @@ class TestStop:
                 )
                 instance.proc.kill()
                 instance.launcher.wait(5.0)
-                assert wait_until(
-                    lambda: all(gone(pid) for pid in workers), timeout=WORKER_TIMEOUT + 10.0
-                )
+                wait_until(lambda: all(gone(pid) for pid in workers), timeout=WORKER_TIMEOUT + 10.0)
             finally:
                 caller.kill()
 
@@ -981,7 +1000,7 @@ class TestOneInstance:
             agent.mode = "slow"
             victim = min(instance.live_workers())
             instance.proc.send_signal(signal.SIGTERM)
-            assert wait_until(
+            wait_until(
                 lambda: [e for e in instance.named("stopping") if e["pid"] == instance.proc.pid]
             )
             os.kill(victim, signal.SIGKILL)
@@ -1055,7 +1074,11 @@ class TestOneInstance:
             agent.kv_put("kite/limit/qps/workers-test", "7")
             # Watched in the log each worker writes as it applies it: a scrape of
             # /runtime/kite would ask every worker each time, and load the instance it times.
-            assert wait_until(lambda: applied() >= workers, timeout=2.0), applied()
+            wait_until(
+                lambda: applied() >= workers,
+                timeout=2.0,
+                what=lambda: f"every worker to apply the limit (applied: {applied()})",
+            )
             runtime = instance.runtime()
             assert [w["overload"]["qps_limit"] for w in runtime["workers"]] == [4, 4]
             assert runtime["overload"]["qps_limit"] == 7
@@ -1288,7 +1311,7 @@ class TestControlChannel:
         line = json.dumps({"type": "stats", "pad": "y" * 500_000}).encode() + b"\n"
         for start in range(0, len(line), 4096):
             theirs.sendall(line[start : start + 4096])
-        assert wait_until(lambda: received, timeout=10.0)
+        wait_until(lambda: received, timeout=10.0)
         assert received == [json.loads(line)]
         channel.close()
 
@@ -1315,7 +1338,7 @@ class TestControlChannel:
         channel.start()
         seen_by_another: list[int] = []
         gevent.spawn(lambda: seen_by_another.append(len(received))).join(timeout=10.0)
-        assert wait_until(lambda: len(received) == COUNT, timeout=10.0)
+        wait_until(lambda: len(received) == COUNT, timeout=10.0)
         writer.join(timeout=10.0)
         assert seen_by_another
         assert seen_by_another[0] < COUNT

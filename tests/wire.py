@@ -1,5 +1,4 @@
-"""Thrift messages built by hand and by thriftpy2's codecs, for the hostile-input tests and the
-soak script (``benchmarks/soak.py``)."""
+"""Thrift messages built by hand and by thriftpy2's codecs, for the hostile-input tests."""
 
 from __future__ import annotations
 
