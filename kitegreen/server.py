@@ -159,6 +159,8 @@ class RpcServer:
                 config.effective_debug_port(config.port),
                 max_connections=config.debug_max_connections,
                 idle_timeout=config.debug_idle_timeout,
+                max_per_peer=config.debug_max_connections_per_peer,
+                request_timeout=config.debug_request_timeout,
                 runtime=self.runtime_info,
                 metrics=self.metrics.exposition if self.metrics else None,
                 healthy=lambda: self.started and not self._ctx.stop_began,
