@@ -168,7 +168,9 @@ class RpcServer:
             )
         self.hub_watch: HubWatch | None = None
         if config.hub_block_threshold > 0:
-            self.hub_watch = HubWatch(config.hub_block_threshold, self._on_hub_blocked)
+            self.hub_watch = HubWatch(
+                config.hub_block_threshold, self._on_hub_blocked, self._on_hub_starved
+            )
         self.idle_sweeper: IdleSweeper | None = None
         if config.idle_timeout > 0:
             self.idle_sweeper = IdleSweeper(self._ctx.streams, config.idle_timeout)
@@ -586,6 +588,17 @@ class RpcServer:
         if self.metrics is not None:
             self.metrics.hub_blocks += 1
         self.reports.report(HUB_BLOCKED, f"gevent hub blocked for {seconds:.3f}s at {where}")
+
+    def _on_hub_starved(self, seconds: float, cpu_seconds: float) -> None:
+        # Not a warning and not a report: nothing in this process is at fault, and on a loaded
+        # machine it would cry wolf (an idle server "blocked" in whatever code was running).
+        self.log.info(
+            "hub stalled: the process did not run",
+            seconds=round(seconds, 3),
+            cpu_seconds=round(cpu_seconds, 3),
+            why="stopped (SIGSTOP, a debugger, a frozen cgroup) or not given a CPU; "
+            "no code of this process blocked the hub",
+        )
 
     def _runtime_figures(self) -> dict[str, float]:
         hub = gevent.get_hub()

@@ -12,7 +12,7 @@ from typing import Any
 
 import gevent
 import pytest
-from conftest import testsvc_thrift
+from conftest import TESTS, testsvc_thrift
 from gevent.event import Event
 from test_launcher import QUIET, TARGET, Launcher, launcher_env
 from wire import encode
@@ -296,3 +296,70 @@ class TestIdleTimeoutWave:
         assert closed_at[-1] < opened_in + idle_timeout + 3.0
         assert cutting, "no ping was answered while the connections were cut"
         assert cutting[-1] < 0.1, f"a ping waited {cutting[-1] * 1000:.0f} ms"
+
+
+STARVED = "hub stalled: the process did not run"
+
+REAL_SLEEP_TARGET = """\
+from gevent import monkey
+from service import LoggingHandler, testsvc_thrift
+
+import kitegreen
+
+real_sleep = monkey.get_original("time", "sleep")
+
+
+class Sleeping(LoggingHandler):
+    def block_hub(self, seconds):
+        real_sleep(seconds)  # not gevent's: nothing else runs meanwhile
+
+
+server = kitegreen.RpcServer(
+    testsvc_thrift.TestService,
+    Sleeping(),
+    kitegreen.Config(service_name="launcher-test", host="127.0.0.1", port=0),
+)
+"""
+
+
+class TestHubWatch:
+    """The hub watch in a launched server (threshold 0.1 s, the default) tells a process that
+    did not run from code that blocked it."""
+
+    @staticmethod
+    def call(address: tuple[str, int], method: str, **args: Any) -> None:
+        request = encode("binary", method, **args)
+        expected = reply_to(method, 1)
+        with socket.create_connection(address, timeout=10.0) as sock:
+            sock.sendall(request)
+            assert read_exactly(sock, len(expected)) == expected
+
+    def test_a_process_stopped_for_half_a_second_is_not_a_block(self):
+        """SIGSTOP for 0.5 s, then SIGCONT: no "hub blocked" is logged (no code is blamed),
+        a starvation line says what happened, and the server serves on."""
+        with Launcher(TARGET, *QUIET) as launcher:
+            address = launcher.address()
+            self.call(address, "ping")
+            launcher.proc.send_signal(signal.SIGSTOP)
+            try:
+                time.sleep(0.5)  # the stop being measured, not a wait for something
+            finally:
+                launcher.proc.send_signal(signal.SIGCONT)
+            stalled = launcher.wait_for_event(STARVED, timeout=10.0)
+            self.call(address, "ping")
+            assert stalled["seconds"] >= 0.4
+            assert stalled["cpu_seconds"] < 0.1
+            assert launcher.named("hub blocked") == [], launcher.output()[-3000:]
+
+    def test_a_real_sleep_in_a_handler_is_reported(self, tmp_path):
+        """A handler calling the unpatched time.sleep blocks the hub while the process runs:
+        "hub blocked" is logged with the handler's line on top of the stack."""
+        (tmp_path / "sleeping.py").write_text(REAL_SLEEP_TARGET)
+        env = launcher_env(PYTHONPATH=str(TESTS), PYTHONDONTWRITEBYTECODE="1")
+        with Launcher(str(tmp_path / "sleeping.py") + ":server", *QUIET, env=env) as launcher:
+            address = launcher.address()
+            self.call(address, "block_hub", seconds=0.5)
+            blocked = launcher.wait_for_event("hub blocked", timeout=10.0)
+            assert blocked["seconds"] >= 0.3
+            assert "sleeping.py" in blocked["where"], blocked
+            assert "real_sleep(seconds)" in blocked["stack"]
