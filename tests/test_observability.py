@@ -569,7 +569,8 @@ class TestDebugServerLimits:
 
     def test_one_peer_cannot_take_every_slot(self, make_server):
         """At debug_max_connections_per_peer, one address's next connection is refused a page
-        (a health probe is still answered), while another address is served."""
+        (a health probe is still answered), while another address is served; once its
+        connections close, the address is served again."""
         server = make_server(
             enable_debug_server=True,
             debug_port=0,
@@ -589,6 +590,10 @@ class TestDebugServerLimits:
                 assert other.recv(64).startswith(b"HTTP/1.1 200")
             for sock in held:
                 assert not self.closed_within(sock, 0.1)
+            # Closed, they no longer count against their peer.
+            for sock in held:
+                sock.close()
+            assert wait_until(lambda: self.page(server) == 200, timeout=5.0)
         finally:
             for sock in held:
                 sock.close()
