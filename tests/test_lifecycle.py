@@ -4,6 +4,7 @@ have passed, and what its clients see when it is stopped under load."""
 from __future__ import annotations
 
 import errno
+import resource
 import signal
 import socket
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import gevent
 import pytest
 from conftest import TESTS, testsvc_thrift
+from gevent import monkey
 from gevent.event import Event
 from test_launcher import QUIET, TARGET, Launcher, launcher_env
 from wire import encode
@@ -187,8 +189,6 @@ WAVE = 1500
 def raise_descriptor_limit(needed: int) -> tuple[int, int]:
     """Raise the soft limit on open descriptors to ``needed`` (the launched server inherits
     it); return the limits to restore. Skips when the hard limit is lower."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:
@@ -213,10 +213,6 @@ class TestIdleTimeoutWave:
         every one is closed within a bound, and a client pinging on another connection
         throughout is never held up for more than 100 ms (it was 11-17 ms at p99 when every
         connection was cut in the same loop iteration; the figures are printed)."""
-        import resource
-
-        from gevent import monkey
-
         idle_timeout = 2.0
         limits = raise_descriptor_limit(WAVE + 256)
         poll_type = monkey.get_original("select", "poll")
