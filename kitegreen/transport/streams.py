@@ -58,10 +58,10 @@ class StreamSet:
 SWEEP_BATCH = 32
 """Connections the idle sweeper cuts before it lets the loop run again. Each cut runs that
 connection's greenlet to its close (an exception raised and caught, a shutdown, a log call),
-so cuts made in one go delay every other connection by their sum: 1,500 connections cut
-together held another client's ping up to 17-25 ms on a loaded 2-core machine (11-17 ms at p99
-in the issue's measurement); cut 32 at a time, the ping's worst stayed at that machine's own
-noise, 11-14 ms (``tests/test_lifecycle.py::TestIdleTimeoutWave``)."""
+so cuts made in one go delay every other connection by their sum: 1,500 connections cut in one
+sweep held another client's ping for 25 ms on a loaded 2-core machine (11-17 ms at p99 in the
+issue's measurement); cut 32 at a time, the ping's worst was 6-14 ms, that machine's own noise
+(``tests/test_lifecycle.py::TestIdleTimeoutWave``, figures in docs/operations-limits.md)."""
 
 SWEEP_PAUSE = 0.001
 """Seconds the sweeper sleeps between batches: a real sleep, so the loop polls for I/O and
