@@ -249,12 +249,10 @@ class _CappedWSGIServer(pywsgi.WSGIServer):  # type: ignore[misc]
                 head = _read_probe(sock)
                 if head is not None:
                     status, body = _health(self._healthy)
-                    if head.startswith(b"HEAD"):
-                        body = b""
                     sock.sendall(
                         f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                        + body
+                        + (b"" if head.startswith(b"HEAD") else body)
                     )
                     answered = True
         except OSError:
