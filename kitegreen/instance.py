@@ -192,6 +192,8 @@ class Instance:
                 config.effective_debug_port(binding.port),
                 max_connections=config.debug_max_connections,
                 idle_timeout=config.debug_idle_timeout,
+                max_per_peer=config.debug_max_connections_per_peer,
+                request_timeout=config.debug_request_timeout,
                 runtime=self.runtime_info,
                 metrics=self.serving.metrics_exposition(),
                 healthy=self.serving.healthy,

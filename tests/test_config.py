@@ -59,6 +59,12 @@ class TestValidation:
             ("drain_time", float("inf"), "drain_time must be a finite number"),
             ("debug_max_connections", 0, "debug_max_connections must be an integer between 1"),
             ("debug_idle_timeout", 0.0, "debug_idle_timeout must be a number of seconds > 0"),
+            (
+                "debug_max_connections_per_peer",
+                0,
+                "debug_max_connections_per_peer must be an integer between 1",
+            ),
+            ("debug_request_timeout", 0.0, "debug_request_timeout must be a number of seconds > 0"),
         ],
     )
     def test_wrong_value_names_field_and_expectation(self, field, value, expected):
@@ -87,6 +93,7 @@ class TestValidation:
         assert config.trusted_proxies == ()
         assert config.enforce_rpc_timeout is False
         assert (config.debug_max_connections, config.debug_idle_timeout) == (32, 10.0)
+        assert (config.debug_max_connections_per_peer, config.debug_request_timeout) == (16, 5.0)
         assert config.log_format == "auto"
 
     def test_unix_listen_type_needs_a_path(self):

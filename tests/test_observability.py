@@ -22,8 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 from thrift.Thrift import TApplicationException as ApacheAppError
 from thriftpy2.thrift import TApplicationException
+from trickle import Tricklers, probe_health
 
 import kitegreen
+from kitegreen.observability.debug import PROBE_WAIT
 from kitegreen.observability.events import EventQueue
 from kitegreen.observability.hubwatch import HubWatch
 from kitegreen.observability.panics import PanicLog
@@ -460,7 +462,8 @@ class TestDebugServerLimits:
             return None
 
     def test_connection_over_the_cap_is_closed_at_once(self, make_server):
-        """With the cap reached, one more connection is accepted and closed at once, long before
+        """With the cap reached, one more connection asking for a page is accepted and closed
+        without an answer at once, and one that sends nothing within PROBE_WAIT, long before
         the idle timeout; the connections within the cap stay open."""
         server = make_server(
             enable_debug_server=True, debug_port=0, debug_max_connections=2, debug_idle_timeout=30
@@ -468,7 +471,10 @@ class TestDebugServerLimits:
         held = [self.idle_connection(server) for _ in range(2)]
         try:
             with self.idle_connection(server) as extra:
-                assert self.closed_within(extra, 2.0)
+                extra.sendall(b"GET /runtime/kite HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert self.closed_within(extra, 1.0)
+            with self.idle_connection(server) as extra:
+                assert self.closed_within(extra, PROBE_WAIT + 2.0)
             for sock in held:
                 assert not self.closed_within(sock, 0.1)
         finally:
@@ -492,17 +498,101 @@ class TestDebugServerLimits:
             assert self.closed_within(sock, 5.0)
         assert "Traceback" not in capfd.readouterr().err
 
-    def test_health_answers_again_once_idle_connections_time_out(self, make_server):
-        """Idle connections holding every slot make /health fail fast, then time out and free
-        the slots: /health answers again without anyone closing them."""
+    def test_health_answers_while_idle_connections_hold_every_slot(self, make_server):
+        """Idle connections holding every slot make the debug pages fail fast, but not /health;
+        once they time out the pages answer again without anyone closing them."""
         server = make_server(
             enable_debug_server=True, debug_port=0, debug_max_connections=2, debug_idle_timeout=1.0
         )
         held = [self.idle_connection(server) for _ in range(2)]
         try:
-            assert self.health(server) is None
-            wait_until(lambda: self.health(server) == 200, timeout=5.0)
+            assert self.page(server) is None
+            assert probe_health(server.debug_address)[0] == 200
+            wait_until(lambda: self.page(server) == 200, timeout=5.0)
             assert all(self.closed_within(sock, 2.0) for sock in held)
+        finally:
+            for sock in held:
+                sock.close()
+
+    @staticmethod
+    def page(server: kitegreen.RpcServer) -> int | None:
+        """The /runtime/kite status, or None when the connection is closed without an answer."""
+        try:
+            return fetch(debug_url(server, "/runtime/kite"))[0]
+        except (OSError, http.client.HTTPException):
+            return None
+
+    def test_health_answers_within_1s_while_40_slow_clients_trickle(self, make_server):
+        """40 clients trickling requests a byte a second (and reconnecting when cut off) hold
+        every slot they can: the pages are refused, but a kubelet-style /health probe is
+        answered 200 within 1 s every time."""
+        server = make_server(enable_debug_server=True, debug_port=0)
+        assert server.debug_address is not None
+        with Tricklers(server.debug_address, count=40, interval=1.0) as slow:
+            wait_until(lambda: slow.connects >= 40, timeout=5.0)
+            wait_until(lambda: self.page(server) is None, timeout=5.0)
+            probes = []
+            for _ in range(10):
+                probes.append(probe_health(server.debug_address, timeout=1.0))
+                gevent.sleep(0.2)
+            assert [status for status, _ in probes] == [200] * 10, probes
+            assert slow.answered == 0
+
+    def test_a_trickled_request_is_cut_off_at_the_request_timeout(self, make_server, capfd):
+        """A client that sends a byte every 0.1 s never idles long enough for the idle timeout,
+        but its request is cut off debug_request_timeout after its first byte, quietly."""
+        server = make_server(
+            enable_debug_server=True,
+            debug_port=0,
+            debug_idle_timeout=5.0,
+            debug_request_timeout=0.5,
+        )
+        with self.idle_connection(server) as sock:
+            sock.settimeout(0.1)
+            started = time.monotonic()
+            cut_after = None
+            for _ in range(100):  # 10 s of trickling at most
+                try:
+                    sock.sendall(b"G")
+                    if sock.recv(1) == b"":
+                        cut_after = time.monotonic() - started
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    cut_after = time.monotonic() - started
+                    break
+            assert cut_after is not None, "never cut off"
+            assert 0.4 <= cut_after < 3.0, cut_after
+        assert "Traceback" not in capfd.readouterr().err
+
+    def test_one_peer_cannot_take_every_slot(self, make_server):
+        """At debug_max_connections_per_peer, one address's next connection is refused a page
+        (a health probe is still answered), while another address is served; once its
+        connections close, the address is served again."""
+        server = make_server(
+            enable_debug_server=True,
+            debug_port=0,
+            debug_max_connections=10,
+            debug_max_connections_per_peer=2,
+            debug_idle_timeout=30,
+        )
+        held = [self.idle_connection(server) for _ in range(2)]
+        try:
+            assert self.page(server) is None
+            assert probe_health(server.debug_address)[0] == 200
+            assert server.debug_address is not None
+            with socket.create_connection(
+                server.debug_address, timeout=5.0, source_address=("127.0.0.2", 0)
+            ) as other:
+                other.sendall(b"GET /runtime/kite HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert other.recv(64).startswith(b"HTTP/1.1 200")
+            for sock in held:
+                assert not self.closed_within(sock, 0.1)
+            # Closed, they no longer count against their peer.
+            for sock in held:
+                sock.close()
+            wait_until(lambda: self.page(server) == 200, timeout=5.0)
         finally:
             for sock in held:
                 sock.close()

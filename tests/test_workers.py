@@ -35,6 +35,7 @@ from launching import Launcher, launcher_env
 from service import testsvc_thrift
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.transport.memory import TCyMemoryBuffer
+from trickle import Tricklers, probe_health
 
 import kitegreen
 from kitegreen.config import DEFAULT_LIMIT_CONNECTIONS, Config
@@ -368,6 +369,33 @@ class TestServing:
             assert runtime["totals"]["requests"] == 30
             assert sum(row["requests"] for row in runtime["workers"]) == 30
             assert instance.debug("/health") == b"ok\n"
+            assert instance.stop() == 0
+
+    def test_health_answers_within_1s_while_40_slow_clients_trickle(self):
+        """The arbiter's debug server under 40 clients trickling requests a byte a second:
+        its pages are refused while they hold the slots, its /health answers 200 within 1 s
+        every time (a kubelet restarting a healthy instance would be an outage)."""
+        with arbiter(workers=2) as instance:
+            host, _, port = instance.launcher.wait_for_event("debug server listening")[
+                "address"
+            ].rpartition(":")
+            where = (host, int(port))
+            with Tricklers(where, count=40, interval=1.0) as slow:
+                assert wait_until(lambda: slow.connects >= 40, timeout=5.0)
+
+                def refused() -> bool:
+                    try:
+                        instance.debug("/runtime/kite")
+                    except OSError:
+                        return True
+                    return False
+
+                assert wait_until(refused, timeout=5.0)
+                probes = []
+                for _ in range(10):
+                    probes.append(probe_health(where, timeout=1.0))
+                    gevent.sleep(0.2)
+                assert [status for status, _ in probes] == [200] * 10, probes
             assert instance.stop() == 0
 
     def test_counters_never_go_backwards_across_a_reload_and_a_kill(self):

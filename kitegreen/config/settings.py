@@ -46,6 +46,8 @@ DEFAULT_REGISTER_INTERVAL = 10.0
 DEFAULT_CONSUL_ADDR = "127.0.0.1:8500"
 DEFAULT_DEBUG_MAX_CONNECTIONS = 32
 DEFAULT_DEBUG_IDLE_TIMEOUT = 10.0
+DEFAULT_DEBUG_MAX_CONNECTIONS_PER_PEER = 16
+DEFAULT_DEBUG_REQUEST_TIMEOUT = 5.0
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -368,6 +370,24 @@ class Config:
             "close a debug connection that sends nothing for this long", "debug", restart=True
         ),
     )
+    debug_max_connections_per_peer: int = field(
+        default=DEFAULT_DEBUG_MAX_CONNECTIONS_PER_PEER,
+        metadata=doc(
+            "most debug connections open at once from one address; past this or "
+            "debug_max_connections only a health probe is answered",
+            "debug",
+            restart=True,
+        ),
+    )
+    debug_request_timeout: float = field(
+        default=DEFAULT_DEBUG_REQUEST_TIMEOUT,
+        metadata=doc(
+            "close a debug connection whose request, from its first byte to the end of its "
+            "reply, takes longer than this",
+            "debug",
+            restart=True,
+        ),
+    )
     register: bool = field(
         default=False,
         metadata=doc("register the service in Consul", "consul", restart=True),
@@ -446,6 +466,7 @@ class Config:
         check_int("event_capacity", self.event_capacity, 1, 1_000_000)
         check_int("max_frame_size", self.max_frame_size, MIN_MAX_FRAME_SIZE, 2**31 - 1)
         check_int("debug_max_connections", self.debug_max_connections, 1, 65535)
+        check_int("debug_max_connections_per_peer", self.debug_max_connections_per_peer, 1, 65535)
         for name in (
             "read_write_timeout",
             "qps_fill_interval",
@@ -453,6 +474,7 @@ class Config:
             "register_interval",
             "worker_timeout",
             "debug_idle_timeout",
+            "debug_request_timeout",
         ):
             _check_positive(name, getattr(self, name))
         for name in ("idle_timeout", "exit_wait_time", "hub_block_threshold", "register_delay"):

@@ -3,9 +3,19 @@
 Served by gevent's WSGI server in the same hub as the RPC server, bound to loopback unless
 configured otherwise. A port that is already taken is a warning, not a failure: the RPC
 service matters more than its debug page. For the same reason the debug server holds few
-descriptors: at most ``max_connections`` connections (more are accepted and closed at once),
-each closed once it has sent nothing for ``idle_timeout`` seconds, so that a pile of idle
-connections to a debug port cannot take the descriptors the RPC listener needs.
+descriptors: at most ``max_connections`` connections, at most ``max_per_peer`` of them from one
+address, each closed once it has sent nothing for ``idle_timeout`` seconds, and each request
+(from its first byte to the last byte of its reply) cut off after ``request_timeout``, so that
+neither a pile of idle connections nor clients that trickle a byte a second can take the
+descriptors the RPC listener needs or hold the slots for as long as they like.
+
+A connection over either cap is not served, but it is not closed at once either: it has
+:data:`PROBE_WAIT` seconds to send a complete ``GET /health`` (or ``HEAD``), which is answered
+and closed; anything else is closed as soon as its first bytes show it is not a health probe.
+This is what a kubelet (or a load balancer) does: a new connection per probe, the whole request
+in its first segment, a one-second timeout by default. So slow clients holding every slot make
+the debug pages refuse, never the liveness probe, which would restart a healthy process. At
+most ``max_connections`` such connections wait at once; past that they are closed at once.
 
 =====================  ==========================================================
 ``GET /runtime/kite``  JSON: ``overload``, ``remote_configs``, ``events``, ``version``
@@ -18,9 +28,11 @@ connections to a debug port cannot take the descriptors the RPC listener needs.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import gevent
 from gevent import pywsgi
 from gevent.pool import Pool
 
@@ -32,6 +44,15 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 _PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
+PROBE_WAIT = 1.0
+"""Seconds a connection over the caps has to send a complete health probe: kubelet's default
+probe timeout. A probe sends its request in one segment, so it needs microseconds of this."""
+
+PROBE_HEAD_MAX = 4096
+"""Bytes a health probe's request head may take (kubelet's is about 150)."""
+
+_PROBE_LINES = (b"GET /health ", b"GET /health?", b"HEAD /health ", b"HEAD /health?")
+
 
 class DebugServer:
     """Serves the debug endpoints of one :class:`~kitegreen.RpcServer`.
@@ -39,9 +60,13 @@ class DebugServer:
     Args:
         host: interface to bind (loopback by default in Config).
         port: port to bind; 0 for an ephemeral one.
-        max_connections: connections served at once; one more is accepted and closed.
+        max_connections: connections served at once; more are only given a chance to be a
+            health probe (see the module's docstring).
+        max_per_peer: connections served at once from one address (the same rule past it).
         idle_timeout: seconds a connection may send nothing (or not take what it is sent)
             before it is closed.
+        request_timeout: seconds one request may take from its first byte to the end of its
+            reply, however steadily its client trickles it in.
         runtime: returns the /runtime/kite document.
         metrics: returns the Prometheus exposition, or None when metrics are off.
         healthy: whether the server is serving (not stopping).
@@ -55,6 +80,8 @@ class DebugServer:
         *,
         max_connections: int,
         idle_timeout: float,
+        max_per_peer: int | None = None,
+        request_timeout: float | None = None,
         runtime: Callable[[], dict[str, Any]],
         metrics: Callable[[], bytes] | None,
         healthy: Callable[[], bool],
@@ -63,6 +90,8 @@ class DebugServer:
         self._spec = ListenSpec("tcp", host=host, port=port)
         self._max_connections = max_connections
         self._idle_timeout = idle_timeout
+        self._max_per_peer = max_connections if max_per_peer is None else max_per_peer
+        self._request_timeout = idle_timeout if request_timeout is None else request_timeout
         self._runtime = runtime
         self._metrics = metrics
         self._healthy = healthy
@@ -86,7 +115,10 @@ class DebugServer:
             sock,
             self._app,
             max_connections=self._max_connections,
+            max_per_peer=self._max_per_peer,
             idle_timeout=self._idle_timeout,
+            request_timeout=self._request_timeout,
+            healthy=self._healthy,
             log=self._log,
         )
         self._server.start()
@@ -116,9 +148,7 @@ class DebugServer:
                 body = format_stacks().encode() + b"\n"
                 return _reply(start_response, "200 OK", body)
             if path == "/health":
-                if self._healthy():
-                    return _reply(start_response, "200 OK", b"ok\n")
-                return _reply(start_response, "503 Service Unavailable", b"stopping\n")
+                return _reply(start_response, *_health(self._healthy))
             if path == "/":
                 body = b"/runtime/kite\n/metrics\n/debug/greenlets\n/health\n"
                 return _reply(start_response, "200 OK", body)
@@ -133,51 +163,189 @@ class DebugServer:
 
 
 class _CappedWSGIServer(pywsgi.WSGIServer):  # type: ignore[misc]
-    """gevent's WSGI server with a cap on connections and a timeout on idle ones.
+    """gevent's WSGI server with caps on connections (in all and per peer), a timeout on idle
+    ones, a deadline per request, and a lane for health probes past the caps.
 
-    Over the cap a connection is accepted and closed at once rather than left unaccepted:
-    gevent's own bounded pool stops accepting when full, which lets the kernel backlog fill
-    and makes every later client wait for a timeout instead of failing fast (kite's rule for
-    the RPC listener too).
+    Over a cap a connection is accepted rather than left unaccepted: gevent's own bounded pool
+    stops accepting when full, which lets the kernel backlog fill and makes every later client
+    wait for a timeout instead of failing fast (kite's rule for the RPC listener too). It then
+    waits in the probe lane (:meth:`_answer_probe`) or, with that full too, is closed at once.
     """
 
     def __init__(
-        self, sock: Any, app: Any, *, max_connections: int, idle_timeout: float, log: Any
+        self,
+        sock: Any,
+        app: Any,
+        *,
+        max_connections: int,
+        max_per_peer: int,
+        idle_timeout: float,
+        request_timeout: float,
+        healthy: Callable[[], bool],
+        log: Any,
     ) -> None:
         super().__init__(
             sock, app, spawn=Pool(), log=None, error_log=None, handler_class=_QuietHandler
         )
         self._max_connections = max_connections
+        self._max_per_peer = max_per_peer
         self._idle_timeout = idle_timeout
-        self._kg_log = log
+        self.request_timeout = request_timeout
+        self._healthy = healthy
+        self._per_peer: Counter[str] = Counter()
+        self._probes = Pool()
+        self.kg_log = log
 
     def do_handle(self, *args: Any) -> None:
         client_socket, address = args[0], args[1]
+        peer = _peer(address)
         if len(self.pool) >= self._max_connections:
-            client_socket.close()
-            self._kg_log.debug(
-                "debug connection refused: too many open",
-                peer=str(address),
-                limit=self._max_connections,
-            )
+            self._overflow(client_socket, address, "too many open", self._max_connections)
             return
+        if self._per_peer[peer] >= self._max_per_peer:
+            self._overflow(client_socket, address, "too many from this peer", self._max_per_peer)
+            return
+        # Counted until do_close, which gevent calls once the handler returns (or the spawn
+        # fails), so a peer's count cannot leak.
+        self._per_peer[peer] += 1
         # A socket timeout bounds every wait for the peer, before the request line, between
         # headers, between kept-alive requests and while it takes the reply: the idle timeout.
         client_socket.settimeout(self._idle_timeout)
         super().do_handle(*args)
 
+    def do_close(self, *args: Any) -> None:
+        peer = _peer(args[1])
+        self._per_peer[peer] -= 1
+        if self._per_peer[peer] <= 0:
+            del self._per_peer[peer]
+        super().do_close(*args)
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._probes.kill(block=False)
+        super().stop(timeout=timeout)
+
+    def _overflow(self, sock: Any, address: Any, why: str, limit: int) -> None:
+        if len(self._probes) >= self._max_connections:
+            sock.close()
+            self.kg_log.debug(
+                f"debug connection refused: {why}, and too many waiting to be a health probe",
+                peer=str(address),
+                limit=limit,
+            )
+            return
+        self._probes.spawn(self._answer_probe, sock, address, why, limit)
+
+    def _answer_probe(self, sock: Any, address: Any, why: str, limit: int) -> None:
+        """Answer a health probe on a connection over a cap, then close it; close anything else.
+
+        Only a whole request head that arrives within :data:`PROBE_WAIT` is answered, and the
+        reply is a few bytes, so a slow client holds this lane for a second at most.
+        """
+        answered = False
+        try:
+            with gevent.Timeout(PROBE_WAIT, False):
+                head = _read_probe(sock)
+                if head is not None:
+                    status, body = _health(self._healthy)
+                    sock.sendall(
+                        f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                        + (b"" if head.startswith(b"HEAD") else body)
+                    )
+                    answered = True
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        if not answered:
+            self.kg_log.debug(f"debug connection refused: {why}", peer=str(address), limit=limit)
+
 
 class _QuietHandler(pywsgi.WSGIHandler):  # type: ignore[misc]
-    """pywsgi's handler, closing a connection that timed out without printing a traceback.
+    """pywsgi's handler with a deadline per request, closing a connection that timed out
+    without printing a traceback.
 
     pywsgi treats an error while reading the headers as bad client input and prints its
     traceback unless it is a ValueError; a peer that stopped sending is not news.
     """
 
+    _deadline: gevent.Timeout | None = None
+
+    def handle_one_request(self) -> Any:
+        if self.rfile.closed:
+            return None
+        # The wait for a request's first byte is the idle timeout's (the socket's); from that
+        # byte on the whole request, its headers, the page and the reply, has request_timeout,
+        # so that a client trickling a byte a second cannot hold its slot past it.
+        try:
+            if not self.rfile.peek(1):
+                return None
+        except (OSError, ValueError):
+            return None
+        self._deadline = deadline = gevent.Timeout(self.server.request_timeout)
+        deadline.start()
+        try:
+            return super().handle_one_request()
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            self._past_deadline()
+            return None
+        finally:
+            deadline.close()
+            self._deadline = None
+
+    def handle_error(self, kind: Any, value: Any, tb: Any) -> None:
+        # pywsgi reports any exception from the page or the reply as a server error with its
+        # traceback; the deadline firing there is a slow client, not an error.
+        if value is not None and value is self._deadline:
+            self.close_connection = True
+            self._past_deadline()
+            return
+        super().handle_error(kind, value, tb)
+
+    def _past_deadline(self) -> None:
+        self.server.kg_log.debug(
+            "debug connection closed: request past debug_request_timeout",
+            peer=str(self.client_address),
+            limit=self.server.request_timeout,
+        )
+
     def _handle_client_error(self, ex: BaseException) -> Any:
         if isinstance(ex, OSError):
             return None
         return super()._handle_client_error(ex)
+
+
+def _peer(address: Any) -> str:
+    """The host part of a peer's address (a unix socket's peer has none)."""
+    return str(address[0]) if isinstance(address, tuple) and address else str(address)
+
+
+def _read_probe(sock: Any) -> bytes | None:
+    """The head of a health probe read from ``sock``, or None as soon as the bytes read show
+    it is not one (or the peer closed). The caller bounds the time."""
+    data = b""
+    while True:
+        line = data.split(b"\r\n", 1)[0]
+        if len(data) > PROBE_HEAD_MAX or not any(
+            line.startswith(start) if len(line) >= len(start) else start.startswith(line)
+            for start in _PROBE_LINES
+        ):
+            return None
+        if b"\r\n\r\n" in data:
+            return data
+        chunk = sock.recv(PROBE_HEAD_MAX)
+        if not chunk:
+            return None
+        data += chunk
+
+
+def _health(healthy: Callable[[], bool]) -> tuple[str, bytes]:
+    """The status and body of /health."""
+    if healthy():
+        return "200 OK", b"ok\n"
+    return "503 Service Unavailable", b"stopping\n"
 
 
 def _reply(

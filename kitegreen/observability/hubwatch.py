@@ -12,12 +12,29 @@ nor a busy connection is mistaken for a block:
 - C code that holds the GIL throughout (thriftpy2's Cython decoder in a long loop) starves the
   watchdog thread too; the heartbeat then reports the stall, without a stack, once it runs.
 
+A stall is not always a block: a process stopped (SIGSTOP, a debugger, a frozen cgroup) or not
+given a CPU on a loaded machine stalls too, with whatever code happened to be running on the
+stack. So a stall is blamed on code only with evidence that the process ran through it:
+
+- the heartbeat path reports only when the hub thread used at least ``threshold`` of CPU time
+  over the stall (``time.thread_time``): C code that held the GIL was running, not waiting;
+- the watchdog confirms its suspect only over an interval in which it woke on time itself (a
+  stopped or starved process wakes it late) and in which the hub thread either ran for at least
+  a quarter of the interval (its CPU clock, ``pthread_getcpuclockid``) or sleeps in a call
+  (``time.sleep``, an unpatched socket: state ``S`` or ``D`` in ``/proc``), not waiting to run
+  (state ``R`` with no CPU time: starved).
+
+A stall with no such evidence is reported to ``on_starved`` instead: the process did not run,
+and no code of it is to blame. A blocking call made while holding the GIL (rare in C code)
+looks like that too and is reported as starvation.
+
 gevent's own monitor thread would also do this, but it installs a trace function that runs
 on every greenlet switch, a cost on every request; this costs four wake-ups per threshold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import traceback
@@ -33,6 +50,7 @@ from kitegreen.observability.reporter import HUB_BLOCKED, ReportGate
 _start_thread = monkey.get_original("_thread", "start_new_thread")
 _allocate_lock = monkey.get_original("_thread", "allocate_lock")
 _get_ident = monkey.get_original("_thread", "get_ident")
+_get_native_id = monkey.get_original("threading", "get_native_id")
 
 STACK_LIMIT = 30
 """Frames of the blocking greenlet's stack kept in a report (innermost last)."""
@@ -45,12 +63,22 @@ class HubWatch:
         threshold: seconds without a switch that count as blocking; must be > 0.
         on_block: called in the hub once the block ends, with the seconds it lasted and the
             formatted stack of the blocking code.
+        on_starved: called in the hub after a stall of more than ``threshold`` in which the
+            process did not run (stopped, or starved of CPU), with the seconds it lasted and
+            the CPU seconds the hub thread used meanwhile; None: not told.
     """
 
-    def __init__(self, threshold: float, on_block: Callable[[float, list[str]], None]) -> None:
+    def __init__(
+        self,
+        threshold: float,
+        on_block: Callable[[float, list[str]], None],
+        on_starved: Callable[[float, float], None] | None = None,
+    ) -> None:
         self.threshold = threshold
         self._on_block = on_block
+        self._on_starved = on_starved
         self._beat = time.monotonic()
+        self._beat_cpu = 0.0
         self._heart: gevent.Greenlet | None = None
         self._stop_lock: Any = None
         self._hub: Any = None
@@ -64,10 +92,11 @@ class HubWatch:
         self._hub = gevent.get_hub()
         self._hub_thread = _get_ident()
         self._beat = time.monotonic()
+        self._beat_cpu = time.thread_time()
         self._heart = gevent.spawn(self._heartbeat)
         self._stop_lock = _allocate_lock()
         self._stop_lock.acquire()
-        _start_thread(self._watch, (self._stop_lock,))
+        _start_thread(self._watch, (self._stop_lock, _get_native_id()))
 
     def stop(self) -> None:
         """Stop both; idempotent. The thread exits at its next wake-up."""
@@ -82,23 +111,39 @@ class HubWatch:
         interval = self.threshold / 4
         while True:
             now = time.monotonic()
+            cpu = time.thread_time()
             stalled = now - self._beat
             if stalled > self.threshold + interval and self._sampled_beat != self._beat:
-                # The watchdog could not take a sample: C code held the GIL the whole time
-                # (a Cython decode loop, say). Report the stall without a stack.
-                self._on_block(stalled, [])
+                # The watchdog did not report: either C code held the GIL the whole time (a
+                # Cython decode loop, say), which ran on this thread's CPU clock, or the
+                # process did not run at all (stopped, starved), which did not.
+                ran = cpu - self._beat_cpu
+                if ran >= self.threshold:
+                    self._on_block(stalled, [])
+                elif self._on_starved is not None:
+                    self._on_starved(stalled, ran)
             self._beat = now
+            self._beat_cpu = cpu
             gevent.sleep(interval)
 
-    def _watch(self, stop_lock: Any) -> None:
+    def _watch(self, stop_lock: Any, hub_native_id: int) -> None:
         """The watchdog thread. Never touches gevent objects but ``run_callback_threadsafe``."""
         interval = self.threshold / 4
         hub_run_code = type(self._hub).run.__code__
+        hub = _ThreadState(self._hub_thread, hub_native_id)
         suspect: int | None = None
         reported: int | None = None
+        woke = time.monotonic()
+        hub_cpu = hub.cpu()
         # acquire() returns True only once stop() releases the lock.
         while not stop_lock.acquire(True, interval):
-            stalled = time.monotonic() - self._beat
+            now = time.monotonic()
+            since, woke = now - woke, now
+            # Woken late: this thread did not run on time either, so neither did the process
+            # (stopped, or starved of CPU). What the hub shows now proves nothing.
+            on_time = since <= interval + self.threshold / 2
+            hub_cpu, last_cpu = hub.cpu(), hub_cpu
+            stalled = now - self._beat
             frame = sys._current_frames().get(self._hub_thread)
             if frame is None:
                 return  # the hub thread is gone
@@ -107,12 +152,15 @@ class HubWatch:
                 suspect = None
                 reported = None
                 continue
-            if suspect != id(root):
-                # Stalled, but a different greenlet than at the last sample: wait and see.
+            if suspect != id(root) or not on_time:
+                # Stalled, but a different greenlet than at the last sample, or a sample that
+                # proves nothing: wait and see.
                 suspect = id(root)
                 continue
             if reported == id(root):
                 continue
+            if not hub.ran_or_slept(hub_cpu - last_cpu, since):
+                continue  # the hub thread waited for a CPU: starved, not blocked
             reported = id(root)
             stack = traceback.format_stack(frame, limit=STACK_LIMIT)
             beat = self._beat
@@ -122,6 +170,40 @@ class HubWatch:
     def _report(self, last_beat: float, stack: list[str]) -> None:
         # Runs in the hub after the block: now minus the last beat is how long it lasted.
         self._on_block(time.monotonic() - last_beat, stack)
+
+
+class _ThreadState:
+    """What the kernel says of the hub thread, read from the watchdog thread (Linux; where a
+    source is missing every stall counts as a block, as before)."""
+
+    def __init__(self, ident: int, native_id: int) -> None:
+        self._clock: int | None = None
+        with contextlib.suppress(AttributeError, OSError):
+            self._clock = time.pthread_getcpuclockid(ident)
+        self._stat = f"/proc/self/task/{native_id}/stat"
+
+    def cpu(self) -> float:
+        """The thread's CPU seconds (0.0 when unknown)."""
+        if self._clock is None:
+            return 0.0
+        try:
+            return time.clock_gettime(self._clock)
+        except OSError:
+            self._clock = None
+            return 0.0
+
+    def ran_or_slept(self, cpu: float, seconds: float) -> bool:
+        """Whether, over the last ``seconds`` in which it used ``cpu`` seconds, the thread ran
+        (a quarter of the time at least) or sleeps in a call now, rather than waited to run."""
+        if self._clock is None or cpu >= seconds / 4:
+            return True
+        try:
+            with open(self._stat, encoding="ascii") as stat:
+                # The state follows the command's name, which may hold spaces and parentheses.
+                state = stat.read().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state != "R"
 
 
 def _outermost(frame: FrameType) -> FrameType:
@@ -147,3 +229,20 @@ def block_reporter(
         reports.report(HUB_BLOCKED, f"gevent hub blocked for {seconds:.3f}s at {where}")
 
     return on_block
+
+
+def starvation_logger(log: Any) -> Callable[[float, float], None]:
+    """A :class:`HubWatch`'s ``on_starved``: one info line, no count and no report."""
+
+    def on_starved(seconds: float, cpu_seconds: float) -> None:
+        # Not a warning and not a report: nothing in this process is at fault, and on a loaded
+        # machine it would cry wolf (an idle server "blocked" in whatever code was running).
+        log.info(
+            "hub stalled: the process did not run",
+            seconds=round(seconds, 3),
+            cpu_seconds=round(cpu_seconds, 3),
+            why="stopped (SIGSTOP, a debugger, a frozen cgroup) or not given a CPU; "
+            "no code of this process blocked the hub",
+        )
+
+    return on_starved

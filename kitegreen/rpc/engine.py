@@ -32,7 +32,7 @@ from gevent.pool import Pool
 
 from kitegreen.config import Config
 from kitegreen.limiter import Limiter, Limits
-from kitegreen.observability.hubwatch import HubWatch, block_reporter
+from kitegreen.observability.hubwatch import HubWatch, block_reporter, starvation_logger
 from kitegreen.observability.metrics import Metrics
 from kitegreen.observability.panics import PanicLog
 from kitegreen.observability.reporter import CONNECTION_OVERLOAD, ReportGate
@@ -114,7 +114,9 @@ class Engine:
         """Reports handlers that block this process's hub (``hub_block_threshold`` > 0)."""
         if config.hub_block_threshold > 0:
             self.hub_watch = HubWatch(
-                config.hub_block_threshold, block_reporter(log, reports, self._count_hub_block)
+                config.hub_block_threshold,
+                block_reporter(log, reports, self._count_hub_block),
+                starvation_logger(log),
             )
         self._started = False
         self._stopped = GEvent()
