@@ -103,7 +103,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logs.configure(early.log_format, early.log_level)
+    try:
+        logs.configure(early.log_format, early.log_level, log_config=early.log_config or None)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     log = structlog.get_logger("kitegreen")
     load = functools.partial(load_server, args.target, args.config, flags)
     on_load_error = functools.partial(_log_launch_error, log, args.target)

@@ -4,30 +4,59 @@ Only the launcher calls :func:`configure`; a server embedded in an application l
 whatever structlog configuration that application has. Logs go to standard error, as
 gunicorn's and most servers' do: standard output stays free for what a command prints
 (``--check-config``), and a terminal gets the console format without being asked.
+
+Records of the standard library's ``logging`` (the application's and its libraries') go
+through the same processors and renderer, by a handler on the root logger whose formatter is
+structlog's ``ProcessorFormatter``: they come out as kitegreen's own lines do, with ``logger``
+(the logger's name) and the request's context (``method``, ``peer``, ``log_id``, bound by the
+request loop in the connection's greenlet, which is where a handler's ``logging`` call runs).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import logging.config
 import os
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
+from kitegreen.exceptions import ConfigError
 
-def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Set structlog up for a kitegreen process.
+KITEGREEN = "kitegreen"
+"""The name of kitegreen's handler and formatter: on the root logger, and in a ``--log-config``
+document, which may use them (``handlers: [kitegreen]``, ``formatter: kitegreen``)."""
+
+
+def configure(
+    fmt: str = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
+    log_config: str | os.PathLike[str] | None = None,
+) -> None:
+    """Set structlog and the standard library's ``logging`` up for a kitegreen process.
 
     Args:
         fmt: ``json`` (one object per line, grep- and jq-friendly), ``console``, or ``auto``:
             console when ``stream`` is a terminal, json otherwise.
-        level: the lowest level written: debug, info, warning, error or critical.
+        level: the lowest level written, any case: debug, info, warning, error or critical.
+            It applies to kitegreen's lines and to the root logger.
         stream: where lines go; standard error when None.
+        log_config: a ``logging.config.dictConfig`` document (YAML, TOML or JSON) for the
+            standard library's loggers, applied after kitegreen's handler and formatter are
+            made; see :func:`apply_log_config`.
+
+    Raises:
+        ConfigError: ``log_config`` cannot be read or is not a valid dictConfig document.
     """
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if _is_terminal(stream) else "json"
+    levelno: int = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -41,13 +70,72 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
         renderer = [structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
         processors=shared + renderer,
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(levelno),
         # One write() per line, newline included (print() makes two): with --workers N several
         # processes share standard error, and a pipe keeps a write of up to 4 KiB whole, where
         # two writes per line could interleave with another process's line.
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.ExtraAdder(),
+            *shared,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+    )
+    # StreamHandler writes the line and its newline in one write(), as above.
+    handler = logging.StreamHandler(stream)
+    handler.set_name(KITEGREEN)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == KITEGREEN]:
+        root.removeHandler(old)
+    # Python's warnings are printed bare otherwise, in the middle of the JSON stream.
+    logging.captureWarnings(True)
+    if log_config is None:
+        root.addHandler(handler)
+        root.setLevel(levelno)
+        return
+    apply_log_config(Path(log_config), handler, formatter, levelno)
+
+
+def apply_log_config(
+    path: Path, handler: logging.Handler, formatter: logging.Formatter, levelno: int
+) -> None:
+    """Apply the ``logging.config.dictConfig`` document in ``path``.
+
+    The document may refer to kitegreen's handler and formatter by the name ``kitegreen``
+    (its own definitions of that name win). Without a ``root`` section, the root logger gets
+    kitegreen's handler at ``levelno``, so that records no handler of the document takes still
+    come out formatted. ``version`` defaults to 1.
+
+    Raises:
+        ConfigError: the file cannot be read, or ``dictConfig`` refuses the document.
+    """
+    from kitegreen.config.loader import read_document
+
+    document = read_document(path, "log config file")
+    if not isinstance(document, Mapping):
+        raise ConfigError(
+            f"log config file {path} must hold a dictConfig mapping, got {type(document).__name__}",
+            field="log_config",
+        )
+    config: dict[str, Any] = copy.deepcopy(dict(document))
+    config.setdefault("version", 1)
+    config.setdefault("formatters", {}).setdefault(KITEGREEN, {"()": lambda: formatter})
+    config.setdefault("handlers", {}).setdefault(KITEGREEN, {"()": lambda: handler})
+    config.setdefault("root", {"handlers": [KITEGREEN], "level": logging.getLevelName(levelno)})
+    try:
+        logging.config.dictConfig(config)
+    except (ValueError, TypeError, AttributeError, ImportError) as exc:
+        # dictConfig wraps the cause in "Unable to configure handler 'x'"; both help.
+        cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+        raise ConfigError(
+            f"log config file {path} is not a valid dictConfig document: {exc}{cause}",
+            field="log_config",
+        ) from None
 
 
 def add_pid(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:

@@ -105,7 +105,17 @@ def peer_ip(address: Any) -> str | None:
 class Connection:
     """Serve Thrift requests on one accepted socket until it closes or the server stops."""
 
-    __slots__ = ("_frame", "_info", "_shown_ip", "ctx", "peer", "stream", "trusted")
+    __slots__ = (
+        "_frame",
+        "_info",
+        "_reply_bytes",
+        "_request_bytes",
+        "_shown_ip",
+        "ctx",
+        "peer",
+        "stream",
+        "trusted",
+    )
 
     def __init__(self, sock: Any, address: Any, ctx: ServeContext) -> None:
         self.ctx = ctx
@@ -119,6 +129,10 @@ class Connection:
         self._frame: HeaderFrame | None = None
         """The header frame of the request being handled, if it came in one."""
         self._info: RequestInfo | None = None
+        self._request_bytes = 0
+        """The request's size on the wire, framing included, for the access log."""
+        self._reply_bytes = 0
+        """The size of what was sent in answer to it (0: nothing, a oneway call)."""
 
     def serve(self) -> None:
         """Run the request loop; return when the connection is done. Never raises Exception."""
@@ -126,6 +140,9 @@ class Connection:
         stream = self.stream
         if ctx.get_real_ip:
             context.set_real_ip(self.peer)
+        # In the connection's greenlet, so in the handler's context: every line logged while
+        # serving it, the application's ``logging`` records included, names the peer.
+        bound = structlog.contextvars.bind_contextvars(peer=self.peer)
         ctx.streams.add(stream)
         linger = CLOSE_LINGER
         try:
@@ -149,6 +166,7 @@ class Connection:
         finally:
             ctx.streams.discard(stream)
             stream.close(linger)
+            structlog.contextvars.reset_contextvars(**bound)
 
     def _loop(self) -> None:
         ctx = self.ctx
@@ -173,6 +191,9 @@ class Connection:
     def _handle(self, buf: bytes | bytearray, start: int, end: int) -> None:
         wire = self.stream.wire
         assert wire is not None
+        # A framed message comes without its 4-byte length; a header frame, with it.
+        self._request_bytes = end - start + (4 if wire.framed and not wire.header else 0)
+        self._reply_bytes = 0
         if wire.header:
             self._handle_frame(buf, start, end)
         else:
@@ -232,7 +253,11 @@ class Connection:
 
         info = self._info
         deadline = info.deadline if info is not None and ctx.enforce_rpc_timeout else None
-        self._invoke(method, seqid, args, begun, deadline)
+        bound = structlog.contextvars.bind_contextvars(method=method.name)
+        try:
+            self._invoke(method, seqid, args, begun, deadline)
+        finally:
+            structlog.contextvars.reset_contextvars(**bound)
 
     def _invoke(
         self,
@@ -360,7 +385,9 @@ class Connection:
         return frame.reply(message, str_info=headers)
 
     def _send(self, name: str, mtype: int, seqid: int, payload: Any, spec: Any) -> None:
-        self.stream.send(self._encode(name, mtype, seqid, payload, spec))
+        data = self._encode(name, mtype, seqid, payload, spec)
+        self._reply_bytes += len(data)
+        self.stream.send(data)
 
     def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> None:
         try:
@@ -379,6 +406,7 @@ class Connection:
                 f"internal error in {method.name}: result does not match the IDL",
             )
             return
+        self._reply_bytes += len(data)
         self.stream.send(data)
 
     def _send_error(self, name: str, seqid: int, kind: int, message: str) -> None:
@@ -437,11 +465,15 @@ class Connection:
             method.stats.observe(elapsed, outcome)
         if self.ctx.access_log:
             info = self._info
+            # Seconds, as the duration histogram's buckets are (Prometheus's convention): a
+            # threshold read off a dashboard filters the access log unchanged.
             self.ctx.log.info(
                 "access",
                 method=method.name,
                 peer=self.peer,
-                latency_ms=round(elapsed * 1000, 3),
+                duration_s=round(elapsed, 6),
+                request_bytes=self._request_bytes,
+                reply_bytes=self._reply_bytes,
                 outcome=outcome,
                 **({"log_id": info.log_id} if info is not None and info.log_id else {}),
             )
