@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    logs.log_greenlet_errors()
     log = structlog.get_logger("kitegreen")
     load = functools.partial(load_server, args.target, args.config, flags)
     on_load_error = functools.partial(_log_launch_error, log, args.target)

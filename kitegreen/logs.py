@@ -138,6 +138,35 @@ def apply_log_config(
         ) from None
 
 
+def log_greenlet_errors() -> None:
+    """Log a greenlet's uncaught exception as one line, with its traceback, instead of gevent's
+    bare text; idempotent.
+
+    gevent's hub prints the traceback and then ``<Greenlet ...> failed with KeyError`` to
+    standard error in several writes, in the middle of the JSON stream (a handler that spawns
+    a greenlet which raises is enough). Only the launcher calls this, since it owns its
+    process. The hub's class is changed rather than this hub: a forked worker starts a new hub
+    (``workers/fork.py``). If logging fails, gevent's own printing is the fallback.
+    """
+    import gevent
+
+    hub_class = type(gevent.get_hub())
+    gevent_print = hub_class.print_exception
+    if getattr(gevent_print, "_kitegreen", False):
+        return
+    log = structlog.get_logger("gevent")
+
+    def print_exception(hub: Any, context: Any, kind: Any, value: Any, tb: Any) -> None:
+        try:
+            where = None if context is None else hub.format_context(context)
+            log.error("greenlet failed", greenlet=where, exc_info=(kind, value, tb))
+        except Exception:  # noqa: BLE001 - this must not raise; gevent's printing still works
+            gevent_print(hub, context, kind, value, tb)
+
+    print_exception._kitegreen = True  # type: ignore[attr-defined]
+    hub_class.print_exception = print_exception
+
+
 def add_pid(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     """A structlog processor: the process ID on every line, unless the line gives one.
 

@@ -21,6 +21,7 @@ QUIET = ("--port", "0", "--host", "127.0.0.1", "--no-enable-debug-server")
 MONOLITH = f"""
 import logging
 import sys
+import gevent
 sys.path.insert(0, {str(TESTS)!r})
 import kitegreen
 from conftest import Handler, testsvc_thrift
@@ -31,9 +32,12 @@ log = logging.getLogger("monolith.views")
 class Views(Handler):
     def echo(self, message):
         # "LEVEL:text" logs text at LEVEL through the standard library; "exception:text"
-        # logs it with the traceback of the exception being handled.
+        # logs it with the traceback of the exception being handled; "spawn:" spawns a
+        # greenlet that raises.
         level, _, text = message.partition(":")
-        if level == "exception":
+        if level == "spawn":
+            gevent.spawn(lambda: {{}}["in a greenlet"]).join()
+        elif level == "exception":
             try:
                 {{}}["missing"]
             except KeyError:
@@ -114,6 +118,28 @@ class TestJson:
         assert "KeyError: 'missing'" in record["exception"]
         assert record["method"] == "echo"
 
+    def test_a_failed_greenlet_is_one_json_line(self, target):
+        """A greenlet's uncaught exception, which gevent prints bare, is a JSON line with its
+        traceback."""
+        with Launcher(target, *QUIET) as launcher:
+            call(launcher, "spawn:")
+            record = launcher.wait_for_event("greenlet failed")
+            stop(launcher)
+        every_line_is_json(launcher.stderr)
+        assert record["level"] == "error"
+        assert "KeyError: 'in a greenlet'" in record["exception"]
+        assert record["greenlet"].startswith("<Greenlet")
+
+    def test_a_failed_greenlet_in_a_worker_is_one_json_line(self, target):
+        """The same in a worker, which runs a hub of its own."""
+        with Launcher(target, *QUIET, "--workers", "2") as launcher:
+            call(launcher, "spawn:")
+            record = launcher.wait_for_event("greenlet failed")
+            stop(launcher)
+        every_line_is_json(launcher.stderr)
+        assert record["pid"] != launcher.proc.pid
+        assert "KeyError: 'in a greenlet'" in record["exception"]
+
     def test_the_request_context_ends_with_the_call(self, target):
         """A record logged outside any request (the target's import) names no method."""
         module = Path(target.partition(":")[0])
@@ -123,6 +149,7 @@ class TestJson:
         )
         with Launcher(target, *QUIET) as launcher:
             record = launcher.wait_for_event("imported")
+            launcher.address()  # serving: SIGTERM is handled from here on
             stop(launcher)
         assert "method" not in record
         assert "peer" not in record
