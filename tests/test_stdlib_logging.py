@@ -13,6 +13,7 @@ import pytest
 from clients import thriftpy2_client
 from conftest import TESTS, testsvc_thrift, wait_until
 from launching import Launcher, json_lines, launcher_env
+from test_header_protocols import LOG_ID, tt_call, tt_roundtrip
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -96,6 +97,15 @@ class TestJson:
         assert record["order"] == 17
         assert record["pid"] == launcher.proc.pid
         assert "timestamp" in record
+
+    def test_the_log_id_of_a_ttheader_request_is_bound(self, target):
+        """A TTHeader request's log id is on the handler's ``logging`` records."""
+        with Launcher(target, *QUIET) as launcher:
+            request = tt_call(message="info:with a log id", int_kv={LOG_ID: "20261205-L7"})
+            tt_roundtrip(launcher.address(), request)
+            record = launcher.wait_for_event("with a log id")
+            stop(launcher)
+        assert (record["log_id"], record["method"]) == ("20261205-L7", "echo")
 
     def test_a_warning_is_json_not_bare_text(self, target):
         """A warning, which Python's last-resort handler would print bare, is a JSON line."""
