@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict
 
 from kitegreen.exceptions import ConfigError
 
@@ -78,11 +79,7 @@ def configure(
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[
-            structlog.stdlib.add_logger_name,
-            structlog.stdlib.ExtraAdder(),
-            *shared,
-        ],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, add_extra, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
     )
     # StreamHandler writes the line and its newline in one write(), as above.
@@ -165,6 +162,27 @@ def log_greenlet_errors() -> None:
 
     print_exception._kitegreen = True  # type: ignore[attr-defined]
     hub_class.print_exception = print_exception
+
+
+_RECORD_ATTRIBUTES = frozenset(
+    logging.LogRecord("name", 0, "pathname", 0, "msg", (), None).__dict__
+) | {"message", "asctime"}
+"""A LogRecord's own attributes, and those a ``logging.Formatter`` adds when another handler
+formatted the record first: anything else on a record came from ``extra=``."""
+
+
+def add_extra(logger: Any, method: str, event: EventDict) -> EventDict:
+    """A structlog processor for ``logging`` records: the fields given with ``extra=``.
+
+    structlog's ``ExtraAdder`` would also copy ``message`` and ``asctime`` when another
+    handler's formatter ran first, and would let an extra field replace ``event``.
+    """
+    record = event.get("_record")
+    if record is not None:
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRIBUTES and key not in event:
+                event[key] = value
+    return event
 
 
 def add_pid(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:

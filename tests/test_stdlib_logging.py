@@ -4,16 +4,21 @@ kitegreen's format and stream, with the request's context, at the chosen level, 
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from clients import thriftpy2_client
 from conftest import TESTS, testsvc_thrift, wait_until
 from launching import Launcher, json_lines, launcher_env
 from test_header_protocols import LOG_ID, tt_call, tt_roundtrip
+
+from kitegreen import logs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -302,3 +307,43 @@ class TestLogConfig:
         stderr = "".join(launcher.stderr)
         assert "log_config must name a dictConfig document ending in .yml" in stderr
         assert "(from --log-config)" in stderr
+
+
+class TestFormatterInProcess:
+    """``logs.configure`` in this process; structlog's and the root logger's setup restored."""
+
+    @pytest.fixture
+    def stream(self):
+        saved = structlog.get_config()
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        stream = io.StringIO()
+        logs.configure("json", "info", stream=stream)
+        yield stream
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)
+
+    def test_extra_fields_come_without_another_formatters_leftovers(self, stream):
+        """A record another handler formatted first (which sets ``message`` and ``asctime`` on
+        it) comes out with its ``extra`` fields only, and ``extra`` cannot replace ``event``."""
+        other = logging.StreamHandler(io.StringIO())
+        other.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log = logging.getLogger("monolith.inprocess")
+        log.addHandler(other)
+        try:
+            log.warning("paid", extra={"order": 42, "event": "not the event"})
+        finally:
+            log.removeHandler(other)
+        record = json.loads(stream.getvalue())
+        assert record["event"] == "paid"
+        assert record["order"] == 42
+        assert "message" not in record
+        assert "asctime" not in record
+
+    def test_one_handler_however_often_configured(self, stream):
+        """Configuring again replaces kitegreen's root handler: each record is written once."""
+        logs.configure("json", "info", stream=stream)
+        logging.getLogger("monolith.inprocess").warning("once")
+        assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == ["once"]
