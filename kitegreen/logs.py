@@ -105,8 +105,9 @@ def apply_log_config(
 
     The document may refer to kitegreen's handler and formatter by the name ``kitegreen``
     (its own definitions of that name win). Without a ``root`` section, the root logger gets
-    kitegreen's handler at ``levelno``, so that records no handler of the document takes still
-    come out formatted. ``version`` defaults to 1.
+    kitegreen's handler, so that records no handler of the document takes still come out
+    formatted. The root logger's level is ``levelno`` unless the document gives one.
+    ``version`` defaults to 1.
 
     Raises:
         ConfigError: the file cannot be read, or ``dictConfig`` refuses the document.
@@ -121,9 +122,15 @@ def apply_log_config(
         )
     config: dict[str, Any] = copy.deepcopy(dict(document))
     config.setdefault("version", 1)
-    config.setdefault("formatters", {}).setdefault(KITEGREEN, {"()": lambda: formatter})
-    config.setdefault("handlers", {}).setdefault(KITEGREEN, {"()": lambda: handler})
-    config.setdefault("root", {"handlers": [KITEGREEN], "level": logging.getLevelName(levelno)})
+    # An empty section in YAML is None.
+    config["formatters"] = {
+        KITEGREEN: {"()": lambda: formatter},
+        **(config.get("formatters") or {}),
+    }
+    config["handlers"] = {KITEGREEN: {"()": lambda: handler}, **(config.get("handlers") or {})}
+    config.setdefault("root", {"handlers": [KITEGREEN]})
+    # dictConfig sets a level only where the document gives one.
+    logging.getLogger().setLevel(levelno)
     try:
         logging.config.dictConfig(config)
     except (ValueError, TypeError, AttributeError, ImportError) as exc:
@@ -133,6 +140,31 @@ def apply_log_config(
             f"log config file {path} is not a valid dictConfig document: {exc}{cause}",
             field="log_config",
         ) from None
+
+
+def handler_descriptors() -> set[int]:
+    """The descriptors the standard library's logging handlers write to (files, sockets).
+
+    A forked worker closes every descriptor it was not told to keep; these are kept, or a
+    handler made by a ``--log-config`` document in the arbiter would write to a closed
+    descriptor, or to whatever the worker opened next under its number: a client's socket.
+    """
+    loggers = [logging.getLogger()]
+    loggers += [
+        v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)
+    ]
+    fds: set[int] = set()
+    for logger in loggers:
+        for handler in logger.handlers:
+            for owner in ("stream", "socket", "sock"):
+                fileno = getattr(getattr(handler, owner, None), "fileno", None)
+                if fileno is None:
+                    continue
+                try:
+                    fds.add(int(fileno()))
+                except (OSError, ValueError, TypeError):  # closed, or not a real descriptor
+                    continue
+    return fds
 
 
 def log_greenlet_errors() -> None:

@@ -271,6 +271,36 @@ class TestLogConfig:
             "echo",
         )
 
+    def test_workers_write_to_the_documents_file(self, target, tmp_path):
+        """The handlers are made in the arbiter: its workers keep their files open and write
+        to them, each line whole."""
+        logfile = tmp_path / "monolith.log"
+        document = tmp_path / "logging.json"
+        document.write_text(
+            json.dumps(
+                {
+                    "handlers": {
+                        "file": {
+                            "class": "logging.FileHandler",
+                            "filename": str(logfile),
+                            "formatter": "kitegreen",
+                        }
+                    },
+                    "root": {"handlers": ["file"]},
+                }
+            ),
+            encoding="utf-8",
+        )
+        with Launcher(target, *QUIET, "-w", "2", "--log-config", str(document)) as launcher:
+            for n in range(10):
+                call(launcher, f"warning:from a worker {n}")
+            assert wait_until(lambda: logfile.read_text().count("from a worker") == 10)
+            stop(launcher)
+        records = every_line_is_json(logfile.read_text().splitlines())
+        assert {r["pid"] for r in records} - {launcher.proc.pid}
+        assert not any("from a worker" in line for line in launcher.stderr)
+        assert "Logging error" not in launcher.output()
+
     def test_the_document_may_route_the_root_logger(self, target, tmp_path):
         """A ``root`` section replaces kitegreen's default one: here its own level (ERROR)
         and kitegreen's handler by name; set from KITE_LOG_CONFIG, in TOML."""
