@@ -426,7 +426,12 @@ class Config:
     )
     log_level: str = field(
         default="info",
-        metadata=doc("lowest level logged", "logging", choices=LOG_LEVELS, restart=True),
+        metadata=doc(
+            "lowest level logged, any case; the standard library's root logger's too",
+            "logging",
+            choices=LOG_LEVELS,
+            restart=True,
+        ),
     )
     access_log: bool = field(
         default=False,
