@@ -133,6 +133,21 @@ class TestJson:
         assert "KeyError: 'missing'" in record["exception"]
         assert record["method"] == "echo"
 
+    def test_a_python_warning_is_a_json_line(self, target):
+        """``warnings.warn`` at import, which Python prints bare, is a ``py.warnings`` record."""
+        module = Path(target.partition(":")[0])
+        module.write_text(
+            module.read_text() + "\nimport warnings\nwarnings.warn('old api', UserWarning)\n",
+            encoding="utf-8",
+        )
+        with Launcher(target, *QUIET) as launcher:
+            launcher.address()
+            stop(launcher)
+        records = every_line_is_json(launcher.stderr)
+        (record,) = [r for r in records if "old api" in r["event"]]
+        assert (record["logger"], record["level"]) == ("py.warnings", "warning")
+        assert "UserWarning" in record["event"]
+
     def test_a_failed_greenlet_is_one_json_line(self, target):
         """A greenlet's uncaught exception, which gevent prints bare, is a JSON line with its
         traceback."""
