@@ -96,7 +96,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logs.configure(early.log_format, early.log_level)
+    try:
+        logs.configure(early.log_format, early.log_level, log_config=early.log_config or None)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.log_greenlet_errors()
     log = structlog.get_logger("kitegreen")
     from kitegreen.target import load_target, log_launch_error
 
@@ -229,6 +234,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help=f"YAML or TOML config file [env {CONFIG_FILE_ENV}]",
     )
     parser.add_argument(
+        "-b",
+        "--bind",
+        action="append",
+        metavar="ADDRESS",
+        help="gunicorn's spelling of where to listen: HOST:PORT, [IPV6]:PORT, HOST (keeps the "
+        "port) or unix:PATH; sets --host and --port, or --unix",
+    )
+    parser.add_argument(
         "--check-config",
         action="store_true",
         help="load the target and the settings, print the effective settings as JSON and "
@@ -243,7 +256,7 @@ def _parse_args(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespa
 
     Exits with status 2 and a usage message on an unknown flag, suggesting the nearest one.
     """
-    from kitegreen.config import Config
+    from kitegreen.config import Config, gunicorn
 
     parser = _parser(prog)
     args, extras = parser.parse_known_args(argv)
@@ -254,13 +267,23 @@ def _parse_args(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespa
         for f in dataclasses.fields(Config)
         if getattr(args, f.name) is not None
     }
+    if args.bind:
+        try:
+            flags.update(gunicorn.bind_flags(args.bind, flags))
+        except ValueError as exc:
+            parser.error(str(exc))
     return args, flags
 
 
 def _unknown_argument(parser: argparse.ArgumentParser, arg: str) -> str:
+    from kitegreen.config import gunicorn
+
     if not arg.startswith("-"):
         return f"unexpected argument {arg!r}: the launcher takes one MODULE:ATTR"
     name = arg.partition("=")[0]
+    habit = gunicorn.instead_of(name)
+    if habit:
+        return f"unknown flag {name}; {habit}"
     # argparse has no public list of its option strings.
     known = [s for action in parser._actions for s in action.option_strings]
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)

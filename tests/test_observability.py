@@ -755,7 +755,7 @@ class TestHubBlocking:
 
 class TestAccessLog:
     def test_one_line_per_request(self, make_server):
-        """access_log=True logs method, peer, latency_ms and outcome for every request."""
+        """access_log=True logs method, peer, duration_s, sizes and outcome for every request."""
         server = make_server(access_log=True)
         with capture_logs() as logs:
             with thriftpy2_client(TestService, server.address) as c:
@@ -775,9 +775,29 @@ class TestAccessLog:
         ]
         for entry in access:
             assert entry["peer"] == "127.0.0.1"
-            assert isinstance(entry["latency_ms"], float)
-            assert entry["latency_ms"] >= 0
+            assert isinstance(entry["duration_s"], float)
+            assert 0 <= entry["duration_s"] < 5.0
+            assert entry["request_bytes"] > 0
+            assert entry["reply_bytes"] > 0
             assert entry["log_level"] == "info"
+
+    @pytest.mark.parametrize(
+        ("transport", "framing"), [("buffered", 0), ("framed", 4)], ids=["buffered", "framed"]
+    )
+    def test_sizes_are_the_bytes_on_the_wire(self, make_server, transport, framing):
+        """request_bytes and reply_bytes count the message as sent, frame length included.
+
+        ``add(1, 2)`` in strict binary: a 15-byte message header (version, name "add", seqid),
+        two i32 fields of 7 bytes and a stop byte make 30; the reply's header, one i32 field and
+        a stop byte make 23.
+        """
+        server = make_server(access_log=True)
+        with capture_logs() as logs:
+            with thriftpy2_client(TestService, server.address, transport=transport) as c:
+                assert c.add(1, 2) == 3
+            assert wait_until(lambda: len(access_lines(logs)) == 1)
+        (entry,) = access_lines(logs)
+        assert (entry["request_bytes"], entry["reply_bytes"]) == (30 + framing, 23 + framing)
 
     def test_shed_request_is_logged_as_overload(self, make_server):
         """A request refused by a QPS limit has its access line, outcome "overload"."""

@@ -19,7 +19,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from kitegreen.config.loader import env_names
-from kitegreen.config.settings import GROUPS, Config, Doc, flag_names, setting_doc
+from kitegreen.config.settings import (
+    DEFAULT_CONSUL_ADDR,
+    GROUPS,
+    Config,
+    Doc,
+    flag_names,
+    setting_doc,
+)
 
 _TYPES: dict[str, Any] = typing.get_type_hints(Config)
 _TYPE_PLACEHOLDERS: Mapping[Any, str] = types.MappingProxyType(
@@ -121,7 +128,13 @@ def default_text(field: dataclasses.Field[Any]) -> str:
 
 
 def describe(config: Config) -> dict[str, Any]:
-    """``config`` as plain JSON data, secrets redacted: what ``--check-config`` prints."""
+    """``config`` as plain JSON data, secrets redacted: what ``--check-config`` prints.
+
+    Settings whose default is derived (``debug_port``, ``drain_time``, ``consul_addr``) show
+    the value the server will use, so that, say, the metrics port can be read without
+    starting it; a ``debug_port`` of 0 means a free port, logged at start, and None that there
+    is no debug server.
+    """
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -132,4 +145,20 @@ def describe(config: Config) -> dict[str, Any]:
         elif isinstance(value, tuple):
             value = list(value)
         out[f.name] = value
+    out.update(_derived(config))
     return out
+
+
+def _derived(config: Config) -> dict[str, Any]:
+    """The values the server computes for the settings left to their derived defaults."""
+    # Who registers: the same rule as registry.make_registrar.
+    registers = (
+        config.register and config.effective_listen_type == "tcp" and not config.service_mesh_mode
+    )
+    return {
+        "debug_port": (
+            config.effective_debug_port(config.port) if config.enable_debug_server else None
+        ),
+        "drain_time": config.effective_drain_time(registers),
+        "consul_addr": config.consul_addr or DEFAULT_CONSUL_ADDR,
+    }

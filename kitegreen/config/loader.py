@@ -148,22 +148,7 @@ def read_file(path: Path) -> dict[str, Any]:
         ConfigError: the file cannot be read or parsed (naming the file and the line), or
             holds a key that is not a setting (suggesting the nearest one).
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"config file {path} is not UTF-8 text: byte {exc.start} is {exc.object[exc.start]:#x}"
-        ) from None
-    suffix = path.suffix.lower()
-    if suffix == ".toml":
-        data = _parse_toml(path, text)
-    elif suffix in (".yml", ".yaml"):
-        data = _parse_yaml(path, text)
-    else:
-        got = suffix or "no suffix"
-        raise ConfigError(f"config file {path} must end in .yml, .yaml or .toml, got {got!r}")
+    data = read_document(path, "config file", json=False)
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {path} must hold a mapping of settings, got {type(data).__name__}"
@@ -178,7 +163,49 @@ def read_file(path: Path) -> dict[str, Any]:
     return out
 
 
-def _parse_yaml(path: Path, text: str) -> Any:
+def read_document(path: Path, what: str, *, json: bool = True) -> Any:
+    """The data in a YAML, TOML or (with ``json``) JSON file, chosen by its suffix.
+
+    Args:
+        path: the file.
+        what: what the file is, for error messages (``config file``, ``log config file``).
+        json: whether a ``.json`` file is accepted.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed; the message names it and the line.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text: byte {exc.start} is {exc.object[exc.start]:#x}"
+        ) from None
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return _parse_toml(path, text, what)
+    if suffix in (".yml", ".yaml"):
+        return _parse_yaml(path, text, what)
+    if json and suffix == ".json":
+        return _parse_json(path, text, what)
+    got = suffix or "no suffix"
+    kinds = ".yml, .yaml, .toml or .json" if json else ".yml, .yaml or .toml"
+    raise ConfigError(f"{what} {path} must end in {kinds}, got {got!r}")
+
+
+def _parse_json(path: Path, text: str, what: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{what} {path} is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+def _parse_yaml(path: Path, text: str, what: str) -> Any:
     import yaml
 
     try:
@@ -187,13 +214,13 @@ def _parse_yaml(path: Path, text: str) -> Any:
         # PyYAML names the stream "<unicode string>"; the file and the line are what help.
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = exc.problem or exc.context or "malformed"
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {what}") from None
+        problem = exc.problem or exc.context or "malformed"
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
 
 
-def _parse_toml(path: Path, text: str) -> Any:
+def _parse_toml(path: Path, text: str, what: str) -> Any:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -201,7 +228,7 @@ def _parse_toml(path: Path, text: str) -> Any:
         # YAML message does.
         match = _TOML_POSITION.match(str(exc))
         detail = f" at {match['where']}: {match['what']}" if match else f": {exc}"
-        raise ConfigError(f"config file {path} is not valid TOML{detail}") from None
+        raise ConfigError(f"{what} {path} is not valid TOML{detail}") from None
 
 
 def _normalise_key(key: str) -> str:

@@ -53,6 +53,7 @@ LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LISTEN_TYPES = ("auto", "tcp", "unix")
 HEALTH_CHECKS = ("tcp", "ttl", "none")
+LOG_CONFIG_SUFFIXES = (".yml", ".yaml", ".toml", ".json")
 
 GROUPS: Mapping[str, str] = types.MappingProxyType(
     {
@@ -445,17 +446,38 @@ class Config:
     )
     log_level: str = field(
         default="info",
-        metadata=doc("lowest level logged", "logging", choices=LOG_LEVELS, restart=True),
+        metadata=doc(
+            "lowest level logged, any case; the standard library's root logger's too",
+            "logging",
+            choices=LOG_LEVELS,
+            restart=True,
+        ),
     )
     access_log: bool = field(
         default=False,
         metadata=doc("log one line per request", "logging"),
     )
+    log_config: str = field(
+        default="",
+        metadata=doc(
+            "a logging.config.dictConfig document (YAML, TOML or JSON) for the standard "
+            "library's loggers; it may name kitegreen's handler and formatter, 'kitegreen'",
+            "logging",
+            placeholder="FILE",
+            restart=True,
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name, about in _DOCS.items():
             if about.choices:
-                _check_choice(name, getattr(self, name), about.choices)
+                # Any case (--log-level DEBUG, as gunicorn's and Python's own names are
+                # spelled), kept in the one spelling the rest of the code compares with.
+                value = getattr(self, name)
+                if isinstance(value, str) and value != value.lower():
+                    value = value.lower()
+                    object.__setattr__(self, name, value)
+                _check_choice(name, value, about.choices)
         check_int("port", self.port, 0, 65535)
         if self.debug_port is not None:
             check_int("debug_port", self.debug_port, 0, 65535)
@@ -482,6 +504,13 @@ class Config:
         if self.drain_time is not None:
             _check_at_least_zero("drain_time", self.drain_time)
         check_endpoint_qps_limits(self.endpoint_qps_limits)
+        if self.log_config and not self.log_config.lower().endswith(LOG_CONFIG_SUFFIXES):
+            raise ConfigError(
+                "log_config must name a dictConfig document ending in "
+                f"{', '.join(LOG_CONFIG_SUFFIXES)}, got {self.log_config!r} (ini files for "
+                "logging.config.fileConfig, gunicorn's --log-config, are not read)",
+                field="log_config",
+            )
         if self.effective_listen_type == "unix" and not self.unix_socket:
             raise ConfigError(
                 "listen_type 'unix' needs unix_socket to name a path", field="unix_socket"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,24 @@ _read_args = _thrift.read_args
 _write_message = _thrift.write_message
 _write_result = _thrift.write_result
 _PROTOCOLS = {"binary": _thrift.BINARY, "compact": _thrift.COMPACT}
+
+
+def _structlog_var(key: str) -> ContextVar[Any]:
+    """The context variable structlog keeps ``key`` in, which ``merge_contextvars`` reads.
+
+    The request path sets it directly: ``bind_contextvars`` and ``reset_contextvars`` cost
+    8 times as much per call (4.8 µs against 0.6 µs a pair, measured with timeit on the
+    shared build machine).
+    """
+    tokens = structlog.contextvars.bind_contextvars(**{key: ...})  # Ellipsis: not bound
+    var: ContextVar[Any] = tokens[key].var
+    var.reset(tokens[key])
+    return var
+
+
+_PEER = _structlog_var("peer")
+_METHOD = _structlog_var("method")
+_LOG_ID = _structlog_var("log_id")
 
 
 class CloseConnection(Exception):
@@ -117,7 +136,17 @@ def peer_ip(address: Any) -> str | None:
 class Connection:
     """Serve Thrift requests on one accepted socket until it closes or the server stops."""
 
-    __slots__ = ("_frame", "_info", "_shown_ip", "ctx", "peer", "stream", "trusted")
+    __slots__ = (
+        "_frame",
+        "_info",
+        "_reply_bytes",
+        "_request_bytes",
+        "_shown_ip",
+        "ctx",
+        "peer",
+        "stream",
+        "trusted",
+    )
 
     def __init__(self, sock: Any, address: Any, ctx: ServeContext) -> None:
         self.ctx = ctx
@@ -131,6 +160,10 @@ class Connection:
         self._frame: HeaderFrame | None = None
         """The header frame of the request being handled, if it came in one."""
         self._info: RequestInfo | None = None
+        self._request_bytes = 0
+        """The request's size on the wire, framing included, for the access log."""
+        self._reply_bytes = 0
+        """The size of what was sent in answer to it (0: nothing, a oneway call)."""
 
     def serve(self) -> None:
         """Run the request loop; return when the connection is done. Never raises Exception."""
@@ -138,6 +171,9 @@ class Connection:
         stream = self.stream
         if ctx.get_real_ip:
             context.set_real_ip(self.peer)
+        # In the connection's greenlet, so in the handler's context: every line logged while
+        # serving it, the application's ``logging`` records included, names the peer.
+        peer_token = _PEER.set(self.peer)
         ctx.streams.add(stream)
         linger = ctx.close_linger
         try:
@@ -161,6 +197,7 @@ class Connection:
         finally:
             ctx.streams.discard(stream)
             stream.close(linger)
+            _PEER.reset(peer_token)
 
     def _loop(self) -> None:
         ctx = self.ctx
@@ -185,6 +222,9 @@ class Connection:
     def _handle(self, buf: bytes | bytearray, start: int, end: int) -> None:
         wire = self.stream.wire
         assert wire is not None
+        # A framed message comes without its 4-byte length; a header frame, with it.
+        self._request_bytes = end - start + (4 if wire.framed and not wire.header else 0)
+        self._reply_bytes = 0
         if wire.header:
             self._handle_frame(buf, start, end)
         else:
@@ -203,16 +243,15 @@ class Connection:
                 self._shown_ip = shown
         self._frame, self._info = frame, info
         context.set_request_info(info)
-        if info.log_id is not None:
-            structlog.contextvars.bind_contextvars(log_id=info.log_id)
+        log_id_token = _LOG_ID.set(info.log_id) if info.log_id is not None else None
         try:
             payload = frame.payload
             self._call(_PROTOCOLS[frame.protocol], payload, 0, len(payload))
         finally:
             self._frame = self._info = None
             context.set_request_info(None)
-            if info.log_id is not None:
-                structlog.contextvars.unbind_contextvars("log_id")
+            if log_id_token is not None:
+                _LOG_ID.reset(log_id_token)
 
     def _call(self, proto: int, buf: Any, start: int, end: int) -> None:
         ctx = self.ctx
@@ -244,7 +283,11 @@ class Connection:
 
         info = self._info
         deadline = info.deadline if info is not None and ctx.enforce_rpc_timeout else None
-        self._invoke(method, seqid, args, begun, deadline)
+        method_token = _METHOD.set(method.name)
+        try:
+            self._invoke(method, seqid, args, begun, deadline)
+        finally:
+            _METHOD.reset(method_token)
 
     def _invoke(
         self,
@@ -372,7 +415,9 @@ class Connection:
         return frame.reply(message, str_info=headers)
 
     def _send(self, name: str, mtype: int, seqid: int, payload: Any, spec: Any) -> None:
-        self.stream.send(self._encode(name, mtype, seqid, payload, spec))
+        data = self._encode(name, mtype, seqid, payload, spec)
+        self._reply_bytes += len(data)
+        self.stream.send(data)
 
     def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> None:
         try:
@@ -391,6 +436,7 @@ class Connection:
                 f"internal error in {method.name}: result does not match the IDL",
             )
             return
+        self._reply_bytes += len(data)
         self.stream.send(data)
 
     def _send_error(self, name: str, seqid: int, kind: int, message: str) -> None:
@@ -449,11 +495,15 @@ class Connection:
             method.stats.observe(elapsed, outcome)
         if self.ctx.access_log:
             info = self._info
+            # Seconds, as the duration histogram's buckets are (Prometheus's convention): a
+            # threshold read off a dashboard filters the access log unchanged.
             self.ctx.log.info(
                 "access",
                 method=method.name,
                 peer=self.peer,
-                latency_ms=round(elapsed * 1000, 3),
+                duration_s=round(elapsed, 6),
+                request_bytes=self._request_bytes,
+                reply_bytes=self._reply_bytes,
                 outcome=outcome,
                 **({"log_id": info.log_id} if info is not None and info.log_id else {}),
             )

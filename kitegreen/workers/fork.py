@@ -37,6 +37,8 @@ from typing import Any, NoReturn
 import gevent
 from gevent import os as gevent_os
 
+from kitegreen import logs
+
 _ALL_SIGNALS = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 _LEFT_BEHIND: list[Any] = []
 """The parent's hubs and loops, referenced until the child exits (see the module docstring)."""
@@ -93,7 +95,8 @@ def start_afresh(keep_fds: Collection[int], signal_handles: Iterable[Any]) -> No
     """In a forked child: drop the parent's greenlets, watchers and descriptors.
 
     Args:
-        keep_fds: descriptors the child needs, besides standard input, output and error.
+        keep_fds: descriptors the child needs, besides standard input, output and error
+            and those of the logging handlers.
         signal_handles: the parent's gevent signal handles, to cancel.
     """
     for handle in signal_handles:
@@ -104,7 +107,7 @@ def start_afresh(keep_fds: Collection[int], signal_handles: Iterable[Any]) -> No
     hub = gevent.get_hub()
     _LEFT_BEHIND.extend((hub, hub.loop))
     hub.destroy(destroy_loop=True)
-    _close_descriptors(keep={0, 1, 2, *keep_fds})
+    _close_descriptors(keep={0, 1, 2, *keep_fds, *logs.handler_descriptors()})
     gevent.get_hub()
 
 
