@@ -18,7 +18,7 @@ from conftest import TESTS, testsvc_thrift, wait_until
 from launching import Launcher, json_lines, launcher_env
 from test_header_protocols import LOG_ID, tt_call, tt_roundtrip
 
-from kitegreen import logs
+from kitegreen.observability import logs
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -37,7 +37,7 @@ from typing import Any, NoReturn
 import gevent
 from gevent import os as gevent_os
 
-from kitegreen import logs
+from kitegreen.observability import logs
 
 _ALL_SIGNALS = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 _LEFT_BEHIND: list[Any] = []
