@@ -229,6 +229,26 @@ class TestSdist:
         assert not list(unpacked.rglob("*.so"))
         assert not list(unpacked.rglob("__pycache__"))
 
+    def test_without_a_compiler_the_build_ends_with_what_to_install(self, unpacked, tmp_path):
+        """pip prints a failed build's whole output; its last lines, above pip's own closing
+        errors, say what to install and where wheels come from."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(tmp_path),
+             str(unpacked)],
+            env=user_env(CC="/bin/false", CXX="/bin/false"),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode != 0
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-16:])
+        assert "could not compile kitegreen.codec._thrift" in tail, tail
+        assert "apt install gcc python3-dev" in tail, tail
+        assert "scripts/build-wheels" in tail, tail
+        assert not list(tmp_path.glob("*.whl"))
+
     def test_installs_and_passes_the_codec_tests(self, unpacked, tmp_path):
         python = make_venv(tmp_path / "venv")
         run(
