@@ -44,7 +44,8 @@ def user_env(**extra: str) -> dict[str, str]:
 
 
 def run(*cmd: str | Path, cwd: Path, timeout: float, env: dict[str, str] | None = None) -> str:
-    """Run ``cmd`` to completion within ``timeout``; its output, or a failure that shows it."""
+    """Run ``cmd`` to completion within ``timeout``: its standard output, or a failure that
+    shows both streams."""
     proc = subprocess.run(
         [str(part) for part in cmd],
         cwd=cwd,
@@ -57,7 +58,7 @@ def run(*cmd: str | Path, cwd: Path, timeout: float, env: dict[str, str] | None 
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{output[-6000:]}"
-    return output
+    return proc.stdout
 
 
 def make_venv(where: Path) -> Path:
