@@ -2041,9 +2041,22 @@ attribute_is_missing(PyObject *obj, PyObject *name)
 {
     if (!PyErr_ExceptionMatches(PyExc_AttributeError))
         return 0;
-    PyObject *attr = _PyType_Lookup(Py_TYPE(obj), name); /* borrowed; runs no Python code */
-    return attr == NULL || Py_TYPE(attr) == &PyMemberDescr_Type ||
-           Py_TYPE(attr)->tp_descr_get == NULL;
+    /* The lookup may compare names (a str subclass's __eq__), so not with an exception set. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+#else
+    PyObject *exc_type, *exc, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc, &exc_tb);
+#endif
+    PyObject *attr = _PyType_Lookup(Py_TYPE(obj), name); /* borrowed, used at once */
+    int missing = attr == NULL || Py_TYPE(attr) == &PyMemberDescr_Type ||
+                  Py_TYPE(attr)->tp_descr_get == NULL;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(exc_type, exc, exc_tb);
+#endif
+    return missing;
 }
 
 static int
