@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import array
 import enum
+import gc
 import sys
+import tracemalloc
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -476,3 +478,43 @@ def test_a_wrong_type_from_a_handler_is_internal_error(make_server, handler, mon
             assert info.value.type == TApplicationException.INTERNAL_ERROR
             assert "result does not match the IDL" in info.value.message
         assert client.echo("next") == "next"
+
+
+def test_no_leaks_on_the_new_paths():
+    """The refusals and copies above leave no memory behind (tracemalloc over 2000 rounds)."""
+    cls = defaults_thrift.WithDefaults
+    empty = write("binary", _strip(cls()))
+
+    def work() -> None:
+        leaves: list[Any] = []
+        leaves.extend([Hooked(leaves.clear), Leaf(s="a"), Leaf(s="b")])
+        by_name: dict[str, Any] = {}
+        by_name["a"] = Hooked(lambda: by_name.update(x=Leaf()))
+        for value, error in (
+            (All(leaves=leaves), RuntimeError),
+            (All(leaves_by_name=by_name), RuntimeError),
+            (All(flag="false"), TypeError),
+            (All(ints=bytearray(b"ab")), TypeError),
+            (All(real=True), TypeError),
+        ):
+            with pytest.raises(error):
+                write("compact", AllArgs(value=value))
+        write("binary", AllArgs(value=All(reals={1: 1}, ints=(1, 2), names={"a"})))
+        read("binary", empty, cls)
+        read_args("binary", empty, defaults_thrift.Defaults.echo_args)
+
+    for _ in range(200):
+        work()
+    tracemalloc.start()
+    try:
+        for _ in range(300):
+            work()
+        gc.collect()
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(2000):
+            work()
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert after - before < 64 * 1024, f"{after - before} bytes left behind by 2000 rounds"
