@@ -307,7 +307,24 @@ class Fuzzer:
         cut = rng.randrange(len(framed))
         if _thrift.frame_end(framed, 0, cut, MAX_SIZE) != -1:
             raise Finding("frame_end found a frame in a prefix")
+        self.check_result(protocol, cls, obj, rng)
         self.remember(protocol, data, cls)
+
+    def check_result(self, protocol: str, cls: Any, obj: Any, rng: random.Random) -> None:
+        """write_result of one field is write_message of the struct with that field alone."""
+        fid, _, name, _ = rng.choice(list(field_specs(cls)) or [(0, 0, "", None)])
+        if not name:
+            return
+        value = getattr(obj, name)
+        alone = cls()
+        for _, _, other, _ in field_specs(cls):
+            setattr(alone, other, None)
+        setattr(alone, name, value)
+        spec = _thrift.compile(cls)
+        framed = rng.random() < 0.5
+        data = _thrift.write_result(PROTOCOLS[protocol], "fuzz", CALL, 7, fid, value, spec, framed)
+        if data != kg_write(protocol, alone, framed):
+            raise Finding(f"write_result of field {fid} differs from write_message")
 
     def check_feed(self, protocol: str, data: bytes, rng: random.Random) -> None:
         """Scanning from any split points, resumed with feed, finds the same end."""
@@ -335,7 +352,7 @@ class Fuzzer:
             cls = rng.choice(self.structs)  # decoded as another struct: skipping, mismatches
         mutated = self.mutate(rng, data)
         self.note("mutated", protocol, cls.__name__, mutated.hex())
-        self.check_bytes(protocol, mutated, cls)
+        self.check_bytes(protocol, mutated, cls, rng)
 
     def mutate(self, rng: random.Random, data: bytes) -> bytes:
         buf = bytearray(data)
@@ -368,17 +385,24 @@ class Fuzzer:
                 buf[pos:pos] = bytes([rng.choice(MAGIC_BYTES)])
         return bytes(buf)
 
-    def check_bytes(self, protocol: str, data: bytes, cls: Any) -> None:
+    def check_bytes(self, protocol: str, data: bytes, cls: Any, rng: random.Random) -> None:
         try:
             back, pos = kg_read(protocol, data, cls)
         except ProtocolError:
             back = None
-        try:
-            end = kg_scan(protocol, data)
-        except ProtocolError:
-            end = -1
-        except FrameTooLarge:
-            end = -2
+        end = scan_outcome(lambda: kg_scan(protocol, data))
+        if data:
+            # Scanning resumed from a split point ends where the whole scan does, or fails too.
+            split = rng.randrange(len(data))
+
+            def resumed() -> int | None:
+                found = _thrift.scan(PROTOCOLS[protocol], data, 0, split, MAX_SIZE)
+                if isinstance(found, _thrift.Scanner):
+                    found = found.feed(data, 0, len(data))
+                return None if found == -1 else found
+
+            if scan_outcome(resumed) != end:
+                raise Finding(f"scan resumed at {split} disagrees with the whole scan ({end})")
         if back is not None:
             self.counts["mutated decoded"] = self.counts.get("mutated decoded", 0) + 1
             if end != len(data):
@@ -480,6 +504,16 @@ class Fuzzer:
                 continue
             if headers.parse_frame(reply, max_frame_size=MAX_SIZE).seqid != parsed.seqid:
                 raise Finding("a reply frame does not parse back")
+
+
+def scan_outcome(scan: Callable[[], int | None]) -> int | None:
+    """A scan's end, None for 'more bytes', -1 for ProtocolError, -2 for FrameTooLarge."""
+    try:
+        return scan()
+    except FrameTooLarge:
+        return -2
+    except ProtocolError:
+        return -1
 
 
 def _varint(value: int) -> bytes:
