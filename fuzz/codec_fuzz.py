@@ -684,6 +684,8 @@ def plant_hostile(rng: random.Random, root: Any, targets: list[tuple[Any, Any, A
     victims = [p for p, _, _ in targets if isinstance(p, (list, dict))] + [
         v for _, _, v in targets if isinstance(v, (list, dict, set))
     ]
+    if isinstance(parent, (list, dict)) and rng.random() < 0.5:
+        victims = [parent]  # the container the encoder is walking when the hook runs
     attack = make_attack(rng, victims)
     hostile = make_hostile(rng, value, attack)
     if isinstance(parent, list):
