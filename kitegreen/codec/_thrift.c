@@ -20,7 +20,11 @@
  *
  * Neither half touches a socket. Errors are kitegreen.exceptions.ProtocolError (FrameTooLarge
  * for lengths over the message size limit); encoding a value that does not match its spec
- * raises TypeError, ValueError or OverflowError naming the field.
+ * raises TypeError, ValueError or OverflowError naming the field (RuntimeError for a container
+ * that the encoding of its own elements changed).
+ *
+ * Encoding runs Python code: a struct's properties, a subclass's __iter__ or __buffer__. No
+ * borrowed reference is held across such a call; containers are held, or copied, first.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -114,13 +118,14 @@ typedef struct TypeInfo {
     int ttype;
     struct TypeInfo *a; /* list/set element, map key */
     struct TypeInfo *b; /* map value */
-    PyObject *spec;     /* StructSpec of a struct (borrowed: the cache owns every spec) */
+    PyObject *spec;     /* StructSpec of a struct (owned: never freed while a field uses it) */
 } TypeInfo;
 
 typedef struct {
     int fid;
     PyObject *name;    /* interned */
     PyObject *dflt;    /* the default thriftpy2's __init__ gives it (with `fast_new`) */
+    int copy_dflt;     /* dflt is mutable (a list, set, dict, struct): each decode copies it */
     TypeInfo type;
 } FieldInfo;
 
@@ -147,20 +152,35 @@ free_typeinfo(TypeInfo *t)
         return;
     free_typeinfo(t->a);
     free_typeinfo(t->b);
+    Py_XDECREF(t->spec);
     PyMem_Free(t);
 }
 
+/* Back to no fields: before a dealloc, or before a spec that failed to compile is tried again. */
 static void
-StructSpec_dealloc(StructSpec *self)
+clear_fields(StructSpec *self)
 {
     for (Py_ssize_t i = 0; i < self->nfields; i++) {
         Py_XDECREF(self->fields[i].name);
         Py_XDECREF(self->fields[i].dflt);
         free_typeinfo(self->fields[i].type.a);
         free_typeinfo(self->fields[i].type.b);
+        Py_XDECREF(self->fields[i].type.spec);
     }
     PyMem_Free(self->fields);
     PyMem_Free(self->index);
+    self->nfields = 0;
+    self->fields = NULL;
+    self->min_fid = 0;
+    self->span = 0;
+    self->index = NULL;
+    self->fast_new = 0;
+}
+
+static void
+StructSpec_dealloc(StructSpec *self)
+{
+    clear_fields(self);
     Py_XDECREF(self->cls);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -229,8 +249,7 @@ parse_typed(long ttype, PyObject *sub, TypeInfo *out, PyObject *cls, PyObject *n
         PyObject *spec = compile_spec(sub);
         if (spec == NULL)
             return -1;
-        out->spec = spec; /* borrowed: spec_cache keeps every spec alive */
-        Py_DECREF(spec);
+        out->spec = spec; /* owned, so that no spec a field names is ever freed under it */
         return 0;
     }
     default:
@@ -262,6 +281,16 @@ parse_type(PyObject *arg, TypeInfo *out, PyObject *cls, PyObject *name)
     return parse_typed(ttype, sub, out, cls, name);
 }
 
+/* Values a decode may hand to every message that lacks the field: those nobody can change. A
+ * list, set, dict or struct default is copied per decode instead (deepcopy, field_default), so
+ * that a handler that appends to one does not change what later requests receive. */
+static int
+is_immutable(PyObject *v)
+{
+    return v == Py_None || PyBool_Check(v) || PyLong_Check(v) || PyFloat_CheckExact(v) ||
+           PyUnicode_CheckExact(v) || PyBytes_CheckExact(v);
+}
+
 /* thriftpy2's generated __init__ only assigns each field its default from default_spec, in
  * thrift_spec order. When default_spec is exactly that, the decoder builds instances itself: it
  * decodes the fields first, then creates the object and sets every attribute once (the decoded
@@ -277,14 +306,16 @@ compile_defaults(StructSpec *self)
         PyErr_Clear();
         return 0;
     }
-    PyObject *seq = PySequence_Fast(spec, "default_spec must be a sequence");
+    /* A tuple of our own: the comparisons below may run Python code (a str subclass's __eq__)
+     * that changes default_spec, whose items would then be freed under us. */
+    PyObject *seq = PySequence_Tuple(spec);
     Py_DECREF(spec);
     if (seq == NULL)
         return -1;
-    int same = PySequence_Fast_GET_SIZE(seq) == self->nfields &&
+    int same = PyTuple_GET_SIZE(seq) == self->nfields &&
                ((PyTypeObject *)self->cls)->tp_new != NULL;
     for (Py_ssize_t i = 0; same && i < self->nfields; i++) {
-        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *pair = PyTuple_GET_ITEM(seq, i);
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
             same = 0;
             break;
@@ -296,63 +327,84 @@ compile_defaults(StructSpec *self)
         }
         same = eq;
     }
-    for (Py_ssize_t i = 0; same && i < self->nfields; i++)
-        self->fields[i].dflt = Py_NewRef(PyTuple_GET_ITEM(PySequence_Fast_GET_ITEM(seq, i), 1));
+    for (Py_ssize_t i = 0; same && i < self->nfields; i++) {
+        PyObject *dflt = PyTuple_GET_ITEM(PyTuple_GET_ITEM(seq, i), 1);
+        self->fields[i].dflt = Py_NewRef(dflt);
+        self->fields[i].copy_dflt = !is_immutable(dflt);
+    }
     self->fast_new = same;
     Py_DECREF(seq);
     return 0;
 }
 
 /* Compile cls.thrift_spec, or return the spec compiled before. The spec enters the cache before
- * its fields are compiled, so a struct that contains itself (a tree node) finds it there. */
+ * its fields are compiled, so a struct that contains itself (a tree node) finds it there.
+ *
+ * A spec that failed (a struct class whose thrift_spec was not filled in yet) stays in the cache,
+ * since other specs may hold it, and refuses every use; the next compile of its class tries again
+ * in place, so those other specs work too once it succeeds. Nothing can be reading its fields
+ * then: every reader checks for SPEC_READY first, and a ready spec never changes. */
 static PyObject *
 compile_spec(PyObject *cls)
 {
+    StructSpec *self;
     PyObject *cached = PyDict_GetItemWithError(spec_cache, cls);
-    if (cached != NULL) {
+    if (cached != NULL && ((StructSpec *)cached)->state != SPEC_BROKEN) {
         /* SPEC_COMPILING is a struct that contains itself: its fields follow. */
-        if (((StructSpec *)cached)->state == SPEC_BROKEN) {
-            PyErr_Format(PyExc_TypeError, "%R has a spec kitegreen cannot compile", cls);
-            return NULL;
-        }
         return Py_NewRef(cached);
     }
-    if (PyErr_Occurred())
+    if (cached == NULL && PyErr_Occurred())
         return NULL;
+    if (cached != NULL)
+        Py_INCREF(cached);
     PyObject *tspec = PyObject_GetAttrString(cls, "thrift_spec");
-    if (tspec == NULL)
-        return NULL;
-    if (!PyDict_Check(tspec)) {
+    if (tspec != NULL && !PyDict_Check(tspec)) {
         PyErr_Format(PyExc_TypeError, "%R.thrift_spec must be a dict, got %R", cls, tspec);
-        Py_DECREF(tspec);
+        Py_CLEAR(tspec);
+    }
+    /* The fields are compiled from a list of (id, spec) pairs of our own: compiling a field runs
+     * Python code (another class's thrift_spec may be a property) that may change the dict. */
+    PyObject *items = tspec != NULL ? PyDict_Items(tspec) : NULL;
+    Py_XDECREF(tspec);
+    if (items == NULL) {
+        Py_XDECREF(cached);
         return NULL;
     }
-    StructSpec *self = PyObject_New(StructSpec, &StructSpecType);
-    if (self == NULL) {
-        Py_DECREF(tspec);
-        return NULL;
+    if (cached != NULL) {
+        self = (StructSpec *)cached;
+        if (self->state != SPEC_BROKEN) {
+            /* Compiled again by the Python code above. */
+            Py_DECREF(items);
+            return cached;
+        }
+        clear_fields(self);
+        self->state = SPEC_COMPILING;
+    } else {
+        self = PyObject_New(StructSpec, &StructSpecType);
+        if (self == NULL) {
+            Py_DECREF(items);
+            return NULL;
+        }
+        self->cls = Py_NewRef(cls);
+        self->state = SPEC_COMPILING;
+        self->nfields = 0;
+        self->fields = NULL;
+        self->index = NULL;
+        clear_fields(self);
+        if (PyDict_SetItem(spec_cache, cls, (PyObject *)self) < 0)
+            goto fail;
     }
-    self->cls = Py_NewRef(cls);
-    self->state = SPEC_COMPILING;
-    self->nfields = 0;
-    self->fields = NULL;
-    self->min_fid = 0;
-    self->span = 0;
-    self->index = NULL;
-    self->fast_new = 0;
-    if (PyDict_SetItem(spec_cache, cls, (PyObject *)self) < 0)
-        goto fail;
 
-    Py_ssize_t n = PyDict_GET_SIZE(tspec);
+    Py_ssize_t n = PyList_GET_SIZE(items);
     self->fields = PyMem_Calloc(n ? n : 1, sizeof(FieldInfo));
     if (self->fields == NULL) {
         PyErr_NoMemory();
         goto fail;
     }
-    Py_ssize_t pos = 0;
-    PyObject *key, *value;
     int min_fid = 0, max_fid = 0;
-    while (PyDict_Next(tspec, &pos, &key, &value)) {
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *key = PyTuple_GET_ITEM(PyList_GET_ITEM(items, k), 0);
+        PyObject *value = PyTuple_GET_ITEM(PyList_GET_ITEM(items, k), 1);
         long fid = PyLong_Check(key) ? PyLong_AsLong(key) : -100000;
         if (fid < INT16_MIN || fid > INT16_MAX) {
             if (!PyErr_Occurred())
@@ -397,14 +449,14 @@ compile_spec(PyObject *cls)
     }
     if (compile_defaults(self) < 0)
         goto fail;
-    Py_DECREF(tspec);
+    Py_DECREF(items);
     self->state = SPEC_READY;
     return (PyObject *)self;
 
 fail:
     /* The broken spec stays cached (other specs may point at it) and refuses every use. */
     self->state = SPEC_BROKEN;
-    Py_DECREF(tspec);
+    Py_DECREF(items);
     Py_DECREF(self);
     return NULL;
 }
@@ -923,6 +975,19 @@ dec_fields(Reader *r, const StructSpec *spec, PyObject **vals, PyObject *obj)
 }
 
 static PyObject *empty_tuple;
+static PyObject *deepcopy; /* copy.deepcopy */
+
+/* A new reference to the value a field absent from the message gets: its default, or a copy of
+ * it when it is mutable, so that no two messages share one list. */
+static PyObject *
+field_default(const FieldInfo *f)
+{
+    if (f->dflt == NULL)
+        return Py_NewRef(Py_None);
+    if (!f->copy_dflt)
+        return Py_NewRef(f->dflt);
+    return PyObject_CallOneArg(deepcopy, f->dflt);
+}
 
 #define STACK_FIELDS 32
 
@@ -948,8 +1013,10 @@ dec_struct(Reader *r, const StructSpec *spec)
         obj = type->tp_new(type, empty_tuple, NULL);
         for (Py_ssize_t i = 0; obj != NULL && i < n; i++) {
             const FieldInfo *f = &spec->fields[i];
-            if (PyObject_SetAttr(obj, f->name, vals[i] ? vals[i] : f->dflt) < 0)
+            PyObject *v = vals[i] ? Py_NewRef(vals[i]) : field_default(f);
+            if (v == NULL || PyObject_SetAttr(obj, f->name, v) < 0)
                 Py_CLEAR(obj);
+            Py_XDECREF(v);
         }
     }
     for (Py_ssize_t i = 0; i < n; i++)
@@ -1499,9 +1566,13 @@ dec_args(Reader *r, const StructSpec *spec)
     PyObject *tuple = NULL;
     if (dec_fields(r, spec, vals, NULL) == 0 && (tuple = PyTuple_New(n)) != NULL) {
         for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *dflt = spec->fields[i].dflt;
-            PyTuple_SET_ITEM(tuple, i, vals[i] ? vals[i] : Py_NewRef(dflt ? dflt : Py_None));
+            PyObject *v = vals[i] ? vals[i] : field_default(&spec->fields[i]);
             vals[i] = NULL;
+            if (v == NULL) {
+                Py_CLEAR(tuple);
+                break;
+            }
+            PyTuple_SET_ITEM(tuple, i, v);
         }
     }
     for (Py_ssize_t i = 0; i < n; i++)
@@ -1683,10 +1754,22 @@ wire_of(int t)
 
 static int enc_value(Writer *w, const TypeInfo *ti, PyObject *v, PyObject *field);
 
+/* What each Thrift type takes, checked by Python type before any value is read, so that no
+ * conversion hook (__bool__, __index__, __float__) of a handler's object runs, and a value of
+ * the wrong type is an error rather than whatever it converts to:
+ *   bool                 bool only (not 0/1, not "false", not any object with a truth value);
+ *   byte, i16, i32, i64  int and its subclasses (IntEnum), but not bool: True is a bug there;
+ *   double               float, and int (not bool), as thriftpy2 and Apache Thrift take it;
+ *   string, binary       str (written as UTF-8), bytes, bytearray, memoryview;
+ *   list, set            list, tuple, set, frozenset (not a str, bytes, dict or generator);
+ *   map                  dict, or a mapping with items() (MappingProxyType);
+ *   struct               an instance of the struct's class.
+ * Subclasses count as their base type. thriftpy2 is looser (any truth value for bool, True for
+ * an i32 or a double, any iterable for a list); a handler that relied on that gets an error. */
 static int
 enc_int(Writer *w, int ttype, PyObject *v, PyObject *field)
 {
-    if (!PyLong_Check(v)) {
+    if (!PyLong_Check(v) || PyBool_Check(v)) {
         PyErr_Format(PyExc_TypeError, "%U: expected an int for %s, got %s", field,
                      type_name(ttype), Py_TYPE(v)->tp_name);
         return -1;
@@ -1733,7 +1816,9 @@ enc_string(Writer *w, PyObject *v, PyObject *field)
             return -1;
         return w_raw(w, PyBytes_AS_STRING(v), n);
     }
-    if (PyObject_CheckBuffer(v)) {
+    if (PyByteArray_Check(v) || PyMemoryView_Check(v)) {
+        /* A subclass may define __buffer__ (3.12): Python code that may change anything but
+         * the view it returns, which we hold until its bytes are copied. */
         Py_buffer view;
         if (PyObject_GetBuffer(v, &view, PyBUF_SIMPLE) < 0)
             return -1;
@@ -1749,6 +1834,18 @@ enc_string(Writer *w, PyObject *v, PyObject *field)
     return -1;
 too_long:
     PyErr_Format(PyExc_OverflowError, "%U: a string of over 2**31-1 bytes", field);
+    return -1;
+}
+
+/* A bool's value: 1 or 0, or -1 with an error for anything but a bool (see enc_int). */
+static int
+bool_value(PyObject *v, PyObject *field)
+{
+    if (v == Py_True)
+        return 1;
+    if (v == Py_False)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%U: expected a bool, got %s", field, Py_TYPE(v)->tp_name);
     return -1;
 }
 
@@ -1768,14 +1865,30 @@ enc_list_header(Writer *w, int etype, Py_ssize_t n)
     return w_varint(w, (uint64_t)n);
 }
 
+/* The element `i` of a list that held `n` when its header was written, as a new reference:
+ * encoding an element may run Python code (a property of a struct, a set subclass's __iter__,
+ * a __buffer__) that changes the list, which would free the elements under a borrowed pointer.
+ * A list that changed size is an error, as it is for Python's own iteration. */
+static PyObject *
+list_item(PyObject *list, Py_ssize_t i, Py_ssize_t n, PyObject *field)
+{
+    if (PyList_GET_SIZE(list) != n) {
+        PyErr_Format(PyExc_RuntimeError, "%U: the list changed size while it was encoded",
+                     field);
+        return NULL;
+    }
+    return Py_NewRef(PyList_GET_ITEM(list, i));
+}
+
 static int
 enc_list(Writer *w, const TypeInfo *ti, PyObject *v, PyObject *field)
 {
-    if (PyUnicode_Check(v) || PyBytes_Check(v) || PyDict_Check(v)) {
+    if (!PyList_Check(v) && !PyTuple_Check(v) && !PyAnySet_Check(v)) {
         PyErr_Format(PyExc_TypeError, "%U: expected a list, set or tuple for %s, got %s", field,
                      type_name(ti->ttype), Py_TYPE(v)->tp_name);
         return -1;
     }
+    /* A list or tuple itself; a set as a new list that only we hold. */
     PyObject *seq = PySequence_Fast(v, "expected a list, set or tuple");
     if (seq == NULL)
         return -1;
@@ -1787,10 +1900,22 @@ enc_list(Writer *w, const TypeInfo *ti, PyObject *v, PyObject *field)
     }
     if (enc_list_header(w, ti->a->ttype, n) < 0)
         goto done;
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (enc_value(w, ti->a, items[i], field) < 0)
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* A list may change under us (see list_item); a tuple cannot. */
+        PyObject *item = PyTuple_Check(seq) ? Py_NewRef(PyTuple_GET_ITEM(seq, i))
+                                            : list_item(seq, i, n, field);
+        if (item == NULL)
             goto done;
+        int bad_item = enc_value(w, ti->a, item, field) < 0;
+        Py_DECREF(item);
+        if (bad_item)
+            goto done;
+    }
+    if (!PyTuple_Check(seq) && PyList_GET_SIZE(seq) != n) {
+        PyErr_Format(PyExc_RuntimeError, "%U: the list changed size while it was encoded",
+                     field);
+        goto done;
+    }
     rc = 0;
 done:
     Py_DECREF(seq);
@@ -1805,14 +1930,21 @@ enc_map(Writer *w, const TypeInfo *ti, PyObject *v, PyObject *field)
     if (PyDict_Check(v)) {
         n = PyDict_GET_SIZE(v);
     } else {
-        items = PyMapping_Check(v) ? PyMapping_Items(v) : NULL;
+        /* A tuple of our own: items() may return a list its mapping keeps and changes. */
+        PyObject *listed = PyMapping_Check(v) && !PyList_Check(v) && !PyTuple_Check(v) &&
+                                   !PyUnicode_Check(v) && !PyBytes_Check(v) &&
+                                   !PyByteArray_Check(v) && !PyMemoryView_Check(v)
+                               ? PyMapping_Items(v)
+                               : NULL;
+        items = listed != NULL ? PySequence_Tuple(listed) : NULL;
+        Py_XDECREF(listed);
         if (items == NULL) {
             PyErr_Clear();
             PyErr_Format(PyExc_TypeError, "%U: expected a dict for map, got %s", field,
                          Py_TYPE(v)->tp_name);
             return -1;
         }
-        n = PyList_GET_SIZE(items);
+        n = PyTuple_GET_SIZE(items);
     }
     int rc = -1;
     if (n > INT32_MAX) {
@@ -1834,9 +1966,9 @@ enc_map(Writer *w, const TypeInfo *ti, PyObject *v, PyObject *field)
         Py_ssize_t pos = 0;
         PyObject *key, *value;
         Py_ssize_t seen = 0;
-        /* The keys and values are borrowed: encoding them calls no Python code that could
-         * change the dict, except __index__/__float__ hooks of user types, which the size
-         * check below catches. */
+        /* Encoding a key or value may run Python code (a struct's property, a __buffer__)
+         * that changes the dict: each pair is held while it is encoded, and a size change is
+         * an error, as it is for Python's own iteration. PyDict_Next itself stays in bounds. */
         while (PyDict_Next(v, &pos, &key, &value)) {
             Py_INCREF(key);
             Py_INCREF(value);
@@ -1847,14 +1979,16 @@ enc_map(Writer *w, const TypeInfo *ti, PyObject *v, PyObject *field)
             if (bad_kv)
                 goto done;
             seen++;
+            if (PyDict_GET_SIZE(v) != n)
+                break;
         }
-        if (seen != n) {
+        if (seen != n || PyDict_GET_SIZE(v) != n) {
             PyErr_Format(PyExc_RuntimeError, "%U: the dict changed size while encoded", field);
             goto done;
         }
     } else {
         for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *pair = PyList_GET_ITEM(items, i);
+            PyObject *pair = PyTuple_GET_ITEM(items, i);
             if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
                 PyErr_Format(PyExc_TypeError, "%U: items() must give pairs", field);
                 goto done;
@@ -1882,7 +2016,7 @@ enc_field(Writer *w, const FieldInfo *f, PyObject *v, int *last_fid)
     }
     int ct = t_to_ct(t);
     if (t == T_BOOL) {
-        int truth = PyObject_IsTrue(v);
+        int truth = bool_value(v, f->name);
         if (truth < 0)
             return -1;
         ct = truth ? 1 : 2;
@@ -1895,6 +2029,34 @@ enc_field(Writer *w, const FieldInfo *f, PyObject *v, int *last_fid)
     if (rc < 0 || t == T_BOOL) /* a compact bool field's value is in its header */
         return rc;
     return enc_value(w, &f->type, v, f->name);
+}
+
+/* After getattr failed: 1 when the attribute is missing, which leaves its field unset as
+ * thriftpy2 does (an attribute deleted from the instance, a slot never assigned, a __getattr__
+ * that knows no such name); 0 when it is an error to pass on: anything but an AttributeError,
+ * or an AttributeError raised by a property or another descriptor of the class, which is the
+ * handler's bug and not an unset field. */
+static int
+attribute_is_missing(PyObject *obj, PyObject *name)
+{
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+        return 0;
+    /* The lookup may compare names (a str subclass's __eq__), so not with an exception set. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+#else
+    PyObject *exc_type, *exc, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc, &exc_tb);
+#endif
+    PyObject *attr = _PyType_Lookup(Py_TYPE(obj), name); /* borrowed, used at once */
+    int missing = attr == NULL || Py_TYPE(attr) == &PyMemberDescr_Type ||
+                  Py_TYPE(attr)->tp_descr_get == NULL;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(exc_type, exc, exc_tb);
+#endif
+    return missing;
 }
 
 static int
@@ -1922,7 +2084,7 @@ enc_struct(Writer *w, const StructSpec *spec, PyObject *obj, PyObject *field)
         const FieldInfo *f = &spec->fields[i];
         PyObject *v = PyObject_GetAttr(obj, f->name);
         if (v == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            if (!attribute_is_missing(obj, f->name))
                 return -1;
             PyErr_Clear();
             continue;
@@ -1941,7 +2103,7 @@ enc_value(Writer *w, const TypeInfo *ti, PyObject *v, PyObject *field)
 {
     switch (ti->ttype) {
     case T_BOOL: {
-        int truth = PyObject_IsTrue(v);
+        int truth = bool_value(v, field);
         if (truth < 0)
             return -1;
         return w_byte(w, w->proto == PROTO_COMPACT ? (truth ? 1 : 2) : truth);
@@ -1949,12 +2111,13 @@ enc_value(Writer *w, const TypeInfo *ti, PyObject *v, PyObject *field)
     case T_BYTE: case T_I16: case T_I32: case T_I64:
         return enc_int(w, ti->ttype, v, field);
     case T_DOUBLE: {
-        if (!PyFloat_Check(v) && !PyLong_Check(v)) {
+        if (!PyFloat_Check(v) && (!PyLong_Check(v) || PyBool_Check(v))) {
             PyErr_Format(PyExc_TypeError, "%U: expected a float for double, got %s", field,
                          Py_TYPE(v)->tp_name);
             return -1;
         }
-        double d = PyFloat_AsDouble(v);
+        /* Read without the type's __float__, which an int subclass may define. */
+        double d = PyFloat_Check(v) ? PyFloat_AS_DOUBLE(v) : PyLong_AsDouble(v);
         if (d == -1.0 && PyErr_Occurred())
             return -1;
         uint64_t bits;
@@ -2020,6 +2183,10 @@ begin_message(Writer *w, int proto, PyObject *const *args, int framed)
     const char *name = PyUnicode_AsUTF8AndSize(args[0], &name_len);
     if (name == NULL)
         return -1;
+    if (name_len > INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "a message name of over 2**31-1 bytes");
+        return -1;
+    }
     if (framed)
         w->len = 4; /* the frame length, filled in by end_message */
     if (proto == PROTO_BINARY)
@@ -2036,6 +2203,12 @@ static PyObject *
 end_message(Writer *w, int framed, int rc)
 {
     PyObject *out = NULL;
+    if (rc == 0 && framed && w->len - 4 > INT32_MAX) {
+        /* The frame length is an i32: a longer reply has no frame a peer could read. */
+        PyErr_Format(PyExc_OverflowError, "a framed message of %zd bytes, over 2**31-1",
+                     w->len - 4);
+        rc = -1;
+    }
     if (rc == 0) {
         if (framed) {
             uint32_t n = (uint32_t)(w->len - 4);
@@ -2094,6 +2267,11 @@ mod_write_result(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     long fid = PyLong_AsLong(args[4]);
     if (fid == -1 && PyErr_Occurred())
         return NULL;
+    if (fid < INT16_MIN || fid > INT16_MAX) {
+        /* Not cast to an int: 2**32 would become field 0, the success field. */
+        PyErr_Format(PyExc_OverflowError, "field id %ld is not an i16", fid);
+        return NULL;
+    }
     PyObject *value = args[5];
     const FieldInfo *f = NULL;
     if (value != Py_None && (f = find_field(spec, (int)fid)) == NULL) {
@@ -2170,6 +2348,13 @@ PyInit__thrift(void)
     FrameTooLarge = PyObject_GetAttrString(errors, "FrameTooLarge");
     Py_DECREF(errors);
     if (ProtocolError == NULL || FrameTooLarge == NULL)
+        return NULL;
+    PyObject *copy = PyImport_ImportModule("copy");
+    if (copy == NULL)
+        return NULL;
+    deepcopy = PyObject_GetAttrString(copy, "deepcopy");
+    Py_DECREF(copy);
+    if (deepcopy == NULL)
         return NULL;
     spec_cache = PyDict_New();
     empty_tuple = PyTuple_New(0);
