@@ -37,6 +37,7 @@ from kitegreen.reporter import (
     ReportGate,
 )
 from kitegreen.rpc import metadata
+from kitegreen.rpc.budget import MemoryBudget
 from kitegreen.rpc.loop import Connection, ServeContext
 from kitegreen.rpc.methods import build_methods
 from kitegreen.rpc.panics import PanicLog
@@ -129,6 +130,7 @@ class RpcServer:
             trusted_proxies=metadata.networks(config.trusted_proxies),
             mesh_mode=config.service_mesh_mode,
             enforce_rpc_timeout=config.enforce_rpc_timeout,
+            memory=MemoryBudget(config.max_message_memory, config.max_inflight_memory),
         )
         self._pool = Pool()
         self._acceptor: Acceptor | None = None

@@ -57,6 +57,7 @@ static const int8_t CT_TO_T[16] = {
 
 static PyObject *ProtocolError;
 static PyObject *FrameTooLarge;
+static PyObject *MemoryBudgetExceeded;
 static PyObject *spec_cache; /* {thriftpy2 class: StructSpec} */
 
 static int
@@ -422,6 +423,10 @@ typedef struct {
     int streaming;             /* the message may continue past `end` (the Scanner) */
     int shortage;              /* streaming: a read stopped at `end`, not at an error */
     int bool_value;            /* compact: the value a bool field carries in its header */
+    Py_ssize_t budget;         /* decoding: what the objects built may cost, estimated (below) */
+    Py_ssize_t spent;          /* decoding: what they cost so far */
+    Py_ssize_t slice;          /* objects decoded between two releases of the GIL; 0: none */
+    Py_ssize_t until_release;  /* objects left until the next release */
 } Reader;
 
 /* A reader over a complete message of `size` bytes at `data`. */
@@ -434,6 +439,7 @@ init_reader(Reader *r, int proto, const unsigned char *data, Py_ssize_t size)
     r->limit = size;
     r->proto = proto;
     r->depth = MAX_DEPTH;
+    r->budget = PY_SSIZE_T_MAX;
 }
 
 #define LEFT(r) ((Py_ssize_t)((r)->end - (r)->p))
@@ -879,6 +885,60 @@ decode_text(const unsigned char *s, Py_ssize_t n)
 
 static PyObject *dec_value(Reader *r, const TypeInfo *ti);
 
+/* The memory budget. One wire byte can become one Python object (an empty struct in a list:
+ * 1 byte, ~80 bytes of memory), so a message's size says little about what decoding it costs.
+ * Each object is charged before it is built, at what CPython 3.11-3.13 allocates for it on
+ * 64-bit (measured with tracemalloc, rounded up), and the decode stops with
+ * MemoryBudgetExceeded as soon as the total passes the budget. */
+#define COST_STRUCT 80        /* an instance with inline values: header, managed dict slots */
+#define COST_FIELD 16         /* per field of a struct, each set on every instance */
+#define COST_LIST 56          /* a list (GC header included); + COST_SLOT per item */
+#define COST_SLOT 8
+#define COST_DICT 232         /* a dict with its first keys table */
+#define COST_DICT_ENTRY 72    /* per entry: index, entry, growth slack and the resize's copy */
+#define COST_INT 32           /* an int outside CPython's small-int cache, up to 2**60 */
+#define COST_BIG_INT 40
+#define COST_FLOAT 24
+#define COST_STR 56           /* + 1 per byte; wider kinds are charged once built */
+#define COST_BYTES 40         /* + 1 per byte */
+#define COST_TUPLE 40         /* + COST_SLOT per item */
+
+static int
+over_budget(Reader *r)
+{
+    PyErr_Format(MemoryBudgetExceeded,
+                 "decoding would take more than %zd bytes of memory (passed at offset %zd)",
+                 r->budget, (Py_ssize_t)(r->p - r->base));
+    return -1;
+}
+
+/* Charge one object of `cost` bytes about to be built. Every `slice` objects, let go of the
+ * GIL for a moment: a decode in a worker thread lets the hub's thread run between objects.
+ * Nothing here touches a Python object while the GIL is released, and everything the decoder
+ * holds across it is an owned reference or the caller's buffer export. */
+static inline int
+charge(Reader *r, Py_ssize_t cost)
+{
+    if (cost > r->budget - r->spent)
+        return over_budget(r);
+    r->spent += cost;
+    if (r->slice && --r->until_release <= 0) {
+        r->until_release = r->slice;
+        Py_BEGIN_ALLOW_THREADS
+        Py_END_ALLOW_THREADS
+    }
+    return 0;
+}
+
+/* A decoded int: the small-int cache's values cost nothing. */
+static inline Py_ssize_t
+int_cost(int64_t i)
+{
+    if (i >= -5 && i <= 256)
+        return 0;
+    return i > -((int64_t)1 << 60) && i < ((int64_t)1 << 60) ? COST_INT : COST_BIG_INT;
+}
+
 /* Decode a struct's fields; each decoded value goes to vals[field index] (a later duplicate
  * replaces an earlier one), or straight onto obj when obj is given. */
 static int
@@ -929,6 +989,8 @@ static PyObject *empty_tuple;
 static PyObject *
 dec_struct(Reader *r, const StructSpec *spec)
 {
+    if (charge(r, COST_STRUCT + COST_FIELD * spec->nfields) < 0)
+        return NULL;
     if (!spec->fast_new) {
         PyObject *obj = PyObject_CallNoArgs(spec->cls);
         if (obj != NULL && dec_fields(r, spec, NULL, obj) < 0)
@@ -974,6 +1036,8 @@ dec_list(Reader *r, const TypeInfo *ti)
         r->depth++;
         return PyList_New(0);
     }
+    if (charge(r, COST_LIST + COST_SLOT * n) < 0)
+        return NULL;
     PyObject *list = PyList_New(n); /* n fits the bytes left: check_count */
     if (list == NULL)
         return NULL;
@@ -1003,6 +1067,8 @@ dec_map(Reader *r, const TypeInfo *ti)
         r->depth++;
         return PyDict_New();
     }
+    if (charge(r, COST_DICT + COST_DICT_ENTRY * n) < 0)
+        return NULL;
     PyObject *dict = PyDict_New();
     if (dict == NULL)
         return NULL;
@@ -1034,6 +1100,19 @@ fail:
     return NULL;
 }
 
+/* A string field: text (bytes if not UTF-8), charged again for a kind wider than a byte. */
+static PyObject *
+dec_text(Reader *r, const unsigned char *s, Py_ssize_t n)
+{
+    PyObject *text = decode_text(s, n);
+    if (text != NULL && PyUnicode_Check(text)) {
+        Py_ssize_t wide = PyUnicode_GET_LENGTH(text) * PyUnicode_KIND(text);
+        if (wide > n && charge(r, wide - n) < 0)
+            Py_CLEAR(text);
+    }
+    return text;
+}
+
 static PyObject *
 dec_value(Reader *r, const TypeInfo *ti)
 {
@@ -1048,23 +1127,23 @@ dec_value(Reader *r, const TypeInfo *ti)
             return NULL;
         return Py_NewRef(b ? Py_True : Py_False);
     case T_BYTE:
-        if (rd_byte(r, &b) < 0)
+        if (rd_byte(r, &b) < 0 || charge(r, int_cost((signed char)b)) < 0)
             return NULL;
         return PyLong_FromLong((signed char)b);
     case T_I16: case T_I32: case T_I64:
-        if (rd_int(r, ti->ttype, &i) < 0)
+        if (rd_int(r, ti->ttype, &i) < 0 || charge(r, int_cost(i)) < 0)
             return NULL;
         return PyLong_FromLongLong(i);
     case T_DOUBLE:
-        if (rd_double(r, &d) < 0)
+        if (rd_double(r, &d) < 0 || charge(r, COST_FLOAT) < 0)
             return NULL;
         return PyFloat_FromDouble(d);
     case T_STRING:
-        if (rd_string_span(r, &s, &n) < 0)
+        if (rd_string_span(r, &s, &n) < 0 || charge(r, COST_STR + n) < 0)
             return NULL;
-        return decode_text(s, n);
+        return dec_text(r, s, n);
     case T_BINARY:
-        if (rd_string_span(r, &s, &n) < 0)
+        if (rd_string_span(r, &s, &n) < 0 || charge(r, COST_BYTES + n) < 0)
             return NULL;
         return PyBytes_FromStringAndSize((const char *)s, n);
     case T_LIST: case T_SET:
@@ -1490,6 +1569,8 @@ static PyObject *
 dec_args(Reader *r, const StructSpec *spec)
 {
     Py_ssize_t n = spec->nfields;
+    if (charge(r, COST_TUPLE + COST_SLOT * n) < 0)
+        return NULL;
     PyObject *stack[STACK_FIELDS];
     PyObject **vals = n <= STACK_FIELDS ? stack : PyMem_Calloc(n, sizeof(PyObject *));
     if (vals == NULL)
@@ -1511,16 +1592,33 @@ dec_args(Reader *r, const StructSpec *spec)
     return tuple;
 }
 
-/* read_struct / read_args: decode the struct that fills buf[start:end] exactly. */
+/* read_struct / read_args / read_args_within: decode the struct that fills buf[start:end]
+ * exactly; the last takes two more arguments, the memory budget and the slice (objects
+ * between two releases of the GIL, 0 for none), and sets *cost to the estimate spent. */
 static PyObject *
-read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tuple)
+read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tuple,
+           Py_ssize_t *cost)
 {
     Bytes b;
-    Py_ssize_t start, end;
+    Py_ssize_t start, end, budget = PY_SSIZE_T_MAX, slice = 0;
     int proto;
     const StructSpec *spec;
-    if (check_nargs(fname, nargs, 5) < 0 || get_proto(args[0], &proto) < 0 ||
-        get_spec(args[4], &spec) < 0 || get_bytes(args[1], &b) < 0)
+    if (check_nargs(fname, nargs, cost ? 7 : 5) < 0 || get_proto(args[0], &proto) < 0 ||
+        get_spec(args[4], &spec) < 0)
+        return NULL;
+    if (cost != NULL) {
+        budget = PyLong_AsSsize_t(args[5]);
+        if (budget == -1 && PyErr_Occurred())
+            return NULL;
+        slice = PyLong_AsSsize_t(args[6]);
+        if (slice == -1 && PyErr_Occurred())
+            return NULL;
+        if (budget < 0 || slice < 0) {
+            PyErr_SetString(PyExc_ValueError, "budget and slice must be >= 0");
+            return NULL;
+        }
+    }
+    if (get_bytes(args[1], &b) < 0)
         return NULL;
     if (get_span(args[2], args[3], b.len, &start, &end) < 0) {
         release_bytes(&b);
@@ -1528,9 +1626,14 @@ read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tu
     }
     Reader r;
     init_reader(&r, proto, b.data + start, end - start);
+    r.budget = budget;
+    r.slice = r.until_release = slice;
     /* A large message is mostly new containers; the cyclic GC would traverse them over and
      * over while they are built (three quarters of the decode time of 16 MiB of small structs)
-     * though decoding never makes a cycle. Collections wait until the decode is done. */
+     * though decoding never makes a cycle. Collections wait until the decode is done.
+     * In a worker thread (a sliced decode) this is still sound: the switch is process-wide
+     * and only delays collections; when two decodes overlap, the first to end turns it back
+     * on and the other goes on with collections, as slow as before but as correct. */
     int gc_was_on = end - start > LARGE_MESSAGE ? PyGC_Disable() : 0;
     PyObject *obj = as_tuple ? dec_args(&r, spec) : dec_struct(&r, spec);
     if (gc_was_on)
@@ -1540,6 +1643,8 @@ read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tu
         Py_CLEAR(obj);
     }
     release_bytes(&b);
+    if (cost != NULL)
+        *cost = r.spent;
     return obj;
 }
 
@@ -1547,14 +1652,23 @@ static PyObject *
 mod_read_struct(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
-    return read_whole("read_struct", args, nargs, 0);
+    return read_whole("read_struct", args, nargs, 0, NULL);
 }
 
 static PyObject *
 mod_read_args(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
-    return read_whole("read_args", args, nargs, 1);
+    return read_whole("read_args", args, nargs, 1, NULL);
+}
+
+static PyObject *
+mod_read_args_within(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    Py_ssize_t cost = 0;
+    PyObject *tuple = read_whole("read_args_within", args, nargs, 1, &cost);
+    return tuple == NULL ? NULL : Py_BuildValue("(Nn)", tuple, cost);
 }
 
 /* ---- encoding ------------------------------------------------------------------------------- */
@@ -2147,6 +2261,11 @@ static PyMethodDef module_methods[] = {
     {"read_args", (PyCFunction)(void (*)(void))mod_read_args, METH_FASTCALL,
      "read_args(protocol, buf, start, end, spec) -> tuple\n\nDecode the struct that fills "
      "buf[start:end] into a tuple of its fields in spec order, defaults for those absent."},
+    {"read_args_within", (PyCFunction)(void (*)(void))mod_read_args_within, METH_FASTCALL,
+     "read_args_within(protocol, buf, start, end, spec, budget, slice) -> (tuple, cost)\n\n"
+     "read_args() that raises MemoryBudgetExceeded as soon as the memory its objects take, "
+     "estimated, passes budget bytes; lets go of the GIL every slice objects (0: never); "
+     "cost is the estimate of what the tuple holds."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2168,8 +2287,9 @@ PyInit__thrift(void)
         return NULL;
     ProtocolError = PyObject_GetAttrString(errors, "ProtocolError");
     FrameTooLarge = PyObject_GetAttrString(errors, "FrameTooLarge");
+    MemoryBudgetExceeded = PyObject_GetAttrString(errors, "MemoryBudgetExceeded");
     Py_DECREF(errors);
-    if (ProtocolError == NULL || FrameTooLarge == NULL)
+    if (ProtocolError == NULL || FrameTooLarge == NULL || MemoryBudgetExceeded == NULL)
         return NULL;
     spec_cache = PyDict_New();
     empty_tuple = PyTuple_New(0);

@@ -42,3 +42,6 @@ def write_result(
     framed: bool,
     /,
 ) -> bytes: ...
+def read_args_within(
+    protocol: int, buf: Buffer, start: int, end: int, spec: StructSpec, budget: int, slice: int, /
+) -> tuple[tuple[Any, ...], int]: ...

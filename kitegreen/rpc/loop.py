@@ -23,11 +23,12 @@ from kitegreen import context
 from kitegreen.codec import _thrift
 from kitegreen.codec.headers import HeaderFrame, StrKey, parse_frame
 from kitegreen.context import RequestInfo
-from kitegreen.exceptions import ProtocolError, describe
+from kitegreen.exceptions import MemoryBudgetExceeded, ProtocolError, describe
 from kitegreen.limiter import Limiter
 from kitegreen.metrics import Metrics
 from kitegreen.reporter import PANIC, QPS_OVERLOAD, ReportGate
 from kitegreen.rpc import metadata
+from kitegreen.rpc.budget import OFFLOAD_SIZE, DecodeLane, MemoryBudget
 from kitegreen.rpc.methods import Method
 from kitegreen.rpc.panics import PanicLog
 from kitegreen.transport.stream import (
@@ -52,7 +53,7 @@ _REPLY = TMessageType.REPLY
 _EXCEPTION = TMessageType.EXCEPTION
 _APP_EXC_SPEC = _thrift.compile(TApplicationException)
 _read_message_begin = _thrift.read_message_begin
-_read_args = _thrift.read_args
+_read_args_within = _thrift.read_args_within
 _write_message = _thrift.write_message
 _write_result = _thrift.write_result
 _PROTOCOLS = {"binary": _thrift.BINARY, "compact": _thrift.COMPACT}
@@ -84,6 +85,9 @@ class ServeContext:
     mesh_mode: bool = False
     """The service-mesh sidecar is the only peer: its ``rip`` header is trusted."""
     enforce_rpc_timeout: bool = False
+    memory: MemoryBudget = field(default_factory=lambda: MemoryBudget(2**62, 2**62))
+    """``max_message_memory`` and ``max_inflight_memory``, and what requests hold now."""
+    decode_lane: DecodeLane = field(default_factory=DecodeLane)
     streams: StreamSet = field(default_factory=StreamSet)
     stop_began: bool = False
     """Set when ``RpcServer.stop()`` is called: TTHeader replies from then on carry
@@ -181,7 +185,11 @@ class Connection:
     def _handle_frame(self, buf: bytes | bytearray, start: int, end: int) -> None:
         """A TTHeader or THeader request: its metadata for the handler, then the call."""
         ctx = self.ctx
-        frame = parse_frame(memoryview(buf)[start:end], max_frame_size=ctx.max_frame_size)
+        frame = parse_frame(
+            memoryview(buf)[start:end],
+            max_frame_size=ctx.max_frame_size,
+            max_memory=ctx.memory.allowance(),
+        )
         info = metadata.request_info(frame, self.stream.started_at)
         if ctx.get_real_ip:
             claimed = metadata.claimed_ip(frame) if self.trusted else None
@@ -193,16 +201,21 @@ class Connection:
         context.set_request_info(info)
         if info.log_id is not None:
             structlog.contextvars.bind_contextvars(log_id=info.log_id)
+        payload = frame.payload
+        # An inflated payload is memory of its own, held until the request is answered.
+        inflated = len(payload) if frame.transforms else 0
+        ctx.memory.hold(inflated)
         try:
-            payload = frame.payload
-            self._call(_PROTOCOLS[frame.protocol], payload, 0, len(payload))
+            self._call(_PROTOCOLS[frame.protocol], payload, 0, len(payload), inflated)
         finally:
+            ctx.memory.release(inflated)
+            del payload, frame
             self._frame = self._info = None
             context.set_request_info(None)
             if info.log_id is not None:
                 structlog.contextvars.unbind_contextvars("log_id")
 
-    def _call(self, proto: int, buf: Any, start: int, end: int) -> None:
+    def _call(self, proto: int, buf: Any, start: int, end: int, inflated: int = 0) -> None:
         ctx = self.ctx
         name, mtype, seqid, pos = _read_message_begin(proto, buf, start, end)
         # From the request's first byte: latency includes reading and decoding it.
@@ -211,8 +224,23 @@ class Connection:
         if method is None or mtype not in (_CALL, _ONEWAY):
             self._refuse(name, mtype, seqid)
             return
+        memory = ctx.memory
         try:
-            args = _read_args(proto, buf, pos, end, method.args_spec)
+            if end - pos <= OFFLOAD_SIZE:
+                args, cost = _read_args_within(
+                    proto, buf, pos, end, method.args_spec, memory.allowance(inflated), 0
+                )
+            else:
+                decoded = ctx.decode_lane.read_args(
+                    memory, inflated, self._wait_limit(), (proto, buf, pos, end, method.args_spec)
+                )
+                if decoded is None:
+                    self._busy(method, seqid, begun, "its turn to decode did not come in time")
+                    return
+                args, cost = decoded
+        except MemoryBudgetExceeded as exc:
+            self._too_costly(method, seqid, begun, inflated, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - malformed arguments, in any way
             self._send_error(
                 method.name,
@@ -223,16 +251,66 @@ class Connection:
             self._finish(method, begun, "protocol")
             raise CloseConnection(f"undecodable {method.name} arguments: {describe(exc)}") from None
 
-        limiter = ctx.limiter
-        if limiter.enabled:
-            refused = limiter.admit_request(method.name, begun)
-            if refused is not None:
-                self._overloaded(method, seqid, refused, begun)
-                return
+        memory.hold(cost)
+        try:
+            limiter = ctx.limiter
+            if limiter.enabled:
+                refused = limiter.admit_request(method.name, begun)
+                if refused is not None:
+                    self._overloaded(method, seqid, refused, begun)
+                    return
 
+            info = self._info
+            deadline = info.deadline if info is not None and ctx.enforce_rpc_timeout else None
+            self._invoke(method, seqid, args, begun, deadline)
+        finally:
+            # The arguments go first: what they held is free once the account says so.
+            del args
+            memory.release(cost)
+
+    def _wait_limit(self) -> float:
+        """How long a request may wait for its turn to decode: until the caller's deadline,
+        or ``read_write_timeout``."""
         info = self._info
-        deadline = info.deadline if info is not None and ctx.enforce_rpc_timeout else None
-        self._invoke(method, seqid, args, begun, deadline)
+        if info is not None and info.deadline is not None:
+            return max(0.0, info.deadline - time.monotonic())
+        return self.ctx.read_write_timeout
+
+    def _too_costly(
+        self, method: Method, seqid: int, begun: float, inflated: int, exc: MemoryBudgetExceeded
+    ) -> None:
+        """A request whose decoded arguments would take more memory than allowed: refused
+        whole (its bytes were read; the connection stays usable)."""
+        memory = self.ctx.memory
+        if memory.limited_by_process(inflated):
+            self._busy(method, seqid, begun, f"the requests in flight hold {memory.held} bytes")
+            return
+        self.ctx.log.info(
+            "request refused by max_message_memory", method=method.name, peer=self.peer
+        )
+        if not method.oneway:
+            self._send_error(
+                method.name,
+                seqid,
+                TApplicationException.PROTOCOL_ERROR,
+                f"{method.name} arguments refused: {exc}; max_message_memory is "
+                f"{memory.per_message} bytes",
+            )
+        self._finish(method, begun, "protocol")
+
+    def _busy(self, method: Method, seqid: int, begun: float, why: str) -> None:
+        """Refused for lack of memory or decode time in this process: an overload, retryable."""
+        memory = self.ctx.memory
+        self.ctx.log.info("request refused by max_inflight_memory", method=method.name, why=why)
+        if not method.oneway:
+            self._send_error(
+                method.name,
+                seqid,
+                LOADSHEDDING,
+                f"{method.name} refused: server busy, {why} (max_inflight_memory is "
+                f"{memory.total} bytes)",
+            )
+        self._finish(method, begun, "overload")
 
     def _invoke(
         self,

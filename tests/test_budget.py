@@ -1,0 +1,272 @@
+"""What one request may cost: the memory budget per message and per process, and the hub time a
+large message may take from the other connections.
+
+The server runs in a subprocess started by the launcher, so that its peak memory (VmHWM) is its
+own and the test client's work (building a 16 MB request) does not stall it or count against it.
+Messages are built by hand: the hostile shapes are ones no well-behaved client would send.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+from budget_target import budget_thrift
+from clients import thriftpy2_client
+from launching import Launcher
+from thriftpy2.protocol.cybin import TCyBinaryProtocol
+from thriftpy2.thrift import TApplicationException
+from thriftpy2.transport.memory import TCyMemoryBuffer
+from wire import head
+
+from kitegreen.codec import _thrift
+from kitegreen.codec.headers import TRANSFORM_ZLIB, build_frame, parse_frame
+
+pytestmark = pytest.mark.slow
+
+MIB = 1024 * 1024
+TARGET = "tests/budget_target.py:server"
+QUIET = ("--port", "0", "--host", "127.0.0.1", "--no-enable-debug-server")
+RSS_GROWTH_LIMIT = 128 * MIB
+LOADSHEDDING = 11
+
+T_I32, T_I64, T_STRUCT, T_LIST, T_STRING = 8, 10, 12, 15, 11
+
+
+# ---- messages by hand (strict binary) -----------------------------------------------------------
+
+
+def list_arg(fid: int, etype: int, count: int, body: bytes) -> bytes:
+    """Args struct with one list field, then STOP."""
+    return struct.pack("!bhbi", T_LIST, fid, etype, count) + body + b"\x00"
+
+
+def empties(count: int) -> bytes:
+    """``count(items)``: a list of empty structs, one byte each."""
+    return head("binary", "count") + list_arg(1, T_STRUCT, count, b"\x00" * count)
+
+
+def smalls(count: int) -> bytes:
+    """``echo(items)``: a list of Small structs, 8 bytes each."""
+    body = b"".join(struct.pack("!bhib", T_I32, 1, i, 0) for i in range(count))
+    return head("binary", "echo") + list_arg(1, T_STRUCT, count, body)
+
+
+def framed(message: bytes) -> bytes:
+    return struct.pack("!i", len(message)) + message
+
+
+def theader_zlib(message: bytes) -> bytes:
+    return build_frame(
+        "theader", seqid=1, protocol="binary", payload=message, transforms=(TRANSFORM_ZLIB,)
+    )
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(min(n - len(out), 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
+        out += chunk
+    return bytes(out)
+
+
+def exchange(address: tuple[str, int], request: bytes, timeout: float = 30.0) -> bytes:
+    """Send a framed (or header-framed) request; return the reply frame, length included."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(request)
+        size = recv_exactly(sock, 4)
+        return size + recv_exactly(sock, struct.unpack("!i", size)[0])
+
+
+def reply_message(frame: bytes) -> bytes:
+    """The Thrift message in a reply frame: plain framed, or in a THeader frame."""
+    if frame[4:6] == b"\x0f\xff":
+        return bytes(parse_frame(frame, max_frame_size=64 * MIB).payload)
+    return frame[4:]
+
+
+def read_reply(frame: bytes, result_cls: type) -> object:
+    """The reply's result (its ``success``), or the TApplicationException it carries."""
+    buf = TCyMemoryBuffer(reply_message(frame))
+    proto = TCyBinaryProtocol(buf)
+    _, mtype, _ = proto.read_message_begin()
+    out = TApplicationException() if mtype == 3 else result_cls()
+    proto.read_struct(out)
+    return out if mtype == 3 else out.success
+
+
+# ---- the server and its memory ------------------------------------------------------------------
+
+
+def memory_figure(pid: int, name: str) -> int:
+    """A figure of /proc/PID/status in bytes: VmRSS (resident now), VmHWM (the most ever)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {name} for {pid}")
+
+
+class Served:
+    def __init__(self, launcher: Launcher) -> None:
+        self.launcher = launcher
+        self.address = launcher.address()
+        self.pid = launcher.proc.pid
+
+    def ping(self) -> None:
+        with thriftpy2_client(budget_thrift.Budget, self.address, transport="framed") as client:
+            client.ping()
+
+    def resident(self) -> int:
+        return memory_figure(self.pid, "VmRSS")
+
+    def growth(self, before: int) -> int:
+        """How far the peak went past ``before`` (a :meth:`resident` figure), in bytes."""
+        growth = memory_figure(self.pid, "VmHWM") - before
+        print(f"peak RSS growth {growth / MIB:.1f} MiB")
+        return growth
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    with Launcher(TARGET, *QUIET) as launcher:
+        server = Served(launcher)
+        server.ping()
+        yield server
+
+
+Count = budget_thrift.Budget.count_result
+Total = budget_thrift.Budget.total_result
+Length = budget_thrift.Budget.length_result
+Echo = budget_thrift.Budget.echo_result
+
+
+class TestAmplification:
+    def test_a_megabyte_of_empty_structs_is_bounded(self, served):
+        """1 MB of empty structs (~80 MB of objects) is served or refused; either way the server
+        grows by less than 128 MiB and serves on."""
+        before = served.resident()
+        answer = read_reply(exchange(served.address, framed(empties(1_000_000))), Count)
+        assert answer == 1_000_000 or (
+            isinstance(answer, TApplicationException)
+            and answer.type == TApplicationException.PROTOCOL_ERROR
+        )
+        assert served.growth(before) < RSS_GROWTH_LIMIT
+        served.ping()
+
+    def test_over_max_message_memory_is_refused_naming_the_setting(self):
+        """Past max_message_memory: PROTOCOL_ERROR naming it, and the connection still serves."""
+        with Launcher(TARGET, *QUIET, "--max-message-memory", str(8 * MIB)) as launcher:
+            address = launcher.address()
+            request = framed(empties(200_000))
+            with socket.create_connection(address, timeout=10) as sock:
+                sock.sendall(request)
+                size = recv_exactly(sock, 4)
+                frame = size + recv_exactly(sock, struct.unpack("!i", size)[0])
+                answer = read_reply(frame, Count)
+                assert isinstance(answer, TApplicationException)
+                assert answer.type == TApplicationException.PROTOCOL_ERROR
+                assert "max_message_memory" in answer.message
+                # The same connection: the refused message was read whole.
+                sock.sendall(framed(empties(10)))
+                size = recv_exactly(sock, 4)
+                assert (
+                    read_reply(size + recv_exactly(sock, struct.unpack("!i", size)[0]), Count) == 10
+                )
+
+    def test_zlib_bomb_of_empty_structs_is_refused(self, served):
+        """15.6 KB of THeader+zlib inflating to 16M empty structs: refused with PROTOCOL_ERROR
+        naming max_message_memory, under 128 MiB of growth, before building it all."""
+        request = theader_zlib(empties(16 * MIB - 64))
+        assert len(request) < 20_000
+        before = served.resident()
+        answer = read_reply(exchange(served.address, request), Count)
+        assert isinstance(answer, TApplicationException)
+        assert answer.type == TApplicationException.PROTOCOL_ERROR
+        assert "max_message_memory" in answer.message
+        assert served.growth(before) < RSS_GROWTH_LIMIT
+        served.ping()
+
+    def test_four_zlib_bombs_at_once_share_one_budget(self, served):
+        """Four connections sending the bomb together: each refused (PROTOCOL_ERROR or, when the
+        others hold the process budget, LOADSHEDDING), the total growth under 128 MiB."""
+        request = theader_zlib(empties(16 * MIB - 64))
+        before = served.resident()
+        jobs = [gevent.spawn(exchange, served.address, request) for _ in range(4)]
+        gevent.joinall(jobs, timeout=60, raise_error=True)
+        for job in jobs:
+            answer = read_reply(job.value, Count)
+            assert isinstance(answer, TApplicationException)
+            assert answer.type in (TApplicationException.PROTOCOL_ERROR, LOADSHEDDING)
+        assert served.growth(before) < RSS_GROWTH_LIMIT
+        served.ping()
+
+
+class TestDensePayloads:
+    def test_a_16_mib_string_is_served(self, served):
+        text = "x" * (16 * MIB - 64)
+        message = head("binary", "length") + struct.pack("!bhi", T_STRING, 1, len(text))
+        message += text.encode() + b"\x00"
+        assert read_reply(exchange(served.address, framed(message)), Length) == len(text)
+
+    def test_two_million_i64s_are_served(self, served):
+        rng = random.Random(7)
+        values = [rng.getrandbits(63) for _ in range(2_000_000)]
+        body = struct.pack(f"!{len(values)}q", *values)
+        message = head("binary", "total") + list_arg(1, T_I64, len(values), body)
+        assert read_reply(exchange(served.address, framed(message)), Total) == sum(values) % 2**63
+
+
+class TestInflightBudget:
+    def test_a_request_past_what_the_process_has_left_is_shed(self):
+        """While one request holds most of max_inflight_memory, another that would pass it is
+        refused with LOADSHEDDING (naming the setting); once the first is answered, the same
+        request is served."""
+        with Launcher(
+            TARGET,
+            *QUIET,
+            "--max-message-memory",
+            str(64 * MIB),
+            "--max-inflight-memory",
+            str(64 * MIB),
+        ) as launcher:
+            address = launcher.address()
+            count = 500_000  # ~44 MB estimated: one fits, two do not
+            body = b"\x00" * count
+            holding = head("binary", "hold") + struct.pack("!bhbi", T_LIST, 1, T_STRUCT, count)
+            holding += body + struct.pack("!bhd", 4, 2, 3.0) + b"\x00"
+            first = gevent.spawn(exchange, address, framed(holding))
+            # Until the first is decoded, the second is served; while it is held, shed.
+            while True:
+                answer = read_reply(exchange(address, framed(empties(count))), Count)
+                if isinstance(answer, TApplicationException) or first.ready():
+                    break
+                assert answer == count
+            assert not first.ready(), "the first request was answered before any refusal"
+            assert isinstance(answer, TApplicationException)
+            assert answer.type == LOADSHEDDING
+            assert "max_inflight_memory" in answer.message
+            assert read_reply(first.get(timeout=30), Count) == count
+            assert read_reply(exchange(address, framed(empties(count))), Count) == count
+
+
+def test_the_codec_refuses_as_soon_as_the_estimate_passes_the_budget():
+    """The decoder stops where the estimate passes, not after building everything: the error
+    names an offset well before the end of the message."""
+    from kitegreen.exceptions import MemoryBudgetExceeded
+
+    spec = _thrift.compile(budget_thrift.Budget.count_args)
+    body = list_arg(1, T_STRUCT, 1_000_000, b"\x00" * 1_000_000)
+    with pytest.raises(MemoryBudgetExceeded, match="offset") as caught:
+        _thrift.read_args_within(_thrift.BINARY, body, 0, len(body), spec, MIB, 0)
+    offset = int(str(caught.value).rpartition("offset ")[2].rstrip(")"))
+    assert offset < 20_000
+    args, cost = _thrift.read_args_within(_thrift.BINARY, body, 0, len(body), spec, 2**40, 0)
+    assert len(args[0]) == 1_000_000
+    assert 80 * 1_000_000 <= cost <= 100 * 1_000_000
