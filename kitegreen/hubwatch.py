@@ -100,22 +100,29 @@ class HubWatch:
         # acquire() returns True only once stop() releases the lock.
         while not stop_lock.acquire(True, interval):
             stalled = time.monotonic() - self._beat
-            frame = sys._current_frames().get(self._hub_thread)
+            frame: FrameType | None = sys._current_frames().get(self._hub_thread)
             if frame is None:
                 return  # the hub thread is gone
-            root = _outermost(frame)
-            if stalled < self.threshold or root.f_code is hub_run_code:
+            root: FrameType | None = _outermost(frame)
+            assert root is not None
+            root_id, at_rest = id(root), root.f_code is hub_run_code
+            # No frame may outlive the sample: a frame held here keeps the locals of a function
+            # that has since returned alive (a request's arguments, say), and frees them in this
+            # thread, at an unforeseen time, when the next sample replaces it.
+            if stalled < self.threshold or at_rest:
+                frame = root = None
                 suspect = None
                 reported = None
                 continue
-            if suspect != id(root):
-                # Stalled, but a different greenlet than at the last sample: wait and see.
-                suspect = id(root)
-                continue
-            if reported == id(root):
-                continue
-            reported = id(root)
             stack = traceback.format_stack(frame, limit=STACK_LIMIT)
+            frame = root = None
+            if suspect != root_id:
+                # Stalled, but a different greenlet than at the last sample: wait and see.
+                suspect = root_id
+                continue
+            if reported == root_id:
+                continue
+            reported = root_id
             self.blocks += 1
             beat = self._beat
             self._sampled_beat = beat

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import gevent
 import pytest
 from budget_target import budget_thrift
 from clients import thriftpy2_client
+from conftest import wait_until
+from gevent.event import Event
 from launching import Launcher
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TApplicationException
@@ -26,6 +29,7 @@ from wire import head
 
 from kitegreen.codec import _thrift
 from kitegreen.codec.headers import TRANSFORM_ZLIB, build_frame, parse_frame
+from kitegreen.rpc.budget import encode_sliced
 
 pytestmark = pytest.mark.slow
 
@@ -253,7 +257,14 @@ class TestInflightBudget:
             assert answer.type == LOADSHEDDING
             assert "max_inflight_memory" in answer.message
             assert read_reply(first.get(timeout=30), Count) == count
-            assert read_reply(exchange(address, framed(empties(count))), Count) == count
+            # The first holds its memory until it has let go of its arguments, a slice at a
+            # time, just after its reply.
+            served = wait_until(
+                lambda: read_reply(exchange(address, framed(empties(count))), Count) == count,
+                timeout=10,
+                interval=0.05,
+            )
+            assert served, "the request was still shed after the first was answered"
 
 
 def test_the_codec_refuses_as_soon_as_the_estimate_passes_the_budget():
@@ -270,3 +281,97 @@ def test_the_codec_refuses_as_soon_as_the_estimate_passes_the_budget():
     args, cost = _thrift.read_args_within(_thrift.BINARY, body, 0, len(body), spec, 2**40, 0)
     assert len(args[0]) == 1_000_000
     assert 80 * 1_000_000 <= cost <= 100 * 1_000_000
+
+
+class TestNoFreeze:
+    def test_pings_are_answered_while_a_million_structs_are_decoded_and_echoed(self):
+        """While one connection sends 1M small structs (8 MB) and gets them back, a ping on
+        another connection never waits more than 100 ms (the target is 50 ms)."""
+        request = framed(smalls(1_000_000))
+        with Launcher(
+            TARGET,
+            *QUIET,
+            "--max-message-memory",
+            str(512 * MIB),
+            "--max-inflight-memory",
+            str(1024 * MIB),
+        ) as launcher:
+            address = launcher.address()
+            waits: list[float] = []
+            done = Event()
+
+            def pings() -> None:
+                with thriftpy2_client(budget_thrift.Budget, address, transport="framed") as c:
+                    while not done.is_set():
+                        began = time.monotonic()
+                        c.ping()
+                        waits.append(time.monotonic() - began)
+                        gevent.sleep(0.002)
+
+            pinger = gevent.spawn(pings)
+            try:
+                gevent.sleep(0.1)
+                frame = exchange(address, request, timeout=60)
+            finally:
+                done.set()
+                pinger.join(timeout=10)
+            echoed = read_reply(frame, Echo)
+            assert len(echoed) == 1_000_000
+            assert echoed[-1].id == 999_999
+            assert waits
+            print(f"ping waits: max {max(waits) * 1000:.1f} ms over {len(waits)} pings")
+            assert max(waits) < 0.1, f"a ping waited {max(waits) * 1000:.0f} ms"
+
+
+class TestSlices:
+    @pytest.mark.parametrize("protocol", ["binary", "compact"])
+    def test_a_sliced_reply_is_the_bytes_of_one_call(self, protocol):
+        """encode_sliced gives what write_result gives, list headers of every size included."""
+        proto = _thrift.BINARY if protocol == "binary" else _thrift.COMPACT
+        spec = _thrift.compile(budget_thrift.Budget.echo_result)
+        rng = random.Random(3)
+        for count in (0, 1, 14, 15, 4095, 4096, 4097, 20_000):
+            items = [budget_thrift.Small(id=rng.randint(-(2**31), 2**31 - 1)) for _ in range(count)]
+            whole = _thrift.write_result(proto, "echo", 2, 9, 0, items, spec, False)
+            assert encode_sliced(proto, "echo", 9, items, spec) == whole
+
+    @pytest.mark.parametrize(
+        ("protocol", "transport"), [("compact", "buffered"), ("binary", "framed")]
+    )
+    def test_a_large_list_reply_reaches_a_real_client(self, served, protocol, transport):
+        items = [budget_thrift.Small(id=i) for i in range(50_000)]
+        with thriftpy2_client(
+            budget_thrift.Budget, served.address, protocol=protocol, transport=transport
+        ) as client:
+            assert [item.id for item in client.echo(items)] == list(range(50_000))
+
+    def test_release_takes_apart_only_what_it_holds_alone(self):
+        """What the holder owns alone is emptied a step at a time; what is shared elsewhere is
+        let go of untouched."""
+        shared_list = [1, 2, 3]
+        shared_struct = budget_thrift.Small(id=5)
+        value = (
+            [budget_thrift.Small(id=i) for i in range(10_000)],
+            {"a": [shared_list, [4, 5]], "b": {6, 7}},
+            shared_struct,
+            [shared_list] * 3,
+        )
+        holder = [value]
+        del value
+        steps = 0
+        while not _thrift.release(holder, 100):
+            steps += 1
+            assert steps < 1_000
+        assert steps > 10  # in slices, not all at once
+        assert holder == []
+        assert shared_list == [1, 2, 3]
+        assert shared_struct.id == 5
+
+
+def test_max_inflight_memory_below_max_message_memory_is_a_config_error():
+    from kitegreen import Config, ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_inflight_memory .* must be >= max_message_memory"):
+        Config(max_message_memory=64 * MIB, max_inflight_memory=32 * MIB)
+    with pytest.raises(ConfigError, match="max_message_memory"):
+        Config(max_message_memory=100)

@@ -24,6 +24,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -924,7 +925,11 @@ charge(Reader *r, Py_ssize_t cost)
     r->spent += cost;
     if (r->slice && --r->until_release <= 0) {
         r->until_release = r->slice;
+        /* Giving the GIL back and taking it at once is not enough: the thread waiting for
+         * it is woken, but this one takes it again first, and the waiter's 5 ms timeout
+         * starts over. Yielding the CPU while released lets the waiter in. */
         Py_BEGIN_ALLOW_THREADS
+        sched_yield();
         Py_END_ALLOW_THREADS
     }
     return 0;
@@ -1631,10 +1636,9 @@ read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tu
     /* A large message is mostly new containers; the cyclic GC would traverse them over and
      * over while they are built (three quarters of the decode time of 16 MiB of small structs)
      * though decoding never makes a cycle. Collections wait until the decode is done.
-     * In a worker thread (a sliced decode) this is still sound: the switch is process-wide
-     * and only delays collections; when two decodes overlap, the first to end turns it back
-     * on and the other goes on with collections, as slow as before but as correct. */
-    int gc_was_on = end - start > LARGE_MESSAGE ? PyGC_Disable() : 0;
+     * A sliced decode (in a worker thread) leaves the collector to its caller, which must
+     * also keep the new objects from the next collection (kitegreen.rpc.budget.DecodeLane). */
+    int gc_was_on = end - start > LARGE_MESSAGE && slice == 0 ? PyGC_Disable() : 0;
     PyObject *obj = as_tuple ? dec_args(&r, spec) : dec_struct(&r, spec);
     if (gc_was_on)
         PyGC_Enable();
@@ -2225,6 +2229,110 @@ mod_write_result(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return end_message(&w, framed, rc);
 }
 
+/* ---- letting go of large values piecemeal -------------------------------------------------- */
+
+/* Freeing a decoded list of 1M structs is one Py_DECREF that runs ~140 ms, with no point where
+ * another greenlet could run. release() takes a value apart from its end instead, a bounded
+ * number of steps a call, so that the request loop can yield between calls. Only what the
+ * holder owns alone (a reference count of 1 all the way down) is taken apart; anything shared
+ * is only let go of. An exact list, dict or set gives up its items; any other object the
+ * cyclic GC knows (a struct, a tuple) is looked through, with tp_traverse, for such a
+ * container among its children. No Python code runs while a value is being looked at. */
+
+#define RELEASE_DEPTH 16
+
+static int has_work(PyObject *o, int depth);
+
+typedef struct {
+    PyObject *found;
+    int depth;
+} Search;
+
+static int
+visit_work(PyObject *o, void *arg)
+{
+    Search *s = (Search *)arg;
+    if (o != NULL && Py_REFCNT(o) == 1 && has_work(o, s->depth)) {
+        s->found = o;
+        return 1;
+    }
+    return 0;
+}
+
+/* The container inside o, owned alone, that has items to give up; NULL if none. */
+static PyObject *
+find_work(PyObject *o, int depth)
+{
+    if ((PyList_CheckExact(o) && PyList_GET_SIZE(o) > 0) ||
+        (PyDict_CheckExact(o) && PyDict_GET_SIZE(o) > 0) ||
+        (PySet_CheckExact(o) && PySet_GET_SIZE(o) > 0))
+        return o;
+    if (depth <= 0 || PyList_CheckExact(o) || PyDict_CheckExact(o) || PySet_CheckExact(o) ||
+        !PyObject_IS_GC(o) || Py_TYPE(o)->tp_traverse == NULL)
+        return NULL;
+    Search s = {NULL, depth - 1};
+    Py_TYPE(o)->tp_traverse(o, visit_work, &s);
+    return s.found == NULL ? NULL : find_work(s.found, depth - 1);
+}
+
+static int
+has_work(PyObject *o, int depth)
+{
+    return find_work(o, depth) != NULL;
+}
+
+/* release(holder, steps) -> bool: take apart the last item of the list `holder`, moving what
+ * it gives up onto holder's end, for at most `steps` steps; True once holder is empty. */
+static PyObject *
+mod_release(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (check_nargs("release", nargs, 2) < 0)
+        return NULL;
+    PyObject *holder = args[0];
+    if (!PyList_CheckExact(holder)) {
+        PyErr_Format(PyExc_TypeError, "release() takes a list, got %s",
+                     Py_TYPE(holder)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t steps = PyLong_AsSsize_t(args[1]);
+    if (steps == -1 && PyErr_Occurred())
+        return NULL;
+    for (; steps > 0; steps--) {
+        Py_ssize_t size = PyList_GET_SIZE(holder);
+        if (size == 0)
+            break;
+        PyObject *top = PyList_GET_ITEM(holder, size - 1);
+        PyObject *from = Py_REFCNT(top) == 1 ? find_work(top, RELEASE_DEPTH) : NULL;
+        if (from == NULL) {
+            /* Shared, or nothing left inside worth a step: let go of it. */
+            if (PyList_SetSlice(holder, size - 1, size, NULL) < 0)
+                return NULL;
+            continue;
+        }
+        PyObject *item;
+        if (PyList_CheckExact(from)) {
+            Py_ssize_t n = PyList_GET_SIZE(from);
+            item = Py_NewRef(PyList_GET_ITEM(from, n - 1));
+            if (PyList_SetSlice(from, n - 1, n, NULL) < 0) {
+                Py_DECREF(item);
+                return NULL;
+            }
+        } else if (PyDict_CheckExact(from)) {
+            item = PyObject_CallMethod(from, "popitem", NULL); /* a (key, value) tuple */
+        } else {
+            item = PySet_Pop(from);
+        }
+        if (item == NULL)
+            return NULL;
+        int rc = PyList_Append(holder, item);
+        Py_DECREF(item);
+        if (rc < 0)
+            return NULL;
+    }
+    return Py_NewRef(PyList_GET_SIZE(holder) == 0 ? Py_True : Py_False);
+}
+
 static PyObject *
 mod_compile(PyObject *mod, PyObject *cls)
 {
@@ -2261,6 +2369,9 @@ static PyMethodDef module_methods[] = {
     {"read_args", (PyCFunction)(void (*)(void))mod_read_args, METH_FASTCALL,
      "read_args(protocol, buf, start, end, spec) -> tuple\n\nDecode the struct that fills "
      "buf[start:end] into a tuple of its fields in spec order, defaults for those absent."},
+    {"release", (PyCFunction)(void (*)(void))mod_release, METH_FASTCALL,
+     "release(holder, steps) -> bool\n\nTake the value in the list holder apart from its end, "
+     "at most steps steps (what is shared is only let go of); True once holder is empty."},
     {"read_args_within", (PyCFunction)(void (*)(void))mod_read_args_within, METH_FASTCALL,
      "read_args_within(protocol, buf, start, end, spec, budget, slice) -> (tuple, cost)\n\n"
      "read_args() that raises MemoryBudgetExceeded as soon as the memory its objects take, "

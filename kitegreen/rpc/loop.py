@@ -28,7 +28,15 @@ from kitegreen.limiter import Limiter
 from kitegreen.metrics import Metrics
 from kitegreen.reporter import PANIC, QPS_OVERLOAD, ReportGate
 from kitegreen.rpc import metadata
-from kitegreen.rpc.budget import OFFLOAD_SIZE, DecodeLane, MemoryBudget
+from kitegreen.rpc.budget import (
+    OFFLOAD_SIZE,
+    RELEASE_COST,
+    DecodeLane,
+    MemoryBudget,
+    encode_sliced,
+    release,
+    sliceable,
+)
 from kitegreen.rpc.methods import Method
 from kitegreen.rpc.panics import PanicLog
 from kitegreen.transport.stream import (
@@ -225,6 +233,7 @@ class Connection:
             self._refuse(name, mtype, seqid)
             return
         memory = ctx.memory
+        lane = None
         try:
             if end - pos <= OFFLOAD_SIZE:
                 args, cost = _read_args_within(
@@ -238,6 +247,8 @@ class Connection:
                     self._busy(method, seqid, begun, "its turn to decode did not come in time")
                     return
                 args, cost = decoded
+                del decoded  # the arguments' only holder must be `args` (see release below)
+                lane = ctx.decode_lane
         except MemoryBudgetExceeded as exc:
             self._too_costly(method, seqid, begun, inflated, exc)
             return
@@ -265,8 +276,15 @@ class Connection:
             self._invoke(method, seqid, args, begun, deadline)
         finally:
             # The arguments go first: what they held is free once the account says so.
-            del args
+            if cost > RELEASE_COST:
+                holder = [args]
+                del args
+                release(holder)
+            else:
+                del args
             memory.release(cost)
+            if lane is not None:
+                lane.thaw()
 
     def _wait_limit(self) -> float:
         """How long a request may wait for its turn to decode: until the caller's deadline,
@@ -412,12 +430,21 @@ class Connection:
             )
 
     def _encode(
-        self, name: str, mtype: int, seqid: int, payload: Any, spec: Any, *, fid: int | None = None
+        self,
+        name: str,
+        mtype: int,
+        seqid: int,
+        payload: Any,
+        spec: Any,
+        *,
+        fid: int | None = None,
+        sliced: bool = False,
     ) -> bytes:
         """One whole reply: framed if the wire is, in the request's header frame if it had one.
 
         ``payload`` is a struct to encode whole, or with ``fid`` the value of that one field of
-        ``spec`` (a result: its ``success``, 0, or a declared exception's field).
+        ``spec`` (a result: its ``success``, 0, or a declared exception's field); ``sliced``:
+        a large list ``success``, encoded a slice at a time (see :func:`encode_sliced`).
         """
         frame = self._frame
         if frame is None:
@@ -426,7 +453,11 @@ class Connection:
             proto, framed = wire.protocol, wire.framed
         else:
             proto, framed = _PROTOCOLS[frame.protocol], False
-        if fid is None:
+        if sliced:
+            message = encode_sliced(proto, name, seqid, payload, spec)
+            if framed:
+                message = len(message).to_bytes(4, "big") + message
+        elif fid is None:
             message = _write_message(proto, name, mtype, seqid, payload, spec, framed)
         else:
             message = _write_result(proto, name, mtype, seqid, fid, payload, spec, framed)
@@ -442,7 +473,15 @@ class Connection:
 
     def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> None:
         try:
-            data = self._encode(method.name, _REPLY, seqid, value, method.result_spec, fid=fid)
+            data = self._encode(
+                method.name,
+                _REPLY,
+                seqid,
+                value,
+                method.result_spec,
+                fid=fid,
+                sliced=fid == 0 and sliceable(value, method.result_cls),
+            )
         except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
             # The handler returned something the IDL cannot encode, or set a response header
             # its header protocol cannot carry. Nothing reached the wire: the reply is built in
