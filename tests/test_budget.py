@@ -22,6 +22,7 @@ from clients import thriftpy2_client
 from conftest import wait_until
 from gevent.event import Event
 from launching import Launcher
+from thriftpy2.protocol.compact import TCompactProtocol
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport.memory import TCyMemoryBuffer
@@ -59,6 +60,17 @@ def smalls(count: int) -> bytes:
     """``echo(items)``: a list of Small structs, 8 bytes each."""
     body = b"".join(struct.pack("!bhib", T_I32, 1, i, 0) for i in range(count))
     return head("binary", "echo") + list_arg(1, T_STRUCT, count, body)
+
+
+def compact_echo(count: int) -> bytes:
+    """``echo(items)`` with ``count`` Small structs, in compact, by thriftpy2's encoder."""
+    out = TCyMemoryBuffer()
+    proto = TCompactProtocol(out)
+    proto.write_message_begin("echo", 1, 4)
+    items = [budget_thrift.Small(id=i) for i in range(count)]
+    proto.write_struct(budget_thrift.Budget.echo_args(items=items))
+    proto.write_message_end()
+    return bytes(out.getvalue())
 
 
 def framed(message: bytes) -> bytes:
@@ -344,6 +356,19 @@ class TestSlices:
             budget_thrift.Budget, served.address, protocol=protocol, transport=transport
         ) as client:
             assert [item.id for item in client.echo(items)] == list(range(50_000))
+
+    def test_a_large_list_reply_in_a_theader_frame(self, served):
+        """The sliced reply goes out in the request's THeader frame like any other."""
+        request = build_frame("theader", seqid=4, protocol="compact", payload=compact_echo(20_000))
+        frame = exchange(served.address, request)
+        assert frame[4:6] == b"\x0f\xff"
+        parsed = parse_frame(frame, max_frame_size=64 * MIB)
+        assert parsed.seqid == 4
+        proto = TCompactProtocol(TCyMemoryBuffer(bytes(parsed.payload)))
+        assert proto.read_message_begin()[1] == 2
+        result = Echo()
+        proto.read_struct(result)
+        assert [item.id for item in result.success] == list(range(20_000))
 
     def test_release_takes_apart_only_what_it_holds_alone(self):
         """What the holder owns alone is emptied a step at a time; what is shared elsewhere is

@@ -303,7 +303,7 @@ class Connection:
         if memory.limited_by_process(inflated):
             self._busy(method, seqid, begun, f"the requests in flight hold {memory.held} bytes")
             return
-        self.ctx.log.info(
+        self.ctx.log.debug(
             "request refused by max_message_memory", method=method.name, peer=self.peer
         )
         if not method.oneway:
@@ -319,7 +319,7 @@ class Connection:
     def _busy(self, method: Method, seqid: int, begun: float, why: str) -> None:
         """Refused for lack of memory or decode time in this process: an overload, retryable."""
         memory = self.ctx.memory
-        self.ctx.log.info("request refused by max_inflight_memory", method=method.name, why=why)
+        self.ctx.log.debug("request refused by max_inflight_memory", method=method.name, why=why)
         if not method.oneway:
             self._send_error(
                 method.name,
