@@ -935,6 +935,39 @@ charge(Reader *r, Py_ssize_t cost)
     return 0;
 }
 
+static int release_steps(PyObject *holder, Py_ssize_t steps);
+
+/* Let go of a value built before an error. In a sliced decode (a worker thread) it is taken
+ * apart a slice at a time as release() does, letting go of the GIL between slices: a refused
+ * message may hold 1M objects, and freeing them at once holds the GIL for ~140 ms. */
+static void
+discard(Reader *r, PyObject *obj)
+{
+    if (!r->slice) {
+        Py_DECREF(obj);
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *holder = PyList_New(1);
+    if (holder == NULL) {
+        PyErr_Clear();
+        Py_DECREF(obj);
+    } else {
+        PyList_SET_ITEM(holder, 0, obj);
+        int rc;
+        while ((rc = release_steps(holder, r->slice)) == 0) {
+            Py_BEGIN_ALLOW_THREADS
+            sched_yield();
+            Py_END_ALLOW_THREADS
+        }
+        if (rc < 0)
+            PyErr_Clear();
+        Py_DECREF(holder);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
 /* A decoded int: the small-int cache's values cost nothing. */
 static inline Py_ssize_t
 int_cost(int64_t i)
@@ -1049,7 +1082,12 @@ dec_list(Reader *r, const TypeInfo *ti)
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *item = dec_value(r, ti->a);
         if (item == NULL) {
-            Py_DECREF(list);
+            /* The items not built yet are NULL: cut them off before taking the rest apart. */
+            if (r->slice && PyList_SetSlice(list, k, n, NULL) < 0) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            discard(r, list);
             return NULL;
         }
         PyList_SET_ITEM(list, k, item);
@@ -1101,7 +1139,7 @@ dec_map(Reader *r, const TypeInfo *ti)
     r->depth++;
     return dict;
 fail:
-    Py_DECREF(dict);
+    discard(r, dict);
     return NULL;
 }
 
@@ -1591,7 +1629,8 @@ dec_args(Reader *r, const StructSpec *spec)
         }
     }
     for (Py_ssize_t i = 0; i < n; i++)
-        Py_XDECREF(vals[i]);
+        if (vals[i] != NULL)
+            discard(r, vals[i]); /* only after an error: the tuple took the rest */
     if (vals != stack)
         PyMem_Free(vals);
     return tuple;
@@ -1644,7 +1683,8 @@ read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tu
         PyGC_Enable();
     if (obj != NULL && r.p != r.end) {
         bad("%zd bytes follow the end of the message", (Py_ssize_t)(r.end - r.p));
-        Py_CLEAR(obj);
+        discard(&r, obj);
+        obj = NULL;
     }
     release_bytes(&b);
     if (cost != NULL)
@@ -2281,8 +2321,49 @@ has_work(PyObject *o, int depth)
     return find_work(o, depth) != NULL;
 }
 
-/* release(holder, steps) -> bool: take apart the last item of the list `holder`, moving what
- * it gives up onto holder's end, for at most `steps` steps; True once holder is empty. */
+/* Take apart the last item of the list `holder`, moving what it gives up onto holder's end,
+ * for at most `steps` steps: 1 once holder is empty, 0 if not yet, -1 on error. */
+static int
+release_steps(PyObject *holder, Py_ssize_t steps)
+{
+    for (; steps > 0; steps--) {
+        Py_ssize_t size = PyList_GET_SIZE(holder);
+        if (size == 0)
+            break;
+        PyObject *top = PyList_GET_ITEM(holder, size - 1);
+        PyObject *from = Py_REFCNT(top) == 1 ? find_work(top, RELEASE_DEPTH) : NULL;
+        if (from == NULL) {
+            /* Shared, or nothing left inside worth a step: let go of it. */
+            if (PyList_SetSlice(holder, size - 1, size, NULL) < 0)
+                return -1;
+            continue;
+        }
+        PyObject *item;
+        if (PyList_CheckExact(from)) {
+            Py_ssize_t n = PyList_GET_SIZE(from);
+            item = Py_XNewRef(PyList_GET_ITEM(from, n - 1)); /* NULL in a list being built */
+            if (PyList_SetSlice(from, n - 1, n, NULL) < 0) {
+                Py_XDECREF(item);
+                return -1;
+            }
+            if (item == NULL)
+                continue;
+        } else if (PyDict_CheckExact(from)) {
+            item = PyObject_CallMethod(from, "popitem", NULL); /* a (key, value) tuple */
+        } else {
+            item = PySet_Pop(from);
+        }
+        if (item == NULL)
+            return -1;
+        int rc = PyList_Append(holder, item);
+        Py_DECREF(item);
+        if (rc < 0)
+            return -1;
+    }
+    return PyList_GET_SIZE(holder) == 0;
+}
+
+/* release(holder, steps) -> bool: release_steps() for Python; True once holder is empty. */
 static PyObject *
 mod_release(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2298,39 +2379,8 @@ mod_release(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t steps = PyLong_AsSsize_t(args[1]);
     if (steps == -1 && PyErr_Occurred())
         return NULL;
-    for (; steps > 0; steps--) {
-        Py_ssize_t size = PyList_GET_SIZE(holder);
-        if (size == 0)
-            break;
-        PyObject *top = PyList_GET_ITEM(holder, size - 1);
-        PyObject *from = Py_REFCNT(top) == 1 ? find_work(top, RELEASE_DEPTH) : NULL;
-        if (from == NULL) {
-            /* Shared, or nothing left inside worth a step: let go of it. */
-            if (PyList_SetSlice(holder, size - 1, size, NULL) < 0)
-                return NULL;
-            continue;
-        }
-        PyObject *item;
-        if (PyList_CheckExact(from)) {
-            Py_ssize_t n = PyList_GET_SIZE(from);
-            item = Py_NewRef(PyList_GET_ITEM(from, n - 1));
-            if (PyList_SetSlice(from, n - 1, n, NULL) < 0) {
-                Py_DECREF(item);
-                return NULL;
-            }
-        } else if (PyDict_CheckExact(from)) {
-            item = PyObject_CallMethod(from, "popitem", NULL); /* a (key, value) tuple */
-        } else {
-            item = PySet_Pop(from);
-        }
-        if (item == NULL)
-            return NULL;
-        int rc = PyList_Append(holder, item);
-        Py_DECREF(item);
-        if (rc < 0)
-            return NULL;
-    }
-    return Py_NewRef(PyList_GET_SIZE(holder) == 0 ? Py_True : Py_False);
+    int rc = release_steps(holder, steps);
+    return rc < 0 ? NULL : Py_NewRef(rc ? Py_True : Py_False);
 }
 
 static PyObject *
