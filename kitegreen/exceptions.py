@@ -9,7 +9,8 @@ caller would catch anyway where there is one::
     ├── ListenError (OSError)          the listening socket could not be created
     ├── LaunchError (RuntimeError)     ``python -m kitegreen MODULE:ATTR`` could not load the target
     ├── ProtocolError (ValueError)     a peer sent bytes that are not a Thrift message we accept
-    │   └── FrameTooLarge              a frame or length field exceeds ``max_frame_size``
+    │   ├── FrameTooLarge              a frame or length field exceeds ``max_frame_size``
+    │   └── MemoryBudgetExceeded       decoding a message would take more memory than allowed
     └── RegistryError (RuntimeError)   the service registry (Consul) refused or failed a call
 """
 
@@ -59,6 +60,12 @@ class ProtocolError(KitegreenError, ValueError):
 class FrameTooLarge(ProtocolError):
     """A frame, string or container would exceed ``max_frame_size``; refused before any memory
     is set aside for it."""
+
+
+class MemoryBudgetExceeded(ProtocolError):
+    """Decoding a message would build Python objects whose estimated size passes the memory
+    allowed to it (``max_message_memory``, or what ``max_inflight_memory`` has left); refused
+    as soon as the estimate passes, not after building it all."""
 
 
 class RegistryError(KitegreenError, RuntimeError):

@@ -28,6 +28,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -61,6 +62,7 @@ static const int8_t CT_TO_T[16] = {
 
 static PyObject *ProtocolError;
 static PyObject *FrameTooLarge;
+static PyObject *MemoryBudgetExceeded;
 static PyObject *spec_cache; /* {thriftpy2 class: StructSpec} */
 
 static int
@@ -474,6 +476,10 @@ typedef struct {
     int streaming;             /* the message may continue past `end` (the Scanner) */
     int shortage;              /* streaming: a read stopped at `end`, not at an error */
     int bool_value;            /* compact: the value a bool field carries in its header */
+    Py_ssize_t budget;         /* decoding: what the objects built may cost, estimated (below) */
+    Py_ssize_t spent;          /* decoding: what they cost so far */
+    Py_ssize_t slice;          /* objects decoded between two releases of the GIL; 0: none */
+    Py_ssize_t until_release;  /* objects left until the next release */
 } Reader;
 
 /* A reader over a complete message of `size` bytes at `data`. */
@@ -486,6 +492,7 @@ init_reader(Reader *r, int proto, const unsigned char *data, Py_ssize_t size)
     r->limit = size;
     r->proto = proto;
     r->depth = MAX_DEPTH;
+    r->budget = PY_SSIZE_T_MAX;
 }
 
 #define LEFT(r) ((Py_ssize_t)((r)->end - (r)->p))
@@ -931,6 +938,97 @@ decode_text(const unsigned char *s, Py_ssize_t n)
 
 static PyObject *dec_value(Reader *r, const TypeInfo *ti);
 
+/* The memory budget. One wire byte can become one Python object (an empty struct in a list:
+ * 1 byte, ~80 bytes of memory), so a message's size says little about what decoding it costs.
+ * Each object is charged before it is built, at what CPython 3.11-3.13 allocates for it on
+ * 64-bit (measured with tracemalloc, rounded up), and the decode stops with
+ * MemoryBudgetExceeded as soon as the total passes the budget. */
+#define COST_STRUCT 80        /* an instance with inline values: header, managed dict slots */
+#define COST_FIELD 16         /* per field of a struct, each set on every instance */
+#define COST_LIST 56          /* a list (GC header included); + COST_SLOT per item */
+#define COST_SLOT 8
+#define COST_DICT 232         /* a dict with its first keys table */
+#define COST_DICT_ENTRY 72    /* per entry: index, entry, growth slack and the resize's copy */
+#define COST_INT 32           /* an int outside CPython's small-int cache, up to 2**60 */
+#define COST_BIG_INT 40
+#define COST_FLOAT 24
+#define COST_STR 56           /* + 1 per byte; wider kinds are charged once built */
+#define COST_BYTES 40         /* + 1 per byte */
+#define COST_TUPLE 40         /* + COST_SLOT per item */
+
+static int
+over_budget(Reader *r)
+{
+    PyErr_Format(MemoryBudgetExceeded,
+                 "decoding would take more than %zd bytes of memory (passed at offset %zd)",
+                 r->budget, (Py_ssize_t)(r->p - r->base));
+    return -1;
+}
+
+/* Charge one object of `cost` bytes about to be built. Every `slice` objects, let go of the
+ * GIL for a moment: a decode in a worker thread lets the hub's thread run between objects.
+ * Nothing here touches a Python object while the GIL is released, and everything the decoder
+ * holds across it is an owned reference or the caller's buffer export. */
+static inline int
+charge(Reader *r, Py_ssize_t cost)
+{
+    if (cost > r->budget - r->spent)
+        return over_budget(r);
+    r->spent += cost;
+    if (r->slice && --r->until_release <= 0) {
+        r->until_release = r->slice;
+        /* Giving the GIL back and taking it at once is not enough: the thread waiting for
+         * it is woken, but this one takes it again first, and the waiter's 5 ms timeout
+         * starts over. Yielding the CPU while released lets the waiter in. */
+        Py_BEGIN_ALLOW_THREADS
+        sched_yield();
+        Py_END_ALLOW_THREADS
+    }
+    return 0;
+}
+
+static int release_steps(PyObject *holder, Py_ssize_t steps);
+
+/* Let go of a value built before an error. In a sliced decode (a worker thread) it is taken
+ * apart a slice at a time as release() does, letting go of the GIL between slices: a refused
+ * message may hold 1M objects, and freeing them at once holds the GIL for ~140 ms. */
+static void
+discard(Reader *r, PyObject *obj)
+{
+    if (!r->slice) {
+        Py_DECREF(obj);
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *holder = PyList_New(1);
+    if (holder == NULL) {
+        PyErr_Clear();
+        Py_DECREF(obj);
+    } else {
+        PyList_SET_ITEM(holder, 0, obj);
+        int rc;
+        while ((rc = release_steps(holder, r->slice)) == 0) {
+            Py_BEGIN_ALLOW_THREADS
+            sched_yield();
+            Py_END_ALLOW_THREADS
+        }
+        if (rc < 0)
+            PyErr_Clear();
+        Py_DECREF(holder);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+/* A decoded int: the small-int cache's values cost nothing. */
+static inline Py_ssize_t
+int_cost(int64_t i)
+{
+    if (i >= -5 && i <= 256)
+        return 0;
+    return i > -((int64_t)1 << 60) && i < ((int64_t)1 << 60) ? COST_INT : COST_BIG_INT;
+}
+
 /* Decode a struct's fields; each decoded value goes to vals[field index] (a later duplicate
  * replaces an earlier one), or straight onto obj when obj is given. */
 static int
@@ -994,6 +1092,8 @@ field_default(const FieldInfo *f)
 static PyObject *
 dec_struct(Reader *r, const StructSpec *spec)
 {
+    if (charge(r, COST_STRUCT + COST_FIELD * spec->nfields) < 0)
+        return NULL;
     if (!spec->fast_new) {
         PyObject *obj = PyObject_CallNoArgs(spec->cls);
         if (obj != NULL && dec_fields(r, spec, NULL, obj) < 0)
@@ -1041,13 +1141,20 @@ dec_list(Reader *r, const TypeInfo *ti)
         r->depth++;
         return PyList_New(0);
     }
+    if (charge(r, COST_LIST + COST_SLOT * n) < 0)
+        return NULL;
     PyObject *list = PyList_New(n); /* n fits the bytes left: check_count */
     if (list == NULL)
         return NULL;
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *item = dec_value(r, ti->a);
         if (item == NULL) {
-            Py_DECREF(list);
+            /* The items not built yet are NULL: cut them off before taking the rest apart. */
+            if (r->slice && PyList_SetSlice(list, k, n, NULL) < 0) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            discard(r, list);
             return NULL;
         }
         PyList_SET_ITEM(list, k, item);
@@ -1070,6 +1177,8 @@ dec_map(Reader *r, const TypeInfo *ti)
         r->depth++;
         return PyDict_New();
     }
+    if (charge(r, COST_DICT + COST_DICT_ENTRY * n) < 0)
+        return NULL;
     PyObject *dict = PyDict_New();
     if (dict == NULL)
         return NULL;
@@ -1097,8 +1206,21 @@ dec_map(Reader *r, const TypeInfo *ti)
     r->depth++;
     return dict;
 fail:
-    Py_DECREF(dict);
+    discard(r, dict);
     return NULL;
+}
+
+/* A string field: text (bytes if not UTF-8), charged again for a kind wider than a byte. */
+static PyObject *
+dec_text(Reader *r, const unsigned char *s, Py_ssize_t n)
+{
+    PyObject *text = decode_text(s, n);
+    if (text != NULL && PyUnicode_Check(text)) {
+        Py_ssize_t wide = PyUnicode_GET_LENGTH(text) * PyUnicode_KIND(text);
+        if (wide > n && charge(r, wide - n) < 0)
+            Py_CLEAR(text);
+    }
+    return text;
 }
 
 static PyObject *
@@ -1115,23 +1237,23 @@ dec_value(Reader *r, const TypeInfo *ti)
             return NULL;
         return Py_NewRef(b ? Py_True : Py_False);
     case T_BYTE:
-        if (rd_byte(r, &b) < 0)
+        if (rd_byte(r, &b) < 0 || charge(r, int_cost((signed char)b)) < 0)
             return NULL;
         return PyLong_FromLong((signed char)b);
     case T_I16: case T_I32: case T_I64:
-        if (rd_int(r, ti->ttype, &i) < 0)
+        if (rd_int(r, ti->ttype, &i) < 0 || charge(r, int_cost(i)) < 0)
             return NULL;
         return PyLong_FromLongLong(i);
     case T_DOUBLE:
-        if (rd_double(r, &d) < 0)
+        if (rd_double(r, &d) < 0 || charge(r, COST_FLOAT) < 0)
             return NULL;
         return PyFloat_FromDouble(d);
     case T_STRING:
-        if (rd_string_span(r, &s, &n) < 0)
+        if (rd_string_span(r, &s, &n) < 0 || charge(r, COST_STR + n) < 0)
             return NULL;
-        return decode_text(s, n);
+        return dec_text(r, s, n);
     case T_BINARY:
-        if (rd_string_span(r, &s, &n) < 0)
+        if (rd_string_span(r, &s, &n) < 0 || charge(r, COST_BYTES + n) < 0)
             return NULL;
         return PyBytes_FromStringAndSize((const char *)s, n);
     case T_LIST: case T_SET:
@@ -1557,6 +1679,8 @@ static PyObject *
 dec_args(Reader *r, const StructSpec *spec)
 {
     Py_ssize_t n = spec->nfields;
+    if (charge(r, COST_TUPLE + COST_SLOT * n) < 0)
+        return NULL;
     PyObject *stack[STACK_FIELDS];
     PyObject **vals = n <= STACK_FIELDS ? stack : PyMem_Calloc(n, sizeof(PyObject *));
     if (vals == NULL)
@@ -1576,22 +1700,40 @@ dec_args(Reader *r, const StructSpec *spec)
         }
     }
     for (Py_ssize_t i = 0; i < n; i++)
-        Py_XDECREF(vals[i]);
+        if (vals[i] != NULL)
+            discard(r, vals[i]); /* only after an error: the tuple took the rest */
     if (vals != stack)
         PyMem_Free(vals);
     return tuple;
 }
 
-/* read_struct / read_args: decode the struct that fills buf[start:end] exactly. */
+/* read_struct / read_args / read_args_within: decode the struct that fills buf[start:end]
+ * exactly; the last takes two more arguments, the memory budget and the slice (objects
+ * between two releases of the GIL, 0 for none), and sets *cost to the estimate spent. */
 static PyObject *
-read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tuple)
+read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tuple,
+           Py_ssize_t *cost)
 {
     Bytes b;
-    Py_ssize_t start, end;
+    Py_ssize_t start, end, budget = PY_SSIZE_T_MAX, slice = 0;
     int proto;
     const StructSpec *spec;
-    if (check_nargs(fname, nargs, 5) < 0 || get_proto(args[0], &proto) < 0 ||
-        get_spec(args[4], &spec) < 0 || get_bytes(args[1], &b) < 0)
+    if (check_nargs(fname, nargs, cost ? 7 : 5) < 0 || get_proto(args[0], &proto) < 0 ||
+        get_spec(args[4], &spec) < 0)
+        return NULL;
+    if (cost != NULL) {
+        budget = PyLong_AsSsize_t(args[5]);
+        if (budget == -1 && PyErr_Occurred())
+            return NULL;
+        slice = PyLong_AsSsize_t(args[6]);
+        if (slice == -1 && PyErr_Occurred())
+            return NULL;
+        if (budget < 0 || slice < 0) {
+            PyErr_SetString(PyExc_ValueError, "budget and slice must be >= 0");
+            return NULL;
+        }
+    }
+    if (get_bytes(args[1], &b) < 0)
         return NULL;
     if (get_span(args[2], args[3], b.len, &start, &end) < 0) {
         release_bytes(&b);
@@ -1599,18 +1741,25 @@ read_whole(const char *fname, PyObject *const *args, Py_ssize_t nargs, int as_tu
     }
     Reader r;
     init_reader(&r, proto, b.data + start, end - start);
+    r.budget = budget;
+    r.slice = r.until_release = slice;
     /* A large message is mostly new containers; the cyclic GC would traverse them over and
      * over while they are built (three quarters of the decode time of 16 MiB of small structs)
-     * though decoding never makes a cycle. Collections wait until the decode is done. */
-    int gc_was_on = end - start > LARGE_MESSAGE ? PyGC_Disable() : 0;
+     * though decoding never makes a cycle. Collections wait until the decode is done.
+     * A sliced decode (in a worker thread) leaves the collector to its caller, which must
+     * also keep the new objects from the next collection (kitegreen.rpc.budget.DecodeLane). */
+    int gc_was_on = end - start > LARGE_MESSAGE && slice == 0 ? PyGC_Disable() : 0;
     PyObject *obj = as_tuple ? dec_args(&r, spec) : dec_struct(&r, spec);
     if (gc_was_on)
         PyGC_Enable();
     if (obj != NULL && r.p != r.end) {
         bad("%zd bytes follow the end of the message", (Py_ssize_t)(r.end - r.p));
-        Py_CLEAR(obj);
+        discard(&r, obj);
+        obj = NULL;
     }
     release_bytes(&b);
+    if (cost != NULL)
+        *cost = r.spent;
     return obj;
 }
 
@@ -1618,14 +1767,23 @@ static PyObject *
 mod_read_struct(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
-    return read_whole("read_struct", args, nargs, 0);
+    return read_whole("read_struct", args, nargs, 0, NULL);
 }
 
 static PyObject *
 mod_read_args(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)mod;
-    return read_whole("read_args", args, nargs, 1);
+    return read_whole("read_args", args, nargs, 1, NULL);
+}
+
+static PyObject *
+mod_read_args_within(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    Py_ssize_t cost = 0;
+    PyObject *tuple = read_whole("read_args_within", args, nargs, 1, &cost);
+    return tuple == NULL ? NULL : Py_BuildValue("(Nn)", tuple, cost);
 }
 
 /* ---- encoding ------------------------------------------------------------------------------- */
@@ -2289,6 +2447,120 @@ mod_write_result(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return end_message(&w, framed, rc);
 }
 
+/* ---- letting go of large values piecemeal -------------------------------------------------- */
+
+/* Freeing a decoded list of 1M structs is one Py_DECREF that runs ~140 ms, with no point where
+ * another greenlet could run. release() takes a value apart from its end instead, a bounded
+ * number of steps a call, so that the request loop can yield between calls. Only what the
+ * holder owns alone (a reference count of 1 all the way down) is taken apart; anything shared
+ * is only let go of. An exact list, dict or set gives up its items; any other object the
+ * cyclic GC knows (a struct, a tuple) is looked through, with tp_traverse, for such a
+ * container among its children. No Python code runs while a value is being looked at. */
+
+#define RELEASE_DEPTH 16
+
+static int has_work(PyObject *o, int depth);
+
+typedef struct {
+    PyObject *found;
+    int depth;
+} Search;
+
+static int
+visit_work(PyObject *o, void *arg)
+{
+    Search *s = (Search *)arg;
+    if (o != NULL && Py_REFCNT(o) == 1 && has_work(o, s->depth)) {
+        s->found = o;
+        return 1;
+    }
+    return 0;
+}
+
+/* The container inside o, owned alone, that has items to give up; NULL if none. */
+static PyObject *
+find_work(PyObject *o, int depth)
+{
+    if ((PyList_CheckExact(o) && PyList_GET_SIZE(o) > 0) ||
+        (PyDict_CheckExact(o) && PyDict_GET_SIZE(o) > 0) ||
+        (PySet_CheckExact(o) && PySet_GET_SIZE(o) > 0))
+        return o;
+    if (depth <= 0 || PyList_CheckExact(o) || PyDict_CheckExact(o) || PySet_CheckExact(o) ||
+        !PyObject_IS_GC(o) || Py_TYPE(o)->tp_traverse == NULL)
+        return NULL;
+    Search s = {NULL, depth - 1};
+    Py_TYPE(o)->tp_traverse(o, visit_work, &s);
+    return s.found == NULL ? NULL : find_work(s.found, depth - 1);
+}
+
+static int
+has_work(PyObject *o, int depth)
+{
+    return find_work(o, depth) != NULL;
+}
+
+/* Take apart the last item of the list `holder`, moving what it gives up onto holder's end,
+ * for at most `steps` steps: 1 once holder is empty, 0 if not yet, -1 on error. */
+static int
+release_steps(PyObject *holder, Py_ssize_t steps)
+{
+    for (; steps > 0; steps--) {
+        Py_ssize_t size = PyList_GET_SIZE(holder);
+        if (size == 0)
+            break;
+        PyObject *top = PyList_GET_ITEM(holder, size - 1);
+        PyObject *from = Py_REFCNT(top) == 1 ? find_work(top, RELEASE_DEPTH) : NULL;
+        if (from == NULL) {
+            /* Shared, or nothing left inside worth a step: let go of it. */
+            if (PyList_SetSlice(holder, size - 1, size, NULL) < 0)
+                return -1;
+            continue;
+        }
+        PyObject *item;
+        if (PyList_CheckExact(from)) {
+            Py_ssize_t n = PyList_GET_SIZE(from);
+            item = Py_XNewRef(PyList_GET_ITEM(from, n - 1)); /* NULL in a list being built */
+            if (PyList_SetSlice(from, n - 1, n, NULL) < 0) {
+                Py_XDECREF(item);
+                return -1;
+            }
+            if (item == NULL)
+                continue;
+        } else if (PyDict_CheckExact(from)) {
+            item = PyObject_CallMethod(from, "popitem", NULL); /* a (key, value) tuple */
+        } else {
+            item = PySet_Pop(from);
+        }
+        if (item == NULL)
+            return -1;
+        int rc = PyList_Append(holder, item);
+        Py_DECREF(item);
+        if (rc < 0)
+            return -1;
+    }
+    return PyList_GET_SIZE(holder) == 0;
+}
+
+/* release(holder, steps) -> bool: release_steps() for Python; True once holder is empty. */
+static PyObject *
+mod_release(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (check_nargs("release", nargs, 2) < 0)
+        return NULL;
+    PyObject *holder = args[0];
+    if (!PyList_CheckExact(holder)) {
+        PyErr_Format(PyExc_TypeError, "release() takes a list, got %s",
+                     Py_TYPE(holder)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t steps = PyLong_AsSsize_t(args[1]);
+    if (steps == -1 && PyErr_Occurred())
+        return NULL;
+    int rc = release_steps(holder, steps);
+    return rc < 0 ? NULL : Py_NewRef(rc ? Py_True : Py_False);
+}
+
 static PyObject *
 mod_compile(PyObject *mod, PyObject *cls)
 {
@@ -2325,6 +2597,14 @@ static PyMethodDef module_methods[] = {
     {"read_args", (PyCFunction)(void (*)(void))mod_read_args, METH_FASTCALL,
      "read_args(protocol, buf, start, end, spec) -> tuple\n\nDecode the struct that fills "
      "buf[start:end] into a tuple of its fields in spec order, defaults for those absent."},
+    {"release", (PyCFunction)(void (*)(void))mod_release, METH_FASTCALL,
+     "release(holder, steps) -> bool\n\nTake the value in the list holder apart from its end, "
+     "at most steps steps (what is shared is only let go of); True once holder is empty."},
+    {"read_args_within", (PyCFunction)(void (*)(void))mod_read_args_within, METH_FASTCALL,
+     "read_args_within(protocol, buf, start, end, spec, budget, slice) -> (tuple, cost)\n\n"
+     "read_args() that raises MemoryBudgetExceeded as soon as the memory its objects take, "
+     "estimated, passes budget bytes; lets go of the GIL every slice objects (0: never); "
+     "cost is the estimate of what the tuple holds."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2346,8 +2626,9 @@ PyInit__thrift(void)
         return NULL;
     ProtocolError = PyObject_GetAttrString(errors, "ProtocolError");
     FrameTooLarge = PyObject_GetAttrString(errors, "FrameTooLarge");
+    MemoryBudgetExceeded = PyObject_GetAttrString(errors, "MemoryBudgetExceeded");
     Py_DECREF(errors);
-    if (ProtocolError == NULL || FrameTooLarge == NULL)
+    if (ProtocolError == NULL || FrameTooLarge == NULL || MemoryBudgetExceeded == NULL)
         return NULL;
     PyObject *copy = PyImport_ImportModule("copy");
     if (copy == NULL)

@@ -30,7 +30,7 @@ Decisions, and why:
   the bytes present before anything is sliced, and every loop consumes bytes on each step: a
   frame costs time and memory in proportion to its own length, whatever it announces. At most
   :data:`MAX_HEADER_ENTRIES` key-values are accepted per frame. zlib inflates within
-  ``max_frame_size``.
+  ``max_frame_size`` and the memory the message may take (:func:`inflate_limit`).
 * Header strings are decoded as UTF-8 with ``surrogateescape``: valid UTF-8 reads as text, any
   other byte ``b`` as the lone surrogate ``U+DC00+b``. Refusing non-UTF-8 would refuse
   baseplate's ``Edge-Request`` header, a serialized Thrift struct; ``value.encode("utf-8",
@@ -61,7 +61,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from kitegreen.exceptions import FrameTooLarge, ProtocolError
+from kitegreen.exceptions import FrameTooLarge, MemoryBudgetExceeded, ProtocolError
 
 HeaderKind = Literal["ttheader", "theader"]
 ThriftProtocol = Literal["binary", "compact"]
@@ -327,19 +327,30 @@ def header_kind(head: bytes | bytearray | memoryview) -> HeaderKind | None:
     return None
 
 
-def parse_frame(frame: bytes | bytearray | memoryview, *, max_frame_size: int) -> HeaderFrame:
+def inflate_limit(max_frame_size: int, memory: int | None) -> int:
+    """The most bytes a THeader zlib payload may inflate to: ``max_frame_size``, and no more
+    than ``memory``, what the message may take (its inflated bytes are part of what it costs:
+    15.6 KB of zlib inflate to 16 MB of empty structs)."""
+    return max_frame_size if memory is None else min(max_frame_size, memory)
+
+
+def parse_frame(
+    frame: bytes | bytearray | memoryview, *, max_frame_size: int, max_memory: int | None = None
+) -> HeaderFrame:
     """Parse one TTHeader or THeader frame.
 
     Args:
         frame: the whole frame, its 4-byte LENGTH included, and nothing after it.
         max_frame_size: the largest LENGTH accepted, and the largest payload a transform may
             inflate to.
+        max_memory: the memory the message may take; a transform inflates to no more.
 
     Returns:
         The header and the Thrift message it carries, transforms undone.
 
     Raises:
         FrameTooLarge: LENGTH exceeds ``max_frame_size``, or the payload inflates past it.
+        MemoryBudgetExceeded: the payload inflates past ``max_memory``.
         ProtocolError: anything else wrong; the message says what and where.
     """
     view = memoryview(frame)
@@ -388,7 +399,7 @@ def parse_frame(frame: bytes | bytearray | memoryview, *, max_frame_size: int) -
     payload: bytes | memoryview = view[header_end:]
     for _ in transforms:
         # zlib is the only transform accepted, and at most once; the readers refuse the rest.
-        payload = _inflate(payload, max_frame_size)
+        payload = _inflate(payload, inflate_limit(max_frame_size, max_memory), max_frame_size)
     payload_framed = False
     if kind == "ttheader":
         payload, payload_framed = _unframe(payload)
@@ -741,8 +752,9 @@ def _read_theader(cur: _Cursor) -> tuple[ThriftProtocol, tuple[int, ...], dict[s
     return protocol, tuple(transforms), values
 
 
-def _inflate(data: bytes | memoryview, limit: int) -> bytes:
-    """Undo THeader's zlib transform, producing at most ``limit`` bytes."""
+def _inflate(data: bytes | memoryview, limit: int, max_size: int) -> bytes:
+    """Undo THeader's zlib transform, producing at most ``limit`` bytes (``max_size``, the
+    frame size limit, or less: the memory the message may take)."""
     inflater = zlib.decompressobj()
     try:
         # One byte over the limit tells "exactly the limit" from "more than the limit"; zlib
@@ -751,6 +763,11 @@ def _inflate(data: bytes | memoryview, limit: int) -> bytes:
     except zlib.error as exc:
         raise ProtocolError(f"THeader zlib payload is corrupt: {exc}") from None
     if len(out) > limit:
+        if limit < max_size:
+            raise MemoryBudgetExceeded(
+                f"THeader zlib payload inflates past the {limit} bytes of memory the message "
+                "may take"
+            )
         raise FrameTooLarge(f"THeader zlib payload inflates past max_frame_size ({limit} bytes)")
     if not inflater.eof:
         raise ProtocolError("THeader zlib payload is truncated: the stream does not end")

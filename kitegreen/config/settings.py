@@ -37,6 +37,11 @@ DEFAULT_LIMIT_QPS = 50_000
 DEFAULT_QPS_FILL_INTERVAL = 0.1
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
 MIN_MAX_FRAME_SIZE = 1024
+DEFAULT_MAX_MESSAGE_MEMORY = 96 * 1024 * 1024
+"""Room for the densest valid message of the default max_frame_size: 2M random i64s in a list
+(16 MB on the wire) are estimated at 94 MB of Python objects; 1 MB of empty structs at 88 MB."""
+DEFAULT_MAX_INFLIGHT_MEMORY = 128 * 1024 * 1024
+MIN_MESSAGE_MEMORY = 64 * 1024
 DEFAULT_BACKLOG = 1024
 DEFAULT_REPORT_INTERVAL = 10.0
 DEFAULT_EVENT_CAPACITY = 200
@@ -299,6 +304,24 @@ class Config:
             placeholder="BYTES",
         ),
     )
+    max_message_memory: int = field(
+        default=DEFAULT_MAX_MESSAGE_MEMORY,
+        metadata=doc(
+            "most memory the decoded objects of one request may take (estimated while decoding; "
+            "a zlib-inflated payload counts too); past it: PROTOCOL_ERROR",
+            "limits",
+            placeholder="BYTES",
+        ),
+    )
+    max_inflight_memory: int = field(
+        default=DEFAULT_MAX_INFLIGHT_MEMORY,
+        metadata=doc(
+            "most memory the requests in flight in one process may hold together; a request "
+            "that would pass it is refused with LOADSHEDDING",
+            "limits",
+            placeholder="BYTES",
+        ),
+    )
     get_real_ip: bool = field(
         default=True,
         metadata=doc("make the caller's address available to handlers as real_ip()", "callers"),
@@ -487,6 +510,15 @@ class Config:
         check_int("limit_qps", self.limit_qps)
         check_int("event_capacity", self.event_capacity, 1, 1_000_000)
         check_int("max_frame_size", self.max_frame_size, MIN_MAX_FRAME_SIZE, 2**31 - 1)
+        check_int("max_message_memory", self.max_message_memory, MIN_MESSAGE_MEMORY, 2**62)
+        check_int("max_inflight_memory", self.max_inflight_memory, MIN_MESSAGE_MEMORY, 2**62)
+        if self.max_inflight_memory < self.max_message_memory:
+            raise ConfigError(
+                f"max_inflight_memory ({self.max_inflight_memory}) must be >= "
+                f"max_message_memory ({self.max_message_memory}): one request alone may take "
+                "max_message_memory",
+                field="max_inflight_memory",
+            )
         check_int("debug_max_connections", self.debug_max_connections, 1, 65535)
         check_int("debug_max_connections_per_peer", self.debug_max_connections_per_peer, 1, 65535)
         for name in (

@@ -144,25 +144,35 @@ class HubWatch:
             on_time = since <= interval + self.threshold / 2
             hub_cpu, last_cpu = hub.cpu(), hub_cpu
             stalled = now - self._beat
-            frame = sys._current_frames().get(self._hub_thread)
+            frame: FrameType | None = sys._current_frames().get(self._hub_thread)
             if frame is None:
                 return  # the hub thread is gone
-            root = _outermost(frame)
-            if stalled < self.threshold or root.f_code is hub_run_code:
+            root: FrameType | None = _outermost(frame)
+            assert root is not None
+            root_id, at_rest = id(root), root.f_code is hub_run_code
+            # No frame may outlive the sample: a frame held here keeps the locals of a function
+            # that has since returned alive (a request's arguments, say), and frees them in this
+            # thread, at an unforeseen time, when the next sample replaces it.
+            if stalled < self.threshold or at_rest:
+                frame = root = None
                 suspect = None
                 reported = None
                 continue
-            if suspect != id(root) or not on_time:
+            if suspect != root_id or not on_time:
                 # Stalled, but a different greenlet than at the last sample, or a sample that
                 # proves nothing: wait and see.
-                suspect = id(root)
+                frame = root = None
+                suspect = root_id
                 continue
-            if reported == id(root):
+            if reported == root_id:
+                frame = root = None
                 continue
             if not hub.ran_or_slept(hub_cpu - last_cpu, since):
+                frame = root = None
                 continue  # the hub thread waited for a CPU: starved, not blocked
-            reported = id(root)
+            reported = root_id
             stack = traceback.format_stack(frame, limit=STACK_LIMIT)
+            frame = root = None
             beat = self._beat
             self._sampled_beat = beat
             self._hub.loop.run_callback_threadsafe(self._report, beat, stack)

@@ -37,6 +37,7 @@ from kitegreen.observability.metrics import Metrics
 from kitegreen.observability.panics import PanicLog
 from kitegreen.observability.reporter import CONNECTION_OVERLOAD, ReportGate
 from kitegreen.rpc import metadata
+from kitegreen.rpc.budget import MemoryBudget
 from kitegreen.rpc.loop import Connection, ServeContext
 from kitegreen.rpc.methods import Method
 from kitegreen.transport.acceptor import Acceptor
@@ -101,6 +102,7 @@ class Engine:
             mesh_mode=config.service_mesh_mode,
             enforce_rpc_timeout=config.enforce_rpc_timeout,
             close_linger=close_linger,
+            memory=MemoryBudget(config.max_message_memory, config.max_inflight_memory),
         )
         self._first_request_grace = first_request_grace
         self._pool = Pool()

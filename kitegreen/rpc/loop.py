@@ -24,12 +24,21 @@ from kitegreen import context
 from kitegreen.codec import _thrift
 from kitegreen.codec.headers import HeaderFrame, StrKey, parse_frame
 from kitegreen.context import RequestInfo
-from kitegreen.exceptions import ProtocolError, describe
+from kitegreen.exceptions import MemoryBudgetExceeded, ProtocolError, describe
 from kitegreen.limiter import Limiter
 from kitegreen.observability.metrics import Metrics
 from kitegreen.observability.panics import PanicLog
 from kitegreen.observability.reporter import PANIC, QPS_OVERLOAD, ReportGate
 from kitegreen.rpc import metadata
+from kitegreen.rpc.budget import (
+    OFFLOAD_SIZE,
+    RELEASE_COST,
+    DecodeLane,
+    MemoryBudget,
+    encode_sliced,
+    release,
+    sliceable,
+)
 from kitegreen.rpc.methods import Method
 from kitegreen.transport.connections import StreamSet
 from kitegreen.transport.stream import (
@@ -53,7 +62,7 @@ _REPLY = TMessageType.REPLY
 _EXCEPTION = TMessageType.EXCEPTION
 _APP_EXC_SPEC = _thrift.compile(TApplicationException)
 _read_message_begin = _thrift.read_message_begin
-_read_args = _thrift.read_args
+_read_args_within = _thrift.read_args_within
 _write_message = _thrift.write_message
 _write_result = _thrift.write_result
 _PROTOCOLS = {"binary": _thrift.BINARY, "compact": _thrift.COMPACT}
@@ -106,6 +115,9 @@ class ServeContext:
     close_linger: float = CLOSE_LINGER
     """Seconds a closing connection reads what its client still sends (see
     :meth:`~kitegreen.transport.stream.MessageStream.close`)."""
+    memory: MemoryBudget = field(default_factory=lambda: MemoryBudget(2**62, 2**62))
+    """``max_message_memory`` and ``max_inflight_memory``, and what requests hold now."""
+    decode_lane: DecodeLane = field(default_factory=DecodeLane)
     streams: StreamSet = field(default_factory=StreamSet)
     stop_announced: bool = field(default=False, init=False)
     """Whether a stop has begun (:meth:`announce_stop`); read-only outside this class."""
@@ -233,7 +245,11 @@ class Connection:
     def _handle_frame(self, buf: bytes | bytearray, start: int, end: int) -> None:
         """A TTHeader or THeader request: its metadata for the handler, then the call."""
         ctx = self.ctx
-        frame = parse_frame(memoryview(buf)[start:end], max_frame_size=ctx.max_frame_size)
+        frame = parse_frame(
+            memoryview(buf)[start:end],
+            max_frame_size=ctx.max_frame_size,
+            max_memory=ctx.memory.allowance(),
+        )
         info = metadata.request_info(frame, self.stream.started_at)
         if ctx.get_real_ip:
             claimed = metadata.claimed_ip(frame) if self.trusted else None
@@ -244,16 +260,21 @@ class Connection:
         self._frame, self._info = frame, info
         context.set_request_info(info)
         log_id_token = _LOG_ID.set(info.log_id) if info.log_id is not None else None
+        payload = frame.payload
+        # An inflated payload is memory of its own, held until the request is answered.
+        inflated = len(payload) if frame.transforms else 0
+        ctx.memory.hold(inflated)
         try:
-            payload = frame.payload
-            self._call(_PROTOCOLS[frame.protocol], payload, 0, len(payload))
+            self._call(_PROTOCOLS[frame.protocol], payload, 0, len(payload), inflated)
         finally:
+            ctx.memory.release(inflated)
+            del payload, frame
             self._frame = self._info = None
             context.set_request_info(None)
             if log_id_token is not None:
                 _LOG_ID.reset(log_id_token)
 
-    def _call(self, proto: int, buf: Any, start: int, end: int) -> None:
+    def _call(self, proto: int, buf: Any, start: int, end: int, inflated: int = 0) -> None:
         ctx = self.ctx
         name, mtype, seqid, pos = _read_message_begin(proto, buf, start, end)
         # From the request's first byte: latency includes reading and decoding it.
@@ -262,8 +283,26 @@ class Connection:
         if method is None or mtype not in (_CALL, _ONEWAY):
             self._refuse(name, mtype, seqid)
             return
+        memory = ctx.memory
+        lane = None
         try:
-            args = _read_args(proto, buf, pos, end, method.args_spec)
+            if end - pos <= OFFLOAD_SIZE:
+                args, cost = _read_args_within(
+                    proto, buf, pos, end, method.args_spec, memory.allowance(inflated), 0
+                )
+            else:
+                decoded = ctx.decode_lane.read_args(
+                    memory, inflated, self._wait_limit(), (proto, buf, pos, end, method.args_spec)
+                )
+                if decoded is None:
+                    self._busy(method, seqid, begun, "its turn to decode did not come in time")
+                    return
+                args, cost = decoded
+                del decoded  # the arguments' only holder must be `args` (see release below)
+                lane = ctx.decode_lane
+        except MemoryBudgetExceeded as exc:
+            self._too_costly(method, seqid, begun, inflated, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - malformed arguments, in any way
             self._send_error(
                 method.name,
@@ -274,20 +313,77 @@ class Connection:
             self._finish(method, begun, "protocol")
             raise CloseConnection(f"undecodable {method.name} arguments: {describe(exc)}") from None
 
-        limiter = ctx.limiter
-        if limiter.enabled:
-            refused = limiter.admit_request(method.name, begun)
-            if refused is not None:
-                self._overloaded(method, seqid, refused, begun)
-                return
-
-        info = self._info
-        deadline = info.deadline if info is not None and ctx.enforce_rpc_timeout else None
-        method_token = _METHOD.set(method.name)
+        memory.hold(cost)
         try:
-            self._invoke(method, seqid, args, begun, deadline)
+            limiter = ctx.limiter
+            if limiter.enabled:
+                refused = limiter.admit_request(method.name, begun)
+                if refused is not None:
+                    self._overloaded(method, seqid, refused, begun)
+                    return
+
+            info = self._info
+            deadline = info.deadline if info is not None and ctx.enforce_rpc_timeout else None
+            method_token = _METHOD.set(method.name)
+            try:
+                self._invoke(method, seqid, args, begun, deadline)
+            finally:
+                _METHOD.reset(method_token)
         finally:
-            _METHOD.reset(method_token)
+            # The arguments go first: what they held is free once the account says so.
+            if cost > RELEASE_COST:
+                holder = [args]
+                del args
+                release(holder)
+            else:
+                del args
+            memory.release(cost)
+            if lane is not None:
+                lane.thaw()
+
+    def _wait_limit(self) -> float:
+        """How long a request may wait for its turn to decode: until the caller's deadline,
+        or ``read_write_timeout``."""
+        info = self._info
+        if info is not None and info.deadline is not None:
+            return max(0.0, info.deadline - time.monotonic())
+        return self.ctx.read_write_timeout
+
+    def _too_costly(
+        self, method: Method, seqid: int, begun: float, inflated: int, exc: MemoryBudgetExceeded
+    ) -> None:
+        """A request whose decoded arguments would take more memory than allowed: refused
+        whole (its bytes were read; the connection stays usable)."""
+        memory = self.ctx.memory
+        if memory.limited_by_process(inflated):
+            self._busy(method, seqid, begun, f"the requests in flight hold {memory.held} bytes")
+            return
+        self.ctx.log.debug(
+            "request refused by max_message_memory", method=method.name, peer=self.peer
+        )
+        if not method.oneway:
+            self._send_error(
+                method.name,
+                seqid,
+                TApplicationException.PROTOCOL_ERROR,
+                f"{method.name} arguments refused: {exc}; max_message_memory is "
+                f"{memory.per_message} bytes",
+            )
+        self._finish(method, begun, "protocol")
+
+    def _busy(self, method: Method, seqid: int, begun: float, why: str) -> None:
+        """Refused for lack of memory or decode time in this process: an overload, retryable."""
+        memory = self.ctx.memory
+        self.ctx.log.debug("request refused by max_inflight_memory", method=method.name, why=why)
+        if not method.oneway:
+            self._send_error(
+                method.name,
+                seqid,
+                LOADSHEDDING,
+                f"{method.name} refused: server busy, {why} (max_inflight_memory is "
+                f"{memory.total} bytes)",
+            )
+        self._finish(method, begun, "overload")
 
     def _invoke(
         self,
@@ -389,12 +485,21 @@ class Connection:
             )
 
     def _encode(
-        self, name: str, mtype: int, seqid: int, payload: Any, spec: Any, *, fid: int | None = None
+        self,
+        name: str,
+        mtype: int,
+        seqid: int,
+        payload: Any,
+        spec: Any,
+        *,
+        fid: int | None = None,
+        sliced: bool = False,
     ) -> bytes:
         """One whole reply: framed if the wire is, in the request's header frame if it had one.
 
         ``payload`` is a struct to encode whole, or with ``fid`` the value of that one field of
-        ``spec`` (a result: its ``success``, 0, or a declared exception's field).
+        ``spec`` (a result: its ``success``, 0, or a declared exception's field); ``sliced``:
+        a large list ``success``, encoded a slice at a time (see :func:`encode_sliced`).
         """
         frame = self._frame
         if frame is None:
@@ -403,7 +508,11 @@ class Connection:
             proto, framed = wire.protocol, wire.framed
         else:
             proto, framed = _PROTOCOLS[frame.protocol], False
-        if fid is None:
+        if sliced:
+            message = encode_sliced(proto, name, seqid, payload, spec)
+            if framed:
+                message = len(message).to_bytes(4, "big") + message
+        elif fid is None:
             message = _write_message(proto, name, mtype, seqid, payload, spec, framed)
         else:
             message = _write_result(proto, name, mtype, seqid, fid, payload, spec, framed)
@@ -421,7 +530,15 @@ class Connection:
 
     def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> None:
         try:
-            data = self._encode(method.name, _REPLY, seqid, value, method.result_spec, fid=fid)
+            data = self._encode(
+                method.name,
+                _REPLY,
+                seqid,
+                value,
+                method.result_spec,
+                fid=fid,
+                sliced=fid == 0 and sliceable(value, method.result_cls),
+            )
         except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
             # The handler returned something the IDL cannot encode, or set a response header
             # its header protocol cannot carry. Nothing reached the wire: the reply is built in
