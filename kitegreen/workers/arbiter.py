@@ -21,14 +21,19 @@ QUIT       log the stacks, tell every worker to stop at once (no drain); exit 1.
            graceful stop it cuts the drain short.
 HUP        rolling reload: a probe loads the code and settings afresh while the loop goes on
            (if they fail, nothing changes); then, one at a time, a new worker is started and,
-           once it is ready, an old one is stopped. The listener is never closed, so clients
-           calling in a loop see neither a refused connection nor a reset. One reload at a
-           time: a HUP during one starts another when it ends.
+           once it is ready, an old one is stopped, handing its connections to the live
+           workers (``handoff.py``). The listener is never closed, so clients calling in a
+           loop see neither a refused connection nor a reset, and keep-alive ones no close.
+           One reload at a time: a HUP during one starts another when it ends.
 TTIN/TTOU  one worker more / fewer (at least one); the limits are shared anew as workers
            become ready or exit.
 USR1       log the arbiter's stacks and have every worker log its own.
 USR2       logged and ignored: binary upgrade is not supported.
 =========  ====================================================================================
+
+Recycling (``recycle.py``): a worker that asks to retire (``max_requests``,
+``max_worker_memory``) is replaced new-first, and stopped only while the workers ready without
+it still number those wanted; its connections are handed over as in a reload.
 
 Supervision: a worker that exits unasked is replaced. One that exits before it was ready or
 within :data:`~kitegreen.workers.crashes.CRASH_WINDOW` of being ready counts as a start-up
