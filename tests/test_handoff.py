@@ -11,11 +11,14 @@ import struct
 import time
 from typing import Any
 
+import gevent
 import pytest
 import structlog
+import ttheader
 import wire
 from conftest import wait_until
 from service import testsvc_thrift
+from thriftpy2.protocol.binary import TBinaryProtocol
 from thriftpy2.protocol.compact import TCompactProtocol
 from thriftpy2.transport.memory import TMemoryBuffer
 
@@ -64,6 +67,40 @@ def read_reply(sock: socket.socket) -> tuple[int, Any]:
     result = getattr(testsvc_thrift.TestService, f"{name}_result")()
     proto.read_struct(result)
     return seqid, result.success
+
+
+def tt_send(sock: socket.socket, method: str, seqid: int, **args: Any) -> None:
+    frame = ttheader.TTHeader(payload=wire.encode("binary", method, seqid, **args), seqid=seqid)
+    sock.sendall(ttheader.encode(frame))
+
+
+def tt_reply(sock: socket.socket, seqid: int) -> tuple[Any, dict[str, str]]:
+    """One TTHeader reply: the result and its string headers."""
+    head = b""
+    while len(head) < 4:
+        head += sock.recv(4 - len(head))
+    (length,) = struct.unpack("!I", head)
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        if not chunk:
+            raise EOFError(len(body))
+        body += chunk
+    reply = ttheader.decode(head + body)
+    proto = TBinaryProtocol(TMemoryBuffer(reply.payload))
+    name, _, got = proto.read_message_begin()
+    assert got == seqid
+    result = getattr(testsvc_thrift.TestService, f"{name}_result")()
+    proto.read_struct(result)
+    return result.success, ttheader.texts(reply.str_kv)
+
+
+def tt_call(
+    sock: socket.socket, method: str, seqid: int, **args: Any
+) -> tuple[Any, dict[str, str]]:
+    """One TTHeader call: the result and the reply's string headers."""
+    tt_send(sock, method, seqid, **args)
+    return tt_reply(sock, seqid)
 
 
 class Pair:
@@ -123,6 +160,27 @@ class TestHandOver:
             assert pair.sender.handed == 1
             sock.sendall(call("echo", 4, message="still"))
             assert read_reply(sock) == (4, "still")
+
+    def test_a_ttheader_connection_moves_without_crrst_and_keeps_its_real_ip(self, pair):
+        """A Kitex client must keep a connection that lives on: the reply that crosses the
+        stop carries no ``crrst``; the new engine answers the next frames, with the caller's
+        address as ``real_ip()``."""
+        with socket.create_connection(pair.old.address, timeout=5.0) as sock:
+            assert tt_call(sock, "client_ip", 1)[0] == "127.0.0.1"
+            tt_send(sock, "slow", 2, seconds=0.3, message="crossing")
+            wait_until(lambda: pair.old.engine.overload()["conn_busy"] == 1)
+            stopping = gevent.spawn(pair.old.stop, 5.0)
+            wait_until(lambda: not pair.old.engine.serving)
+            value, headers = tt_reply(sock, 2)
+            assert value == "crossing"
+            assert "crrst" not in headers
+            assert stopping.get(timeout=5.0)
+            assert pair.sender.handed == 1
+            for seqid in (3, 4):
+                value, headers = tt_call(sock, "client_ip", seqid)
+                assert value == "127.0.0.1"
+                assert "crrst" not in headers
+            wait_until(lambda: pair.new.engine.connections == 1)
 
     def test_the_adopted_connection_starts_a_fresh_idle_timer(self, make_server):
         pair = Pair(make_server)

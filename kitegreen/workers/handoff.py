@@ -37,6 +37,7 @@ from __future__ import annotations
 import _socket
 import contextlib
 import json
+import os
 import socket
 import struct
 import sys
@@ -132,6 +133,9 @@ class HandoffReceiver:
         self.log = log
         self._sock: Any = None
         self._peers = Group()
+        self._peer_socks: set[Any] = set()
+        """Sockets of senders being served: closed at stop, even by a greenlet killed before
+        it ran."""
         self._greenlet: gevent.Greenlet | None = None
         self.adopted = 0
 
@@ -159,6 +163,9 @@ class HandoffReceiver:
         if greenlet is not None:
             greenlet.kill(block=False)
         self._peers.kill(block=False)
+        for peer in list(self._peer_socks):
+            peer.close()
+        self._peer_socks.clear()
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
@@ -170,56 +177,67 @@ class HandoffReceiver:
             except OSError as exc:
                 self.log.warning("hand-off socket failed", error=describe(exc))
                 return
+            self._peer_socks.add(peer)
             self._peers.spawn(self._take, peer)
 
     def _take(self, peer: Any) -> None:
-        with contextlib.closing(peer):
-            try:
-                data, fds, flags, _ = socket.recv_fds(
-                    peer, _LENGTH.size + MAX_STATE + MAX_PENDING, 1
-                )
-            except OSError:
-                return
-            if not fds:
-                return
-            raw = _socket.socket(fileno=fds[0])
-            for extra in fds[1:]:
-                with contextlib.suppress(OSError):
-                    _socket.socket(fileno=extra).close()
-            truncated = flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
-            if not self._ready():
-                raw.close()  # the sender keeps its copy: no FIN reaches the client
-                with contextlib.suppress(OSError):
-                    peer.send(_NO)
-                return
-            try:
-                if truncated:
-                    raise ValueError("hand-off datagram truncated")
-                address, wire, pending = decode(data)
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
-                self.log.error("malformed hand-off refused", error=describe(exc))
-                raw.close()  # the sender keeps its copy: no FIN reaches the client
-                with contextlib.suppress(OSError):
-                    peer.send(_NO)
-                return
-            try:
-                peer.send(_YES)
-                with gevent.Timeout(RELEASE_TIMEOUT, TimeoutError):
-                    released = peer.recv(1) == _YES
-            except OSError:
-                released = False
-            if not released:
-                # The sender kept the connection (or died): it must never be read twice.
+        try:
+            self._take_one(peer)
+        finally:
+            self._peer_socks.discard(peer)
+            peer.close()
+
+    def _take_one(self, peer: Any) -> None:
+        try:
+            data, fds, flags, _ = socket.recv_fds(peer, _LENGTH.size + MAX_STATE + MAX_PENDING, 1)
+        except OSError:
+            return
+        if not fds:
+            return
+        for extra in fds[1:]:
+            with contextlib.suppress(OSError):
+                os.close(extra)
+        raw = _socket.socket(fileno=fds[0])
+        served = False
+        try:
+            served = self._serve(peer, raw, data, flags)
+        finally:
+            if not served:
+                # The sender keeps its copy (no FIN reaches the client), or the connection
+                # is ended as this worker's stop ends any other.
                 raw.close()
-                return
-            raw.setblocking(False)
-            if not self._adopt(raw, address, wire, pending):
-                # Stopping since it answered: end it as this worker's stop ends any other.
-                with contextlib.suppress(OSError):
-                    raw.shutdown(socket.SHUT_WR)
-                raw.close()
-                return
-            self.adopted += 1
+
+    def _serve(self, peer: Any, raw: Any, data: bytes, flags: int) -> bool:
+        if not self._ready():
+            with contextlib.suppress(OSError):
+                peer.send(_NO)
+            return False
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ValueError("hand-off datagram truncated")
+            address, wire, pending = decode(data)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            self.log.error("malformed hand-off refused", error=describe(exc))
+            with contextlib.suppress(OSError):
+                peer.send(_NO)
+            return False
+        try:
+            peer.send(_YES)
+            with gevent.Timeout(RELEASE_TIMEOUT, TimeoutError):
+                released = peer.recv(1) == _YES
+        except OSError:
+            released = False
+        if not released:
+            # The sender kept the connection (or died): it must never be read twice.
+            return False
+        raw.setblocking(False)
+        if not self._adopt(raw, address, wire, pending):
+            # Stopping since it answered: end it as this worker's stop ends any other.
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_WR)
+            return False
+        self.adopted += 1
+        return True
 
 
 class HandoffSender:
