@@ -106,9 +106,14 @@ def tt_call(
 class Pair:
     """Two servers on loopback; the first hands its connections to the second when it stops."""
 
-    def __init__(self, make_server: Any, *, receiver: bool = True) -> None:
-        self.old = make_server(close_linger=0.2)
-        self.new = make_server(close_linger=0.2)
+    def __init__(self, make_server: Any, *, receiver: bool = True, **config: Any) -> None:
+        folder = config.pop("unix_folder", None)
+        if folder is not None:
+            self.old = make_server(close_linger=0.2, unix_socket=str(folder / "old.sock"))
+            self.new = make_server(close_linger=0.2, unix_socket=str(folder / "new.sock"))
+        else:
+            self.old = make_server(close_linger=0.2)
+            self.new = make_server(close_linger=0.2)
         board = Board(4)
         old_slot, new_slot = board.slot(0), board.slot(1)
         new_slot.set_accepting(receiver)
@@ -145,6 +150,21 @@ class TestHandOver:
                 sock.sendall(call("echo", seqid, message=f"after {seqid}"))
                 assert read_reply(sock) == (seqid, f"after {seqid}")
             assert pair.new.engine.connections == 1
+
+    def test_a_unix_socket_connection_moves_too(self, make_server, tmp_path):
+        pair = Pair(make_server, unix_folder=tmp_path)
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(5.0)
+                sock.connect(pair.old.address)
+                sock.sendall(call("echo", 1, message="before"))
+                assert read_reply(sock) == (1, "before")
+                assert pair.old.stop(timeout=5.0)
+                assert pair.sender.handed == 1
+                sock.sendall(call("client_ip", 2))
+                assert read_reply(sock) == (2, "")  # no IP on a Unix socket, before or after
+        finally:
+            pair.close()
 
     def test_a_pipelined_request_crosses_with_the_connection_in_order(self, pair):
         """A request that arrived behind one in flight is answered, after it, by the new
