@@ -139,3 +139,21 @@ class TestRefusals:
         with pytest.raises(ConfigError, match="needs max_requests"):
             Config(workers=2, max_requests_jitter=10)
         assert Config(workers=2, max_requests=100, max_worker_memory=512).max_requests == 100
+
+
+class TestFewerWorkers:
+    def test_ttou_hands_the_leaving_workers_connections_over(self):
+        """TTOU stops a worker the same way: its keep-alive connections move to the others."""
+        with arbiter(workers=3) as instance:
+
+            def one_fewer() -> None:
+                instance.proc.send_signal(signal.SIGTTOU)
+                wait_until(lambda: len(instance.named("stopping a worker: fewer wanted")) == 1)
+
+            callers = load(instance, 3.0, during=one_fewer)
+            assert_no_connection_closed(callers)
+            handed = instance.named("connections handed over")
+            assert len(handed) == 1
+            assert handed[0]["handed"] > 0
+            assert handed[0]["ended"] == 0
+            assert instance.stop() == 0
