@@ -4,6 +4,7 @@ subprocess, over real loopback sockets: keep-alive clients must see no close at 
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 import gevent
 import pytest
 from conftest import wait_until
-from test_workers import EXITED, Arbiter, Caller, arbiter, gone
+from launching import Launcher
+from test_workers import EXITED, LOOPBACK, TARGET, Arbiter, Caller, arbiter, gone, module_env
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 
@@ -130,15 +132,33 @@ class TestMaxWorkerMemory:
 
 class TestRefusals:
     def test_one_process_refuses_max_requests(self):
-        """One process has no arbiter to start a replacement: the setting is refused."""
-        from kitegreen import Config
-        from kitegreen.exceptions import ConfigError
+        """One process has no arbiter to start a replacement: the launcher refuses (exit 2)
+        rather than ignore the setting."""
+        with Launcher(TARGET, *LOOPBACK, "--max-requests", "100") as launcher:
+            assert launcher.wait() == 2
+        assert "max_requests recycles workers and needs --workers 2 or more" in launcher.output()
 
-        with pytest.raises(ConfigError, match="needs --workers 2 or more"):
-            Config(max_requests=100)
-        with pytest.raises(ConfigError, match="needs max_requests"):
-            Config(workers=2, max_requests_jitter=10)
-        assert Config(workers=2, max_requests=100, max_worker_memory=512).max_requests == 100
+    def test_jitter_without_max_requests_is_refused(self):
+        with Launcher(TARGET, *LOOPBACK, "-w", "2", "--max-requests-jitter", "10") as launcher:
+            assert launcher.wait(20.0) == 2
+        assert "max_requests_jitter needs max_requests" in launcher.output()
+
+    def test_the_parts_may_come_from_different_sources(self, tmp_path):
+        """``max_requests`` in the code, ``--workers`` on the command line: the final
+        configuration is what counts."""
+        module = tmp_path / "app.py"
+        module.write_text(
+            "from service import Handler, testsvc_thrift\n"
+            "import kitegreen\n"
+            "server = kitegreen.RpcServer(testsvc_thrift.TestService, Handler(),\n"
+            "    kitegreen.Config(service_name='w', max_requests=1000, max_requests_jitter=9))\n"
+        )
+        with Launcher(
+            f"{module}:server", *LOOPBACK, "-w", "2", "--check-config", env=module_env()
+        ) as launcher:
+            assert launcher.wait(20.0) == 0
+        printed = json.loads("".join(launcher.stdout))
+        assert (printed["max_requests"], printed["workers"]) == (1000, 2)
 
 
 class TestFewerWorkers:
