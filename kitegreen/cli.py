@@ -133,13 +133,18 @@ def load_server(target: str, file: str | None, flags: dict[str, Any]) -> RpcServ
 
     Raises:
         LaunchError: see :func:`load_target`.
-        ConfigError: a setting is malformed or out of range.
+        ConfigError: a setting is malformed or out of range, or the recycling settings do
+            not fit the final configuration (``max_requests`` in one process).
     """
     from kitegreen.config import Config
     from kitegreen.target import load_target
 
     server = load_target(target)
     server.reconfigure(Config.load(base=server.config, file=file, flags=flags))
+    # Only now: the code, the file, the environment and the flags may each set a part.
+    problem = server.config.recycling_problem()
+    if problem is not None:
+        raise problem
     return server
 
 

@@ -232,6 +232,10 @@ class RpcServer:
             limits={"conn": self.config.limit_connections, "qps": self.config.limit_qps},
         )
         self.events.push(SERVER_START, f"listening on {where}")
+        problem = self.config.recycling_problem()
+        if problem is not None:
+            # Started from code (the launcher refuses): nothing here can recycle a process.
+            self.log.warning("recycling settings ignored in one process", reason=str(problem))
 
     def serve(self) -> None:
         """Start if needed, then block until the server has stopped (kite's Serve)."""

@@ -99,7 +99,6 @@ class TestGunicornFlags:
             ("--access-logfile", "did you mean --access-log?"),
             ("--worker-connections", "did you mean --limit-connections?"),
             ("--forwarded-allow-ips", "did you mean --trusted-proxies?"),
-            ("--max-requests", "worker recycling (gunicorn's --max-requests) is not supported yet"),
             ("--threads", "kitegreen has no threads to set"),
             ("--worker-class", "kitegreen's workers are always gevent's"),
         ],

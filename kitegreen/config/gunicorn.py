@@ -101,11 +101,6 @@ GUNICORN_FLAGS: dict[str, tuple[str, str]] = {
     ),
     "--keep-alive": _KEEP_ALIVE,
     "--keepalive": _KEEP_ALIVE,
-    "--max-requests": ("", "worker recycling (gunicorn's --max-requests) is not supported yet"),
-    "--max-requests-jitter": (
-        "",
-        "worker recycling (gunicorn's --max-requests-jitter) is not supported yet",
-    ),
     "--threads": (
         "",
         "kitegreen has no threads to set: each connection is served by a greenlet, and "

@@ -242,6 +242,32 @@ class Config:
             "workers",
         ),
     )
+    max_requests: int = field(
+        default=0,
+        metadata=doc(
+            "recycle a worker after it has answered this many requests (plus a random "
+            "0..max_requests_jitter): a new worker starts first and takes over its connections; "
+            "0: never. Needs --workers 2 or more",
+            "workers",
+        ),
+    )
+    max_requests_jitter: int = field(
+        default=0,
+        metadata=doc(
+            "a random 0..N added to max_requests for each worker, so that workers started "
+            "together do not retire together",
+            "workers",
+        ),
+    )
+    max_worker_memory: int = field(
+        default=0,
+        metadata=doc(
+            "recycle a worker whose resident memory passes this many MiB (checked every "
+            "heartbeat) as max_requests does; 0: never. Needs --workers 2 or more",
+            "workers",
+            placeholder="MIB",
+        ),
+    )
     read_write_timeout: float = field(
         default=DEFAULT_READ_WRITE_TIMEOUT,
         metadata=doc(
@@ -536,6 +562,9 @@ class Config:
         if self.drain_time is not None:
             _check_at_least_zero("drain_time", self.drain_time)
         check_endpoint_qps_limits(self.endpoint_qps_limits)
+        check_int("max_requests", self.max_requests, 0, 2**62)
+        check_int("max_requests_jitter", self.max_requests_jitter, 0, 2**62)
+        check_int("max_worker_memory", self.max_worker_memory, 0, 2**40)
         if self.log_config and not self.log_config.lower().endswith(LOG_CONFIG_SUFFIXES):
             raise ConfigError(
                 "log_config must name a dictConfig document ending in "
@@ -559,6 +588,29 @@ class Config:
                 self, "endpoint_qps_limits", types.MappingProxyType(dict(self.endpoint_qps_limits))
             )
         object.__setattr__(self, "trusted_proxies", _normalise_networks(self.trusted_proxies))
+
+    def recycling_problem(self) -> ConfigError | None:
+        """Why the recycling settings do not fit the configuration as a whole, or None.
+
+        Not checked on construction: the code, the config file, the environment and the flags
+        each set a part (``max_requests`` in the code, ``--workers 4`` on the command line), so
+        the launcher checks the final configuration, and one process refuses to start.
+        """
+        if self.max_requests_jitter and not self.max_requests:
+            return ConfigError(
+                "max_requests_jitter needs max_requests: it is added to it",
+                field="max_requests_jitter",
+            )
+        if self.workers == 1 and (self.max_requests or self.max_worker_memory):
+            # gunicorn always has an arbiter to replace a worker; one process has nobody to
+            # take over its connections, and restarting it would drop every one of them.
+            name = "max_requests" if self.max_requests else "max_worker_memory"
+            return ConfigError(
+                f"{name} recycles workers and needs --workers 2 or more (one process has no "
+                "arbiter to start its replacement)",
+                field=name,
+            )
+        return None
 
     @property
     def effective_listen_type(self) -> str:

@@ -30,6 +30,7 @@ import gevent
 from gevent.event import Event as GEvent
 from gevent.pool import Pool
 
+from kitegreen.codec.wire import Wire
 from kitegreen.config import Config
 from kitegreen.limiter import Limiter, Limits
 from kitegreen.observability.hubwatch import HubWatch, block_reporter, starvation_logger
@@ -303,8 +304,11 @@ class Engine:
             True if no request was cut off.
         """
         streams = self._ctx.streams
+        hand_over = self._ctx.hand_off is not None
         while len(self._pool):
-            streams.end_idle(self._first_request_grace)
+            # Handed over, a connection needs no grace: its next request reaches the other
+            # worker as it would have reached this one.
+            streams.end_idle(self._first_request_grace, hand_over=hand_over)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -328,6 +332,41 @@ class Engine:
         for part in (self.hub_watch, self.idle_sweeper):
             if part is not None:
                 part.stop()
+
+    # -- worker recycling ------------------------------------------------------------------
+
+    def retire_after(self, requests: int, retire: Callable[[], object]) -> None:
+        """Call ``retire`` once, when ``requests`` more requests have been answered."""
+        self._ctx.on_budget_spent = retire
+        self._ctx.request_budget = max(requests, 1)
+
+    def hand_off_connections(self, hand_off: Callable[[Connection], bool]) -> None:
+        """Make the next stop hand each connection over at a message boundary rather than end
+        it: ``hand_off`` gives one connection to another process and says whether it took
+        it; one it did not take ends with a FIN as in any stop. TTHeader replies stop asking
+        Kitex clients to drop the connection (it lives on)."""
+        self._ctx.hand_off = hand_off
+
+    def adopt(self, sock: Any, address: Any, wire: Wire | None, pending: bytes) -> bool:
+        """Serve a connection another worker handed over, from where it left it.
+
+        Args:
+            sock: the connection, a plain non-blocking socket.
+            address: the peer's address as accept() gave it.
+            wire: the wire detected on it, if any bytes were read yet.
+            pending: bytes received there and not handed out (a pipelined request's start).
+
+        Returns:
+            False if this engine is not serving (the caller keeps the connection); the
+            connection counts against this worker's connections, admitted whatever the limit
+            (it was admitted once, and refusing it now would close a client's connection).
+        """
+        if not self._started or self._ctx.stop_announced:
+            return False
+        # Not counted as accepted: the instance accepted it once, in the worker that retired.
+        self.limiter.admit_connection(force=True)
+        self._pool.spawn(self._serve, sock, address, (wire, pending))
+        return True
 
     # -- what the control plane reads and sets ---------------------------------------------
 
@@ -390,8 +429,13 @@ class Engine:
     def _handle(self, sock: Any, address: Any) -> None:
         if self.metrics is not None:
             self.metrics.connection_accepted()
+        self._serve(sock, address)
+
+    def _serve(
+        self, sock: Any, address: Any, adopted: tuple[Wire | None, bytes] | None = None
+    ) -> None:
         try:
-            Connection(sock, address, self._ctx).serve()
+            Connection(sock, address, self._ctx, adopted).serve()
         finally:
             self.limiter.release_connection()
 

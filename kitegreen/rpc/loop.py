@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from kitegreen import context
 from kitegreen.codec import _thrift
 from kitegreen.codec.headers import HeaderFrame, StrKey, parse_frame
+from kitegreen.codec.wire import Wire
 from kitegreen.context import RequestInfo
 from kitegreen.exceptions import MemoryBudgetExceeded, ProtocolError, describe
 from kitegreen.limiter import Limiter
@@ -43,6 +45,7 @@ from kitegreen.rpc.methods import Method
 from kitegreen.transport.connections import StreamSet
 from kitegreen.transport.stream import (
     CLOSE_LINGER,
+    HandOver,
     IdleTimeout,
     MessageStream,
     PeerClosed,
@@ -123,6 +126,18 @@ class ServeContext:
     """Whether a stop has begun (:meth:`announce_stop`); read-only outside this class."""
     finishing: bool = field(default=False, init=False)
     """Whether the listener is closed (:meth:`finish_requests`); read-only outside."""
+    request_budget: int = field(default=0, init=False)
+    """Requests left before :attr:`on_budget_spent` is called; 0: not counted."""
+    on_budget_spent: Callable[[], object] | None = field(default=None, init=False)
+    hand_off: Callable[[Connection], bool] | None = field(default=None, init=False)
+    """Set for a recycled worker's stop: once the listener is closed, each connection is
+    handed to another worker at its next message boundary (True: it was) instead of ending."""
+
+    def spend_request(self) -> None:
+        """One request answered: call :attr:`on_budget_spent` when the budget runs out."""
+        self.request_budget -= 1
+        if self.request_budget == 0 and self.on_budget_spent is not None:
+            self.on_budget_spent()
 
     def announce_stop(self) -> None:
         """A stop has begun: TTHeader replies from now on carry ``crrst=1``, so Kitex clients
@@ -150,22 +165,36 @@ class Connection:
 
     __slots__ = (
         "_frame",
+        "_handed",
         "_info",
         "_reply_bytes",
         "_request_bytes",
         "_shown_ip",
+        "address",
         "ctx",
         "peer",
         "stream",
         "trusted",
     )
 
-    def __init__(self, sock: Any, address: Any, ctx: ServeContext) -> None:
+    def __init__(
+        self,
+        sock: Any,
+        address: Any,
+        ctx: ServeContext,
+        adopted: tuple[Wire | None, bytes] | None = None,
+    ) -> None:
         self.ctx = ctx
+        self.address = address
         self.peer = peer_ip(address)
         self.stream = MessageStream(
             sock, rw_timeout=ctx.read_write_timeout, max_frame_size=ctx.max_frame_size
         )
+        if adopted is not None:
+            # Handed over by a worker that retired: its detected wire and unread bytes.
+            self.stream.preload(adopted[1], adopted[0])
+        self._handed = False
+        """Handed to another worker: closed here without a FIN (the other holds it)."""
         self.trusted = ctx.mesh_mode or metadata.is_trusted(self.peer, ctx.trusted_proxies)
         """Whether this peer may tell the client's address in a ``rip`` header."""
         self._shown_ip = self.peer
@@ -208,7 +237,7 @@ class Connection:
                 ctx.log.debug("connection closed", peer=self.peer, reason=_why_closed(exc))
         finally:
             ctx.streams.discard(stream)
-            stream.close(linger)
+            stream.close(0.0 if self._handed else linger)
             _PEER.reset(peer_token)
 
     def _loop(self) -> None:
@@ -221,15 +250,32 @@ class Connection:
             except ProtocolError as exc:
                 self._answer_refused(exc)
                 raise
+            except HandOver:
+                # Idle with nothing unread: hand it over, or end it as a stop would.
+                self._hand_off()
+                return
             if message is None:
                 return
             self._handle(*message)
             # The request's bytes must not outlive it: an idle connection holds no buffer.
             del message
-            if ctx.finishing and not stream.has_input():
-                # Nothing more arrived: the FIN that follows tells the client a request it
-                # sends from now on was never seen.
-                return
+            if ctx.request_budget:
+                ctx.spend_request()
+            if ctx.finishing:
+                if ctx.hand_off is not None and self._hand_off():
+                    return
+                if not stream.has_input():
+                    # Nothing more arrived: the FIN that follows tells the client a request
+                    # it sends from now on was never seen.
+                    return
+
+    def _hand_off(self) -> bool:
+        """At a message boundary: give the connection to another worker (True) or keep it."""
+        hand_off = self.ctx.hand_off
+        if hand_off is None:
+            return False
+        self._handed = hand_off(self)
+        return self._handed
 
     def _handle(self, buf: bytes | bytearray, start: int, end: int) -> None:
         wire = self.stream.wire
@@ -519,7 +565,8 @@ class Connection:
         if frame is None:
             return message
         headers = self._info.response_headers if self._info is not None else {}
-        if frame.kind == "ttheader" and self.ctx.stop_announced:
+        if frame.kind == "ttheader" and self.ctx.stop_announced and self.ctx.hand_off is None:
+            # A connection handed over lives on: a Kitex client must keep reusing it.
             headers = {**headers, StrKey.CONNECTION_READY_TO_RESET: "1"}
         return frame.reply(message, str_info=headers)
 

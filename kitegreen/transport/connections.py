@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import gevent
 
-from kitegreen.transport.stream import IdleTimeout, MessageStream, StopServing
+from kitegreen.transport.stream import HandOver, IdleTimeout, MessageStream, StopServing
 
 
 class StreamSet:
@@ -34,7 +34,7 @@ class StreamSet:
         """Streams in the middle of a request: reading it, running its handler, replying."""
         return sum(1 for s in self._streams if s.idle_for(0.0) is None)
 
-    def end_idle(self, first_request_grace: float = 0.0) -> int:
+    def end_idle(self, first_request_grace: float = 0.0, *, hand_over: bool = False) -> int:
         """End every stream that waits for a request with nothing unread (for a stop).
 
         Args:
@@ -43,13 +43,21 @@ class StreamSet:
                 still accepted, and its first request may be on its way (ended now, that
                 request would be answered with an end-of-stream). A later call ends it.
 
+            hand_over: raise :class:`HandOver` rather than :class:`StopServing`: the
+                connections are handed to another worker (a recycled worker's stop), not
+                closed, and none needs sparing.
+
         Returns:
-            How many were told to end; they close with a FIN from their own greenlets.
+            How many were told to end; they close with a FIN from their own greenlets (or
+            hand themselves over).
         """
         now = time.monotonic()
         ended = 0
         for stream in self:
             waited = stream.idle_for(now)
+            if hand_over:
+                ended += stream.interrupt_if_idle(HandOver("handing the connection over"))
+                continue
             if stream.wire is None and waited is not None and waited < first_request_grace:
                 continue
             ended += stream.interrupt_if_idle(StopServing("server stopping"))

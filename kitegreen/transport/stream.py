@@ -47,6 +47,10 @@ class PeerClosed(ConnectionError):
     """The peer closed its side in the middle of a message."""
 
 
+class HandOver(StopServing):
+    """Raised into an idle connection to hand it to another worker (worker recycling)."""
+
+
 class MessageStream:
     """One accepted socket, read a whole message at a time.
 
@@ -145,6 +149,18 @@ class MessageStream:
         else:
             self._pos = end
         return buf, start, end
+
+    def pending(self) -> bytes:
+        """The bytes received and not handed out yet (a pipelined request's beginning), for a
+        hand-over to another process between messages."""
+        return bytes(self._buf[self._pos :])
+
+    def preload(self, data: bytes, wire: Wire | None) -> None:
+        """Start from what another process had received on this connection: its wire and
+        the bytes it had not handed out; their deadline runs from now."""
+        self.wire = wire
+        self._buf, self._pos = data, 0
+        self._received_at = time.monotonic()
 
     def unread(self) -> tuple[bytes | bytearray, int, int]:
         """The bytes received of the message being read (after a frame's length), for an error

@@ -21,14 +21,19 @@ QUIT       log the stacks, tell every worker to stop at once (no drain); exit 1.
            graceful stop it cuts the drain short.
 HUP        rolling reload: a probe loads the code and settings afresh while the loop goes on
            (if they fail, nothing changes); then, one at a time, a new worker is started and,
-           once it is ready, an old one is stopped. The listener is never closed, so clients
-           calling in a loop see neither a refused connection nor a reset. One reload at a
-           time: a HUP during one starts another when it ends.
+           once it is ready, an old one is stopped, handing its connections to the live
+           workers (``handoff.py``). The listener is never closed, so clients calling in a
+           loop see neither a refused connection nor a reset, and keep-alive ones no close.
+           One reload at a time: a HUP during one starts another when it ends.
 TTIN/TTOU  one worker more / fewer (at least one); the limits are shared anew as workers
            become ready or exit.
 USR1       log the arbiter's stacks and have every worker log its own.
 USR2       logged and ignored: binary upgrade is not supported.
 =========  ====================================================================================
+
+Recycling (``recycle.py``): a worker that asks to retire (``max_requests``,
+``max_worker_memory``) is replaced new-first, and stopped only while the workers ready without
+it still number those wanted; its connections are handed over as in a reload.
 
 Supervision: a worker that exits unasked is replaced. One that exits before it was ready or
 within :data:`~kitegreen.workers.crashes.CRASH_WINDOW` of being ready counts as a start-up
@@ -98,6 +103,7 @@ from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.fleet import Fleet, ready_count
 from kitegreen.workers.probe import probe_config, probe_timeout
 from kitegreen.workers.process import BOOTING, WorkerProcess
+from kitegreen.workers.recycle import plan_recycling
 from kitegreen.workers.reload import RollingReload
 from kitegreen.workers.worker import Application, WorkerSpec, run_worker
 
@@ -372,6 +378,8 @@ class Arbiter:
             self._reload.probed(event[1], event[2])
         elif kind == "deregistered":
             self._on_deregistered()
+        elif kind == "retire":
+            self._on_retire(event[1], event[2])
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -492,31 +500,53 @@ class Arbiter:
     # -- workers -------------------------------------------------------------------------------
 
     def _manage(self, now: float) -> None:
-        """Bring the workers to the number wanted: replace, scale, roll a reload forward."""
+        """Bring the workers to the number wanted: replace, scale, recycle, roll a reload
+        forward."""
         live = [w for w in self._workers.values() if w.live]
         generation = self._reload.generation
-        old = sorted((w for w in live if w.generation < generation), key=lambda w: w.age)
-        current = sorted((w for w in live if w.generation == generation), key=lambda w: w.age)
+        outdated = [w for w in live if w.generation < generation]
         reload_crashes = self._reload.crashes
         if reload_crashes is None:
             self._crashes.note_health(live)
         else:
-            self._crashes.note_health(old)
-            reload_crashes.note_health(current)
+            self._crashes.note_health(outdated)
+            reload_crashes.note_health([w for w in live if w.generation == generation])
+        if not outdated and self._reload.rolling:
+            # The new generation is the one in service now, crashes counted so far included.
+            self._crashes = self._reload.complete() or self._crashes
+            reload_crashes = None
+        # Outdated and retiring workers alike go, each once a replacement is ready.
+        old = sorted(
+            (w for w in live if w.generation < generation or w.retiring), key=lambda w: w.age
+        )
+        current = sorted(
+            (w for w in live if w.generation == generation and not w.retiring),
+            key=lambda w: w.age,
+        )
         if not old:
-            if self._reload.rolling:
-                # The new generation is the one in service now, crashes counted so far
-                # included.
-                self._crashes = self._reload.complete() or self._crashes
             for worker in current[: max(len(current) - self._wanted, 0)]:
                 self.log.info("stopping a worker: fewer wanted", worker=worker.pid)
-                worker.stop()
+                worker.stop(hand_off=True)
             if self._may_spawn(now, self._crashes):
                 for _ in range(self._wanted - len(current)):
                     if not self._spawn():
                         break
             return
-        assert reload_crashes is not None
+        if reload_crashes is None:
+            spawn, stop = plan_recycling(old, current, live, self._wanted)
+            for worker in stop:
+                self.log.info(
+                    "stopping a worker: recycled",
+                    worker=worker.pid,
+                    reason=worker.retiring,
+                    ready_left=ready_count(self._workers.values()) - 1,
+                )
+                worker.stop(hand_off=True)
+            if self._may_spawn(now, self._crashes):
+                for _ in range(spawn):
+                    if not self._spawn():
+                        break
+            return
         # A reload rolls one worker at a time: a new one first, an old one once it is ready.
         if any(w.state == BOOTING for w in current):
             return
@@ -524,10 +554,29 @@ class Arbiter:
             if not reload_crashes.proven:
                 # A new worker crashed: no old one stops until a new one has proved itself.
                 return
-            self.log.info("stopping an old worker: reload", worker=old[0].pid)
-            old[0].stop()
+            # One still booting first (spawned before the SIGHUP, to replace a worker that
+            # exited or retired): stopping it takes nothing from the workers ready, which must
+            # never drop below the number wanted.
+            victim = next((w for w in old if w.state == BOOTING), None)
+            if victim is None and ready_count(live) > self._wanted:
+                victim = old[0]
+            if victim is None:
+                return
+            self.log.info("stopping an old worker: reload", worker=victim.pid)
+            victim.stop(hand_off=True)
         elif self._may_spawn(now, reload_crashes):
             self._spawn()
+
+    def _on_retire(self, pid: int, message: dict[str, Any]) -> None:
+        worker = self._workers.get(pid)
+        if self._phase != SERVING or worker is None:
+            return
+        reason = str(message.get("reason", "asked"))
+        if not worker.mark_retiring(reason):
+            return
+        figures = {k: v for k, v in message.items() if k not in ("type", "reason")}
+        self.log.info("worker retiring; replacing it", worker=pid, reason=reason, **figures)
+        self.instance.push_event("Worker Recycle", f"{pid}: {reason}")
 
     def _may_spawn(self, now: float, crashes: CrashPolicy) -> bool:
         return now >= self._spawn_not_before and crashes.may_spawn()
@@ -613,6 +662,8 @@ class Arbiter:
         kind = message.get("type")
         if kind == "ready":
             self._events.put(("ready", pid))
+        elif kind == "retire":
+            self._events.put(("retire", pid, message))
         elif kind == "final" and isinstance(message.get("stats"), dict):
             self.fleet.stats.update(pid, message["stats"])
 

@@ -7,7 +7,9 @@ inherits the same pages. Each worker owns one slot and writes three numbers ther
   time its hub ran; the arbiter reads it without a system call or a message, and kills a worker
   whose heartbeat is older than ``worker_timeout``;
 - the **connections** it has open, and whether it is **accepting**: the other workers read these
-  to share new connections out evenly (``balance.py``).
+  to share new connections out evenly (``balance.py``);
+- whether it is **retiring** (recycled: ``recycle.py``): a worker handing its connections over
+  picks an accepting worker that is not (``handoff.py``).
 
 A file's mtime (gunicorn's heartbeat) would cost a system call per beat and per check, and could
 not carry the other two figures. Each number is one aligned 8-byte store by the slot's one
@@ -23,8 +25,8 @@ import time
 
 from kitegreen.config import MAX_WORKERS
 
-_FIELDS = 3
-_HEARTBEAT, _OPEN, _ACCEPTING = range(_FIELDS)
+_FIELDS = 4
+_HEARTBEAT, _OPEN, _ACCEPTING, _RETIRING = range(_FIELDS)
 _DOUBLE = struct.Struct("d")
 _HEADER = 1
 """One number before the slots: how many slots are in use (the highest in use, plus one)."""
@@ -85,6 +87,22 @@ class Board:
                 fewest = values[base + _OPEN]
         return None if fewest is None else int(fewest)
 
+    def adopter(self, exclude: int, now: float, stale_after: float) -> int | None:
+        """The slot, other than ``exclude``, to hand a connection to: accepting, not retiring,
+        heartbeat fresher than ``stale_after``, fewest connections open; None if none."""
+        count = min(self.in_use(), self.size)
+        best: tuple[float, int] | None = None
+        for index in range(count):
+            if index == exclude:
+                continue
+            heartbeat, opened, accepting, retiring = (
+                self._read(self._offset(index, f)) for f in range(_FIELDS)
+            )
+            eligible = accepting > 0 and not retiring and now - heartbeat < stale_after
+            if eligible and (best is None or opened < best[0]):
+                best = (opened, index)
+        return None if best is None else best[1]
+
     def _offset(self, index: int, field: int) -> int:
         return (_HEADER + index * _FIELDS + field) * _DOUBLE.size
 
@@ -122,8 +140,17 @@ class Slot:
         """Publish whether this worker accepts new connections."""
         self._put(_ACCEPTING, 1.0 if accepting else 0.0)
 
+    def set_retiring(self) -> None:
+        """Publish that this worker asked to be recycled: no connection is handed to it."""
+        self._put(_RETIRING, 1.0)
+
+    def retiring(self) -> bool:
+        """Whether this worker asked to be recycled."""
+        return self.board._read(self.board._offset(self.index, _RETIRING)) > 0
+
     def clear(self) -> None:
         """Not accepting, nothing open, stamped now: a worker just forked, or just reaped."""
+        self._put(_RETIRING, 0.0)
         self.set_accepting(False)
         self.set_open(0)
         self.stamp()

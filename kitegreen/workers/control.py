@@ -13,8 +13,13 @@ worker             ``{"reply_to": n, "seq": m, ...}``  counters, histograms, gau
                                                        arbiter keeps the newest)
 arbiter            ``{"type": "limits", ...}``         this worker's share of the instance's
                                                        limits
+worker             ``{"type": "retire", ...}``         recycle me (``reason``: ``max_requests``
+                                                       or ``max_worker_memory``, and figures);
+                                                       it serves on until told to stop
 arbiter            ``{"type": "stop", ...}``           stop, draining (as on SIGTERM) or not
-                                                       (``"graceful": false``, as on SIGQUIT)
+                                                       (``"graceful": false``, as on SIGQUIT);
+                                                       ``"hand_off": true``: hand connections
+                                                       to the other workers (``handoff.py``)
 worker             ``{"type": "final", ...}``          its last figures (numbered too), once
                                                        stopped, so that the instance's counters
                                                        never go backwards

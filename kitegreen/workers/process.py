@@ -37,6 +37,8 @@ class WorkerProcess:
         ready_at: monotonic time its engine started accepting; None until then
             (:meth:`mark_ready`).
         stop_requested: the arbiter asked it to stop (an exit is then expected).
+        retiring: why it asked to be recycled (``max_requests``, ``max_worker_memory``);
+            None if it did not. It serves on until a replacement is ready.
         timed_out: its watchdog ended it, or the arbiter killed it, for a stale heartbeat
             (:meth:`mark_timed_out`).
         exited: it has exited and been reaped (by the hub, before the arbiter handles the
@@ -56,6 +58,7 @@ class WorkerProcess:
     spawned_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     stop_requested: bool = False
+    retiring: str | None = None
     timed_out: bool = False
     exited: bool = False
     exit_status: int | None = None
@@ -80,6 +83,14 @@ class WorkerProcess:
         if self.exited or self.ready_at is not None:
             return False
         self.ready_at = time.monotonic()
+        return True
+
+    def mark_retiring(self, reason: str) -> bool:
+        """It asked to be recycled; False (nothing recorded) if it is not live or asked
+        already."""
+        if not self.live or self.retiring is not None:
+            return False
+        self.retiring = reason
         return True
 
     def mark_reaped(self) -> None:
@@ -108,12 +119,16 @@ class WorkerProcess:
             return False
         return True
 
-    def stop(self, *, graceful: bool = True) -> None:
+    def stop(self, *, graceful: bool = True, hand_off: bool = False) -> None:
         """Ask it to stop over its control channel: gracefully (it drains its connections, as
-        on SIGTERM) or at once (it cuts them off, as on SIGQUIT). A channel already closed
-        falls back on the signal."""
+        on SIGTERM) or at once (it cuts them off, as on SIGQUIT). With ``hand_off`` its
+        connections go to the other workers rather than end (``handoff.py``). A channel
+        already closed falls back on the signal."""
         self.stop_requested = True
-        if not self.channel.send({"type": "stop", "graceful": graceful}):
+        message: dict[str, Any] = {"type": "stop", "graceful": graceful}
+        if hand_off:
+            message["hand_off"] = True
+        if not self.channel.send(message):
             self.send_signal(signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def read_stack(self) -> str:
@@ -152,6 +167,7 @@ class WorkerProcess:
             "age": self.age,
             "generation": self.generation,
             "state": self.state,
+            "retiring": self.retiring,
             "up_seconds": round(now - self.spawned_at, 3),
             "heartbeat_age": round(self.slot.age(now), 3),
         }

@@ -44,7 +44,10 @@ from kitegreen.workers import fork
 from kitegreen.workers.balance import AcceptBalance
 from kitegreen.workers.board import Board, Slot
 from kitegreen.workers.control import SEND_TIMEOUT, Channel
+from kitegreen.workers.handoff import SUPPORTED as HANDOFF_SUPPORTED
+from kitegreen.workers.handoff import HandoffReceiver, HandoffSender, handoff_name
 from kitegreen.workers.heartbeat import Pulse, Watchdog
+from kitegreen.workers.recycle import Recycler
 
 if TYPE_CHECKING:
     from kitegreen.rpc.engine import Engine
@@ -142,6 +145,9 @@ class _Worker:
         self.exiting = False
         self.channel: Channel | None = None
         self._stats_seq = itertools.count(1)
+        self._interval = 1.0
+        self._receiver: HandoffReceiver | None = None
+        self._sender: HandoffSender | None = None
 
     def run(self) -> int:
         spec = self.spec
@@ -151,7 +157,7 @@ class _Worker:
         )
         if not fork.die_with_parent(signal.SIGTERM, spec.parent):
             return EXIT_OK  # the arbiter died while forking us: nobody to serve for
-        interval = min(spec.worker_timeout / 4, HEARTBEAT_INTERVAL_MAX)
+        interval = self._interval = min(spec.worker_timeout / 4, HEARTBEAT_INTERVAL_MAX)
         pulse = Pulse(
             spec.slot,
             interval,
@@ -193,6 +199,22 @@ class _Worker:
         engine = self.engine = _make_engine(server, config)
         if self.stop.requested:
             return EXIT_OK
+        recycler = Recycler(config, self._retire, interval)
+        if HANDOFF_SUPPORTED:
+            # Before it is ready: a worker that retires may pick it as soon as it accepts.
+            receiver = HandoffReceiver(
+                handoff_name(spec.parent, spec.slot.index),
+                engine.adopt,
+                self.log,
+                ready=lambda: engine.serving,
+            )
+            try:
+                receiver.start()
+                self._receiver = receiver
+            except OSError as exc:
+                self.log.warning(
+                    "cannot take connections handed over by other workers", error=str(exc)
+                )
         balance = AcceptBalance(
             spec.board, spec.slot, self._open_connections, stale_after=STALE_BEATS * interval
         )
@@ -207,9 +229,16 @@ class _Worker:
             limits={"conn": config.limit_connections, "qps": config.limit_qps},
         )
         spec.slot.set_accepting(True)
+        recycler.start(engine)
         self.channel.send({"type": "ready"})
         engine.wait_stopped()
+        recycler.stop()
+        if self._receiver is not None:
+            self._receiver.stop()
         clean = engine.clean_stop
+        sender = self._sender
+        if sender is not None:
+            engine.log.info("connections handed over", handed=sender.handed, ended=sender.kept)
         engine.log.info("stopped", clean=clean)
         self.exiting = True
         self.channel.send({"type": "final", "stats": self.stats()})
@@ -240,12 +269,28 @@ class _Worker:
         elif kind == "stop":
             # In a greenlet of its own: a stop waits for the drain, and the channel must go on
             # answering meanwhile.
+            if message.get("hand_off") and HANDOFF_SUPPORTED and self.engine is not None:
+                self._sender = HandoffSender(
+                    self.spec.board,
+                    self.spec.slot,
+                    self.spec.parent,
+                    STALE_BEATS * self._interval,
+                    self.log,
+                )
+                self.engine.hand_off_connections(self._sender)
             if message.get("graceful", True):
                 gevent.spawn(self.stop.graceful, "asked to stop by the arbiter")
             else:
                 gevent.spawn(
                     self.stop.at_once, "asked by the arbiter to stop at once without draining"
                 )
+
+    def _retire(self, reason: str, **figures: Any) -> None:
+        """Ask the arbiter to recycle this worker; it serves on until it is told to stop."""
+        self.spec.slot.set_retiring()
+        self.log.info("asking to be recycled", reason=reason, **figures)
+        if self.channel is not None:
+            self.channel.send({"type": "retire", "reason": reason, **figures})
 
     def _take_share(self, message: dict[str, Any]) -> None:
         """Enforce the share of the instance's limits the arbiter sent."""
