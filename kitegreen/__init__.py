@@ -29,6 +29,7 @@ if _typing.TYPE_CHECKING:
         ProtocolError,
         RegistryError,
     )
+    from kitegreen.hooks import HookContext
     from kitegreen.observability.events import Event
     from kitegreen.observability.reporter import NullReporter, Reporter
     from kitegreen.server import RpcServer
@@ -40,6 +41,7 @@ __all__ = [
     "Event",
     "FrameTooLarge",
     "HandlerError",
+    "HookContext",
     "KitegreenError",
     "LaunchError",
     "ListenError",
@@ -64,6 +66,7 @@ _SOURCES = {
     "Event": "kitegreen.observability.events",
     "FrameTooLarge": "kitegreen.exceptions",
     "HandlerError": "kitegreen.exceptions",
+    "HookContext": "kitegreen.hooks",
     "KitegreenError": "kitegreen.exceptions",
     "LaunchError": "kitegreen.exceptions",
     "ListenError": "kitegreen.exceptions",

@@ -15,11 +15,12 @@ import ipaddress
 import math
 import os
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kitegreen.exceptions import ConfigError
+from kitegreen.hooks import HOOK_NAMES, check_hook
 
 DEFAULT_PORT = 8888
 DEFAULT_CLUSTER = "default"
@@ -67,6 +68,7 @@ GROUPS: Mapping[str, str] = types.MappingProxyType(
         "debug": "debug HTTP server",
         "reports": "metrics, reports and events",
         "logging": "",
+        "hooks": "the application's code at fixed points of the lifecycle (docs/workers.md)",
     }
 )
 """The ``--help`` groups, in the order they are shown, with a line saying what each holds."""
@@ -117,6 +119,10 @@ def doc(
     return types.MappingProxyType(
         {"doc": Doc(text, group, placeholder, default_text, choices, flags, secret, restart)}
     )
+
+
+HookSetting = str | Callable[..., object] | None
+"""A hook: ``module:function``, a callable taking a ``HookContext``, or None."""
 
 
 def _empty_limits() -> Mapping[str, int]:
@@ -468,6 +474,70 @@ class Config:
         ),
     )
 
+    on_starting: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "arbiter or single process: settings loaded, before the listener is bound",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    post_fork: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "worker: just after the fork, before the application loads",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    post_worker_init: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "worker or single process: the application loaded, before it accepts",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    when_ready: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "arbiter or single process: serving (with workers: every first worker ready)",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    on_reload: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "arbiter: SIGHUP received, before the reload starts",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    worker_exit: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "worker or single process: serving stopped, before the process exits",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    on_exit: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "arbiter or single process: last thing before exiting",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+
     def __post_init__(self) -> None:
         for name, about in _DOCS.items():
             if about.choices:
@@ -504,6 +574,8 @@ class Config:
         if self.drain_time is not None:
             _check_at_least_zero("drain_time", self.drain_time)
         check_endpoint_qps_limits(self.endpoint_qps_limits)
+        for name in HOOK_NAMES:
+            check_hook(name, getattr(self, name))
         if self.log_config and not self.log_config.lower().endswith(LOG_CONFIG_SUFFIXES):
             raise ConfigError(
                 "log_config must name a dictConfig document ending in "

@@ -84,6 +84,7 @@ from kitegreen.exits import (
     EXIT_USAGE,
     EXIT_WORKERS_FAILED,
 )
+from kitegreen.hooks import ARBITER, HOOK_NAMES, Hooks
 from kitegreen.instance import Instance, local_limits
 from kitegreen.observability.events import EventQueue
 from kitegreen.observability.reporter import NullReporter, ReportGate
@@ -166,11 +167,21 @@ def serve(
     if isinstance(config, int):
         return config
     try:
-        arbiter = Arbiter(config, app, log)
+        hooks = Hooks(config, ARBITER, log)
+    except ConfigError as exc:
+        log.error("cannot start", error=str(exc))
+        return EXIT_USAGE
+    if not hooks.run("on_starting"):
+        return EXIT_USAGE
+    try:
+        arbiter = Arbiter(config, app, log, hooks=hooks)
     except ListenError as exc:
         log.error("cannot listen", error=str(exc))
-        return EXIT_LISTEN
-    return arbiter.run()
+        status = EXIT_LISTEN
+    else:
+        status = arbiter.run()
+    hooks.run("on_exit")
+    return status
 
 
 class Arbiter:
@@ -182,6 +193,7 @@ class Arbiter:
         config: the application's effective settings, as the probe reported them.
         app: how to load the application (in the probes and the workers).
         log: a structlog logger.
+        hooks: the arbiter's hooks (``when_ready``, ``on_reload``); none when None.
 
     Raises:
         ListenError: the listener could not be created.
@@ -192,8 +204,12 @@ class Arbiter:
         config: Config,
         app: Application,
         log: Any,
+        *,
+        hooks: Hooks | None = None,
     ) -> None:
         self._config = config
+        self._hooks = hooks or Hooks(config.replace(**dict.fromkeys(HOOK_NAMES)), ARBITER, log)
+        self._ready_once = False
         self._app = app
         self.log = log
         self._events: Queue[tuple[Any, ...]] = Queue()
@@ -386,6 +402,8 @@ class Arbiter:
             )
             self._begin_stop(signum, graceful=False)
         elif signum == signal.SIGHUP:
+            if self._phase == SERVING:
+                self._hooks.run("on_reload")
             self._reload.request()
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             self._scale(1 if signum == signal.SIGTTIN else -1, signum)
@@ -630,6 +648,11 @@ class Arbiter:
         # One more worker serving: every share shrinks (limits may also have changed while it
         # was starting).
         self.instance.reapply_limits(source="workers")
+        if not self._ready_once and ready_count(self._workers.values()) >= self._wanted:
+            self._ready_once = True
+            if not self._hooks.run("when_ready", address=self.address):
+                self._start_failed = True
+                self._begin_stop(signal.SIGTERM, graceful=True)
 
     def _on_exit(self, pid: int, status: int) -> None:
         fork.reap(pid)
