@@ -49,6 +49,8 @@ DEFAULT_DEBUG_MAX_CONNECTIONS = 32
 DEFAULT_DEBUG_IDLE_TIMEOUT = 10.0
 DEFAULT_DEBUG_MAX_CONNECTIONS_PER_PEER = 16
 DEFAULT_DEBUG_REQUEST_TIMEOUT = 5.0
+DEBUG_PORT_OFFSET = 10_000
+"""The derived debug port's distance from the service port (see ``effective_debug_port``)."""
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -355,11 +357,20 @@ class Config:
     debug_port: int | None = field(
         default=None,
         metadata=doc(
-            "port for the debug server; when the default is not a port (a service port "
-            "above 9999), a free one",
+            "port for the debug server; 0: a free one",
             "debug",
             placeholder="PORT",
-            default_text="1 followed by the service port",
+            default_text="the service port + 10000 (- 10000 above 55535); a free one when the "
+            "service port is 0",
+            restart=True,
+        ),
+    )
+    debug_optional: bool = field(
+        default=False,
+        metadata=doc(
+            "start without the debug server (a warning) when its port cannot be had; when off "
+            "that fails the start as the RPC port does (exit status 3)",
+            "debug",
             restart=True,
         ),
     )
@@ -608,17 +619,20 @@ class Config:
         return "unix" if self.unix_socket else "tcp"
 
     def effective_debug_port(self, service_port: int) -> int:
-        """The debug server's port: ``debug_port`` if set, else kite's rule.
+        """The debug server's port: ``debug_port`` if set, else derived from the service port.
 
-        kite puts the debug server on "1" followed by the service port (8888 -> 18888). When
-        that is not a valid port (service port above 9999, or 0) the debug server takes an
-        ephemeral port instead, which the server logs and reports on ``debug_address``: a
-        guessed neighbouring port could belong to another service.
+        The service port + :data:`DEBUG_PORT_OFFSET` (kite's "1" followed by the port for the
+        common 4-digit ports: 8888 -> 18888), or - :data:`DEBUG_PORT_OFFSET` where that is
+        past 65535 (60000 -> 50000); 0, a free port, when the service port is 0. Never a port
+        chosen at random for a fixed service port: probes and scrapes must know where to go,
+        and ``--check-config`` shows it.
         """
         if self.debug_port is not None:
             return self.debug_port
-        derived = int(f"1{service_port}") if service_port else 0
-        return derived if 0 < derived <= 65535 else 0
+        if not service_port:
+            return 0
+        up = service_port + DEBUG_PORT_OFFSET
+        return up if up <= 65535 else service_port - DEBUG_PORT_OFFSET
 
     def effective_drain_time(self, registered: bool) -> float:
         """Seconds to keep serving between deregistering and closing the listener.

@@ -249,6 +249,7 @@ class Arbiter:
         self._clean = True
         self._failed = False
         self._start_failed = False
+        self._listen_failed = False
         spec = ListenSpec.from_config(config)
         sock = listen(spec, config.backlog)
         self._binding = Binding(spec, sock, owned=True)
@@ -300,6 +301,10 @@ class Arbiter:
             except ConfigError as exc:
                 self.log.error("cannot start", error=str(exc))
                 self._start_failed = True
+            except ListenError as exc:
+                # The debug port taken (and the debug server not optional).
+                self.log.error("cannot listen", error=str(exc))
+                self._listen_failed = True
             else:
                 self._supervise()
         finally:
@@ -323,6 +328,8 @@ class Arbiter:
         return status
 
     def _exit_status(self) -> int:
+        if self._listen_failed:
+            return EXIT_LISTEN
         if self._start_failed:
             return EXIT_USAGE
         if self._failed:
