@@ -32,6 +32,7 @@ from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_USAGE
 from kitegreen.signals import ServerStop, install_signal_handlers
 
 if TYPE_CHECKING:
+    from kitegreen.config import Config
     from kitegreen.hooks import Hooks
     from kitegreen.server import RpcServer
 
@@ -114,9 +115,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
 
         # The probe loads the settings from every source; workers import the code only and
         # are given what the probe reported.
-        app = Application(load, functools.partial(load_target, args.target), on_load_error)
+        app = Application(
+            load,
+            functools.partial(load_target, args.target),
+            on_load_error,
+            layer=functools.partial(layer_settings, args.config, flags),
+        )
         add_search_path(args.target)
-        return serve(app, log, worker_timeout=early.worker_timeout)
+        return serve(app, log, worker_timeout=early.worker_timeout, preload=early.preload)
     try:
         server = load()
     except (LaunchError, ConfigError) as exc:
@@ -137,12 +143,22 @@ def load_server(target: str, file: str | None, flags: dict[str, Any]) -> RpcServ
         LaunchError: see :func:`load_target`.
         ConfigError: a setting is malformed or out of range.
     """
-    from kitegreen.config import Config
     from kitegreen.target import load_target
 
     server = load_target(target)
-    server.reconfigure(Config.load(base=server.config, file=file, flags=flags))
+    server.reconfigure(layer_settings(file, flags, server.config))
     return server
+
+
+def layer_settings(file: str | None, flags: dict[str, Any], base: Config) -> Config:
+    """The config file, the environment and ``flags`` layered on ``base`` (the code's).
+
+    Raises:
+        ConfigError: a setting is malformed or out of range.
+    """
+    from kitegreen.config import load_config
+
+    return load_config(base, file=file, flags=flags)
 
 
 def serve_single(server: RpcServer, log: Any) -> int:

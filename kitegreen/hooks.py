@@ -82,7 +82,7 @@ class HookContext:
         config: the settings in force in that process (a worker's has its share of the
             limits; ``on_reload``'s are those before the reload).
         server: the application's server where this process loaded it (single process, and a
-            worker from ``post_worker_init`` on; the arbiter with ``--preload``); else None.
+            worker from ``post_worker_init`` on); else None.
         worker: the worker's number (its slot, from 0; reused by its replacement); None
             outside a worker.
         address: where the instance listens once bound (from ``when_ready`` on); else None.

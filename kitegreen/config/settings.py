@@ -238,6 +238,15 @@ class Config:
             flags=("-w", "--workers"),
         ),
     )
+    preload: bool = field(
+        default=False,
+        metadata=doc(
+            "with workers: the arbiter imports the application once before forking, so the "
+            "workers share its memory; SIGHUP then reloads the settings, not the code",
+            "workers",
+            restart=True,
+        ),
+    )
     worker_timeout: float = field(
         default=DEFAULT_WORKER_TIMEOUT,
         metadata=doc(

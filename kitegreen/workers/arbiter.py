@@ -97,6 +97,7 @@ from kitegreen.workers.board import Board
 from kitegreen.workers.control import Channel
 from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.fleet import Fleet, ready_count
+from kitegreen.workers.preload import preload as preload_application
 from kitegreen.workers.probe import probe_config, probe_timeout
 from kitegreen.workers.process import BOOTING, WorkerProcess
 from kitegreen.workers.reload import RollingReload
@@ -142,6 +143,7 @@ def serve(
     log: Any = None,
     *,
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
+    preload: bool = False,
 ) -> int:
     """Probe the application, bind, fork the workers and supervise them until stopped.
 
@@ -152,6 +154,9 @@ def serve(
         worker_timeout: ``worker_timeout`` as the launcher knows it before the probe (from the
             config file, the environment and the flags): the probe gets as long as a reload's
             would (:func:`~kitegreen.workers.probe.probe_timeout`).
+        preload: ``preload`` as the launcher knows it before the probe: the arbiter loads the
+            application itself instead of probing (``preload.py``); set only in the code, it is
+            learnt from the probe.
 
     Returns:
         The launcher's exit status: 0 clean, 1 unclean or SIGQUIT, 2 the application or its
@@ -163,9 +168,19 @@ def serve(
     # memory between the workers (copy-on-write) and takes the time out of each worker's start.
     import kitegreen.server  # noqa: F401
 
-    config = probe_config(app, signal_handles=(), timeout=probe_timeout(worker_timeout), log=log)
-    if isinstance(config, int):
-        return config
+    config: Config | None = None
+    if not preload:
+        probed = probe_config(
+            app, signal_handles=(), timeout=probe_timeout(worker_timeout), log=log
+        )
+        if isinstance(probed, int):
+            return probed
+        config = probed
+    if config is None or config.preload:
+        loaded = preload_application(app, log)
+        if isinstance(loaded, int):
+            return loaded
+        app, config = loaded
     try:
         hooks = Hooks(config, ARBITER, log)
     except ConfigError as exc:

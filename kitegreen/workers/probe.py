@@ -226,7 +226,7 @@ def _read_all(sock: Any) -> bytes:
     return data
 
 
-def _check_fits_workers(server: RpcServer) -> None:
+def check_fits_workers(server: RpcServer) -> None:
     """Refuse what the application's own code gave its server that an instance of workers
     cannot honour, rather than drop it silently.
 
@@ -258,7 +258,7 @@ def _run_probe(child_end: Any, app: Application, signal_handles: list[Any]) -> N
         fork.unblock_signals(ignore=IGNORED_SIGNALS)
         try:
             server = app.load()
-            _check_fits_workers(server)
+            check_fits_workers(server)
         except (LaunchError, ConfigError) as exc:
             app.on_load_error(exc)
             return EXIT_USAGE

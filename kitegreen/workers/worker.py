@@ -84,11 +84,14 @@ class Application:
             reported rather than reading the config file and the environment again: a
             replacement runs with what was validated, whatever is on disk now).
         on_load_error: logs a LaunchError or ConfigError raised by either.
+        layer: layers the config file, the environment and the flags on the code's settings
+            (``--preload``: the arbiter loads the code once, and a reload only the settings).
     """
 
     load: Callable[[], RpcServer]
     load_code: Callable[[], RpcServer]
     on_load_error: Callable[[Exception], None]
+    layer: Callable[[Config], Config] | None = None
 
 
 @dataclass(frozen=True)
