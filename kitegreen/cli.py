@@ -260,7 +260,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "file beat the values in code.",
         epilog="signals: TERM and INT stop gracefully; QUIT logs the stacks and stops at once "
         "(exit 1); USR1 logs the stacks of every greenlet and thread. With --workers 2 or more, "
-        "sent to the arbiter: HUP reloads the code and settings one worker at a time, TTIN and "
+        "sent to the arbiter: HUP reloads the code and settings one worker at a time (with "
+        "--preload the settings only), TTIN and "
         "TTOU add and remove a worker. In one process HUP is logged and ignored; USR2 always is.",
         formatter_class=HelpFormatter,
         # Prefixes of flags would silently change meaning when a flag is added.

@@ -193,6 +193,22 @@ class TestWorkers:
         assert names(record)[-1] == "on_exit"
         assert names(record).count("worker_exit") == 2
 
+    def test_a_failing_post_fork_is_a_start_up_crash(self, tmp_path: Path) -> None:
+        """post_fork raising in every worker: each exits before serving, the arbiter counts
+        start-up crashes and gives up with exit status 4; when_ready never runs, on_exit
+        does."""
+        record = tmp_path / "hooks.jsonl"
+        env = hook_env(record, HOOKS_FAIL="post_fork")
+        with Launcher(TARGET, *LOOPBACK, "--workers", "2", env=env) as launcher:
+            assert launcher.wait(45.0) == 4, launcher.output()[-3000:]
+            failed = launcher.named("hook failed")
+            assert failed
+            assert {r["hook"] for r in failed} == {"post_fork"}
+            assert launcher.find_event("worker ready") is None
+        found = names(record)
+        assert "when_ready" not in found
+        assert found[-1] == "on_exit"
+
 
 def _workers(found: list[dict[str, Any]], arbiter: int) -> set[int]:
     """The pids of workers whose hooks are ``found``: per pid post_fork then

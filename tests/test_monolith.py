@@ -5,6 +5,7 @@ a subprocess, called over loopback with ``urllib`` and thriftpy2's client."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import urllib.request
@@ -15,8 +16,12 @@ import gevent
 import pytest
 import thriftpy2
 from clients import thriftpy2_client
-from conftest import TESTS, wait_until
+from conftest import TESTS, testsvc_thrift, wait_until
+from gevent import pywsgi
+from gevent.pool import Pool
 from launching import Launcher, launcher_env
+
+import kitegreen
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
@@ -92,8 +97,6 @@ class TestMonolith:
 class TestLoadConfig:
     def test_layers_code_file_environment_and_flags(self, tmp_path: Path) -> None:
         """Flags beat the environment beats the file beats the code, as in the launcher."""
-        import kitegreen
-
         file = tmp_path / "kite.yml"
         file.write_text("port: 7001\nlimit_qps: 11\nlimit_connections: 12\ncluster: file\n")
         config = kitegreen.load_config(
@@ -106,7 +109,44 @@ class TestLoadConfig:
 
     def test_refuses_what_is_not_a_setting_flag(self) -> None:
         """An argv entry that is not a setting flag is a ConfigError naming it."""
-        import kitegreen
-
         with pytest.raises(kitegreen.ConfigError, match="'--colour' is not a setting flag"):
             kitegreen.load_config(argv=["--colour"], env={})
+
+
+class TestStopOnSignals:
+    """:func:`kitegreen.stop_on_signals` in this process, on SIGUSR2 (pytest keeps SIGTERM)."""
+
+    def test_a_signal_drains_an_rpc_server_and_a_wsgi_server(self, make_server, handler):
+        """One signal stops both; a call in flight on the RPC server finishes first, and
+        wait() says the stop was clean."""
+        rpc = make_server()
+        http = pywsgi.WSGIServer(("127.0.0.1", 0), lambda env, start: [], spawn=Pool(10), log=None)
+        http.start()
+        stopping = kitegreen.stop_on_signals(rpc, http, signals=(signal.SIGUSR2,), timeout=5.0)
+        try:
+            call = gevent.spawn(thrift_call_to, rpc.address, "slow", 0.5, "finished")
+            wait_until(lambda: handler.in_flight == 1, what="the slow call in flight")
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stopping.wait(timeout=10.0) is True
+            assert call.get(timeout=5.0) == "finished"
+            assert not rpc.started
+            assert http.closed
+        finally:
+            stopping.cancel()
+            http.stop()
+
+    def test_wait_says_false_when_requests_were_cut_off(self, make_server, handler):
+        """A call that outlasts the timeout is cut off, and wait() says so."""
+        rpc = make_server()
+        stopping = kitegreen.stop_on_signals(rpc, signals=(), timeout=0.2)
+        call = gevent.spawn(thrift_call_to, rpc.address, "slow", 5.0, "too late")
+        wait_until(lambda: handler.in_flight == 1, what="the slow call in flight")
+        stopping.stop()
+        assert stopping.requested
+        assert stopping.wait(timeout=10.0) is False
+        call.join(timeout=10.0)
+
+
+def thrift_call_to(address: Any, method: str, *args: Any) -> Any:
+    with thriftpy2_client(testsvc_thrift.TestService, address, timeout=10.0) as client:
+        return getattr(client, method)(*args)
