@@ -138,16 +138,19 @@ class TestSingleProcess:
 
 @pytest.mark.slow
 class TestWorkers:
+    @pytest.mark.parametrize("preload", [False, True], ids=["default", "preload"])
     def test_each_hook_runs_in_its_process_through_a_reload_and_a_stop(
-        self, tmp_path: Path
+        self, tmp_path: Path, preload: bool
     ) -> None:
         """With --workers 2 and hooks given in code: on_starting in the arbiter; post_fork then
         post_worker_init in each worker; when_ready in the arbiter once both are ready; SIGHUP
         runs on_reload in the arbiter, the old workers' worker_exit and the new ones'
         post_fork and post_worker_init; SIGTERM the new workers' worker_exit, then on_exit in
-        the arbiter, last."""
+        the arbiter, last. The same with --preload, where the reload does not take the hooks
+        for changed settings."""
         record = tmp_path / "hooks.jsonl"
-        with Launcher(TARGET, *LOOPBACK, "--workers", "2", env=hook_env(record)) as launcher:
+        args = (*LOOPBACK, "--workers", "2", *(("--preload",) if preload else ()))
+        with Launcher(TARGET, *args, env=hook_env(record)) as launcher:
             arbiter = launcher.proc.pid
             address = launcher.address()
             wait_until(lambda: "when_ready" in names(record), timeout=20.0, what="when_ready")
@@ -160,6 +163,8 @@ class TestWorkers:
             launcher.proc.send_signal(signal.SIGTERM)
             assert launcher.wait(20.0) == 0, launcher.output()
             stopped = records(record)[len(first) + len(reloaded) :]
+            kept = launcher.named("these settings change only with a restart; kept as they were")
+        assert kept == []
 
         assert first[0]["hook"] == "on_starting"
         assert first[0]["pid"] == arbiter

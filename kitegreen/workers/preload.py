@@ -28,6 +28,7 @@ from typing import Any
 from kitegreen.config import Config
 from kitegreen.exceptions import ConfigError, LaunchError
 from kitegreen.exits import EXIT_USAGE
+from kitegreen.hooks import HOOK_NAMES, import_path
 from kitegreen.workers.probe import check_fits_workers
 from kitegreen.workers.worker import Application
 
@@ -62,4 +63,9 @@ def preload(app: Application, log: Any) -> tuple[Application, Config] | int:
         return server
 
     loaded = dataclasses.replace(app, load=reload_settings, load_code=lambda: server)
-    return loaded, server.config
+    # Hooks by their import paths, as a reload's probe reports them: the same spelling on both
+    # sides, so that a reload does not take them for changed settings.
+    config = server.config
+    return loaded, config.replace(
+        **{name: import_path(name, getattr(config, name)) for name in HOOK_NAMES}
+    )
