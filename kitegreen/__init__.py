@@ -16,7 +16,7 @@ import typing as _typing
 from kitegreen._version import VERSION as __version__  # noqa: N811
 
 if _typing.TYPE_CHECKING:
-    from kitegreen.config import Config
+    from kitegreen.config import Config, load_config
     from kitegreen.context import RequestInfo, real_ip, request_info
     from kitegreen.discovery.registry import ConsulRegistry, NullRegistry, Registration, Registry
     from kitegreen.exceptions import (
@@ -29,9 +29,11 @@ if _typing.TYPE_CHECKING:
         ProtocolError,
         RegistryError,
     )
+    from kitegreen.hooks import HookContext
     from kitegreen.observability.events import Event
     from kitegreen.observability.reporter import NullReporter, Reporter
     from kitegreen.server import RpcServer
+    from kitegreen.signals import SignalStop, stop_on_signals
 
 __all__ = [
     "Config",
@@ -40,6 +42,7 @@ __all__ = [
     "Event",
     "FrameTooLarge",
     "HandlerError",
+    "HookContext",
     "KitegreenError",
     "LaunchError",
     "ListenError",
@@ -52,9 +55,12 @@ __all__ = [
     "Reporter",
     "RequestInfo",
     "RpcServer",
+    "SignalStop",
     "__version__",
+    "load_config",
     "real_ip",
     "request_info",
+    "stop_on_signals",
 ]
 
 _SOURCES = {
@@ -64,6 +70,7 @@ _SOURCES = {
     "Event": "kitegreen.observability.events",
     "FrameTooLarge": "kitegreen.exceptions",
     "HandlerError": "kitegreen.exceptions",
+    "HookContext": "kitegreen.hooks",
     "KitegreenError": "kitegreen.exceptions",
     "LaunchError": "kitegreen.exceptions",
     "ListenError": "kitegreen.exceptions",
@@ -76,8 +83,11 @@ _SOURCES = {
     "Reporter": "kitegreen.observability.reporter",
     "RequestInfo": "kitegreen.context",
     "RpcServer": "kitegreen.server",
+    "SignalStop": "kitegreen.signals",
+    "load_config": "kitegreen.config",
     "real_ip": "kitegreen.context",
     "request_info": "kitegreen.context",
+    "stop_on_signals": "kitegreen.signals",
 }
 
 

@@ -32,6 +32,8 @@ from kitegreen.exits import EXIT_LISTEN, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_USAGE
 from kitegreen.signals import ServerStop, install_signal_handlers
 
 if TYPE_CHECKING:
+    from kitegreen.config import Config
+    from kitegreen.hooks import Hooks
     from kitegreen.server import RpcServer
 
 
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
         return EXIT_USAGE
     logs.log_greenlet_errors()
     log = structlog.get_logger("kitegreen")
-    from kitegreen.target import load_target, log_launch_error
+    from kitegreen.target import add_search_path, load_target, log_launch_error
 
     load = functools.partial(load_server, args.target, args.config, flags)
     on_load_error = functools.partial(log_launch_error, log, args.target)
@@ -113,8 +115,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
 
         # The probe loads the settings from every source; workers import the code only and
         # are given what the probe reported.
-        app = Application(load, functools.partial(load_target, args.target), on_load_error)
-        return serve(app, log, worker_timeout=early.worker_timeout)
+        app = Application(
+            load,
+            functools.partial(load_target, args.target),
+            on_load_error,
+            layer=functools.partial(layer_settings, args.config, flags),
+        )
+        add_search_path(args.target)
+        return serve(app, log, worker_timeout=early.worker_timeout, preload=early.preload)
     try:
         server = load()
     except (LaunchError, ConfigError) as exc:
@@ -136,11 +144,10 @@ def load_server(target: str, file: str | None, flags: dict[str, Any]) -> RpcServ
         ConfigError: a setting is malformed or out of range, or the recycling settings do
             not fit the final configuration (``max_requests`` in one process).
     """
-    from kitegreen.config import Config
     from kitegreen.target import load_target
 
     server = load_target(target)
-    server.reconfigure(Config.load(base=server.config, file=file, flags=flags))
+    server.reconfigure(layer_settings(file, flags, server.config))
     # Only now: the code, the file, the environment and the flags may each set a part.
     problem = server.config.recycling_problem()
     if problem is not None:
@@ -148,10 +155,43 @@ def load_server(target: str, file: str | None, flags: dict[str, Any]) -> RpcServ
     return server
 
 
+def layer_settings(file: str | None, flags: dict[str, Any], base: Config) -> Config:
+    """The config file, the environment and ``flags`` layered on ``base`` (the code's).
+
+    Raises:
+        ConfigError: a setting is malformed or out of range.
+    """
+    from kitegreen.config import load_config
+
+    return load_config(base, file=file, flags=flags)
+
+
 def serve_single(server: RpcServer, log: Any) -> int:
-    """Serve ``server`` in this process until a signal stops it; return the exit status."""
+    """Serve ``server`` in this process until a signal stops it; return the exit status.
+
+    The hooks run here in this order (``kitegreen/hooks.py``): ``on_starting``,
+    ``post_worker_init``, ``when_ready``, then after the stop ``worker_exit`` and ``on_exit``.
+    """
+    from kitegreen.exceptions import ConfigError
+    from kitegreen.hooks import SINGLE, Hooks
+
+    try:
+        hooks = Hooks(server.config, SINGLE, log)
+    except ConfigError as exc:
+        log.error("cannot start", error=str(exc))
+        return EXIT_USAGE
+    if not hooks.run("on_starting"):
+        return EXIT_USAGE
+    status = _serve_hooked(server, log, hooks)
+    hooks.run("on_exit", server=server)
+    return status
+
+
+def _serve_hooked(server: RpcServer, log: Any, hooks: Hooks) -> int:
     from kitegreen.exceptions import ConfigError, ListenError
 
+    if not hooks.run("post_worker_init", server=server):
+        return EXIT_USAGE
     stop = ServerStop(lambda: server, log)
     install_signal_handlers(_single_process_actions(log, stop))
     try:
@@ -164,8 +204,13 @@ def serve_single(server: RpcServer, log: Any) -> int:
         # server undid its start, as the arbiter does.
         log.error("cannot start", error=str(exc))
         return EXIT_USAGE
-    server.serve()
+    ready = hooks.run("when_ready", server=server, address=server.address)
+    if ready:
+        server.serve()
     clean = server.stop()
+    hooks.run("worker_exit", server=server, address=server.address)
+    if not ready:
+        return EXIT_USAGE
     return EXIT_OK if clean and not stop.quick else EXIT_UNCLEAN_STOP
 
 
@@ -220,7 +265,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "file beat the values in code.",
         epilog="signals: TERM and INT stop gracefully; QUIT logs the stacks and stops at once "
         "(exit 1); USR1 logs the stacks of every greenlet and thread. With --workers 2 or more, "
-        "sent to the arbiter: HUP reloads the code and settings one worker at a time, TTIN and "
+        "sent to the arbiter: HUP reloads the code and settings one worker at a time (with "
+        "--preload the settings only), TTIN and "
         "TTOU add and remove a worker. In one process HUP is logged and ignored; USR2 always is.",
         formatter_class=HelpFormatter,
         # Prefixes of flags would silently change meaning when a flag is added.

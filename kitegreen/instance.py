@@ -189,7 +189,9 @@ class Instance:
         if config.enable_debug_server:
             self.debug_server = DebugServer(
                 config.debug_host,
-                config.effective_debug_port(binding.port),
+                # The setting, not the bound port: a service on a free port (0) gets its debug
+                # server on a free port too, never one derived from a port chosen at random.
+                config.effective_debug_port(config.port),
                 max_connections=config.debug_max_connections,
                 idle_timeout=config.debug_idle_timeout,
                 max_per_peer=config.debug_max_connections_per_peer,
@@ -198,6 +200,7 @@ class Instance:
                 metrics=self.serving.metrics_exposition(),
                 healthy=self.serving.healthy,
                 log=self.log,
+                optional=config.debug_optional,
             )
         try:
             for part in (self.registrar, self.debug_server, self.remote_config):

@@ -5,6 +5,10 @@ does, and the action (stopping, draining, logging stacks, queueing a request for
 runs as a greenlet like any other. The launcher's single process, the arbiter of
 ``--workers N`` and each worker install their actions through :func:`install_signal_handlers`;
 the single process and each worker stop their server through one :class:`ServerStop`.
+
+:func:`stop_on_signals` is the public helper for an application that embeds the server and owns
+its process: SIGTERM and SIGINT stop its servers (an ``RpcServer``, a gevent WSGI server)
+gracefully, together.
 """
 
 from __future__ import annotations
@@ -111,3 +115,129 @@ class ServerStop:
         )
         actions[signal.SIGUSR1] = self.dump_stacks
         return actions
+
+
+class Drainable(Protocol):
+    """A server :func:`stop_on_signals` stops: an ``RpcServer``, or any of gevent's servers
+    (``gevent.pywsgi.WSGIServer``, ``StreamServer``)."""
+
+    def stop(self, timeout: float | None = None) -> Any: ...
+
+
+GRACEFUL_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class SignalStop:
+    """The graceful stop of an embedding application's servers, on a signal or on request.
+
+    Made by :func:`stop_on_signals`; see there.
+    """
+
+    def __init__(self, servers: Iterable[Drainable], timeout: float | None, log: Any) -> None:
+        import gevent.event
+
+        self._servers = tuple(servers)
+        self._timeout = timeout
+        self._log = log
+        self._done = gevent.event.AsyncResult()
+        self._handles: list[Any] = []
+        self.requested = False
+        """Whether a stop was asked for."""
+
+    def stop(self, reason: str = "stop requested", **fields: Any) -> None:
+        """Stop every server at once, each draining as its own ``stop()`` does; idempotent.
+        Runs in the calling greenlet until they have stopped."""
+        import gevent
+
+        if self.requested:
+            self._log.info(f"{reason}; already stopping", **fields)
+            self._done.wait()
+            return
+        self.requested = True
+        self._log.info(reason, servers=len(self._servers), **fields)
+        jobs = [gevent.spawn(_drain, server, self._timeout) for server in self._servers]
+        gevent.joinall(jobs)
+        self._done.set(all(job.successful() and job.value for job in jobs))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the servers have stopped.
+
+        Returns:
+            True if each stopped cleanly (its requests in flight finished); False if one cut
+            requests off or raised, or ``timeout`` passed first.
+        """
+        import gevent
+
+        try:
+            return bool(self._done.get(timeout=timeout))
+        except gevent.Timeout:
+            return False
+
+    def install(self, signals: Iterable[signal.Signals]) -> None:
+        """Stop on each of ``signals``."""
+        self._handles += install_signal_handlers(
+            {
+                signum: functools.partial(
+                    self.stop, "signal received, stopping", signal=signum.name
+                )
+                for signum in signals
+            }
+        )
+
+    def cancel(self) -> None:
+        """Restore the signals' default handling."""
+        for handle in self._handles:
+            handle.cancel()
+        self._handles = []
+
+
+def _drain(server: Drainable, timeout: float | None) -> bool:
+    """Stop ``server``; whether its requests in flight all finished. gevent's servers with a
+    pool say nothing of it, so their pool is asked before what is left is killed."""
+    from gevent.baseserver import BaseServer
+
+    if isinstance(server, BaseServer) and server.pool is not None:
+        server.close()
+        wait = server.stop_timeout if timeout is None else timeout
+        finished = bool(server.pool.join(timeout=wait))
+        server.pool.kill(block=True, timeout=1)
+        return finished
+    return server.stop(timeout=timeout) is not False
+
+
+def stop_on_signals(
+    *servers: Drainable,
+    signals: Iterable[signal.Signals] = GRACEFUL_SIGNALS,
+    timeout: float | None = None,
+    log: Any = None,
+) -> SignalStop:
+    """Stop ``servers`` gracefully when SIGTERM or SIGINT arrives: for an application that
+    embeds kitegreen's server (next to a WSGI app, say) and owns its process.
+
+    Each signal starts one stop of every server at once, each draining as its ``stop()`` does
+    (an ``RpcServer``: deregister, ``drain_time``, stop accepting, requests in flight finish;
+    a gevent server: stop accepting, its pool's handlers finish); a second signal during a
+    stop changes nothing. The handlers only spawn the stop, as the launcher's do::
+
+        stopping = kitegreen.stop_on_signals(rpc_server, wsgi_server)
+        clean = stopping.wait()          # the main greenlet waits here
+        sys.exit(0 if clean else 1)
+
+    Args:
+        servers: what to stop, concurrently.
+        signals: the signals that stop them.
+        timeout: how long each server's requests in flight may take; None: each its own
+            (``exit_wait_time``, gevent's ``stop_timeout``).
+        log: a structlog logger; ``kitegreen``'s when None.
+
+    Returns:
+        The stop: :meth:`SignalStop.wait` blocks until it is done, :meth:`SignalStop.stop`
+        starts it without a signal, :meth:`SignalStop.cancel` restores the signals.
+    """
+    if log is None:
+        import structlog
+
+        log = structlog.get_logger("kitegreen")
+    stop = SignalStop(servers, timeout, log)
+    stop.install(signals)
+    return stop

@@ -59,6 +59,19 @@ def load_target(target: str) -> RpcServer:
     return obj
 
 
+def add_search_path(target: str) -> None:
+    """Put where ``target``'s module is found on ``sys.path``, importing nothing: the arbiter
+    of ``--workers`` does this so that a hook defined next to a file target (given in code,
+    reaching the arbiter by its import path) imports there as in the workers."""
+    module_name = target.partition(":")[0]
+    if module_name.endswith(".py") or os.sep in module_name:
+        parent = str(Path(module_name).resolve().parent)
+        if parent not in sys.path:
+            sys.path.insert(0, parent)
+    elif "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def _import(module_name: str) -> Any:
     from kitegreen.exceptions import LaunchError, describe
 

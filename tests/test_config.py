@@ -564,10 +564,21 @@ class TestParsing:
 class TestDebugPort:
     @pytest.mark.parametrize(
         ("service_port", "debug_port"),
-        [(8888, 18888), (80, 180), (9999, 19999), (10000, 0), (65000, 0), (0, 0)],
+        [
+            (8888, 18888),
+            (80, 10080),
+            (9999, 19999),
+            (10000, 20000),
+            (55535, 65535),
+            (55536, 45536),
+            (65000, 55000),
+            (65535, 55535),
+            (0, 0),
+        ],
     )
-    def test_kite_rule(self, service_port, debug_port):
-        """The debug port is "1" + the service port when that is a port, else 0 (ephemeral)."""
+    def test_derived_rule(self, service_port, debug_port):
+        """The debug port is the service port + 10000, or - 10000 where that is past 65535
+        (never a random port for a fixed service port); 0 (a free port) for port 0."""
         assert Config().effective_debug_port(service_port) == debug_port
 
     def test_explicit_debug_port_wins(self):
@@ -613,7 +624,7 @@ class TestHelpFromMetadata:
         """An empty or None default that stands for a derived value says what it becomes."""
         fields = {f.name: f for f in dataclasses.fields(Config)}
         assert f"(default: {DEFAULT_CONSUL_ADDR})" in help_line(fields["consul_addr"])
-        assert "(default: 1 followed by the service port)" in help_line(fields["debug_port"])
+        assert "(default: the service port + 10000" in help_line(fields["debug_port"])
         assert f"(default: {DEFAULT_DRAIN_TIME_REGISTERED:g} when registered" in help_line(
             fields["drain_time"]
         )

@@ -1498,13 +1498,14 @@ class TestFloods:
 
 class TestDependencyFaults:
     def test_debug_port_taken_the_rpc_service_starts_with_a_warning(self, make_server):
-        """The debug port held by another socket: a warning naming it, and RPC served."""
+        """The debug port held by another socket, the debug server optional: a warning naming
+        it, and RPC served."""
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
             blocker.bind((LOOPBACK, 0))
             blocker.listen(1)
             port = blocker.getsockname()[1]
             with capture_logs() as logs:
-                server = make_server(enable_debug_server=True, debug_port=port)
+                server = make_server(enable_debug_server=True, debug_port=port, debug_optional=True)
             assert server.debug_address is None
             warnings = [
                 e for e in logs if e["log_level"] == "warning" and "debug server" in e["event"]

@@ -398,6 +398,34 @@ class TestCheckConfig:
 
 
 class TestErrors:
+    @pytest.mark.parametrize("workers", ["1", "2"])
+    def test_a_taken_debug_port_exits_3(self, held_port, workers):
+        """The debug port taken: the start fails as for the RPC port, exit status 3, in one
+        process and with workers, with the way out in the message."""
+        status, _, stderr = run(
+            TARGET,
+            *("--host", "127.0.0.1", "--port", "0", "--debug-port", str(held_port)),
+            *("--workers", workers),
+            timeout=30.0,
+        )
+        assert status == 3, stderr
+        [line] = [r for r in json_lines(stderr.splitlines()) if r.get("event") == "cannot listen"]
+        assert str(held_port) in line["error"]
+        assert "debug_optional" in line["error"]
+
+    def test_a_taken_optional_debug_port_is_a_warning(self, held_port):
+        """With --debug-optional the server starts without its debug server."""
+        args = ("--host", "127.0.0.1", "--port", "0", "--debug-port", str(held_port))
+        with Launcher(TARGET, *args, "--debug-optional") as launcher:
+            address = launcher.address()
+            assert echo(address) == "still serving"
+            warning = launcher.wait_for_event(
+                "debug server not started; the RPC service runs without it"
+            )
+            assert str(held_port) in warning["error"]
+            launcher.proc.send_signal(signal.SIGTERM)
+            assert launcher.wait(15.0) == 0
+
     def test_bad_target(self):
         """A target that cannot be imported exits 2 saying what could not be imported."""
         status, _, stderr = run("nope:nothing", *QUIET)

@@ -17,7 +17,7 @@ import gevent
 import pytest
 import structlog
 from clients import apache_client, thriftpy2_client
-from conftest import loopback_config, testsvc_thrift, wait_until
+from conftest import Handler, loopback_config, testsvc_thrift, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 from thrift.Thrift import TApplicationException as ApacheAppError
@@ -412,14 +412,31 @@ class TestDebugServer:
         status, _, _ = fetch(debug_url(debug_server, "/runtime/kite"), method="POST")
         assert status == 405
 
-    def test_port_taken_leaves_the_rpc_server_running(self, make_server):
-        """When the debug port is taken the RPC server starts anyway and a warning is logged."""
+    def test_port_taken_fails_the_start(self, make_server):
+        """When the debug port is taken the start fails, as for the RPC port, naming the port
+        and the way out; nothing is left listening."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+            blocker.bind(("127.0.0.1", 0))
+            blocker.listen(1)
+            taken = blocker.getsockname()[1]
+            server = kitegreen.RpcServer(
+                TestService, Handler(), loopback_config(enable_debug_server=True, debug_port=taken)
+            )
+            with pytest.raises(kitegreen.ListenError, match=f"debug server: .*{taken}") as info:
+                server.start()
+            assert "debug_optional" in str(info.value)
+            assert not server.started
+
+    def test_port_taken_leaves_an_optional_debug_server_off(self, make_server):
+        """With debug_optional the RPC server starts anyway and a warning is logged."""
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
             blocker.bind(("127.0.0.1", 0))
             blocker.listen(1)
             taken = blocker.getsockname()[1]
             with capture_logs() as logs:
-                server = make_server(enable_debug_server=True, debug_port=taken)
+                server = make_server(
+                    enable_debug_server=True, debug_port=taken, debug_optional=True
+                )
             assert server.debug_address is None
             with thriftpy2_client(TestService, server.address) as c:
                 assert c.echo("still served") == "still served"

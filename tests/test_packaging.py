@@ -224,6 +224,10 @@ class TestSdist:
             "examples/echo/service.py",
             "examples/echo/client.py",
             "examples/echo/echo.thrift",
+            "examples/monolith/app.py",
+            "examples/monolith/monolith.thrift",
+            "benchmarks/preload_target.py",
+            "benchmarks/bench.thrift",
             "scripts/build-wheels",
         ]:
             assert (unpacked / path).exists(), path

@@ -8,7 +8,7 @@ from the fields' metadata; imported by the launcher only).
 
 from __future__ import annotations
 
-from kitegreen.config.loader import CONFIG_FILE_ENV, ENV_ALIASES, ENV_PREFIX
+from kitegreen.config.loader import CONFIG_FILE_ENV, ENV_ALIASES, ENV_PREFIX, load_config
 from kitegreen.config.settings import (
     DEFAULT_BACKLOG,
     DEFAULT_CLUSTER,
@@ -78,4 +78,5 @@ __all__ = [
     "Config",
     "check_endpoint_qps_limits",
     "check_int",
+    "load_config",
 ]

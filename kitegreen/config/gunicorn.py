@@ -125,11 +125,6 @@ GUNICORN_FLAGS: dict[str, tuple[str, str]] = {
     "--log-config-json": ("--log-config", "a dictConfig document in a YAML, TOML or JSON file"),
     "-c": ("--config", "settings in a YAML or TOML file; gunicorn's Python files are not read"),
     "--print-config": ("--check-config", "prints the effective settings as JSON and exits"),
-    "--preload": (
-        "",
-        "preloading (gunicorn's --preload) is not supported yet: each worker imports the "
-        "application itself",
-    ),
     "--reload": (
         "",
         "reloading on file changes (gunicorn's --reload) is not supported yet; with --workers "

@@ -27,6 +27,8 @@ from kitegreen.config.settings import (
     flag_names,
     setting_doc,
 )
+from kitegreen.exceptions import ConfigError
+from kitegreen.hooks import import_path
 
 _TYPES: dict[str, Any] = typing.get_type_hints(Config)
 _TYPE_PLACEHOLDERS: Mapping[Any, str] = types.MappingProxyType(
@@ -144,6 +146,11 @@ def describe(config: Config) -> dict[str, Any]:
             value = dict(value)
         elif isinstance(value, tuple):
             value = list(value)
+        elif callable(value):
+            try:
+                value = import_path(f.name, value)
+            except ConfigError:
+                value = repr(value)
         out[f.name] = value
     out.update(_derived(config))
     return out

@@ -17,7 +17,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,75 @@ def load(
     except ConfigError as exc:
         where = sources.get(exc.field or "")
         raise (exc.with_source(where) if where else exc) from None
+
+
+def load_config(
+    base: Config | None = None,
+    *,
+    file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    argv: Sequence[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """The settings of a server started from code, layered as the launcher layers them.
+
+    Precedence, highest first: flags (``flags``, then ``argv``), the environment (``KITE_*``
+    and kite's own variable names), the config file, ``base`` (the values in code), the
+    defaults. So an application that embeds the server (with a WSGI app in one process, say)
+    is configured by its deployment exactly as ``kitegreen MODULE:ATTR`` would be::
+
+        config = kitegreen.load_config(kitegreen.Config(service_name="orders", port=9090))
+        server = kitegreen.RpcServer(orders_thrift.Orders, Handler(), config)
+
+    Args:
+        base: the values given in code; the defaults when None.
+        file: a YAML or TOML config file; when None, ``--config`` in ``argv``, else
+            ``KITE_CONFIG_FILE`` in the environment, names it, if either is set.
+        env: where ``KITE_*`` variables are read; ``os.environ`` when None.
+        argv: the launcher's setting flags (``["--port", "9000", "--workers", "2"]``, also
+            ``--config PATH`` and ``-b HOST:PORT``); nothing else may be in it.
+        flags: values keyed by field name, over everything else (None values are ignored).
+
+    Returns:
+        A new, validated Config.
+
+    Raises:
+        ConfigError: a value is malformed or out of range, or ``argv`` holds something that
+            is not a setting flag; the message names the source.
+    """
+    given: dict[str, Any] = {}
+    if argv is not None:
+        argv_file, given = _parse_argv(argv)
+        file = file if file is not None else argv_file
+    given.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return load(base=base or Config(), file=file, env=env, flags=given)
+
+
+def _parse_argv(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
+    """``--config`` and the setting flags in ``argv``, parsed as the launcher parses them."""
+    import argparse
+
+    from kitegreen.config import gunicorn
+    from kitegreen.config.help import add_setting_flags
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> typing.NoReturn:
+            raise ConfigError(f"argv: {message}")
+
+    parser = _Parser(prog="load_config", add_help=False, allow_abbrev=False)
+    parser.add_argument("--config")
+    parser.add_argument("-b", "--bind", action="append")
+    add_setting_flags(parser)
+    args, extras = parser.parse_known_args(list(argv))
+    if extras:
+        raise ConfigError(f"argv: {extras[0]!r} is not a setting flag")
+    given = {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
+    if args.bind:
+        try:
+            given.update(gunicorn.bind_flags(args.bind, given))
+        except ValueError as exc:
+            raise ConfigError(f"argv: {exc}") from None
+    return args.config, given
 
 
 def env_variables() -> dict[str, str]:

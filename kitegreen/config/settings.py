@@ -15,11 +15,12 @@ import ipaddress
 import math
 import os
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kitegreen.exceptions import ConfigError
+from kitegreen.hooks import HOOK_NAMES, check_hook
 
 DEFAULT_PORT = 8888
 DEFAULT_CLUSTER = "default"
@@ -53,6 +54,8 @@ DEFAULT_DEBUG_MAX_CONNECTIONS = 32
 DEFAULT_DEBUG_IDLE_TIMEOUT = 10.0
 DEFAULT_DEBUG_MAX_CONNECTIONS_PER_PEER = 16
 DEFAULT_DEBUG_REQUEST_TIMEOUT = 5.0
+DEBUG_PORT_OFFSET = 10_000
+"""The derived debug port's distance from the service port (see ``effective_debug_port``)."""
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -72,6 +75,7 @@ GROUPS: Mapping[str, str] = types.MappingProxyType(
         "debug": "debug HTTP server",
         "reports": "metrics, reports and events",
         "logging": "",
+        "hooks": "the application's code at fixed points of the lifecycle (docs/workers.md)",
     }
 )
 """The ``--help`` groups, in the order they are shown, with a line saying what each holds."""
@@ -122,6 +126,10 @@ def doc(
     return types.MappingProxyType(
         {"doc": Doc(text, group, placeholder, default_text, choices, flags, secret, restart)}
     )
+
+
+HookSetting = str | Callable[..., object] | None
+"""A hook: ``module:function``, a callable taking a ``HookContext``, or None."""
 
 
 def _empty_limits() -> Mapping[str, int]:
@@ -233,6 +241,15 @@ class Config:
             "workers",
             placeholder="INT|auto",
             flags=("-w", "--workers"),
+        ),
+    )
+    preload: bool = field(
+        default=False,
+        metadata=doc(
+            "with workers: the arbiter imports the application once before forking, so the "
+            "workers share its memory; SIGHUP then reloads the settings, not the code",
+            "workers",
+            restart=True,
         ),
     )
     worker_timeout: float = field(
@@ -398,11 +415,20 @@ class Config:
     debug_port: int | None = field(
         default=None,
         metadata=doc(
-            "port for the debug server; when the default is not a port (a service port "
-            "above 9999), a free one",
+            "port for the debug server; 0: a free one",
             "debug",
             placeholder="PORT",
-            default_text="1 followed by the service port",
+            default_text="the service port + 10000 (- 10000 above 55535); a free one when the "
+            "service port is 0",
+            restart=True,
+        ),
+    )
+    debug_optional: bool = field(
+        default=False,
+        metadata=doc(
+            "start without the debug server (a warning) when its port cannot be had; when off "
+            "that fails the start as the RPC port does (exit status 3)",
+            "debug",
             restart=True,
         ),
     )
@@ -517,6 +543,70 @@ class Config:
         ),
     )
 
+    on_starting: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "arbiter or single process: settings loaded, before the listener is bound",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    post_fork: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "worker: just after the fork, before the application loads",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    post_worker_init: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "worker or single process: the application loaded, before it accepts",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    when_ready: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "arbiter or single process: serving (with workers: every first worker ready)",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    on_reload: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "arbiter: SIGHUP received, before the reload starts",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    worker_exit: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "worker or single process: serving stopped, before the process exits",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+    on_exit: HookSetting = field(
+        default=None,
+        metadata=doc(
+            "arbiter or single process: last thing before exiting",
+            "hooks",
+            placeholder="MODULE:FUNC",
+            restart=True,
+        ),
+    )
+
     def __post_init__(self) -> None:
         for name, about in _DOCS.items():
             if about.choices:
@@ -565,6 +655,8 @@ class Config:
         check_int("max_requests", self.max_requests, 0, 2**62)
         check_int("max_requests_jitter", self.max_requests_jitter, 0, 2**62)
         check_int("max_worker_memory", self.max_worker_memory, 0, 2**40)
+        for name in HOOK_NAMES:
+            check_hook(name, getattr(self, name))
         if self.log_config and not self.log_config.lower().endswith(LOG_CONFIG_SUFFIXES):
             raise ConfigError(
                 "log_config must name a dictConfig document ending in "
@@ -620,17 +712,20 @@ class Config:
         return "unix" if self.unix_socket else "tcp"
 
     def effective_debug_port(self, service_port: int) -> int:
-        """The debug server's port: ``debug_port`` if set, else kite's rule.
+        """The debug server's port: ``debug_port`` if set, else derived from the service port.
 
-        kite puts the debug server on "1" followed by the service port (8888 -> 18888). When
-        that is not a valid port (service port above 9999, or 0) the debug server takes an
-        ephemeral port instead, which the server logs and reports on ``debug_address``: a
-        guessed neighbouring port could belong to another service.
+        The service port + :data:`DEBUG_PORT_OFFSET` (kite's "1" followed by the port for the
+        common 4-digit ports: 8888 -> 18888), or - :data:`DEBUG_PORT_OFFSET` where that is
+        past 65535 (60000 -> 50000); 0, a free port, when the service port is 0. Never a port
+        chosen at random for a fixed service port: probes and scrapes must know where to go,
+        and ``--check-config`` shows it.
         """
         if self.debug_port is not None:
             return self.debug_port
-        derived = int(f"1{service_port}") if service_port else 0
-        return derived if 0 < derived <= 65535 else 0
+        if not service_port:
+            return 0
+        up = service_port + DEBUG_PORT_OFFSET
+        return up if up <= 65535 else service_port - DEBUG_PORT_OFFSET
 
     def effective_drain_time(self, registered: bool) -> float:
         """Seconds to keep serving between deregistering and closing the listener.

@@ -1,8 +1,10 @@
 """The debug HTTP server: kite's /runtime/kite and pprof, Prometheus' /metrics, a health check.
 
 Served by gevent's WSGI server in the same hub as the RPC server, bound to loopback unless
-configured otherwise. A port that is already taken is a warning, not a failure: the RPC
-service matters more than its debug page. For the same reason the debug server holds few
+configured otherwise. A port that is already taken fails the start as the RPC port would (the
+launcher exits 3): probes and scrapes would otherwise fail quietly against whatever holds it.
+Marked optional (``debug_optional``) it is a warning instead, and the RPC service runs without
+its debug page. The debug server holds few
 descriptors: at most ``max_connections`` connections, at most ``max_per_peer`` of them from one
 address, each closed once it has sent nothing for ``idle_timeout`` seconds, and each request
 (from its first byte to the last byte of its reply) cut off after ``request_timeout``, so that
@@ -71,6 +73,7 @@ class DebugServer:
         metrics: returns the Prometheus exposition, or None when metrics are off.
         healthy: whether the server is serving (not stopping).
         log: a structlog logger.
+        optional: whether a port that cannot be had is only a warning (see :meth:`start`).
     """
 
     def __init__(
@@ -86,8 +89,10 @@ class DebugServer:
         metrics: Callable[[], bytes] | None,
         healthy: Callable[[], bool],
         log: Any,
+        optional: bool = False,
     ) -> None:
         self._spec = ListenSpec("tcp", host=host, port=port)
+        self._optional = optional
         self._max_connections = max_connections
         self._idle_timeout = idle_timeout
         self._max_per_peer = max_connections if max_per_peer is None else max_per_peer
@@ -101,12 +106,22 @@ class DebugServer:
         """``(host, port)`` once listening; None if the port could not be had."""
 
     def start(self) -> None:
-        """Listen and serve; on failure, log a warning and stay off."""
+        """Listen and serve.
+
+        Raises:
+            ListenError: the port cannot be had, unless the server is optional (then a
+                warning is logged and it stays off).
+        """
         if self._server is not None:
             return
         try:
             sock = listen(self._spec, backlog=128)
         except ListenError as exc:
+            if not self._optional:
+                raise ListenError(
+                    f"debug server: {exc}; set debug_port to a free port, or debug_optional to "
+                    "start without the debug server"
+                ) from None
             self._log.warning(
                 "debug server not started; the RPC service runs without it", error=str(exc)
             )

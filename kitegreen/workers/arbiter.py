@@ -89,6 +89,7 @@ from kitegreen.exits import (
     EXIT_USAGE,
     EXIT_WORKERS_FAILED,
 )
+from kitegreen.hooks import ARBITER, HOOK_NAMES, Hooks
 from kitegreen.instance import Instance, local_limits
 from kitegreen.observability.events import EventQueue
 from kitegreen.observability.reporter import NullReporter, ReportGate
@@ -101,6 +102,7 @@ from kitegreen.workers.board import Board
 from kitegreen.workers.control import Channel
 from kitegreen.workers.crashes import CrashPolicy
 from kitegreen.workers.fleet import Fleet, ready_count
+from kitegreen.workers.preload import preload as preload_application
 from kitegreen.workers.probe import probe_config, probe_timeout
 from kitegreen.workers.process import BOOTING, WorkerProcess
 from kitegreen.workers.recycle import plan_recycling
@@ -147,6 +149,7 @@ def serve(
     log: Any = None,
     *,
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
+    preload: bool = False,
 ) -> int:
     """Probe the application, bind, fork the workers and supervise them until stopped.
 
@@ -157,6 +160,9 @@ def serve(
         worker_timeout: ``worker_timeout`` as the launcher knows it before the probe (from the
             config file, the environment and the flags): the probe gets as long as a reload's
             would (:func:`~kitegreen.workers.probe.probe_timeout`).
+        preload: ``preload`` as the launcher knows it before the probe: the arbiter loads the
+            application itself instead of probing (``preload.py``); set only in the code, it is
+            learnt from the probe.
 
     Returns:
         The launcher's exit status: 0 clean, 1 unclean or SIGQUIT, 2 the application or its
@@ -168,15 +174,35 @@ def serve(
     # memory between the workers (copy-on-write) and takes the time out of each worker's start.
     import kitegreen.server  # noqa: F401
 
-    config = probe_config(app, signal_handles=(), timeout=probe_timeout(worker_timeout), log=log)
-    if isinstance(config, int):
-        return config
+    config: Config | None = None
+    if not preload:
+        probed = probe_config(
+            app, signal_handles=(), timeout=probe_timeout(worker_timeout), log=log
+        )
+        if isinstance(probed, int):
+            return probed
+        config = probed
+    if config is None or config.preload:
+        loaded = preload_application(app, log)
+        if isinstance(loaded, int):
+            return loaded
+        app, config = loaded
     try:
-        arbiter = Arbiter(config, app, log)
+        hooks = Hooks(config, ARBITER, log)
+    except ConfigError as exc:
+        log.error("cannot start", error=str(exc))
+        return EXIT_USAGE
+    if not hooks.run("on_starting"):
+        return EXIT_USAGE
+    try:
+        arbiter = Arbiter(config, app, log, hooks=hooks)
     except ListenError as exc:
         log.error("cannot listen", error=str(exc))
-        return EXIT_LISTEN
-    return arbiter.run()
+        status = EXIT_LISTEN
+    else:
+        status = arbiter.run()
+    hooks.run("on_exit")
+    return status
 
 
 class Arbiter:
@@ -188,6 +214,7 @@ class Arbiter:
         config: the application's effective settings, as the probe reported them.
         app: how to load the application (in the probes and the workers).
         log: a structlog logger.
+        hooks: the arbiter's hooks (``when_ready``, ``on_reload``); none when None.
 
     Raises:
         ListenError: the listener could not be created.
@@ -198,8 +225,12 @@ class Arbiter:
         config: Config,
         app: Application,
         log: Any,
+        *,
+        hooks: Hooks | None = None,
     ) -> None:
         self._config = config
+        self._hooks = hooks or Hooks(config.replace(**dict.fromkeys(HOOK_NAMES)), ARBITER, log)
+        self._ready_once = False
         self._app = app
         self.log = log
         self._events: Queue[tuple[Any, ...]] = Queue()
@@ -239,6 +270,7 @@ class Arbiter:
         self._clean = True
         self._failed = False
         self._start_failed = False
+        self._listen_failed = False
         spec = ListenSpec.from_config(config)
         sock = listen(spec, config.backlog)
         self._binding = Binding(spec, sock, owned=True)
@@ -290,6 +322,10 @@ class Arbiter:
             except ConfigError as exc:
                 self.log.error("cannot start", error=str(exc))
                 self._start_failed = True
+            except ListenError as exc:
+                # The debug port taken (and the debug server not optional).
+                self.log.error("cannot listen", error=str(exc))
+                self._listen_failed = True
             else:
                 self._supervise()
         finally:
@@ -313,6 +349,8 @@ class Arbiter:
         return status
 
     def _exit_status(self) -> int:
+        if self._listen_failed:
+            return EXIT_LISTEN
         if self._start_failed:
             return EXIT_USAGE
         if self._failed:
@@ -394,6 +432,8 @@ class Arbiter:
             )
             self._begin_stop(signum, graceful=False)
         elif signum == signal.SIGHUP:
+            if self._phase == SERVING:
+                self._hooks.run("on_reload")
             self._reload.request()
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             self._scale(1 if signum == signal.SIGTTIN else -1, signum)
@@ -681,6 +721,11 @@ class Arbiter:
         # One more worker serving: every share shrinks (limits may also have changed while it
         # was starting).
         self.instance.reapply_limits(source="workers")
+        if not self._ready_once and ready_count(self._workers.values()) >= self._wanted:
+            self._ready_once = True
+            if not self._hooks.run("when_ready", address=self.address):
+                self._start_failed = True
+                self._begin_stop(signal.SIGTERM, graceful=True)
 
     def _on_exit(self, pid: int, status: int) -> None:
         fork.reap(pid)

@@ -37,6 +37,7 @@ from gevent.event import AsyncResult
 from kitegreen.config import Config
 from kitegreen.exceptions import ConfigError, LaunchError, describe
 from kitegreen.exits import EXIT_CRASHED, EXIT_USAGE
+from kitegreen.hooks import HOOK_NAMES, import_path
 from kitegreen.workers import fork
 from kitegreen.workers.worker import IGNORED_SIGNALS, Application
 
@@ -189,6 +190,8 @@ class Probe:
 def config_to_json(config: Config) -> bytes:
     """``config`` as JSON, every field (the Consul token included: this stays on a pipe)."""
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(Config)}
+    for name in HOOK_NAMES:
+        values[name] = import_path(name, values[name])
     return json.dumps(values, default=_plain).encode()
 
 
@@ -223,13 +226,14 @@ def _read_all(sock: Any) -> bytes:
     return data
 
 
-def _check_fits_workers(server: RpcServer) -> None:
+def check_fits_workers(server: RpcServer) -> None:
     """Refuse what the application's own code gave its server that an instance of workers
     cannot honour, rather than drop it silently.
 
     Raises:
         ConfigError: a registry was given and the instance registers: the arbiter registers
-            it, and never imports the application, so the registry could not be used.
+            it, and never imports the application, so the registry could not be used; or a
+            hook given in code has no import path to reach the arbiter and the workers by.
     """
     if server.registry is not None and server.config.register:
         raise ConfigError(
@@ -238,6 +242,8 @@ def _check_fits_workers(server: RpcServer) -> None:
             "application; run one process, or leave the registry out",
             field="workers",
         )
+    for name in HOOK_NAMES:
+        import_path(name, getattr(server.config, name))
     if server.reporter is not None:
         structlog.get_logger("kitegreen").warning(
             "RpcServer(reporter=...) with workers: each worker reports to it; the reports of "
@@ -252,7 +258,7 @@ def _run_probe(child_end: Any, app: Application, signal_handles: list[Any]) -> N
         fork.unblock_signals(ignore=IGNORED_SIGNALS)
         try:
             server = app.load()
-            _check_fits_workers(server)
+            check_fits_workers(server)
         except (LaunchError, ConfigError) as exc:
             app.on_load_error(exc)
             return EXIT_USAGE

@@ -34,6 +34,7 @@ import structlog
 from kitegreen.config import Config
 from kitegreen.exceptions import ConfigError, LaunchError
 from kitegreen.exits import EXIT_CRASHED, EXIT_OK, EXIT_UNCLEAN_STOP, EXIT_USAGE
+from kitegreen.hooks import WORKER, Hooks
 from kitegreen.limiter import Limits
 from kitegreen.observability.events import EventQueue
 from kitegreen.observability.metrics import process_figures
@@ -86,11 +87,14 @@ class Application:
             reported rather than reading the config file and the environment again: a
             replacement runs with what was validated, whatever is on disk now).
         on_load_error: logs a LaunchError or ConfigError raised by either.
+        layer: layers the config file, the environment and the flags on the code's settings
+            (``--preload``: the arbiter loads the code once, and a reload only the settings).
     """
 
     load: Callable[[], RpcServer]
     load_code: Callable[[], RpcServer]
     on_load_error: Callable[[Exception], None]
+    layer: Callable[[Config], Config] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ class _Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.engine: Engine | None = None
+        self.server: RpcServer | None = None
         self.log = structlog.get_logger("kitegreen.worker")
         # The other workers' accept balance must not wait for a stopping worker to take
         # connections.
@@ -191,10 +196,27 @@ class _Worker:
         install_signal_handlers(self.stop.actions(graceful=(signal.SIGTERM,)))
         fork.unblock_signals(ignore=IGNORED_SIGNALS)
         try:
-            server = spec.app.load_code()
+            hooks = Hooks(spec.config, WORKER, self.log, worker=spec.slot.index)
+        except ConfigError as exc:
+            self.log.error("cannot start", error=str(exc))
+            return EXIT_USAGE
+        if not hooks.run("post_fork"):
+            return EXIT_USAGE
+        try:
+            return self._serve_app(interval, hooks)
+        finally:
+            hooks.run("worker_exit", server=self.server)
+
+    def _serve_app(self, interval: float, hooks: Hooks) -> int:
+        spec = self.spec
+        assert self.channel is not None
+        try:
+            server = self.server = spec.app.load_code()
             config = spec.config.replace(service_name=server.config.service_name)
         except (LaunchError, ConfigError) as exc:
             spec.app.on_load_error(exc)
+            return EXIT_USAGE
+        if not hooks.run("post_worker_init", server=server):
             return EXIT_USAGE
         engine = self.engine = _make_engine(server, config)
         if self.stop.requested:
