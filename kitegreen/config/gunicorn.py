@@ -135,11 +135,6 @@ GUNICORN_FLAGS: dict[str, tuple[str, str]] = {
         "preloading (gunicorn's --preload) is not supported yet: each worker imports the "
         "application itself",
     ),
-    "--reload": (
-        "",
-        "reloading on file changes (gunicorn's --reload) is not supported yet; with --workers "
-        "2 or more, SIGHUP reloads the code one worker at a time",
-    ),
     "--daemon": ("", "kitegreen does not daemonize: run it under a supervisor (systemd, ...)"),
     "-D": ("", "kitegreen does not daemonize: run it under a supervisor (systemd, ...)"),
     "--pid": ("", "kitegreen writes no pid file: its supervisor knows its pid"),

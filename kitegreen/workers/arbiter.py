@@ -65,8 +65,10 @@ import math
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -99,6 +101,7 @@ from kitegreen.workers.fleet import Fleet, ready_count
 from kitegreen.workers.probe import probe_config, probe_timeout
 from kitegreen.workers.process import BOOTING, WorkerProcess
 from kitegreen.workers.reload import RollingReload
+from kitegreen.workers.watch import CodeWatcher, require_watchfiles
 from kitegreen.workers.worker import Application, WorkerSpec, run_worker
 
 STOP_GRACE = 2.0
@@ -141,6 +144,7 @@ def serve(
     log: Any = None,
     *,
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
+    watch: Path | None = None,
 ) -> int:
     """Probe the application, bind, fork the workers and supervise them until stopped.
 
@@ -151,6 +155,7 @@ def serve(
         worker_timeout: ``worker_timeout`` as the launcher knows it before the probe (from the
             config file, the environment and the flags): the probe gets as long as a reload's
             would (:func:`~kitegreen.workers.probe.probe_timeout`).
+        watch: the application's directory, watched when the settings ask for ``reload``.
 
     Returns:
         The launcher's exit status: 0 clean, 1 unclean or SIGQUIT, 2 the application or its
@@ -165,8 +170,18 @@ def serve(
     config = probe_config(app, signal_handles=(), timeout=probe_timeout(worker_timeout), log=log)
     if isinstance(config, int):
         return config
+    if config.reload:
+        try:
+            require_watchfiles()
+        except ConfigError as exc:
+            log.error("cannot start", error=str(exc))
+            return EXIT_USAGE
+        # Every probe and worker imports the application afresh; written bytecode would let a
+        # file rewritten within the second with the same size load stale (a .pyc is checked
+        # against the source's mtime in whole seconds and its size).
+        sys.dont_write_bytecode = True
     try:
-        arbiter = Arbiter(config, app, log)
+        arbiter = Arbiter(config, app, log, watch=watch)
     except ListenError as exc:
         log.error("cannot listen", error=str(exc))
         return EXIT_LISTEN
@@ -182,6 +197,7 @@ class Arbiter:
         config: the application's effective settings, as the probe reported them.
         app: how to load the application (in the probes and the workers).
         log: a structlog logger.
+        watch: the directory whose changes reload the workers (``--reload``), or None.
 
     Raises:
         ListenError: the listener could not be created.
@@ -192,6 +208,8 @@ class Arbiter:
         config: Config,
         app: Application,
         log: Any,
+        *,
+        watch: Path | None = None,
     ) -> None:
         self._config = config
         self._app = app
@@ -221,6 +239,9 @@ class Arbiter:
             settings=lambda: (self._config, self._wanted),
             adopt=self._adopt,
             stop_generation=self._stop_generation,
+        )
+        self._watcher = (
+            CodeWatcher(watch, self._changed, log) if config.reload and watch is not None else None
         )
         self._restarts = 0
         self._spawn_not_before = 0.0
@@ -285,8 +306,11 @@ class Arbiter:
                 self.log.error("cannot start", error=str(exc))
                 self._start_failed = True
             else:
+                self._start_watching()
                 self._supervise()
         finally:
+            if self._watcher is not None:
+                self._watcher.stop()
             for handle in self._signal_handles:
                 handle.cancel()
             # Only after a failure of the arbiter's own: the workers would stop by themselves
@@ -372,6 +396,8 @@ class Arbiter:
             self._reload.probed(event[1], event[2])
         elif kind == "deregistered":
             self._on_deregistered()
+        elif kind == "changed":
+            self._on_changed(event[1], event[2])
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -473,6 +499,27 @@ class Arbiter:
         self._reload.rescaled(wanted)
         self.log.info("workers wanted changed", signal=signum.name, workers=wanted)
         self.instance.push_event("Workers", f"{signum.name}: {wanted} workers wanted")
+
+    # -- --reload ----------------------------------------------------------------------------
+
+    def _start_watching(self) -> None:
+        if self._watcher is None:
+            return
+        try:
+            self._watcher.start(self._signal_handles)
+        except OSError as exc:
+            self.log.error("cannot watch for changes: only SIGHUP reloads", error=describe(exc))
+            self._watcher = None
+
+    def _changed(self, paths: list[str], count: int) -> None:
+        # In the watcher channel's reader greenlet: queued, acted on by the loop.
+        self._events.put(("changed", paths, count))
+
+    def _on_changed(self, paths: list[str], count: int) -> None:
+        if self._phase != SERVING:
+            return
+        self.log.info("files changed; reloading", files=paths, count=count)
+        self._reload.request()
 
     # -- what the reload changes ---------------------------------------------------------------
 
