@@ -3,6 +3,7 @@ called with thriftpy2's client over loopback while the test edits the target's f
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -62,18 +63,20 @@ def app(tmp_path: Path) -> Path:
     return module
 
 
-def launch(module: Path) -> Launcher:
+def launch(module: Path, *args: str, pythonpath: str = str(TESTS)) -> Launcher:
     # Bytecode is written as usual (no PYTHONDONTWRITEBYTECODE): --reload must not run a
     # stale .pyc when an edit keeps the file's size within the same second.
-    env = launcher_env(PYTHONPATH=str(TESTS))
-    return Launcher(f"{module}:server", *LOOPBACK, "--reload", env=env)
+    env = launcher_env(PYTHONPATH=pythonpath)
+    return Launcher(f"{module}:server", *LOOPBACK, "--reload", *args, env=env)
 
 
 class TestReload:
-    def test_an_edit_is_served_within_2_seconds(self, app):
-        """One process asked for --reload: each save of the handler's file is answered by the
-        new code within 2 s, with no SIGHUP (edits of the same size, in the same second)."""
-        with launch(app) as launcher:
+    @pytest.mark.parametrize("workers", ["1", "2"])
+    def test_an_edit_is_served_within_2_seconds(self, app, workers):
+        """With one worker or two: each save of the handler's file is answered by the new code
+        within 2 s, with no SIGHUP (edits of the same size, in the same second); the watcher
+        ends with the instance."""
+        with launch(app, "--workers", workers) as launcher:
             launcher.wait_for_event("worker ready", timeout=20.0)
             address = launcher.address()
             assert launcher.find_event("watching for changes; a change reloads the workers")
@@ -86,6 +89,7 @@ class TestReload:
             assert changed[0]["files"] == [str(app)]
             launcher.proc.terminate()
             assert launcher.wait(20.0) == 0, launcher.output()[-3000:]
+            assert launcher.group() == []
 
     def test_a_syntax_error_keeps_the_old_code_serving_until_fixed(self, app):
         """A save that does not compile is refused: the error is logged, the old code keeps
@@ -116,3 +120,16 @@ class TestReload:
             assert record["files"] == [str(app.parent / "svc.thrift")]
             launcher.wait_for_event("reload complete", timeout=20.0)
             assert len(launcher.named("files changed; reloading")) == 1
+
+    def test_without_watchfiles_the_launch_says_how_to_install_it(self, app, tmp_path):
+        """--reload where watchfiles cannot be imported: exit 2, with the extra to install."""
+        missing = tmp_path / "missing"
+        (missing / "watchfiles").mkdir(parents=True)
+        (missing / "watchfiles" / "__init__.py").write_text(
+            "raise ImportError(\"No module named 'watchfiles'\")\n"
+        )
+        with launch(app, pythonpath=f"{missing}{os.pathsep}{TESTS}") as launcher:
+            assert launcher.wait(20.0) == 2, launcher.output()[-3000:]
+            record = launcher.wait_for_event("cannot start")
+            assert "pip install 'kitegreen[reload]'" in record["error"]
+            assert "worker spawned" not in launcher.output()

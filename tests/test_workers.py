@@ -337,9 +337,9 @@ class TestServing:
             assert instance.stop() == 0
 
     def test_metrics_count_the_calls_made_across_workers(self):
-        """/metrics sums every worker's counters; gauges are per worker, labelled by pid."""
+        """/metrics sums every worker's counters; gauges are per worker, labelled by its
+        number."""
         with arbiter(workers=2) as instance:
-            workers = instance.live_workers()
             for _ in range(30):
                 echo_call(instance.address())
             text = instance.debug("/metrics").decode()
@@ -347,15 +347,21 @@ class TestServing:
             assert metric(text, "kitegreen_connections_total") == 30
             histogram = metric(text, "kitegreen_request_duration_seconds_count", method="echo")
             assert histogram == 30
-            for pid in workers:
-                assert metric(text, "process_resident_memory_bytes", pid=str(pid)) > 0
+            for number in ("0", "1"):
+                assert metric(text, "kitegreen_worker_resident_memory_bytes", worker=number) > 0
+            # The instance's: the arbiter's and the workers' added up.
+            assert metric(text, "process_resident_memory_bytes") > max(
+                metric(text, "kitegreen_worker_resident_memory_bytes", worker=number)
+                for number in ("0", "1")
+            )
 
             # A worker counts a connection closed once it has read the client's FIN, which
             # may come after the client's last reply was read: polled, not read once.
             def open_connections() -> list[float]:
                 scraped = instance.debug("/metrics").decode()
                 return [
-                    metric(scraped, "kitegreen_connections_open", pid=str(pid)) for pid in workers
+                    metric(scraped, "kitegreen_connections_open", worker=number)
+                    for number in ("0", "1")
                 ]
 
             wait_until(

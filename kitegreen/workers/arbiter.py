@@ -61,6 +61,7 @@ from __future__ import annotations
 import _socket
 import contextlib
 import functools
+import itertools
 import math
 import os
 import signal
@@ -555,7 +556,8 @@ class Arbiter:
                 # The new generation is the one in service now, crashes counted so far
                 # included.
                 self._crashes = self._reload.complete() or self._crashes
-            for worker in current[: max(len(current) - self._wanted, 0)]:
+            # The highest-numbered go: the numbers (the workers' metrics label) stay 0 to N-1.
+            for worker in sorted(current, key=lambda w: w.rank)[self._wanted :]:
                 self.log.info("stopping a worker: fewer wanted", worker=worker.pid)
                 worker.stop()
             if self._may_spawn(now, self._crashes):
@@ -579,14 +581,23 @@ class Arbiter:
     def _may_spawn(self, now: float, crashes: CrashPolicy) -> bool:
         return now >= self._spawn_not_before and crashes.may_spawn()
 
-    def _spawn(self) -> bool:
+    def _spawn(self, rank: int | None = None) -> bool:
         """Fork one worker. When there is no free slot on the board (workers still stopping),
         no descriptor or no memory to fork, spawns wait with a backoff: nothing a spawn does
         may end the arbiter.
 
+        Args:
+            rank: the worker's number (its metrics label); by default the lowest that no live
+                worker of the generation in service holds: a replacement takes over the
+                number of the worker it replaces, a reload's new workers those of the old.
+
         Returns:
             Whether a worker was forked.
         """
+        if rank is None:
+            generation = self._reload.generation
+            held = {w.rank for w in self._workers.values() if w.live and w.generation == generation}
+            rank = next(i for i in itertools.count() if i not in held)
         with contextlib.ExitStack() as allocated:
             try:
                 used = {w.slot.index for w in self._workers.values()}
@@ -628,7 +639,7 @@ class Arbiter:
             log=self.log.bind(worker=pid),
         )
         self._workers[pid] = WorkerProcess(
-            pid, self._age, self._reload.generation, channel, slot, stack_file
+            pid, self._age, self._reload.generation, channel, slot, stack_file, rank
         )
         self.fleet.stats.track(pid)
         channel.start()
