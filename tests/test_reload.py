@@ -13,7 +13,7 @@ from conftest import TESTS, wait_until
 from launching import Launcher, launcher_env
 from service import testsvc_thrift
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
+from kitegreen.workers.watch import application_directory
 
 LOOPBACK = ("--host", "127.0.0.1", "--port", "0", "--debug-port", "0", "--exit-wait-time", "1")
 TAGGED = (
@@ -70,6 +70,8 @@ def launch(module: Path, *args: str, pythonpath: str = str(TESTS)) -> Launcher:
     return Launcher(f"{module}:server", *LOOPBACK, "--reload", *args, env=env)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(60)
 class TestReload:
     @pytest.mark.parametrize("workers", ["1", "2"])
     def test_an_edit_is_served_within_2_seconds(self, app, workers):
@@ -133,3 +135,24 @@ class TestReload:
             record = launcher.wait_for_event("cannot start")
             assert "pip install 'kitegreen[reload]'" in record["error"]
             assert "worker spawned" not in launcher.output()
+
+
+class TestApplicationDirectory:
+    """What --reload watches for a target, found without importing it."""
+
+    def test_a_file_target_watches_its_directory(self, tmp_path):
+        assert application_directory(f"{tmp_path / 'app.py'}:server") == tmp_path
+
+    def test_a_module_target_watches_its_top_level_package(self, tmp_path, monkeypatch):
+        package = tmp_path / "shop"
+        (package / "api").mkdir(parents=True)
+        for init in (package / "__init__.py", package / "api" / "__init__.py"):
+            init.write_text("")
+        (tmp_path / "single.py").write_text("")
+        monkeypatch.chdir(tmp_path)
+        assert application_directory("shop.api.main:server") == package
+        assert application_directory("single:server") == tmp_path
+
+    def test_an_unknown_module_watches_the_working_directory(self, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        assert application_directory("no_such_module_here:server") == tmp_path
