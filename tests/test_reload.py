@@ -136,6 +136,16 @@ class TestReload:
             assert "pip install 'kitegreen[reload]'" in record["error"]
             assert "worker spawned" not in launcher.output()
 
+    def test_the_watcher_does_not_outlive_a_killed_arbiter(self, app):
+        """The watching child ends with its arbiter, even one killed with SIGKILL."""
+        with launch(app) as launcher:
+            record = launcher.wait_for_event("watching for changes; a change reloads the workers")
+            launcher.wait_for_event("worker ready", timeout=20.0)
+            assert record["watcher"] in launcher.group()
+            launcher.proc.kill()
+            launcher.wait(10.0)
+            wait_until(lambda: launcher.group() == [], 10.0, interval=0.05)
+
 
 class TestApplicationDirectory:
     """What --reload watches for a target, found without importing it."""
