@@ -23,7 +23,8 @@ HUP        rolling reload: a probe loads the code and settings afresh while the 
            (if they fail, nothing changes); then, one at a time, a new worker is started and,
            once it is ready, an old one is stopped. The listener is never closed, so clients
            calling in a loop see neither a refused connection nor a reset. One reload at a
-           time: a HUP during one starts another when it ends.
+           time: a HUP during one starts another when it ends. ``--reload`` does the same
+           when a file of the application changes (``watch.py``).
 TTIN/TTOU  one worker more / fewer (at least one); the limits are shared anew as workers
            become ready or exit.
 USR1       log the arbiter's stacks and have every worker log its own.

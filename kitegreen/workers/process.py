@@ -27,8 +27,8 @@ class WorkerProcess:
 
     Attributes:
         pid: the process ID.
-        age: the spawn sequence number (1 for the first worker ever spawned): oldest first
-            when workers are taken away.
+        age: the spawn sequence number (1 for the first worker ever spawned): a reload
+            stops the old generation's oldest first (TTOU stops the highest ``rank``).
         generation: the reload generation it was spawned in (0 until the first SIGHUP).
         channel: the arbiter's end of its control channel.
         slot: its slot on the board (its heartbeat, connections, accepting).
