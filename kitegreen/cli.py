@@ -109,12 +109,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
 
     load = functools.partial(load_server, args.target, args.config, flags)
     on_load_error = functools.partial(log_launch_error, log, args.target)
-    if early.workers > 1 and not args.check_config:
+    if (early.workers > 1 or early.reload) and not args.check_config:
         from kitegreen.workers.arbiter import serve
+        from kitegreen.workers.watch import application_directory
         from kitegreen.workers.worker import Application
 
         # The probe loads the settings from every source; workers import the code only and
-        # are given what the probe reported.
+        # are given what the probe reported. --reload is SIGHUP's rolling reload, so even
+        # one worker gets an arbiter: the same probe refuses broken code.
         app = Application(
             load,
             functools.partial(load_target, args.target),
@@ -122,7 +124,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
             layer=functools.partial(layer_settings, args.config, flags),
         )
         add_search_path(args.target)
-        return serve(app, log, worker_timeout=early.worker_timeout, preload=early.preload)
+        return serve(
+            app,
+            log,
+            worker_timeout=early.worker_timeout,
+            preload=early.preload,
+            watch=application_directory(args.target),
+        )
     try:
         server = load()
     except (LaunchError, ConfigError) as exc:
@@ -131,8 +139,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
     if args.check_config:
         print(json.dumps(describe(server.config), indent=2))
         return EXIT_OK
-    if server.config.workers > 1:
-        _restart_as_arbiter(argv, server.config.workers, log)
+    if server.config.workers > 1 or server.config.reload:
+        _restart_as_arbiter(argv, server.config, log)
     return serve_single(server, log)
 
 
@@ -214,13 +222,21 @@ def _serve_hooked(server: RpcServer, log: Any, hooks: Hooks) -> int:
     return EXIT_OK if clean and not stop.quick else EXIT_UNCLEAN_STOP
 
 
-def _restart_as_arbiter(argv: Sequence[str] | None, workers: int, log: Any) -> None:
-    """Replace this process with the launcher run with ``--workers``: the target's code asked for
-    workers, and the arbiter must not hold the target's modules (see the module docstring)."""
+def _restart_as_arbiter(argv: Sequence[str] | None, config: Config, log: Any) -> None:
+    """Replace this process with the launcher run with ``--workers`` (and ``--reload``): the
+    target's code asked for workers or for reloads, and the arbiter must not hold the target's
+    modules (see the module docstring)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    log.info("the target asks for workers; restarting as their arbiter", workers=workers)
+    workers = config.workers
+    log.info(
+        "the target asks for workers; restarting as their arbiter",
+        workers=workers,
+        reload=config.reload,
+    )
     sys.stderr.flush()
     command = [sys.executable, "-m", "kitegreen", *args, "--workers", str(workers)]
+    if config.reload:
+        command.append("--reload")
     os.execv(sys.executable, command)  # noqa: S606 - our own interpreter and arguments
 
 
@@ -266,8 +282,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         epilog="signals: TERM and INT stop gracefully; QUIT logs the stacks and stops at once "
         "(exit 1); USR1 logs the stacks of every greenlet and thread. With --workers 2 or more, "
         "sent to the arbiter: HUP reloads the code and settings one worker at a time (with "
-        "--preload the settings only), TTIN and "
-        "TTOU add and remove a worker. In one process HUP is logged and ignored; USR2 always is.",
+        "--preload the settings only; --reload does the same on a file change), TTIN and TTOU "
+        "add and remove a worker. In one process HUP is logged and ignored; USR2 always is.",
         formatter_class=HelpFormatter,
         # Prefixes of flags would silently change meaning when a flag is added.
         allow_abbrev=False,

@@ -682,9 +682,9 @@ class TestMetrics:
             ):
                 assert b.echo("b") == "b"
                 assert c.echo("c") == "c"
-                wait_until(lambda: metric(server, "kitegreen_connections_open") == 3)
-            wait_until(lambda: metric(server, "kitegreen_connections_open") == 1)
-        wait_until(lambda: metric(server, "kitegreen_connections_open") == 0)
+                wait_until(lambda: metric(server, "kitegreen_connections_open", worker="0") == 3)
+            wait_until(lambda: metric(server, "kitegreen_connections_open", worker="0") == 1)
+        wait_until(lambda: metric(server, "kitegreen_connections_open", worker="0") == 0)
         assert metric(server, "kitegreen_connections_total") == 3
 
     def test_process_and_runtime_metrics_are_present(self, server):
@@ -697,7 +697,7 @@ class TestMetrics:
         }
         assert {"process_resident_memory_bytes", "process_open_fds", "kitegreen_greenlets"} <= names
         assert any(name.startswith("python_gc_") for name in names)
-        assert metric(server, "kitegreen_greenlets") >= 1
+        assert metric(server, "kitegreen_greenlets", worker="0") >= 1
 
     def test_two_servers_keep_separate_counts(self, make_server):
         """Each server counts only its own requests."""

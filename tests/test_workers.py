@@ -337,9 +337,9 @@ class TestServing:
             assert instance.stop() == 0
 
     def test_metrics_count_the_calls_made_across_workers(self):
-        """/metrics sums every worker's counters; gauges are per worker, labelled by pid."""
+        """/metrics sums every worker's counters; gauges are per worker, labelled by its
+        number."""
         with arbiter(workers=2) as instance:
-            workers = instance.live_workers()
             for _ in range(30):
                 echo_call(instance.address())
             text = instance.debug("/metrics").decode()
@@ -347,15 +347,21 @@ class TestServing:
             assert metric(text, "kitegreen_connections_total") == 30
             histogram = metric(text, "kitegreen_request_duration_seconds_count", method="echo")
             assert histogram == 30
-            for pid in workers:
-                assert metric(text, "process_resident_memory_bytes", pid=str(pid)) > 0
+            for number in ("0", "1"):
+                assert metric(text, "kitegreen_worker_resident_memory_bytes", worker=number) > 0
+            # The instance's: the arbiter's and the workers' added up.
+            assert metric(text, "process_resident_memory_bytes") > max(
+                metric(text, "kitegreen_worker_resident_memory_bytes", worker=number)
+                for number in ("0", "1")
+            )
 
             # A worker counts a connection closed once it has read the client's FIN, which
             # may come after the client's last reply was read: polled, not read once.
             def open_connections() -> list[float]:
                 scraped = instance.debug("/metrics").decode()
                 return [
-                    metric(scraped, "kitegreen_connections_open", pid=str(pid)) for pid in workers
+                    metric(scraped, "kitegreen_connections_open", worker=number)
+                    for number in ("0", "1")
                 ]
 
             wait_until(
@@ -728,12 +734,13 @@ class TestSupervision:
             assert instance.stop() == 0
 
     def test_ttin_and_ttou_add_and_remove_a_worker_and_share_the_limits(self):
-        """TTIN adds a worker and TTOU takes the oldest away; each share of the connection
-        limit follows."""
+        """TTIN adds a worker and TTOU takes the highest-numbered away (the one TTIN added:
+        worker numbers stay 0 to N-1); each share of the connection limit follows."""
         with arbiter(workers=2) as instance:
-            oldest = instance.named("worker spawned")[0]["worker"]
+            first = instance.live_workers()
             instance.proc.send_signal(signal.SIGTTIN)
             three = instance.wait_for_workers(3)
+            assert {w["worker"] for w in instance.runtime()["workers"]} == {0, 1, 2}
             runtime = instance.runtime()
             share = math.ceil(DEFAULT_LIMIT_CONNECTIONS / 3)
             assert runtime["overload"]["worker_share"]["limit_connections"] == share
@@ -745,7 +752,8 @@ class TestSupervision:
             )
             instance.proc.send_signal(signal.SIGTTOU)
             two = instance.wait_for_workers(2)
-            assert two == three - {oldest}
+            assert two == first
+            assert len(three - two) == 1
             assert instance.runtime()["arbiter"]["workers_wanted"] == 2
             assert instance.stop() == 0
 

@@ -125,11 +125,6 @@ GUNICORN_FLAGS: dict[str, tuple[str, str]] = {
     "--log-config-json": ("--log-config", "a dictConfig document in a YAML, TOML or JSON file"),
     "-c": ("--config", "settings in a YAML or TOML file; gunicorn's Python files are not read"),
     "--print-config": ("--check-config", "prints the effective settings as JSON and exits"),
-    "--reload": (
-        "",
-        "reloading on file changes (gunicorn's --reload) is not supported yet; with --workers "
-        "2 or more, SIGHUP reloads the code one worker at a time",
-    ),
     "--daemon": ("", "kitegreen does not daemonize: run it under a supervisor (systemd, ...)"),
     "-D": ("", "kitegreen does not daemonize: run it under a supervisor (systemd, ...)"),
     "--pid": ("", "kitegreen writes no pid file: its supervisor knows its pid"),

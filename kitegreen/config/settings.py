@@ -285,6 +285,16 @@ class Config:
             placeholder="MIB",
         ),
     )
+    reload: bool = field(
+        default=False,
+        metadata=doc(
+            "for development: reload the workers when a *.py or *.thrift file under the "
+            "application's directory changes, as SIGHUP does (broken code is refused); runs "
+            "an arbiter even for one worker; needs kitegreen[reload]",
+            "workers",
+            restart=True,
+        ),
+    )
     read_write_timeout: float = field(
         default=DEFAULT_READ_WRITE_TIMEOUT,
         metadata=doc(

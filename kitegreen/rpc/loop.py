@@ -227,6 +227,8 @@ class Connection:
             if isinstance(exc, CloseConnection):
                 ctx.log.debug("connection closed", peer=self.peer, reason=exc.reason)
             elif isinstance(exc, ProtocolError):
+                if ctx.metrics is not None:
+                    ctx.metrics.protocol_error("malformed")
                 ctx.log.debug(
                     "connection closed on bad input",
                     peer=self.peer,
@@ -350,6 +352,8 @@ class Connection:
             self._too_costly(method, seqid, begun, inflated, exc)
             return
         except Exception as exc:  # noqa: BLE001 - malformed arguments, in any way
+            if ctx.metrics is not None:
+                ctx.metrics.protocol_error("arguments")
             self._send_error(
                 method.name,
                 seqid,
@@ -612,7 +616,10 @@ class Connection:
             # The codec hands over a name that is not UTF-8 as bytes; echoing them back would
             # give strict clients a reply they cannot decode.
             name = name.decode("utf-8", "backslashreplace")
+        metrics = self.ctx.metrics
         if mtype not in (_CALL, _ONEWAY):
+            if metrics is not None:
+                metrics.protocol_error("message_type")
             self.ctx.log.debug("not a call", method=name, message_type=mtype, peer=self.peer)
             self._send_error(
                 name,
@@ -621,6 +628,8 @@ class Connection:
                 f"expected a call, got message type {mtype}",
             )
             return
+        if metrics is not None:
+            metrics.unknown_method()
         self.ctx.log.debug("unknown method", method=name, peer=self.peer)
         if mtype == _CALL:
             self._send_error(

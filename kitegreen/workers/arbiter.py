@@ -24,7 +24,8 @@ HUP        rolling reload: a probe loads the code and settings afresh while the 
            once it is ready, an old one is stopped, handing its connections to the live
            workers (``handoff.py``). The listener is never closed, so clients calling in a
            loop see neither a refused connection nor a reset, and keep-alive ones no close.
-           One reload at a time: a HUP during one starts another when it ends.
+           One reload at a time: a HUP during one starts another when it ends. ``--reload``
+           does the same when a file of the application changes (``watch.py``).
 TTIN/TTOU  one worker more / fewer (at least one); the limits are shared anew as workers
            become ready or exit.
 USR1       log the arbiter's stacks and have every worker log its own.
@@ -66,12 +67,15 @@ from __future__ import annotations
 import _socket
 import contextlib
 import functools
+import itertools
 import math
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -107,6 +111,7 @@ from kitegreen.workers.probe import probe_config, probe_timeout
 from kitegreen.workers.process import BOOTING, WorkerProcess
 from kitegreen.workers.recycle import plan_recycling
 from kitegreen.workers.reload import RollingReload
+from kitegreen.workers.watch import CodeWatcher, require_watchfiles
 from kitegreen.workers.worker import Application, WorkerSpec, run_worker
 
 STOP_GRACE = 2.0
@@ -150,6 +155,7 @@ def serve(
     *,
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
     preload: bool = False,
+    watch: Path | None = None,
 ) -> int:
     """Probe the application, bind, fork the workers and supervise them until stopped.
 
@@ -163,6 +169,7 @@ def serve(
         preload: ``preload`` as the launcher knows it before the probe: the arbiter loads the
             application itself instead of probing (``preload.py``); set only in the code, it is
             learnt from the probe.
+        watch: the application's directory, watched when the settings ask for ``reload``.
 
     Returns:
         The launcher's exit status: 0 clean, 1 unclean or SIGQUIT, 2 the application or its
@@ -187,6 +194,24 @@ def serve(
         if isinstance(loaded, int):
             return loaded
         app, config = loaded
+    if config.reload:
+        try:
+            if config.preload:
+                # A preloaded application's code lives in the arbiter, which a reload keeps:
+                # a file change could reload the settings only, which is not what --reload
+                # promises.
+                raise ConfigError(
+                    "reload and preload cannot be used together: --reload loads changed code "
+                    "in fresh workers, --preload keeps the code the arbiter imported"
+                )
+            require_watchfiles()
+        except ConfigError as exc:
+            log.error("cannot start", error=str(exc))
+            return EXIT_USAGE
+        # Every probe and worker imports the application afresh; written bytecode would let a
+        # file rewritten within the second with the same size load stale (a .pyc is checked
+        # against the source's mtime in whole seconds and its size).
+        sys.dont_write_bytecode = True
     try:
         hooks = Hooks(config, ARBITER, log)
     except ConfigError as exc:
@@ -195,7 +220,7 @@ def serve(
     if not hooks.run("on_starting"):
         return EXIT_USAGE
     try:
-        arbiter = Arbiter(config, app, log, hooks=hooks)
+        arbiter = Arbiter(config, app, log, hooks=hooks, watch=watch)
     except ListenError as exc:
         log.error("cannot listen", error=str(exc))
         status = EXIT_LISTEN
@@ -215,6 +240,7 @@ class Arbiter:
         app: how to load the application (in the probes and the workers).
         log: a structlog logger.
         hooks: the arbiter's hooks (``when_ready``, ``on_reload``); none when None.
+        watch: the directory whose changes reload the workers (``--reload``), or None.
 
     Raises:
         ListenError: the listener could not be created.
@@ -227,6 +253,7 @@ class Arbiter:
         log: Any,
         *,
         hooks: Hooks | None = None,
+        watch: Path | None = None,
     ) -> None:
         self._config = config
         self._hooks = hooks or Hooks(config.replace(**dict.fromkeys(HOOK_NAMES)), ARBITER, log)
@@ -258,6 +285,9 @@ class Arbiter:
             settings=lambda: (self._config, self._wanted),
             adopt=self._adopt,
             stop_generation=self._stop_generation,
+        )
+        self._watcher = (
+            CodeWatcher(watch, self._changed, log) if config.reload and watch is not None else None
         )
         self._restarts = 0
         self._spawn_not_before = 0.0
@@ -327,8 +357,11 @@ class Arbiter:
                 self.log.error("cannot listen", error=str(exc))
                 self._listen_failed = True
             else:
+                self._start_watching()
                 self._supervise()
         finally:
+            if self._watcher is not None:
+                self._watcher.stop()
             for handle in self._signal_handles:
                 handle.cancel()
             # Only after a failure of the arbiter's own: the workers would stop by themselves
@@ -418,6 +451,8 @@ class Arbiter:
             self._on_deregistered()
         elif kind == "retire":
             self._on_retire(event[1], event[2])
+        elif kind == "changed":
+            self._on_changed(event[1], event[2])
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -522,6 +557,27 @@ class Arbiter:
         self.log.info("workers wanted changed", signal=signum.name, workers=wanted)
         self.instance.push_event("Workers", f"{signum.name}: {wanted} workers wanted")
 
+    # -- --reload ----------------------------------------------------------------------------
+
+    def _start_watching(self) -> None:
+        if self._watcher is None:
+            return
+        try:
+            self._watcher.start(self._signal_handles)
+        except OSError as exc:
+            self.log.error("cannot watch for changes: only SIGHUP reloads", error=describe(exc))
+            self._watcher = None
+
+    def _changed(self, paths: list[str], count: int) -> None:
+        # In the watcher channel's reader greenlet: queued, acted on by the loop.
+        self._events.put(("changed", paths, count))
+
+    def _on_changed(self, paths: list[str], count: int) -> None:
+        if self._phase != SERVING:
+            return
+        self.log.info("files changed; reloading", files=paths, count=count)
+        self._reload.request()
+
     # -- what the reload changes ---------------------------------------------------------------
 
     def _adopt(self, config: Config, wanted: int) -> None:
@@ -564,7 +620,8 @@ class Arbiter:
             key=lambda w: w.age,
         )
         if not old:
-            for worker in current[: max(len(current) - self._wanted, 0)]:
+            # The highest-numbered go: the numbers (the workers' metrics label) stay 0 to N-1.
+            for worker in sorted(current, key=lambda w: w.rank)[self._wanted :]:
                 self.log.info("stopping a worker: fewer wanted", worker=worker.pid)
                 worker.stop(hand_off=True)
             if self._may_spawn(now, self._crashes):
@@ -621,14 +678,28 @@ class Arbiter:
     def _may_spawn(self, now: float, crashes: CrashPolicy) -> bool:
         return now >= self._spawn_not_before and crashes.may_spawn()
 
-    def _spawn(self) -> bool:
+    def _spawn(self, rank: int | None = None) -> bool:
         """Fork one worker. When there is no free slot on the board (workers still stopping),
         no descriptor or no memory to fork, spawns wait with a backoff: nothing a spawn does
         may end the arbiter.
 
+        Args:
+            rank: the worker's number (its metrics label); by default the lowest that no live
+                worker of the generation in service holds, retiring ones aside: a replacement
+                takes over the number of the worker it replaces (a recycled one included), a
+                reload's new workers those of the old.
+
         Returns:
             Whether a worker was forked.
         """
+        if rank is None:
+            generation = self._reload.generation
+            held = {
+                w.rank
+                for w in self._workers.values()
+                if w.live and w.generation == generation and not w.retiring
+            }
+            rank = next(i for i in itertools.count() if i not in held)
         with contextlib.ExitStack() as allocated:
             try:
                 used = {w.slot.index for w in self._workers.values()}
@@ -670,7 +741,7 @@ class Arbiter:
             log=self.log.bind(worker=pid),
         )
         self._workers[pid] = WorkerProcess(
-            pid, self._age, self._reload.generation, channel, slot, stack_file
+            pid, self._age, self._reload.generation, channel, slot, stack_file, rank
         )
         self.fleet.stats.track(pid)
         channel.start()

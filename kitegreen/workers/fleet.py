@@ -9,7 +9,8 @@
   worker whose connections are busier than the others' refuses requests before the instance
   as a whole reaches its QPS limit.
 - **What the debug server shows**: ``/metrics`` sums the workers' counters and histograms and
-  shows each worker's gauges with a ``pid`` label; ``/runtime/kite`` shows each worker and the
+  shows each worker's gauges with a ``worker`` label, its number (see
+  ``observability/metrics.py``); ``/runtime/kite`` shows each worker and the
   totals; ``/health`` is 200 only while every wanted worker is up and the instance is not
   stopping.
 """
@@ -20,11 +21,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
 from kitegreen.config import Config
 from kitegreen.limiter import Limits
-from kitegreen.observability.metrics import InstanceMetrics, process_figures
+from kitegreen.observability.metrics import InstanceMetrics, instance_figures, process_figures
 from kitegreen.workers.process import READY, WorkerProcess
 from kitegreen.workers.stats import InstanceStats, requests_of
 
@@ -63,9 +62,7 @@ class Fleet:
         self.limits = limits
         self.stats = InstanceStats()
         self.metrics: InstanceMetrics | None = (
-            InstanceMetrics(self._metrics_source, self._arbiter_families)
-            if config.enable_metrics
-            else None
+            InstanceMetrics(self._metrics_source) if config.enable_metrics else None
         )
 
     # -- Serving -------------------------------------------------------------------------------
@@ -159,38 +156,35 @@ class Fleet:
         self,
     ) -> tuple[
         Mapping[str, Any],
-        Mapping[int | None, Mapping[str, float]],
-        Mapping[int, Mapping[str, float]],
+        Mapping[str, Mapping[str, float]],
+        Mapping[str, float],
+        Mapping[str, float],
     ]:
         workers = list(self._workers())
         self.stats.refresh(workers)
         live = self.stats.live()
-        gauges: dict[int | None, Mapping[str, float]] = {}
-        processes: dict[int, Mapping[str, float]] = {}
+        ranks = {w.pid: w.rank for w in workers}
+        by_rank: dict[str, dict[str, float]] = {}
+        processes = []
         for pid, figures in live.items():
-            if figures.get("metrics"):
-                gauges[pid] = figures["metrics"]["gauges"]
-            if figures.get("process"):
-                processes[pid] = figures["process"]
-        arbiter_pid = int(self._arbiter()["pid"])
-        processes[arbiter_pid] = process_figures()
-        return self.stats.totals(), gauges, processes
-
-    def _arbiter_families(self) -> Iterable[Any]:
+            if pid not in ranks:
+                continue
+            process = figures.get("process") or {}
+            processes.append(process)
+            gauges = (figures.get("metrics") or {}).get("gauges", {})
+            # A reload's new worker runs beside the one it replaces, under the same number:
+            # their figures are added.
+            into = by_rank.setdefault(str(ranks[pid]), {})
+            for name, value in (*gauges.items(), *process.items()):
+                into[name] = into.get(name, 0.0) + value
         state = self._arbiter()
-        yield GaugeMetricFamily(
-            "kitegreen_workers", "Worker processes serving now.", value=state["workers_ready"]
-        )
-        yield GaugeMetricFamily(
-            "kitegreen_workers_wanted",
-            "Worker processes the arbiter keeps up (--workers, changed by TTIN and TTOU).",
-            value=state["workers_wanted"],
-        )
-        yield CounterMetricFamily(
-            "kitegreen_worker_restarts",
-            "Workers that exited unasked (crashed, killed, timed out) and were replaced.",
-            value=state["worker_restarts"],
-        )
+        instance = {
+            "workers": state["workers_ready"],
+            "workers_wanted": state["workers_wanted"],
+            "worker_restarts": state["worker_restarts"],
+        }
+        figures = instance_figures(process_figures(), processes, self.stats.retired_process)
+        return self.stats.totals(), by_rank, figures, instance
 
 
 def ready_count(workers: Iterable[WorkerProcess]) -> int:

@@ -27,12 +27,15 @@ class WorkerProcess:
 
     Attributes:
         pid: the process ID.
-        age: the spawn sequence number (1 for the first worker ever spawned): oldest first
-            when workers are taken away.
+        age: the spawn sequence number (1 for the first worker ever spawned): a reload
+            stops the old generation's oldest first (TTOU stops the highest ``rank``).
         generation: the reload generation it was spawned in (0 until the first SIGHUP).
         channel: the arbiter's end of its control channel.
         slot: its slot on the board (its heartbeat, connections, accepting).
         stack_file: where its watchdog writes its stacks before it ends the worker.
+        rank: its number among the instance's workers, 0 to N-1, which its replacement takes
+            over: the ``worker`` label of its metrics (its board slot cannot be that: a
+            replacement runs beside the worker it replaces).
         spawned_at: monotonic time of the fork.
         ready_at: monotonic time its engine started accepting; None until then
             (:meth:`mark_ready`).
@@ -55,6 +58,7 @@ class WorkerProcess:
     channel: Channel
     slot: Slot
     stack_file: IO[bytes]
+    rank: int = 0
     spawned_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     stop_requested: bool = False
@@ -164,6 +168,7 @@ class WorkerProcess:
         """For /runtime/kite."""
         return {
             "pid": self.pid,
+            "worker": self.rank,
             "age": self.age,
             "generation": self.generation,
             "state": self.state,

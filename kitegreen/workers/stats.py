@@ -5,7 +5,8 @@ A scrape asks every live worker for its figures at once and waits at most
 its last figures, marked stale. When a worker exits, its last figures (the final ones it sends
 as it stops, or else the last it answered with) are folded into the totals of retired workers:
 the instance's counters never go backwards across a reload, a scale-down or a crash. Only what
-a crashed worker counted after its last answer is lost.
+a crashed worker counted after its last answer is lost. The counters among the workers' process
+figures (CPU seconds, garbage collections) are kept the same way.
 
 Figures are kept only for workers the arbiter tracks (from their spawn until their exit is
 handled), and only the newest of a worker's figures by the sequence number the worker puts on
@@ -21,7 +22,7 @@ from typing import Any
 
 import gevent
 
-from kitegreen.observability.metrics import empty_snapshot, merge_snapshots
+from kitegreen.observability.metrics import empty_snapshot, is_counter_figure, merge_snapshots
 from kitegreen.workers.process import WorkerProcess
 
 STATS_TIMEOUT = 1.0
@@ -36,6 +37,8 @@ class InstanceStats:
         self.stale: set[int] = set()
         """Live workers that did not answer the last refresh."""
         self._retired = empty_snapshot()
+        self.retired_process: dict[str, float] = {}
+        """The process counters (CPU seconds, collections) of exited workers, summed."""
 
     def track(self, pid: int) -> None:
         """Keep ``pid``'s figures from now until :meth:`retire` (the arbiter, at a spawn)."""
@@ -83,6 +86,9 @@ class InstanceStats:
         metrics = (stats or {}).get("metrics")
         if metrics:
             self._retired = merge_snapshots([self._retired, {**metrics, "gauges": {}}])
+        for name, value in ((stats or {}).get("process") or {}).items():
+            if is_counter_figure(name):
+                self.retired_process[name] = self.retired_process.get(name, 0.0) + value
 
     def live(self) -> dict[int, dict[str, Any]]:
         """The last figures of each live worker that has sent some, by pid."""
