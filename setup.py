@@ -37,6 +37,11 @@ setup(
             "kitegreen.codec._thrift",
             sources=["kitegreen/codec/_thrift.c"],
             extra_compile_args=["-O2", "-std=c11"],
-        )
+        ),
+        Extension(
+            "kitegreen.codec._headers",
+            sources=["kitegreen/codec/_headers.c"],
+            extra_compile_args=["-O2", "-std=c11"],
+        ),
     ],
 )
