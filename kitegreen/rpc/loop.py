@@ -24,6 +24,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from kitegreen import context
 from kitegreen.codec import _thrift
 from kitegreen.codec.headers import HeaderFrame, IntKey, StrKey, parse_frame
+from kitegreen.context import RequestInfo
 from kitegreen.exceptions import ProtocolError, describe
 from kitegreen.limiter import Limiter
 from kitegreen.metrics import Metrics
@@ -137,7 +138,8 @@ class Connection:
         self._shown_ip = self.peer
         self._frame: HeaderFrame | None = None
         """The header frame of the request being handled, if it came in one."""
-        self._info: metadata.LazyRequestInfo | None = None
+        self._info: RequestInfo | None = None
+        """The request's info, once the handler asked for it (see :meth:`_request_info`)."""
         self._log_id: str | None = None
 
     def serve(self) -> None:
@@ -146,6 +148,8 @@ class Connection:
         stream = self.stream
         if ctx.get_real_ip:
             context.set_real_ip(self.peer)
+        # Once per connection, not per request: the info is built only when a handler asks.
+        context.set_request_info(self._request_info)
         ctx.streams.add(stream)
         linger = CLOSE_LINGER
         try:
@@ -167,8 +171,21 @@ class Connection:
             else:
                 ctx.log.debug("connection closed", peer=self.peer, reason=_why_closed(exc))
         finally:
+            context.set_request_info(None)
             ctx.streams.discard(stream)
             stream.close(linger)
+
+    def _request_info(self) -> RequestInfo:
+        """What ``request_info()`` returns in this connection's greenlet: the info of the
+        header frame being handled, built the first time it is asked for (a handler that never
+        asks does not pay for splitting the metadata); an empty one otherwise."""
+        info = self._info
+        if info is None:
+            frame = self._frame
+            if frame is None:
+                return RequestInfo()
+            info = self._info = metadata.request_info(frame, self.stream.started_at)
+        return info
 
     def _loop(self) -> None:
         ctx = self.ctx
@@ -202,7 +219,6 @@ class Connection:
         """A TTHeader or THeader request: its metadata for the handler, then the call."""
         ctx = self.ctx
         frame = parse_frame(buf, max_frame_size=ctx.max_frame_size, start=start, end=end)
-        info = metadata.LazyRequestInfo(frame, self.stream.started_at)
         log_id = metadata.log_id(frame)
         if ctx.get_real_ip:
             claimed = metadata.claimed_ip(frame) if self.trusted else None
@@ -210,15 +226,13 @@ class Connection:
             if shown != self._shown_ip:
                 context.set_real_ip(shown)
                 self._shown_ip = shown
-        self._frame, self._info, self._log_id = frame, info, log_id
-        context.set_request_info(info)
+        self._frame, self._log_id = frame, log_id
         token = _LOG_ID_VAR.set(log_id) if log_id is not None else None
         try:
             payload = frame.payload
             self._call(_PROTOCOLS[frame.protocol], payload, 0, len(payload))
         finally:
             self._frame = self._info = self._log_id = None
-            context.set_request_info(None)
             if token is not None:
                 _LOG_ID_VAR.reset(token)
 
@@ -378,8 +392,7 @@ class Connection:
             message = _write_result(proto, name, mtype, seqid, fid, payload, spec, framed)
         if frame is None:
             return message
-        built = self._info.built if self._info is not None else None
-        headers = built.response_headers if built is not None else {}
+        headers = self._info.response_headers if self._info is not None else {}
         if frame.kind == "ttheader":
             if self.ctx.stop_began:
                 headers = {**headers, StrKey.CONNECTION_READY_TO_RESET: "1"}
@@ -402,8 +415,8 @@ class Connection:
             # its header protocol cannot carry. Nothing reached the wire: the reply is built in
             # memory. The error goes without the headers, which may be what failed.
             self._panic(method, exc, stage="encoding its result")
-            if self._info is not None and self._info.built is not None:
-                self._info.built.response_headers = {}
+            if self._info is not None:
+                self._info.response_headers = {}
             self._send_error(
                 method.name,
                 seqid,

@@ -24,30 +24,6 @@ _LOG_ID = int(IntKey.LOG_ID)
 _RPC_TIMEOUT = int(IntKey.RPC_TIMEOUT)
 
 
-class LazyRequestInfo:
-    """A header frame's :class:`RequestInfo`, built the first time something asks for it.
-
-    What the request loop needs of every request (the log id, the deadline) it reads from the
-    frame with :func:`log_id` and :func:`deadline`; the rest (the metainfo split, the copies of
-    the header dicts) costs a few microseconds that a handler which never calls
-    ``request_info()`` does not pay. Called, it returns the same info every time.
-    """
-
-    __slots__ = ("arrived", "built", "frame")
-
-    def __init__(self, frame: HeaderFrame, arrived: float) -> None:
-        self.frame = frame
-        self.arrived = arrived
-        self.built: RequestInfo | None = None
-        """The info, once asked for: the handler's response headers are in it."""
-
-    def __call__(self) -> RequestInfo:
-        info = self.built
-        if info is None:
-            info = self.built = request_info(self.frame, self.arrived)
-        return info
-
-
 def log_id(frame: HeaderFrame) -> str | None:
     """The request's log id (TTHeader ``LOG_ID``); None when absent or empty."""
     return frame.int_info.get(_LOG_ID) or None
