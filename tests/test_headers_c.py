@@ -14,10 +14,12 @@ import zlib
 from typing import Any
 
 import headers_reference as ref
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ttheader import assemble
 
+from kitegreen import ProtocolError
 from kitegreen.codec import headers
 
 LIMIT = 64 * 1024
@@ -49,6 +51,17 @@ def outcome(parse: Any, data: bytes, limit: int = LIMIT) -> Any:
 
 def agree(data: bytes, limit: int = LIMIT) -> None:
     assert outcome(headers.parse_frame, data, limit) == outcome(ref.parse_frame, data, limit)
+    try:
+        frame = headers.parse_frame(data, max_frame_size=limit)
+    except ProtocolError:
+        return
+    # int_value() reads one key from the header bytes, before the dicts exist; then from them.
+    keys = [0, 1, 2, 12, 22, 0xFFFF, *range(3, 9)]
+    direct = {key: frame.int_value(key) for key in keys}
+    assert direct == {key: frame.int_info.get(key) for key in keys}
+    assert direct == {key: frame.int_value(key) for key in keys}
+    assert frame.int_value(-1) is None
+    assert frame.int_value(1 << 16) is None
 
 
 texts = st.text(max_size=12)
@@ -147,6 +160,18 @@ def block_headers(draw: st.DrawFn) -> bytes:
 class TestParserAgrees:
     """The C parser reads and refuses exactly as the Python one did."""
 
+    @pytest.mark.parametrize("transform_id", [0, 9, 99, 255])
+    def test_most_transform_ids(self, transform_id: int) -> None:
+        """255 TTHeader transform ids, all listed in the refusal. Regression: found by the
+        differential fuzzer under ASAN, the C message stopped at 512 bytes, and its list of
+        ids could outgrow its buffer."""
+        header = bytes([0, 255]) + bytes([transform_id]) * 255
+        header += bytes(-len(header) % 4)
+        frame = assemble(headers.TTHEADER_MAGIC, header, PING_BINARY)
+        agree(frame)
+        with pytest.raises(ProtocolError, match=r"transforms \[.*\] are not supported"):
+            headers.parse_frame(frame, max_frame_size=LIMIT)
+
     @DIFF
     @given(valid_frames())
     def test_valid_frames(self, data: bytes) -> None:
@@ -191,6 +216,42 @@ def build_outcome(build: Any, kind: Any, arguments: dict[str, Any]) -> Any:
         return build(kind, **arguments)
     except Exception as exc:
         return (type(exc).__name__, str(exc))
+
+
+class TestLazyKeyValues:
+    """The key-values are read when first asked for, and read the same either way."""
+
+    @DIFF
+    @given(valid_frames())
+    def test_int_value_agrees_with_int_info(self, data: bytes) -> None:
+        """Every integer key of a frame reads the same through int_value() and int_info."""
+        frame = headers.parse_frame(data, max_frame_size=LIMIT)
+        expected = ref.parse_frame(data, max_frame_size=LIMIT).int_info
+        assert {key: frame.int_value(key) for key in expected} == expected
+        assert frame.int_info == expected
+
+    def test_last_value_of_a_key_wins(self) -> None:
+        """A key sent twice reads as its last value, as int_info (gopkg's map) has it."""
+        block = b"\x10\x00\x01" + b"\x00\x02" + b"\x00\x01"
+        header = b"\x00\x00" + block + b"a" + block + b"b"
+        header += bytes(-len(header) % 4)
+        frame = headers.parse_frame(
+            assemble(headers.TTHEADER_MAGIC, header, PING_BINARY), max_frame_size=LIMIT
+        )
+        assert frame.int_value(2) == "b"
+        assert frame.int_info == {2: "b"}
+
+    def test_dicts_are_read_once(self) -> None:
+        """int_info and str_info are the same dicts on every access."""
+        frame = headers.parse_frame(
+            ref.build_frame(
+                "ttheader", seqid=1, protocol="binary", payload=PING_BINARY, str_info={"k": "v"}
+            ),
+            max_frame_size=LIMIT,
+        )
+        assert frame.str_info is frame.str_info
+        assert frame.int_info is frame.int_info
+        assert frame.str_info == {"k": "v"}
 
 
 class TestBuilderAgrees:

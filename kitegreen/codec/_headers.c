@@ -16,6 +16,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -31,7 +32,6 @@
 
 static PyObject *ProtocolError;
 static PyObject *FrameTooLarge;
-static PyObject *FrameType;  /* headers.HeaderFrame, a NamedTuple; set by set_frame_type() */
 static PyObject *S_TTHEADER; /* "ttheader" */
 static PyObject *S_THEADER;  /* "theader" */
 static PyObject *S_BINARY;   /* "binary" */
@@ -39,7 +39,6 @@ static PyObject *S_COMPACT;  /* "compact" */
 static PyObject *EMPTY_TUPLE;
 static PyObject *ZLIB_TUPLE; /* (1,) */
 
-#define N_FIELDS 11 /* HeaderFrame's fields, in order */
 
 /* -- errors -------------------------------------------------------------------------------- */
 
@@ -144,6 +143,16 @@ text(Cursor *c, uint64_t size, const char *what)
     return s;
 }
 
+/* Check that size bytes are there, and step over them (a header only validated, not read). */
+static int
+skip(Cursor *c, uint64_t size, const char *what)
+{
+    if (size > (uint64_t)(c->end - c->pos))
+        return truncated(c, what, (long long)size);
+    c->pos += (Py_ssize_t)size;
+    return 0;
+}
+
 /* Check a block's announced count before reading any of it; *total counts entries so far. */
 static int
 entries(Cursor *c, uint64_t count, int least, long long *total, const char *what)
@@ -201,8 +210,8 @@ typedef struct {
     unsigned protocol_id;
     PyObject *protocol;   /* borrowed: S_BINARY or S_COMPACT */
     PyObject *transforms; /* borrowed: EMPTY_TUPLE or ZLIB_TUPLE */
-    PyObject *int_info;   /* new */
-    PyObject *str_info;   /* new */
+    PyObject *int_info;   /* new; NULL: validate the key-values without reading them */
+    PyObject *str_info;   /* new; NULL with int_info */
     PyObject *acl_token;  /* new, or NULL */
 } Header;
 
@@ -247,15 +256,29 @@ read_ttheader(Cursor *c, Header *h)
             snprintf(what, sizeof what, "%u transform ids", count);
             return truncated(c, what, count);
         }
-        /* The ids as Python lists them: [1, 2]. */
-        char ids[4 * 256 + 2];
+        /* The ids as Python lists them: [1, 2]. At most 255 ids of at most ", 255" each. */
+        char ids[5 * 255 + 3];
         size_t n = 0;
         ids[n++] = '[';
-        for (unsigned i = 0; i < count; i++)
-            n += (size_t)snprintf(ids + n, sizeof ids - n, i ? ", %u" : "%u", c->buf[c->pos + i]);
-        snprintf(ids + n, sizeof ids - n, "]");
-        fail(ProtocolError,
-             "TTHeader transforms %s are not supported: gopkg defines no TTHeader transform", ids);
+        for (unsigned i = 0; i < count; i++) {
+            unsigned id = c->buf[c->pos + i];
+            if (i) {
+                ids[n++] = ',';
+                ids[n++] = ' ';
+            }
+            if (id >= 100)
+                ids[n++] = (char)('0' + id / 100);
+            if (id >= 10)
+                ids[n++] = (char)('0' + id / 10 % 10);
+            ids[n++] = (char)('0' + id % 10);
+        }
+        ids[n++] = ']';
+        ids[n] = '\0';
+        /* PyErr_Format: the message can be longer than fail()'s buffer. */
+        PyErr_Format(ProtocolError,
+                     "TTHeader transforms %s are not supported: gopkg defines no TTHeader "
+                     "transform",
+                     ids);
         return -1;
     }
     h->transforms = EMPTY_TUPLE;
@@ -278,6 +301,17 @@ read_ttheader(Cursor *c, Header *h)
             for (unsigned i = 0; i < n; i++) {
                 PyObject *key;
                 unsigned size;
+                if (into == NULL) {
+                    /* The same reads and checks as below, without the objects. */
+                    if (strings ? (u16(c, "key length", &size) < 0 ||
+                                   skip(c, size, "string key") < 0)
+                                : u16(c, "integer key", &size) < 0)
+                        return -1;
+                    if (u16(c, "value length", &size) < 0 ||
+                        skip(c, size, strings ? "string value" : "integer value") < 0)
+                        return -1;
+                    continue;
+                }
                 if (strings) {
                     if (u16(c, "key length", &size) < 0)
                         return -1;
@@ -378,11 +412,18 @@ read_theader(Cursor *c, Header *h)
         if (varint(c, plain ? "key-value count" : "persistent key-value count", &n) < 0 ||
             entries(c, n, 2, &total, what) < 0)
             goto error;
-        if (!plain && persistent == NULL && (persistent = PyDict_New()) == NULL)
+        int reading = h->str_info != NULL;
+        if (reading && !plain && persistent == NULL && (persistent = PyDict_New()) == NULL)
             goto error;
         PyObject *into = plain ? h->str_info : persistent;
         for (uint64_t i = 0; i < n; i++) {
             uint64_t size;
+            if (!reading) {
+                if (varint(c, "key length", &size) < 0 || skip(c, size, "key") < 0 ||
+                    varint(c, "value length", &size) < 0 || skip(c, size, "value") < 0)
+                    goto error;
+                continue;
+            }
             if (varint(c, "key length", &size) < 0)
                 goto error;
             PyObject *key = text(c, size, "key");
@@ -411,15 +452,273 @@ done:
     return rc;
 }
 
+/* -- HeaderFrame ------------------------------------------------------------------------- */
+
+/*
+ * A parsed frame. The key-values are validated by parse() but read into dicts only when
+ * int_info or str_info is first asked for (from a copy of the header kept for that): a
+ * request whose handler never looks at them pays for the walk over the header, not for a
+ * dict and two strings per key-value. int_value() reads one integer key-value directly.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *kind;       /* S_TTHEADER or S_THEADER */
+    PyObject *protocol;   /* S_BINARY or S_COMPACT */
+    PyObject *transforms; /* EMPTY_TUPLE or ZLIB_TUPLE */
+    PyObject *acl_token;  /* str or None */
+    PyObject *payload;    /* memoryview (or bytes, inflated) */
+    PyObject *header;     /* bytes: the frame up to the end of its header */
+    PyObject *int_info;   /* dict, or NULL until asked for */
+    PyObject *str_info;   /* dict, or NULL until asked for */
+    int flags;
+    int seqid;
+    int protocol_id;
+    char payload_framed;
+    char tt;
+} Frame;
+
+static PyTypeObject FrameType;
+
+static int
+frame_traverse(Frame *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->acl_token);
+    Py_VISIT(self->payload);
+    Py_VISIT(self->int_info);
+    Py_VISIT(self->str_info);
+    return 0;
+}
+
+static int
+frame_clear(Frame *self)
+{
+    Py_CLEAR(self->kind);
+    Py_CLEAR(self->protocol);
+    Py_CLEAR(self->transforms);
+    Py_CLEAR(self->acl_token);
+    Py_CLEAR(self->payload);
+    Py_CLEAR(self->header);
+    Py_CLEAR(self->int_info);
+    Py_CLEAR(self->str_info);
+    return 0;
+}
+
+static void
+frame_dealloc(Frame *self)
+{
+    PyObject_GC_UnTrack(self);
+    frame_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Read the key-values of a frame parse() validated into its two dicts. */
+static int
+frame_materialize(Frame *self)
+{
+    if (self->int_info != NULL)
+        return 0;
+    Header h = {0, NULL, NULL, PyDict_New(), PyDict_New(), NULL};
+    int rc = -1;
+    if (h.int_info != NULL && h.str_info != NULL) {
+        Cursor c = {(const uint8_t *)PyBytes_AS_STRING(self->header), FIXED_SIZE,
+                    PyBytes_GET_SIZE(self->header), self->tt ? "TTHeader" : "THeader", 0};
+        rc = self->tt ? read_ttheader(&c, &h) : read_theader(&c, &h);
+    }
+    if (rc == 0) {
+        self->int_info = h.int_info;
+        self->str_info = h.str_info;
+        h.int_info = h.str_info = NULL;
+    }
+    Py_XDECREF(h.int_info);
+    Py_XDECREF(h.str_info);
+    Py_XDECREF(h.acl_token);
+    return rc;
+}
+
+static PyObject *
+frame_get_int_info(Frame *self, void *closure)
+{
+    if (frame_materialize(self) < 0)
+        return NULL;
+    return Py_NewRef(self->int_info);
+}
+
+static PyObject *
+frame_get_str_info(Frame *self, void *closure)
+{
+    if (frame_materialize(self) < 0)
+        return NULL;
+    return Py_NewRef(self->str_info);
+}
+
+/* int_value(key) -> str | None: one TTHeader integer key-value, without reading the rest. */
+static PyObject *
+frame_int_value(Frame *self, PyObject *key)
+{
+    if (self->int_info != NULL) {
+        PyObject *value = PyDict_GetItemWithError(self->int_info, key);
+        if (value == NULL && PyErr_Occurred())
+            return NULL;
+        return Py_NewRef(value ? value : Py_None);
+    }
+    int overflow;
+    long wanted = PyLong_Check(key) ? PyLong_AsLongAndOverflow(key, &overflow) : -1;
+    if (!self->tt || wanted < 0 || wanted > 0xFFFF)
+        Py_RETURN_NONE;
+    /* The header was validated: every read below fits. The last value of the key wins. */
+    const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(self->header);
+    Py_ssize_t end = PyBytes_GET_SIZE(self->header), pos = FIXED_SIZE + 2;
+    Py_ssize_t found = -1;
+    unsigned found_size = 0;
+    while (pos < end) {
+        unsigned info = p[pos++];
+        if (info == 0x00)
+            break;
+        if (info == 0x11) {
+            pos += 2 + (((unsigned)p[pos] << 8) | p[pos + 1]);
+            continue;
+        }
+        unsigned n = ((unsigned)p[pos] << 8) | p[pos + 1];
+        pos += 2;
+        for (unsigned i = 0; i < n; i++) {
+            unsigned first = ((unsigned)p[pos] << 8) | p[pos + 1];
+            pos += 2;
+            if (info == 0x01)
+                pos += first; /* the key's bytes */
+            unsigned size = ((unsigned)p[pos] << 8) | p[pos + 1];
+            pos += 2;
+            if (info == 0x10 && first == (unsigned)wanted) {
+                found = pos;
+                found_size = size;
+            }
+            pos += size;
+        }
+    }
+    if (found < 0)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeUTF8((const char *)p + found, found_size, "surrogateescape");
+}
+
+static PyObject *do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj,
+                          long long flags, PyObject *strs_in, PyObject *ints_in, PyObject *acl,
+                          PyObject *transforms, int framed);
+static PyObject *zlib_compress;
+
+static PyObject *
+frame_reply(Frame *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"payload", "str_info", "int_info", NULL};
+    PyObject *payload, *strs = Py_None, *ints = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OO:reply", names, &payload, &strs, &ints))
+        return NULL;
+    PyObject *compressed = NULL;
+    if (PyTuple_GET_SIZE(self->transforms)) {
+        /* THeader's zlib, applied again as fbthrift's server does. */
+        compressed = PyObject_CallOneArg(zlib_compress, payload);
+        if (compressed == NULL)
+            return NULL;
+        payload = compressed;
+    }
+    PyObject *frame = do_build(self->tt, self->seqid, self->protocol_id, payload, self->flags,
+                               strs, ints, Py_None, self->transforms, self->payload_framed);
+    Py_XDECREF(compressed);
+    return frame;
+}
+
+/* with_payload(payload): the same frame with another payload (an inflated one). */
+static PyObject *
+frame_with_payload(Frame *self, PyObject *payload)
+{
+    Frame *copy = PyObject_GC_New(Frame, &FrameType);
+    if (copy == NULL)
+        return NULL;
+    copy->kind = Py_NewRef(self->kind);
+    copy->protocol = Py_NewRef(self->protocol);
+    copy->transforms = Py_NewRef(self->transforms);
+    copy->acl_token = Py_NewRef(self->acl_token);
+    copy->payload = Py_NewRef(payload);
+    copy->header = Py_NewRef(self->header);
+    copy->int_info = Py_XNewRef(self->int_info);
+    copy->str_info = Py_XNewRef(self->str_info);
+    copy->flags = self->flags;
+    copy->seqid = self->seqid;
+    copy->protocol_id = self->protocol_id;
+    copy->payload_framed = self->payload_framed;
+    copy->tt = self->tt;
+    PyObject_GC_Track(copy);
+    return (PyObject *)copy;
+}
+
+static PyObject *
+frame_repr(Frame *self)
+{
+    return PyUnicode_FromFormat("HeaderFrame(kind=%R, flags=%d, seqid=%d, protocol=%R, "
+                                "protocol_id=%d, transforms=%R, acl_token=%R, "
+                                "payload_framed=%s, payload=<%zd bytes>)",
+                                self->kind, self->flags, self->seqid, self->protocol,
+                                self->protocol_id, self->transforms, self->acl_token,
+                                self->payload_framed ? "True" : "False",
+                                PyObject_Length(self->payload));
+}
+
+static PyMemberDef frame_members[] = {
+    {"kind", T_OBJECT_EX, offsetof(Frame, kind), READONLY, "'ttheader' or 'theader'."},
+    {"flags", T_INT, offsetof(Frame, flags), READONLY, "FLAGS, as sent."},
+    {"seqid", T_INT, offsetof(Frame, seqid), READONLY, "SEQID, signed 32-bit."},
+    {"protocol", T_OBJECT_EX, offsetof(Frame, protocol), READONLY, "'binary' or 'compact'."},
+    {"protocol_id", T_INT, offsetof(Frame, protocol_id), READONLY, "The protocol id as sent."},
+    {"transforms", T_OBJECT_EX, offsetof(Frame, transforms), READONLY,
+     "THeader transforms undone: () or (1,)."},
+    {"acl_token", T_OBJECT_EX, offsetof(Frame, acl_token), READONLY,
+     "TTHeader's ACL token, or None."},
+    {"payload", T_OBJECT_EX, offsetof(Frame, payload), READONLY, "The Thrift message."},
+    {"payload_framed", T_BOOL, offsetof(Frame, payload_framed), READONLY,
+     "Whether a TTHeader payload was framed again (Kitex's TTHeaderFramed)."},
+    {NULL},
+};
+
+static PyGetSetDef frame_getset[] = {
+    {"int_info", (getter)frame_get_int_info, NULL,
+     "TTHeader integer key-values, read on first access; {} for THeader.", NULL},
+    {"str_info", (getter)frame_get_str_info, NULL,
+     "TTHeader string key-values or THeader key-values, read on first access.", NULL},
+    {NULL},
+};
+
+static PyMethodDef frame_methods[] = {
+    {"reply", (PyCFunction)(void (*)(void))frame_reply, METH_VARARGS | METH_KEYWORDS,
+     "reply(payload, *, str_info=None, int_info=None) -> bytes: the reply frame for this "
+     "request: same kind, protocol id, seqid, flags, transforms and payload framing."},
+    {"int_value", (PyCFunction)frame_int_value, METH_O,
+     "int_value(key) -> str | None: one TTHeader integer key-value (None for THeader)."},
+    {"with_payload", (PyCFunction)frame_with_payload, METH_O,
+     "with_payload(payload): the same frame carrying another payload."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FrameType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kitegreen.codec.headers.HeaderFrame",
+    .tp_doc = "One parsed TTHeader or THeader request frame: its header, and the Thrift "
+              "message it carries. Built by parse_frame() only.",
+    .tp_basicsize = sizeof(Frame),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)frame_dealloc,
+    .tp_traverse = (traverseproc)frame_traverse,
+    .tp_clear = (inquiry)frame_clear,
+    .tp_repr = (reprfunc)frame_repr,
+    .tp_members = frame_members,
+    .tp_getset = frame_getset,
+    .tp_methods = frame_methods,
+};
+
+/* -- parsing ------------------------------------------------------------------------------- */
+
 static PyObject *
 parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "parse(buf, start, end, max_frame_size)");
-        return NULL;
-    }
-    if (FrameType == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "_headers.set_frame_type() was not called");
         return NULL;
     }
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
@@ -430,7 +729,7 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    PyObject *result = NULL;
+    Frame *result = NULL;
     Header h = {0, NULL, NULL, NULL, NULL, NULL};
     if (start < 0 || stop > view.len || start > stop) {
         PyErr_Format(PyExc_ValueError, "frame [%zd:%zd] outside a buffer of %zd bytes", start,
@@ -483,10 +782,7 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
              4 * (Py_ssize_t)words, size - FIXED_SIZE);
         goto done;
     }
-    h.int_info = PyDict_New();
-    h.str_info = PyDict_New();
-    if (h.int_info == NULL || h.str_info == NULL)
-        goto done;
+    /* Validated only: the key-values are read if and when they are asked for. */
     Cursor c = {frame, FIXED_SIZE, header_end, name, 0};
     if ((tt ? read_ttheader(&c, &h) : read_theader(&c, &h)) < 0)
         goto done;
@@ -522,50 +818,38 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
 
+    PyObject *header = PyBytes_FromStringAndSize((const char *)frame, header_end);
+    if (header == NULL)
+        goto done;
     PyObject *payload = NULL;
     PyObject *whole = PyMemoryView_FromObject(args[0]);
     if (whole != NULL) {
         payload = PySequence_GetSlice(whole, start + payload_start, stop);
         Py_DECREF(whole);
     }
-    if (payload == NULL)
+    if (payload == NULL || (result = PyObject_GC_New(Frame, &FrameType)) == NULL) {
+        Py_DECREF(header);
+        Py_XDECREF(payload);
         goto done;
-    PyObject *fields[N_FIELDS] = {
-        tt ? S_TTHEADER : S_THEADER,
-        PyLong_FromLong((long)flags),
-        PyLong_FromLong((long)seqid),
-        h.protocol,
-        h.transforms,
-        h.int_info,
-        h.str_info,
-        h.acl_token ? h.acl_token : Py_None,
-        payload,
-        framed ? Py_True : Py_False,
-        PyLong_FromLong((long)h.protocol_id),
-    };
-    int owned[N_FIELDS] = {0, 1, 1, 0, 0, 1, 1, h.acl_token != NULL, 1, 0, 1};
-    h.int_info = h.str_info = h.acl_token = NULL; /* now in fields[] */
-    int ok = fields[1] && fields[2] && fields[10];
-    if (ok) {
-        /* A tuple subclass: its instances are allocated as tuples of N_FIELDS items. */
-        result = ((PyTypeObject *)FrameType)->tp_alloc((PyTypeObject *)FrameType, N_FIELDS);
-        ok = result != NULL;
     }
-    for (int i = 0; i < N_FIELDS; i++) {
-        if (ok) {
-            if (!owned[i])
-                Py_INCREF(fields[i]);
-            PyTuple_SET_ITEM(result, i, fields[i]);
-        } else if (owned[i]) {
-            Py_XDECREF(fields[i]);
-        }
-    }
+    result->kind = Py_NewRef(tt ? S_TTHEADER : S_THEADER);
+    result->protocol = Py_NewRef(h.protocol);
+    result->transforms = Py_NewRef(h.transforms);
+    result->acl_token = h.acl_token ? h.acl_token : Py_NewRef(Py_None);
+    h.acl_token = NULL;
+    result->payload = payload;
+    result->header = header;
+    result->int_info = result->str_info = NULL;
+    result->flags = (int)flags;
+    result->seqid = seqid;
+    result->protocol_id = (int)h.protocol_id;
+    result->payload_framed = (char)framed;
+    result->tt = (char)tt;
+    PyObject_GC_Track(result);
 done:
-    Py_XDECREF(h.int_info);
-    Py_XDECREF(h.str_info);
     Py_XDECREF(h.acl_token);
     PyBuffer_Release(&view);
-    return result;
+    return (PyObject *)result;
 }
 
 /* -- building ------------------------------------------------------------------------------ */
@@ -808,6 +1092,10 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *kind = args[0], *strs_in = args[5], *ints_in = args[6], *acl = args[7];
     PyObject *transforms = args[8];
     int tt;
+    if (!PyTuple_Check(transforms)) {
+        PyErr_SetString(PyExc_TypeError, "transforms must be a tuple");
+        return NULL;
+    }
     if (kind == S_TTHEADER || (PyUnicode_Check(kind) && PyUnicode_Compare(kind, S_TTHEADER) == 0))
         tt = 1;
     else if (kind == S_THEADER ||
@@ -843,6 +1131,16 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_ValueError, "protocol id %ld", protocol_id);
         return NULL;
     }
+    return do_build(tt, seqid, protocol_id, args[3], flags, strs_in, ints_in, acl, transforms,
+                    framed);
+}
+
+/* One whole frame from checked fixed fields; the key-values and transforms are checked here. */
+static PyObject *
+do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long long flags,
+         PyObject *strs_in, PyObject *ints_in, PyObject *acl, PyObject *transforms, int framed)
+{
+    const char *name = tt ? "TTHeader" : "THeader";
     Py_ssize_t n_strs = size_of(strs_in), n_ints = size_of(ints_in);
     if (n_strs < 0 || n_ints < 0)
         return NULL;
@@ -850,10 +1148,6 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (n > MAX_ENTRIES)
         return fail(ProtocolError, "%s header of %zd key-values; at most %d are accepted", name,
                     n, MAX_ENTRIES);
-    if (!PyTuple_Check(transforms)) {
-        PyErr_SetString(PyExc_TypeError, "transforms must be a tuple");
-        return NULL;
-    }
     Py_ssize_t n_transforms = PyTuple_GET_SIZE(transforms);
     int zlib = 0;
     if (tt) {
@@ -900,7 +1194,7 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
              header.len, MAX_HEADER_SIZE);
         goto done;
     }
-    if (PyObject_GetBuffer(args[3], &payload, PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(payload_obj, &payload, PyBUF_SIMPLE) < 0)
         goto done;
     long long inner = framed ? 4 : 0;
     long long length = FIXED_SIZE - 4 + (long long)header.len + inner + payload.len;
@@ -944,27 +1238,15 @@ done:
     return result;
 }
 
-static PyObject *
-set_frame_type(PyObject *module, PyObject *cls)
-{
-    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &PyTuple_Type)) {
-        PyErr_SetString(PyExc_TypeError, "the frame type must be a tuple subclass");
-        return NULL;
-    }
-    Py_XSETREF(FrameType, Py_NewRef(cls));
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef module_methods[] = {
     {"parse", (PyCFunction)(void (*)(void))parse, METH_FASTCALL,
      "parse(buf, start, end, max_frame_size) -> HeaderFrame: the frame buf[start:end], LENGTH "
-     "included. THeader's zlib payload is returned as sent. Raises ProtocolError (FrameTooLarge "
-     "for a LENGTH over max_frame_size)."},
+     "included, its header validated whole. THeader's zlib payload is returned as sent. Raises "
+     "ProtocolError (FrameTooLarge for a LENGTH over max_frame_size)."},
     {"build", (PyCFunction)(void (*)(void))build, METH_FASTCALL,
      "build(kind, seqid, protocol_id, payload, flags, str_info, int_info, acl_token, transforms, "
      "payload_framed) -> bytes: one whole frame; a THeader zlib payload must be compressed "
      "already."},
-    {"set_frame_type", set_frame_type, METH_O, "Set the NamedTuple class parse() returns."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -992,13 +1274,21 @@ PyInit__headers(void)
     S_BINARY = PyUnicode_InternFromString("binary");
     S_COMPACT = PyUnicode_InternFromString("compact");
     EMPTY_TUPLE = PyTuple_New(0);
+    PyObject *zlib = PyImport_ImportModule("zlib");
+    if (zlib == NULL)
+        return NULL;
+    zlib_compress = PyObject_GetAttrString(zlib, "compress");
+    Py_DECREF(zlib);
+    if (zlib_compress == NULL || PyType_Ready(&FrameType) < 0)
+        return NULL;
     ZLIB_TUPLE = Py_BuildValue("(i)", TRANSFORM_ZLIB);
     if (!S_TTHEADER || !S_THEADER || !S_BINARY || !S_COMPACT || !EMPTY_TUPLE || !ZLIB_TUPLE)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "MAX_HEADER_ENTRIES", MAX_ENTRIES) < 0 ||
+    if (PyModule_AddObjectRef(m, "HeaderFrame", (PyObject *)&FrameType) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_HEADER_ENTRIES", MAX_ENTRIES) < 0 ||
         PyModule_AddIntConstant(m, "MAX_INFO_BLOCKS", MAX_BLOCKS) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -62,7 +62,7 @@ from __future__ import annotations
 import enum
 import zlib
 from collections.abc import Mapping
-from typing import Final, Literal, NamedTuple
+from typing import Final, Literal
 
 from kitegreen.codec import _headers
 from kitegreen.exceptions import FrameTooLarge, ProtocolError
@@ -229,84 +229,16 @@ class THeaderKey:
     USER_AGENT: Final = "User-Agent"
 
 
-class HeaderFrame(NamedTuple):
-    """One parsed request frame: its header, and the Thrift message it carries.
+HeaderFrame = _headers.HeaderFrame
+"""One parsed request frame: its header, and the Thrift message it carries (a compiled type;
+its attributes are documented in ``_headers.pyi``).
 
-    A NamedTuple, built by the compiled parser directly: a request pays for no Python
-    ``__init__``.
-    """
-
-    kind: HeaderKind
-    """``"ttheader"`` or ``"theader"``."""
-    flags: int
-    """FLAGS, as sent (``FLAG_*``); a reply echoes them."""
-    seqid: int
-    """SEQID, signed 32-bit; the message inside carries its own, which may differ (Kitex
-    tolerates a mismatch, logging a warning)."""
-    protocol: ThriftProtocol
-    """The payload's protocol: ``"binary"`` or ``"compact"``."""
-    transforms: tuple[int, ...]
-    """THeader transforms undone to get :attr:`payload` (``(TRANSFORM_ZLIB,)`` or ``()``);
-    a reply applies them again, as fbthrift's server does."""
-    int_info: dict[int, str]
-    """TTHeader integer key-values (keys are :class:`IntKey` numbers); empty for THeader."""
-    str_info: dict[str, str]
-    """TTHeader string key-values, or THeader key-values (persistent ones included, the
-    per-request value winning on a clash). A key sent twice keeps its last value."""
-    acl_token: str | None
-    """TTHeader's ACL token (0x11 block), or None."""
-    payload: bytes | memoryview
-    """The Thrift message. A view into the buffer given to :func:`parse_frame` when no
-    transform applied: keep that buffer unchanged while the payload is in use."""
-    payload_framed: bool = False
-    """True when a TTHeader payload was itself framed (Kitex's TTHeaderFramed); the 4-byte
-    length is not part of :attr:`payload`."""
-    protocol_id: int | None = None
-    """The protocol id as sent (TTHeader compact is 2 or 3); None means the usual id of
-    :attr:`protocol`. A reply repeats it."""
-
-    def reply(
-        self,
-        payload: bytes | bytearray | memoryview,
-        *,
-        str_info: Mapping[str, str] | None = None,
-        int_info: Mapping[int, str] | None = None,
-    ) -> bytes:
-        """Build the reply frame for this request: same kind, protocol, seqid, flags,
-        transforms and payload framing.
-
-        Args:
-            payload: the encoded reply message.
-            str_info: string key-values to send back (``biz-status``, ``crrst``, backward
-                metainfo); THeader key-values for a THeader request.
-            int_info: integer key-values to send back; TTHeader only.
-
-        Returns:
-            The whole frame, LENGTH included.
-
-        Raises:
-            ProtocolError: the key-values cannot be carried by this header format.
-        """
-        protocol_id = self.protocol_id
-        if protocol_id is None:
-            protocol_id = _PROTOCOL_IDS[self.protocol]
-        if self.transforms:
-            payload = zlib.compress(payload)
-        return _build(
-            self.kind,
-            self.seqid,
-            protocol_id,
-            payload,
-            self.flags,
-            str_info,
-            int_info,
-            None,
-            self.transforms,
-            self.payload_framed,
-        )
-
-
-_headers.set_frame_type(HeaderFrame)
+The parser validates every key-value but reads them into :attr:`~HeaderFrame.int_info` and
+:attr:`~HeaderFrame.str_info` only when one of those is first used: a request whose handler
+never looks pays for the walk over the header alone. :meth:`~HeaderFrame.int_value` reads one
+integer key-value (the log id, the timeout) without the rest; :meth:`~HeaderFrame.reply` builds
+the reply frame.
+"""
 _parse = _headers.parse
 _build = _headers.build
 assert (_headers.MAX_HEADER_ENTRIES, _headers.MAX_INFO_BLOCKS) == (
@@ -368,7 +300,7 @@ def parse_frame(
         payload = _inflate(parsed.payload, max_frame_size)
         if not payload:
             raise ProtocolError("THeader frame carries no message after its header")
-        parsed = parsed._replace(payload=payload)
+        parsed = parsed.with_payload(payload)
     return parsed
 
 

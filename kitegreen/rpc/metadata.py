@@ -26,13 +26,13 @@ _RPC_TIMEOUT = int(IntKey.RPC_TIMEOUT)
 
 def log_id(frame: HeaderFrame) -> str | None:
     """The request's log id (TTHeader ``LOG_ID``); None when absent or empty."""
-    return frame.int_info.get(_LOG_ID) or None
+    return frame.int_value(_LOG_ID) or None
 
 
 def deadline(frame: HeaderFrame, arrived: float) -> float | None:
     """When the caller gives up, on the ``time.monotonic()`` clock; None without a timeout."""
     if frame.kind == "ttheader":
-        timeout = frame.int_info.get(_RPC_TIMEOUT)
+        timeout = frame.int_value(_RPC_TIMEOUT)
     else:
         strs = frame.str_info
         timeout = strs.get(THeaderKey.CLIENT_TIMEOUT) or strs.get(THeaderKey.DEADLINE_BUDGET)
