@@ -26,7 +26,9 @@ LIMIT = 64 * 1024
 PING_BINARY = bytes.fromhex("800100010000000470696e670000000700")
 PING_COMPACT = bytes.fromhex("8221050470696e6700")
 
-DIFF = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+DIFF = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+"""Examples per property: a few seconds each here; the ASAN fuzz runs used 3,000 and more."""
+pytestmark = pytest.mark.timeout(300)
 
 
 def outcome(parse: Any, data: bytes, limit: int = LIMIT) -> Any:

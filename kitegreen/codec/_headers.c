@@ -466,8 +466,11 @@ typedef struct {
     PyObject *protocol;   /* S_BINARY or S_COMPACT */
     PyObject *transforms; /* EMPTY_TUPLE or ZLIB_TUPLE */
     PyObject *acl_token;  /* str or None */
-    PyObject *payload;    /* memoryview (or bytes, inflated) */
+    PyObject *buffer;     /* the object parsed, or the inflated payload */
+    PyObject *payload;    /* a memoryview of buffer[payload_start:payload_end], or NULL */
     PyObject *header;     /* bytes: the frame up to the end of its header */
+    Py_ssize_t payload_start;
+    Py_ssize_t payload_end;
     PyObject *int_info;   /* dict, or NULL until asked for */
     PyObject *str_info;   /* dict, or NULL until asked for */
     int flags;
@@ -483,6 +486,7 @@ static int
 frame_traverse(Frame *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->acl_token);
+    Py_VISIT(self->buffer);
     Py_VISIT(self->payload);
     Py_VISIT(self->int_info);
     Py_VISIT(self->str_info);
@@ -496,6 +500,7 @@ frame_clear(Frame *self)
     Py_CLEAR(self->protocol);
     Py_CLEAR(self->transforms);
     Py_CLEAR(self->acl_token);
+    Py_CLEAR(self->buffer);
     Py_CLEAR(self->payload);
     Py_CLEAR(self->header);
     Py_CLEAR(self->int_info);
@@ -549,6 +554,28 @@ frame_get_str_info(Frame *self, void *closure)
     if (frame_materialize(self) < 0)
         return NULL;
     return Py_NewRef(self->str_info);
+}
+
+/* The payload as a memoryview, made when first asked for: the request loop reads the message
+ * from buffer[payload_start:payload_end] and needs none. */
+static PyObject *
+frame_get_payload(Frame *self, void *closure)
+{
+    if (self->payload == NULL) {
+        if (PyBytes_CheckExact(self->buffer) && self->payload_start == 0 &&
+            self->payload_end == PyBytes_GET_SIZE(self->buffer))
+            self->payload = Py_NewRef(self->buffer); /* an inflated payload */
+        else {
+            PyObject *whole = PyMemoryView_FromObject(self->buffer);
+            if (whole == NULL)
+                return NULL;
+            self->payload = PySequence_GetSlice(whole, self->payload_start, self->payload_end);
+            Py_DECREF(whole);
+            if (self->payload == NULL)
+                return NULL;
+        }
+    }
+    return Py_NewRef(self->payload);
 }
 
 /* int_value(key) -> str | None: one TTHeader integer key-value, without reading the rest. */
@@ -605,12 +632,27 @@ static PyObject *do_build(int tt, long long seqid, long protocol_id, PyObject *p
 static PyObject *zlib_compress;
 
 static PyObject *
-frame_reply(Frame *self, PyObject *args, PyObject *kwargs)
+frame_reply(Frame *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static char *names[] = {"payload", "str_info", "int_info", NULL};
+    /* reply(payload, *, str_info=None, int_info=None), parsed by hand: once per request. */
     PyObject *payload, *strs = Py_None, *ints = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OO:reply", names, &payload, &strs, &ints))
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "reply() takes one positional argument, the payload");
         return NULL;
+    }
+    payload = args[0];
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(name, "str_info") == 0)
+            strs = args[1 + i];
+        else if (PyUnicode_CompareWithASCIIString(name, "int_info") == 0)
+            ints = args[1 + i];
+        else {
+            PyErr_Format(PyExc_TypeError, "reply() got an unexpected keyword argument %R", name);
+            return NULL;
+        }
+    }
     PyObject *compressed = NULL;
     if (PyTuple_GET_SIZE(self->transforms)) {
         /* THeader's zlib, applied again as fbthrift's server does. */
@@ -629,6 +671,10 @@ frame_reply(Frame *self, PyObject *args, PyObject *kwargs)
 static PyObject *
 frame_with_payload(Frame *self, PyObject *payload)
 {
+    if (!PyBytes_CheckExact(payload)) {
+        PyErr_SetString(PyExc_TypeError, "with_payload() takes bytes");
+        return NULL;
+    }
     Frame *copy = PyObject_GC_New(Frame, &FrameType);
     if (copy == NULL)
         return NULL;
@@ -636,7 +682,10 @@ frame_with_payload(Frame *self, PyObject *payload)
     copy->protocol = Py_NewRef(self->protocol);
     copy->transforms = Py_NewRef(self->transforms);
     copy->acl_token = Py_NewRef(self->acl_token);
-    copy->payload = Py_NewRef(payload);
+    copy->buffer = Py_NewRef(payload);
+    copy->payload = NULL;
+    copy->payload_start = 0;
+    copy->payload_end = PyObject_Length(payload);
     copy->header = Py_NewRef(self->header);
     copy->int_info = Py_XNewRef(self->int_info);
     copy->str_info = Py_XNewRef(self->str_info);
@@ -658,7 +707,7 @@ frame_repr(Frame *self)
                                 self->kind, self->flags, self->seqid, self->protocol,
                                 self->protocol_id, self->transforms, self->acl_token,
                                 self->payload_framed ? "True" : "False",
-                                PyObject_Length(self->payload));
+                                self->payload_end - self->payload_start);
 }
 
 static PyMemberDef frame_members[] = {
@@ -671,7 +720,12 @@ static PyMemberDef frame_members[] = {
      "THeader transforms undone: () or (1,)."},
     {"acl_token", T_OBJECT_EX, offsetof(Frame, acl_token), READONLY,
      "TTHeader's ACL token, or None."},
-    {"payload", T_OBJECT_EX, offsetof(Frame, payload), READONLY, "The Thrift message."},
+    {"buffer", T_OBJECT_EX, offsetof(Frame, buffer), READONLY,
+     "The object the message is in: the buffer parsed, or the inflated payload."},
+    {"payload_start", T_PYSSIZET, offsetof(Frame, payload_start), READONLY,
+     "Where the message starts in buffer."},
+    {"payload_end", T_PYSSIZET, offsetof(Frame, payload_end), READONLY,
+     "Where the message ends in buffer."},
     {"payload_framed", T_BOOL, offsetof(Frame, payload_framed), READONLY,
      "Whether a TTHeader payload was framed again (Kitex's TTHeaderFramed)."},
     {NULL},
@@ -682,11 +736,14 @@ static PyGetSetDef frame_getset[] = {
      "TTHeader integer key-values, read on first access; {} for THeader.", NULL},
     {"str_info", (getter)frame_get_str_info, NULL,
      "TTHeader string key-values or THeader key-values, read on first access.", NULL},
+    {"payload", (getter)frame_get_payload, NULL,
+     "The Thrift message: a memoryview of buffer[payload_start:payload_end], or the inflated "
+     "bytes.", NULL},
     {NULL},
 };
 
 static PyMethodDef frame_methods[] = {
-    {"reply", (PyCFunction)(void (*)(void))frame_reply, METH_VARARGS | METH_KEYWORDS,
+    {"reply", (PyCFunction)(void (*)(void))frame_reply, METH_FASTCALL | METH_KEYWORDS,
      "reply(payload, *, str_info=None, int_info=None) -> bytes: the reply frame for this "
      "request: same kind, protocol id, seqid, flags, transforms and payload framing."},
     {"int_value", (PyCFunction)frame_int_value, METH_O,
@@ -821,15 +878,8 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *header = PyBytes_FromStringAndSize((const char *)frame, header_end);
     if (header == NULL)
         goto done;
-    PyObject *payload = NULL;
-    PyObject *whole = PyMemoryView_FromObject(args[0]);
-    if (whole != NULL) {
-        payload = PySequence_GetSlice(whole, start + payload_start, stop);
-        Py_DECREF(whole);
-    }
-    if (payload == NULL || (result = PyObject_GC_New(Frame, &FrameType)) == NULL) {
+    if ((result = PyObject_GC_New(Frame, &FrameType)) == NULL) {
         Py_DECREF(header);
-        Py_XDECREF(payload);
         goto done;
     }
     result->kind = Py_NewRef(tt ? S_TTHEADER : S_THEADER);
@@ -837,7 +887,10 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     result->transforms = Py_NewRef(h.transforms);
     result->acl_token = h.acl_token ? h.acl_token : Py_NewRef(Py_None);
     h.acl_token = NULL;
-    result->payload = payload;
+    result->buffer = Py_NewRef(args[0]);
+    result->payload = NULL;
+    result->payload_start = start + payload_start;
+    result->payload_end = stop;
     result->header = header;
     result->int_info = result->str_info = NULL;
     result->flags = (int)flags;

@@ -44,7 +44,17 @@ class HeaderFrame:
     @property
     def payload(self) -> bytes | memoryview:
         """The Thrift message. A view into the buffer given to ``parse_frame`` when no
-        transform applied: keep that buffer unchanged while the payload is in use."""
+        transform applied (made on first access): keep that buffer unchanged while the payload
+        is in use."""
+    @property
+    def buffer(self) -> Buffer:
+        """The object the message is in: the buffer parsed, or the inflated payload."""
+    @property
+    def payload_start(self) -> int:
+        """Where the message starts in :attr:`buffer`."""
+    @property
+    def payload_end(self) -> int:
+        """Where the message ends in :attr:`buffer`."""
     @property
     def payload_framed(self) -> bool:
         """True when a TTHeader payload was itself framed (Kitex's TTHeaderFramed); the 4-byte

@@ -294,14 +294,21 @@ def parse_frame(
     """
     if type(frame) is memoryview and (frame.ndim != 1 or frame.itemsize != 1):
         frame = frame.cast("B")
-    parsed: HeaderFrame = _parse(frame, start, len(frame) if end is None else end, max_frame_size)
-    if parsed.transforms:
-        # zlib is the only transform accepted, and at most once; the parser refuses the rest.
-        payload = _inflate(parsed.payload, max_frame_size)
-        if not payload:
-            raise ProtocolError("THeader frame carries no message after its header")
-        parsed = parsed.with_payload(payload)
-    return parsed
+    parsed = _parse(frame, start, len(frame) if end is None else end, max_frame_size)
+    return inflated(parsed, max_frame_size) if parsed.transforms else parsed
+
+
+def inflated(frame: HeaderFrame, max_frame_size: int) -> HeaderFrame:
+    """``frame`` with its THeader transforms undone (zlib, the only one accepted, at most once:
+    the parser refuses the rest), inflating to at most ``max_frame_size`` bytes.
+
+    The request loop calls the compiled ``_headers.parse`` itself, and this for the rare frame
+    whose ``transforms`` are not empty.
+    """
+    payload = _inflate(frame.payload, max_frame_size)
+    if not payload:
+        raise ProtocolError("THeader frame carries no message after its header")
+    return frame.with_payload(payload)
 
 
 def build_frame(
