@@ -278,6 +278,11 @@ class HeaderFrame:
     """True when a TTHeader payload was itself framed (Kitex's TTHeaderFramed); the 4-byte
     length is not part of :attr:`payload`."""
 
+    def int_value(self, key: int) -> str | None:
+        """One integer key-value, as the compiled frame reads it (added so that
+        kitegreen.rpc.metadata, which asks for it, reads this frame too)."""
+        return self.int_info.get(key)
+
     def reply(
         self,
         payload: bytes | bytearray | memoryview,
