@@ -23,6 +23,7 @@ def c_extension(name: str, source: str) -> Extension:
 
 EXTENSIONS = [
     c_extension("kitegreen.codec._thrift", "kitegreen/codec/_thrift.c"),
+    c_extension("kitegreen.codec._headers", "kitegreen/codec/_headers.c"),
 ]
 
 HELP = """

@@ -101,7 +101,7 @@ def study_null(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
 
 
 def study_curve(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
-    server = run.start_server(SUBJECT, WIRE, msg, pin)
+    server = run.start_server(SUBJECT, args.wire, msg, pin)
     try:
         cpu_per_request("curve", server.proc.pid, server.port, args, msg, pin)
     finally:
@@ -111,7 +111,7 @@ def study_curve(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
 def study_syscalls(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
     for conns in args.conns:
         port = run.free_port()
-        proc = start(servers.command(SUBJECT, port, WIRE), port, msg, 30.0)
+        proc = start(servers.command(SUBJECT, port, args.wire), port, msg, 30.0)
         out = run.BUILD / f"strace.{conns}.txt"
         tracer = subprocess.Popen(
             ["strace", "-c", "-f", "-p", str(proc.pid), "-o", str(out)],
@@ -139,7 +139,7 @@ def study_cachegrind(args: argparse.Namespace, msg: run.Message, pin: bool) -> N
         port = run.free_port()
         cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", f"--LL={args.cache},8,64"]
         cmd += [f"--cachegrind-out-file={run.BUILD / f'cachegrind.{conns}.out'}"]
-        proc = start(cmd + servers.command(SUBJECT, port, WIRE), port, msg, 120.0)
+        proc = start(cmd + servers.command(SUBJECT, port, args.wire), port, msg, 120.0)
         try:
             done = loadgen(port, msg, conns, args.requests) if conns else 0
         finally:
@@ -180,13 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--requests", type=int, default=20000, help="per count, strace/valgrind")
     parser.add_argument("--cache", type=int, default=512 * 1024, help="simulated cache, bytes")
+    parser.add_argument(
+        "--wire",
+        default=WIRE,
+        choices=servers.WIRES + servers.EXTRA_WIRES,
+        help="the ping's wire (ttheader/theader: a header ping, see run.py)",
+    )
     args = parser.parse_args(argv)
     args.conns = [int(c) for c in args.conns.split(",")]
     unknown = [s for s in args.studies if s not in STUDIES]
     if unknown:
         parser.error(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}")
     run.build_loadgen()
-    msg = run.encode_messages()["ping", WIRE]
+    msg = run.encode_messages()["ping", args.wire]
     pin = run.can_pin()
     for name in args.studies or list(STUDIES):
         STUDIES[name](args, msg, pin)

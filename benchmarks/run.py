@@ -130,7 +130,7 @@ def encode_messages() -> dict[tuple[str, str], Message]:
     out_dir = BUILD / "messages"
     out_dir.mkdir(parents=True, exist_ok=True)
     messages = {}
-    for wire in servers.WIRES:
+    for wire in servers.WIRES + servers.EXTRA_WIRES:
         pfactory, _ = servers.factories(wire)
         framed = wire.endswith("framed")
         for method in METHODS:
@@ -143,13 +143,66 @@ def encode_messages() -> dict[tuple[str, str], Message]:
                 proto.write_struct(struct_)
                 proto.write_message_end()
                 data = buf.getvalue()
-                encoded.append(struct.pack("!i", len(data)) + data if framed else data)
+                if wire in servers.HEADER_WIRES:
+                    data = header_frame(wire, mtype, data)
+                elif framed:
+                    data = struct.pack("!i", len(data)) + data
+                encoded.append(data)
             request = out_dir / f"{method}-{wire}.request"
             reply = out_dir / f"{method}-{wire}.reply"
             request.write_bytes(encoded[0])
             reply.write_bytes(encoded[1])
             messages[method, wire] = Message(method, wire, request, reply)
     return messages
+
+
+def header_frame(wire: str, mtype: int, message: bytes) -> bytes:
+    """``message`` in the header a Kitex (``ttheader``) or an fbthrift/baseplate (``theader``)
+    client sends; for a reply, the header kitegreen answers it with."""
+    from kitegreen.codec.headers import IntKey, build_frame
+
+    if wire == "ttheader":
+        if mtype == 1:  # CALL: what kitex's client TTHeader handler and metainfo write
+            int_info = {
+                IntKey.FROM_SERVICE: "bench.caller",
+                IntKey.FROM_METHOD: "Handle",
+                IntKey.TO_SERVICE: "bench.server",
+                IntKey.TO_METHOD: "ping",
+                IntKey.MSG_TYPE: "1",
+                IntKey.TRANSPORT_TYPE: "framed",
+                IntKey.LOG_ID: "202612050300000102030405060708",
+                IntKey.RPC_TIMEOUT: "1000",
+            }
+            str_info = {
+                "isn": "Bench",
+                "RPC_TRANSIT_tenant": "t-1",
+                "RPC_PERSIST_region": "eu-1",
+            }
+        else:  # kitegreen's reply: the message type, as Kitex's server writes it
+            int_info, str_info = {IntKey.MSG_TYPE: str(mtype)}, {}
+        return build_frame(
+            "ttheader",
+            seqid=SEQID,
+            protocol="binary",
+            payload=message,
+            str_info=str_info,
+            int_info={int(k): v for k, v in int_info.items()},
+        )
+    str_info = (
+        {
+            "client_timeout": "1000",
+            "Trace": "1234567890123",
+            "Span": "2345678901234",
+            "Parent": "3456789012345",
+            "Sampled": "1",
+            "User-Agent": "bench",
+        }
+        if mtype == 1
+        else {}
+    )
+    return build_frame(
+        "theader", seqid=SEQID, protocol="binary", payload=message, str_info=str_info
+    )
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -1091,7 +1144,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(servers.SERVERS),
         help="comma-separated; also: " + ", ".join(servers.EXTRA_SERVERS),
     )
-    parser.add_argument("--wires", default=",".join(servers.WIRES))
+    parser.add_argument(
+        "--wires",
+        default=",".join(servers.WIRES),
+        help="comma-separated; also: " + ", ".join(servers.EXTRA_WIRES) + " (header wires: "
+        "kitegreen only)",
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--conns", default=",".join(map(str, CONNS)))
     parser.add_argument(
@@ -1127,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
         names[at : at + 1] = variants
     plan = Plan(
         servers=tuple(names),
-        wires=tuple(_names(args.wires, servers.WIRES, "wire")),
+        wires=tuple(_names(args.wires, servers.WIRES + servers.EXTRA_WIRES, "wire")),
         methods=tuple(_names(args.methods, METHODS, "method")),
         conns=tuple(int(c) for c in args.conns.split(",")),
         rounds=args.rounds,
@@ -1136,6 +1194,9 @@ def main(argv: list[str] | None = None) -> int:
         idle_connections=args.idle_connections,
         loadgens=args.loadgens,
     )
+    peers = [n for n in plan.servers if not n.startswith("kitegreen")]
+    if peers and set(plan.wires) & set(servers.HEADER_WIRES):
+        parser.error(f"only kitegreen serves the header wires; not {', '.join(peers)}")
     if args.quick:
         plan.rounds, plan.warmup, plan.duration = 1, 0.5, 1.0
         if args.conns == ",".join(map(str, CONNS)):

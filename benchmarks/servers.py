@@ -59,6 +59,12 @@ KITEGREEN_BARE_FLAGS = (
     "0",
 )
 WIRES = ("binary-buffered", "compact-framed")
+EXTRA_WIRES = ("binary-framed", "ttheader", "theader")
+"""Not run by default. ``binary-framed`` is the plain baseline of the header wires:
+``ttheader`` is a binary ping in a TTHeader carrying what a Kitex client writes (caller service
+and method, log id, RPC timeout, transit and persistent metainfo), ``theader`` one in a THeader
+with fbthrift and baseplate headers. Only kitegreen serves the header wires."""
+HEADER_WIRES = ("ttheader", "theader")
 ECHO_SIZE = 1024
 RECORDS = 20
 """Structs in a ``records`` call, each with a string, a list of 10 i32 and a map of 3."""
@@ -111,6 +117,9 @@ def factories(wire: str) -> tuple[Any, Any]:
         return TCyBinaryProtocolFactory(), TCyBufferedTransportFactory()
     if wire == "compact-framed":
         return TCompactProtocolFactory(), TCyFramedTransportFactory()
+    if wire == "binary-framed" or wire in HEADER_WIRES:
+        # A header wire's message inside the header is a plain binary one.
+        return TCyBinaryProtocolFactory(), TCyFramedTransportFactory()
     raise ValueError(f"wire must be one of {', '.join(WIRES)}, got {wire!r}")
 
 
@@ -124,6 +133,11 @@ def factory_paths(wire: str) -> tuple[str, str]:
     if wire == "compact-framed":
         return (
             "thriftpy2.protocol:TCompactProtocolFactory",
+            "thriftpy2.transport:TCyFramedTransportFactory",
+        )
+    if wire == "binary-framed":
+        return (
+            "thriftpy2.protocol:TCyBinaryProtocolFactory",
             "thriftpy2.transport:TCyFramedTransportFactory",
         )
     raise ValueError(f"wire must be one of {', '.join(WIRES)}, got {wire!r}")
@@ -293,7 +307,7 @@ def main() -> None:
     parser.add_argument("name", choices=("gevent-floor", "thriftpy2-threaded"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--wire", choices=WIRES, default="binary-buffered")
+    parser.add_argument("--wire", choices=(*WIRES, "binary-framed"), default="binary-buffered")
     args = parser.parse_args()
     if not args.host.startswith("127."):
         parser.error("benchmarks listen on loopback only")

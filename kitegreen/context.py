@@ -9,12 +9,16 @@ greenlet is seen by the handler it calls and by nothing else.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 _real_ip: ContextVar[str | None] = ContextVar("kitegreen_real_ip", default=None)
-_request_info: ContextVar[RequestInfo | None] = ContextVar("kitegreen_request_info", default=None)
+# The request loop sets a callable that builds the request's info when first asked (the
+# metadata of a header frame is split into its parts only for handlers that read it).
+_request_info: ContextVar[Callable[[], RequestInfo] | None] = ContextVar(
+    "kitegreen_request_info", default=None
+)
 
 
 def real_ip() -> str | None:
@@ -108,10 +112,11 @@ def request_info() -> RequestInfo:
     Returns:
         The request's info; an empty one on a plain Thrift connection or outside a request.
     """
-    info = _request_info.get()
-    return info if info is not None else RequestInfo()
+    source = _request_info.get()
+    return source() if source is not None else RequestInfo()
 
 
-def set_request_info(info: RequestInfo | None) -> None:
-    """Make ``info`` what :func:`request_info` returns in this greenlet (the request loop's)."""
-    _request_info.set(info)
+def set_request_info(source: Callable[[], RequestInfo] | None) -> None:
+    """Make ``source()`` what :func:`request_info` returns in this greenlet (the request loop's
+    job); ``source`` returns the same info each time it is called."""
+    _request_info.set(source)

@@ -19,12 +19,13 @@ from typing import Any
 
 import gevent
 import pytest
+import structlog
 import ttheader
 from conftest import Handler, loopback_config, testsvc_thrift, wait_until
 from testsvc import TestService as ApacheService
 from thrift.protocol.THeaderProtocol import THeaderProtocol
 from thrift.Thrift import TApplicationException as ApacheAppError
-from thrift.transport import TSocket
+from thrift.transport import TSocket, TTransport
 from thrift.transport.THeaderTransport import (
     THeaderClientType,
     THeaderSubprotocolID,
@@ -63,6 +64,8 @@ class MetadataHandler(Handler):
                     "real_ip": kitegreen.real_ip(),
                 }
             )
+        if message == "?ctx":
+            return json.dumps(structlog.contextvars.get_contextvars())
         if message == "?biz":
             info.set_biz_status(4001, "no such user", {"user": "u1"})
             info.set_backward("trace", "abc")
@@ -130,7 +133,7 @@ def read_exactly(sock: socket.socket, n: int) -> bytes:
 
 def reply_value(frame: ttheader.TTHeader, method: str = "echo") -> Any:
     """The result (or TApplicationException) in a reply frame's payload."""
-    proto = _thrift.COMPACT if frame.protocol_id == 2 else _thrift.BINARY
+    proto = _thrift.COMPACT if frame.protocol_id in (2, 3) else _thrift.BINARY
     name, mtype, seqid, pos = _thrift.read_message_begin(
         proto, frame.payload, 0, len(frame.payload)
     )
@@ -204,6 +207,18 @@ class TestTTHeader:
         assert json.loads(headers["biz-extra"]) == {"user": "u1"}
         assert headers["trace"] == "abc"
         assert "crrst" not in headers
+
+    def test_log_id_is_in_the_handlers_log_context(self, make, protocol):
+        """While the handler runs, structlog's context carries the request's log id, so its
+        own log lines have it; the next request on the connection, without one, does not."""
+        server = make()
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(tt_call(protocol, message="?ctx", int_kv={LOG_ID: "L-7"}))
+            first = json.loads(reply_value(ttheader.decode(read_frame(sock)))[1])
+            sock.sendall(tt_call(protocol, message="?ctx"))
+            second = json.loads(reply_value(ttheader.decode(read_frame(sock)))[1])
+        assert first.get("log_id") == "L-7"
+        assert "log_id" not in second
 
     def test_log_id_is_in_the_access_log(self, make, protocol):
         """The log id is written in the request's access log line."""
@@ -316,13 +331,18 @@ class TestHandoverAtStop:
 
 
 @contextlib.contextmanager
-def apache_header_client(address: Any, protocol: str, zlib: bool) -> Iterator[tuple[Any, Any]]:
+def apache_header_client(
+    address: Any, protocol: str, zlib: bool, *, framed: bool = False
+) -> Iterator[tuple[Any, Any]]:
+    """Apache's THeader client; ``framed`` puts it over a TFramedTransport, as Apache's
+    cross-test does for its ``header`` protocol on the ``framed`` transport."""
     sock = TSocket.TSocket(address[0], address[1])
     sock.setTimeout(5000)
     subprotocol = (
         THeaderSubprotocolID.BINARY if protocol == "binary" else THeaderSubprotocolID.COMPACT
     )
-    proto = THeaderProtocol(sock, [THeaderClientType.HEADERS], default_protocol=subprotocol)
+    under = TTransport.TFramedTransport(sock) if framed else sock
+    proto = THeaderProtocol(under, [THeaderClientType.HEADERS], default_protocol=subprotocol)
     if zlib:
         proto.trans.add_transform(THeaderTransformID.ZLIB)
     client = ApacheService.Client(proto)
@@ -368,6 +388,85 @@ class TestTHeader:
             assert back[b"trace"] == b"abc"
 
 
+# -- interop with gopkg's TTHeader codec and Apache's cross-test client ---------------------------
+
+
+class TestInterop:
+    """The four gaps Kitex's own TTHeader codec (cloudwego/gopkg protocol/ttheader) and Apache's
+    cross-test client found (issue 17)."""
+
+    def test_acl_token_is_the_transient_gdpr_token(self, make):
+        """gopkg writes the metainfo value ``gdpr-token`` as the 0x11 ACL token block; the
+        handler sees it where a Kitex server does: transient ``gdpr-token``, and the string
+        header ``RPC_TRANSIT_gdpr-token``."""
+        server = make()
+        request = ttheader.encode(
+            ttheader.TTHeader(
+                payload=encode("binary", "echo", 3, message="?info"),
+                seqid=3,
+                acl_token=b"tok-123",
+                str_kv={b"RPC_TRANSIT_tenant": b"t1"},
+            )
+        )
+        assert request[16:19] == b"\x11\x00\x07"  # the ACL block comes first, as gopkg's
+        seen = json.loads(reply_value(tt_roundtrip(server.address, request))[1])
+        assert seen["transit"] == {"tenant": "t1", "gdpr-token": "tok-123"}
+        assert seen["headers"]["RPC_TRANSIT_gdpr-token"] == "tok-123"
+
+    @pytest.mark.parametrize("protocol_id", [2, 3], ids=["compact-2", "compact-v2-3"])
+    def test_compact_ids_are_served_and_repeated(self, make, protocol_id):
+        """Compact under TTHeader comes as id 3 from gopkg (its decoder refuses 2) and as 2
+        from Apache-derived peers: both are served, and the reply carries the request's id, so
+        gopkg's decoder reads a reply to an id-3 request."""
+        server = make()
+        request = ttheader.encode(
+            ttheader.TTHeader(
+                payload=encode("compact", "echo", 9, message="v2"),
+                seqid=9,
+                protocol_id=protocol_id,
+            )
+        )
+        reply = tt_roundtrip(server.address, request)
+        assert reply.protocol_id == protocol_id
+        assert reply_value(reply) == (9, "v2")
+
+    @pytest.mark.parametrize("protocol", ["binary", "compact"])
+    def test_theader_inside_a_framed_frame(self, make, protocol):
+        """Apache's THeader client over a framed transport (``[frame length][THeader length]
+        [0x0FFF ...]``) is served, replies framed the same way, headers both ways."""
+        server = make()
+        with apache_header_client(server.address, protocol, False, framed=True) as (client, p):
+            assert client.echo("nested") == "nested"
+            assert client.add(40, 2) == 42
+            p.trans.set_header(b"client_timeout", b"3000")  # sent with the next call only
+            seen = json.loads(client.echo("?info"))
+            assert seen["header"] == "theader"
+            assert 2.0 < seen["remaining"] <= 3.0
+            client.echo("?biz")
+            assert p.trans.get_headers()[b"biz-status"] == b"4001"
+
+    def test_theader_inside_a_framed_frame_raw_bytes(self, make):
+        """The bytes on the wire: an outer length 4 more than the THeader frame's own, both
+        ways."""
+        server = make()
+        inner = th_request()
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(struct.pack(">I", len(inner)) + inner)
+            outer = read_frame(sock)
+        (length,) = struct.unpack(">I", outer[4:8])
+        assert length == len(outer) - 8
+        assert outer[8:10] == b"\x0f\xff"
+
+    @pytest.mark.parametrize("method", ["echo", "raise_undeclared"])
+    def test_replies_carry_the_message_type(self, make, method):
+        """Like Kitex's server, every TTHeader reply carries integer key 22 (MSG_TYPE): 2 for
+        a reply, 3 for an exception."""
+        server = make()
+        reply = tt_roundtrip(server.address, tt_call(method=method, message="x"))
+        expected = b"2" if method == "echo" else b"3"
+        assert reply.int_kv == {22: expected}
+
+
 # -- hostile headers ------------------------------------------------------------------------------
 
 
@@ -403,6 +502,12 @@ def lying(kind: str) -> bytes:
         return ttheader.assemble(0x0FFF, b"\xff\xff\xff\xff\xff\x01\x00\x00", payload)
     if kind == "THeader zlib that does not inflate":
         return ttheader.assemble(0x0FFF, b"\x00\x01\x01\x00", b"not zlib at all")
+    if kind == "framed THeader whose inner length is wrong":
+        inner = th_request()
+        return struct.pack(">I", len(inner) + 1) + inner + b"\x00"
+    if kind == "framed THeader with a lying header":
+        inner = ttheader.assemble(0x0FFF, b"\x00\x00\x01\x80", payload)
+        return struct.pack(">I", len(inner)) + inner
     raise AssertionError(kind)
 
 
@@ -416,6 +521,8 @@ HOSTILE = [
     "truncated header",
     "THeader varint past 32 bits",
     "THeader zlib that does not inflate",
+    "framed THeader whose inner length is wrong",
+    "framed THeader with a lying header",
 ]
 
 

@@ -9,6 +9,9 @@ first bytes                 protocol / transport
 ``LL LL LL LL 82 ..``       compact, framed
 ``LL LL LL LL 10 00 ..``    TTHeader (Kitex, kite): binary or compact inside
 ``LL LL LL LL 0F FF ..``    THeader (Apache Thrift, fbthrift): binary or compact inside
+``LL LL LL LL MM MM MM MM   THeader inside a framed frame (MMMMMMMM = LLLLLLLL - 4):
+0F FF ..``                  Apache's cross-test pairs the ``header`` protocol with the
+                            ``framed`` transport, and the reply goes back the same way
 ==========================  =======================================================
 
 Anything else (HTTP, TLS, non-strict binary) is refused.
@@ -25,8 +28,9 @@ from kitegreen.exceptions import ProtocolError
 BINARY_MAGIC = 0x80
 BINARY_VERSION = 0x01
 COMPACT_MAGIC = 0x82
-DETECT_BYTES = 6
-"""The most bytes :func:`detect` needs to decide."""
+DETECT_BYTES = 10
+"""The most bytes :func:`detect` needs to decide (a THeader inside a framed frame; six tell
+every other wire)."""
 
 _NAMES = {BINARY: "binary", COMPACT: "compact"}
 
@@ -40,11 +44,15 @@ class Wire(NamedTuple):
     framed: bool
     header: str | None = None
     """``"ttheader"`` or ``"theader"`` for header frames (always framed), else None."""
+    nested: bool = False
+    """A THeader frame inside a framed frame: each message's frame holds a whole THeader
+    frame, its own length included, and each reply is framed the same way."""
 
     def describe(self) -> str:
-        """For logs and metrics labels: ``binary/buffered``, ``compact/framed``, ``ttheader``."""
+        """For logs and metrics labels: ``binary/buffered``, ``compact/framed``, ``ttheader``,
+        ``theader/framed`` (nested)."""
         if self.header:
-            return self.header
+            return f"{self.header}/framed" if self.nested else self.header
         return f"{_NAMES[self.protocol]}/{'framed' if self.framed else 'buffered'}"
 
 
@@ -82,10 +90,18 @@ def detect(head: bytes, max_frame_size: int) -> Wire | None:
         return Wire(BINARY, framed=True)
     if marker == COMPACT_MAGIC:
         return Wire(COMPACT, framed=True)
-    if marker in (0x10, 0x0F):
-        if len(head) < 6:
+    # A THeader frame inside a framed frame starts with its own length, 4 less than the outer.
+    outer = int.from_bytes(head[0:4], "big")
+    inner = (outer - 4).to_bytes(4, "big") if outer >= 4 else b""
+    nested = inner.startswith(bytes(head[4:8]))
+    if len(head) < 6:
+        if marker in (0x10, 0x0F) or nested:
             return None
-        header = header_kind(head)
-        if header is not None:
-            return Wire(BINARY, framed=True, header=header)
-    raise ProtocolError(f"not a Thrift message: starts with {bytes(head[:6])!r}")
+    elif (header := header_kind(head)) is not None:
+        return Wire(BINARY, framed=True, header=header)
+    elif nested:
+        if len(head) < 10:
+            return None
+        if head[8] == 0x0F and head[9] == 0xFF:
+            return Wire(BINARY, framed=True, header="theader", nested=True)
+    raise ProtocolError(f"not a Thrift message: starts with {bytes(head[:10])!r}")

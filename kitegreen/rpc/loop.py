@@ -10,6 +10,7 @@ Everything the loop needs is resolved once in :class:`ServeContext`.
 from __future__ import annotations
 
 import contextlib
+import struct
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -23,7 +24,8 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 
 from kitegreen import context
 from kitegreen.codec import _thrift
-from kitegreen.codec.headers import HeaderFrame, StrKey, parse_frame
+from kitegreen.codec._headers import parse as _parse_frame
+from kitegreen.codec.headers import HeaderFrame, IntKey, StrKey, inflated
 from kitegreen.codec.wire import Wire
 from kitegreen.context import RequestInfo
 from kitegreen.exceptions import MemoryBudgetExceeded, ProtocolError, describe
@@ -69,6 +71,11 @@ _read_args_within = _thrift.read_args_within
 _write_message = _thrift.write_message
 _write_result = _thrift.write_result
 _PROTOCOLS = {"binary": _thrift.BINARY, "compact": _thrift.COMPACT}
+# Kitex's server writes the reply's message type as integer key 22 (MSG_TYPE) of every
+# TTHeader reply (kitex pkg/transmeta/ttheader.go); so does kitegreen, from shared dicts.
+_MSG_TYPE_INFO = {mtype: {int(IntKey.MSG_TYPE): str(mtype)} for mtype in (_REPLY, _EXCEPTION)}
+_U32 = struct.Struct(">I")
+_LOG_ID_KEY = int(IntKey.LOG_ID)
 
 
 def _structlog_var(key: str) -> ContextVar[Any]:
@@ -167,6 +174,7 @@ class Connection:
         "_frame",
         "_handed",
         "_info",
+        "_log_id",
         "_reply_bytes",
         "_request_bytes",
         "_shown_ip",
@@ -201,6 +209,8 @@ class Connection:
         self._frame: HeaderFrame | None = None
         """The header frame of the request being handled, if it came in one."""
         self._info: RequestInfo | None = None
+        """The request's info, once the handler asked for it (see :meth:`_request_info`)."""
+        self._log_id: str | None = None
         self._request_bytes = 0
         """The request's size on the wire, framing included, for the access log."""
         self._reply_bytes = 0
@@ -215,6 +225,8 @@ class Connection:
         # In the connection's greenlet, so in the handler's context: every line logged while
         # serving it, the application's ``logging`` records included, names the peer.
         peer_token = _PEER.set(self.peer)
+        # Once per connection, not per request: the info is built only when a handler asks.
+        context.set_request_info(self._request_info)
         ctx.streams.add(stream)
         linger = ctx.close_linger
         try:
@@ -238,9 +250,22 @@ class Connection:
             else:
                 ctx.log.debug("connection closed", peer=self.peer, reason=_why_closed(exc))
         finally:
+            context.set_request_info(None)
             ctx.streams.discard(stream)
             stream.close(0.0 if self._handed else linger)
             _PEER.reset(peer_token)
+
+    def _request_info(self) -> RequestInfo:
+        """What ``request_info()`` returns in this connection's greenlet: the info of the
+        header frame being handled, built the first time it is asked for (a handler that never
+        asks does not pay for splitting the metadata); an empty one otherwise."""
+        info = self._info
+        if info is None:
+            frame = self._frame
+            if frame is None:
+                return RequestInfo()
+            info = self._info = metadata.request_info(frame, self.stream.started_at)
+        return info
 
     def _loop(self) -> None:
         ctx = self.ctx
@@ -293,32 +318,36 @@ class Connection:
     def _handle_frame(self, buf: bytes | bytearray, start: int, end: int) -> None:
         """A TTHeader or THeader request: its metadata for the handler, then the call."""
         ctx = self.ctx
-        frame = parse_frame(
-            memoryview(buf)[start:end],
-            max_frame_size=ctx.max_frame_size,
-            max_memory=ctx.memory.allowance(),
-        )
-        info = metadata.request_info(frame, self.stream.started_at)
+        # The compiled parser directly (headers.parse_frame is it, wrapped): per request.
+        frame = _parse_frame(buf, start, end, ctx.max_frame_size)
+        inflated_size = 0
+        if frame.transforms:
+            frame = inflated(frame, ctx.max_frame_size, ctx.memory.allowance())
+            # An inflated payload is memory of its own, held until the request is answered.
+            inflated_size = frame.payload_end - frame.payload_start
+        log_id = frame.int_value(_LOG_ID_KEY) or None  # metadata.log_id, inlined
         if ctx.get_real_ip:
             claimed = metadata.claimed_ip(frame) if self.trusted else None
             shown = claimed or self.peer
             if shown != self._shown_ip:
                 context.set_real_ip(shown)
                 self._shown_ip = shown
-        self._frame, self._info = frame, info
-        context.set_request_info(info)
-        log_id_token = _LOG_ID.set(info.log_id) if info.log_id is not None else None
-        payload = frame.payload
-        # An inflated payload is memory of its own, held until the request is answered.
-        inflated = len(payload) if frame.transforms else 0
-        ctx.memory.hold(inflated)
+        self._frame, self._log_id = frame, log_id
+        log_id_token = _LOG_ID.set(log_id) if log_id is not None else None
+        ctx.memory.hold(inflated_size)
         try:
-            self._call(_PROTOCOLS[frame.protocol], payload, 0, len(payload), inflated)
+            # The message in place: no memoryview of it is made.
+            self._call(
+                _PROTOCOLS[frame.protocol],
+                frame.buffer,
+                frame.payload_start,
+                frame.payload_end,
+                inflated_size,
+            )
         finally:
-            ctx.memory.release(inflated)
-            del payload, frame
-            self._frame = self._info = None
-            context.set_request_info(None)
+            ctx.memory.release(inflated_size)
+            del frame
+            self._frame = self._info = self._log_id = None
             if log_id_token is not None:
                 _LOG_ID.reset(log_id_token)
 
@@ -372,8 +401,12 @@ class Connection:
                     self._overloaded(method, seqid, refused, begun)
                     return
 
-            info = self._info
-            deadline = info.deadline if info is not None and ctx.enforce_rpc_timeout else None
+            frame = self._frame
+            deadline = (
+                metadata.deadline(frame, begun)
+                if frame is not None and ctx.enforce_rpc_timeout
+                else None
+            )
             method_token = _METHOD.set(method.name)
             try:
                 self._invoke(method, seqid, args, begun, deadline)
@@ -394,9 +427,10 @@ class Connection:
     def _wait_limit(self) -> float:
         """How long a request may wait for its turn to decode: until the caller's deadline,
         or ``read_write_timeout``."""
-        info = self._info
-        if info is not None and info.deadline is not None:
-            return max(0.0, info.deadline - time.monotonic())
+        frame = self._frame
+        deadline = metadata.deadline(frame, self.stream.started_at) if frame is not None else None
+        if deadline is not None:
+            return max(0.0, deadline - time.monotonic())
         return self.ctx.read_write_timeout
 
     def _too_costly(
@@ -568,11 +602,18 @@ class Connection:
             message = _write_result(proto, name, mtype, seqid, fid, payload, spec, framed)
         if frame is None:
             return message
-        headers = self._info.response_headers if self._info is not None else {}
-        if frame.kind == "ttheader" and self.ctx.stop_announced and self.ctx.hand_off is None:
-            # A connection handed over lives on: a Kitex client must keep reusing it.
-            headers = {**headers, StrKey.CONNECTION_READY_TO_RESET: "1"}
-        return frame.reply(message, str_info=headers)
+        headers = self._info.response_headers if self._info is not None else None
+        if frame.kind == "ttheader":
+            if self.ctx.stop_announced and self.ctx.hand_off is None:
+                # A connection handed over lives on: a Kitex client must keep reusing it.
+                headers = {**(headers or {}), StrKey.CONNECTION_READY_TO_RESET: "1"}
+            return frame.reply(message, str_info=headers, int_info=_MSG_TYPE_INFO[mtype])
+        reply = frame.reply(message, str_info=headers)
+        wire = self.stream.wire
+        if wire is not None and wire.nested:
+            # A THeader frame inside a framed frame came in: one goes back.
+            return _U32.pack(len(reply)) + reply
+        return reply
 
     def _send(self, name: str, mtype: int, seqid: int, payload: Any, spec: Any) -> None:
         data = self._encode(name, mtype, seqid, payload, spec)
@@ -667,7 +708,7 @@ class Connection:
         if method.stats is not None:
             method.stats.observe(elapsed, outcome)
         if self.ctx.access_log:
-            info = self._info
+            log_id = self._log_id
             # Seconds, as the duration histogram's buckets are (Prometheus's convention): a
             # threshold read off a dashboard filters the access log unchanged.
             self.ctx.log.info(
@@ -678,7 +719,7 @@ class Connection:
                 request_bytes=self._request_bytes,
                 reply_bytes=self._reply_bytes,
                 outcome=outcome,
-                **({"log_id": info.log_id} if info is not None and info.log_id else {}),
+                **({"log_id": log_id} if log_id else {}),
             )
 
 

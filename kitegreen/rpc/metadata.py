@@ -20,6 +20,26 @@ _PERSIST = StrKey.PREFIX_PERSIST
 _UPSTREAM = StrKey.PREFIX_TRANSIT_UPSTREAM
 
 
+_LOG_ID = int(IntKey.LOG_ID)
+_RPC_TIMEOUT = int(IntKey.RPC_TIMEOUT)
+
+
+def log_id(frame: HeaderFrame) -> str | None:
+    """The request's log id (TTHeader ``LOG_ID``); None when absent or empty."""
+    return frame.int_value(_LOG_ID) or None
+
+
+def deadline(frame: HeaderFrame, arrived: float) -> float | None:
+    """When the caller gives up, on the ``time.monotonic()`` clock; None without a timeout."""
+    if frame.kind == "ttheader":
+        timeout = frame.int_value(_RPC_TIMEOUT)
+    else:
+        strs = frame.str_info
+        timeout = strs.get(THeaderKey.CLIENT_TIMEOUT) or strs.get(THeaderKey.DEADLINE_BUDGET)
+    millis = _milliseconds(timeout)
+    return None if millis is None else arrived + millis / 1000.0
+
+
 def request_info(frame: HeaderFrame, arrived: float) -> RequestInfo:
     """The :class:`RequestInfo` of one header frame that arrived (first byte) at ``arrived``."""
     strs = frame.str_info
@@ -31,17 +51,17 @@ def request_info(frame: HeaderFrame, arrived: float) -> RequestInfo:
             transit[key[len(_TRANSIT) :]] = value
         elif key.startswith(_PERSIST):
             persistent[key[len(_PERSIST) :]] = value
-    if frame.kind == "ttheader":
-        timeout = ints.get(IntKey.RPC_TIMEOUT)
-    else:
-        timeout = strs.get(THeaderKey.CLIENT_TIMEOUT) or strs.get(THeaderKey.DEADLINE_BUDGET)
-    millis = _milliseconds(timeout)
+    if frame.acl_token is not None:
+        # gopkg's decoder files the ACL token among the string key-values, and a Kitex server
+        # reads it as the transient metainfo value ``gdpr-token``: the same here.
+        strs = {**strs, StrKey.GDPR_TOKEN: frame.acl_token}
+        transit[StrKey.GDPR_TOKEN[len(_TRANSIT) :]] = frame.acl_token
     return RequestInfo(
         header=frame.kind,
         caller_service=ints.get(IntKey.FROM_SERVICE),
         caller_method=ints.get(IntKey.FROM_METHOD),
-        log_id=ints.get(IntKey.LOG_ID) or None,
-        deadline=None if millis is None else arrived + millis / 1000.0,
+        log_id=log_id(frame),
+        deadline=deadline(frame, arrived),
         transit=transit,
         persistent=persistent,
         headers=strs,

@@ -137,7 +137,7 @@ class MessageStream:
             self.wire = wire
         if wire.framed:
             start, end = self._frame(deadline)
-            if wire.header:
+            if wire.header and not wire.nested:
                 start -= 4
         else:
             start, end = self._scan(wire.protocol, deadline)
