@@ -270,7 +270,7 @@ def _single_process_actions(
 def _parser(prog: str) -> argparse.ArgumentParser:
     from kitegreen._version import VERSION
     from kitegreen.config.help import HelpFormatter, add_setting_flags
-    from kitegreen.config.loader import CONFIG_FILE_ENV
+    from kitegreen.config.names import CONFIG_FILE_ENV
 
     parser = argparse.ArgumentParser(
         prog=prog,

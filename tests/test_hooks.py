@@ -16,8 +16,9 @@ from launching import Launcher, launcher_env
 from service import testsvc_thrift
 
 import kitegreen
+from kitegreen.config.hook_settings import HOOK_NAMES
 from kitegreen.exceptions import ConfigError
-from kitegreen.hooks import HOOK_NAMES, Hooks
+from kitegreen.hooks import Hooks
 
 pytestmark = [pytest.mark.timeout(60)]
 

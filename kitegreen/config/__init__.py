@@ -8,7 +8,8 @@ from the fields' metadata; imported by the launcher only).
 
 from __future__ import annotations
 
-from kitegreen.config.loader import CONFIG_FILE_ENV, ENV_ALIASES, ENV_PREFIX, load_config
+from kitegreen.config.loader import load_config
+from kitegreen.config.names import CONFIG_FILE_ENV, ENV_ALIASES, ENV_PREFIX
 from kitegreen.config.settings import (
     DEFAULT_BACKLOG,
     DEFAULT_CLUSTER,

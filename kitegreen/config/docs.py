@@ -16,7 +16,8 @@ import typing
 from typing import Any
 
 from kitegreen.config.help import default_text, placeholder
-from kitegreen.config.loader import _FILE_ALIASES, CONFIG_FILE_ENV, ENV_ALIASES, env_names
+from kitegreen.config.loader import _FILE_ALIASES
+from kitegreen.config.names import CONFIG_FILE_ENV, ENV_ALIASES, env_names
 from kitegreen.config.settings import GROUPS, Config, Doc, flag_names
 
 _TYPES: dict[str, Any] = typing.get_type_hints(Config)

@@ -18,7 +18,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from kitegreen.config.loader import env_names
+from kitegreen.config.hook_settings import import_path
+from kitegreen.config.names import env_names
 from kitegreen.config.settings import (
     DEFAULT_CONSUL_ADDR,
     GROUPS,
@@ -28,7 +29,6 @@ from kitegreen.config.settings import (
     setting_doc,
 )
 from kitegreen.exceptions import ConfigError
-from kitegreen.hooks import import_path
 
 _TYPES: dict[str, Any] = typing.get_type_hints(Config)
 _TYPE_PLACEHOLDERS: Mapping[Any, str] = types.MappingProxyType(

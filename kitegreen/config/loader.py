@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kitegreen.config.names import CONFIG_FILE_ENV, ENV_ALIASES, ENV_PREFIX
 from kitegreen.config.settings import Config, flag_name, install_loader
 from kitegreen.exceptions import ConfigError
 
@@ -29,21 +30,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-ENV_PREFIX = "KITE_"
-CONFIG_FILE_ENV = "KITE_CONFIG_FILE"
-
-# Environment variables kite (and Consul's own tooling) use, mapped to our fields. The
-# canonical KITE_<FIELD> spelling is read after these, so it wins when both are set.
-ENV_ALIASES: Mapping[str, str] = types.MappingProxyType(
-    {
-        "KITE_SERVICE_PORT": "port",
-        "KITE_SERVICE_ADDR": "host",
-        "SERVICE_CLUSTER": "cluster",
-        "SERVICE_MESH_INGRESS_ADDR": "service_mesh_ingress_addr",
-        "CONSUL_HTTP_ADDR": "consul_addr",
-        "CONSUL_HTTP_TOKEN": "consul_token",
-    }
-)
 
 # kite's kite.yml spelled settings in CamelCase; file keys are matched case- and
 # underscore-insensitively, and these names from kite map onto ours.
@@ -203,11 +189,6 @@ def env_variables() -> dict[str, str]:
     names.update(ENV_ALIASES)
     names[CONFIG_FILE_ENV] = "(the config file to read)"
     return names
-
-
-def env_names(name: str) -> list[str]:
-    """The environment variables that set the field ``name``, the one that wins first."""
-    return [ENV_PREFIX + name.upper()] + [v for v, f in ENV_ALIASES.items() if f == name]
 
 
 def read_file(path: Path) -> dict[str, Any]:

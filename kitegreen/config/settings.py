@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kitegreen.config.hook_settings import HOOK_NAMES, check_hook
 from kitegreen.exceptions import ConfigError
-from kitegreen.hooks import HOOK_NAMES, check_hook
 
 DEFAULT_PORT = 8888
 DEFAULT_CLUSTER = "default"

@@ -84,6 +84,7 @@ from gevent.pool import Pool
 from gevent.queue import Empty, Queue
 
 from kitegreen.config import DEFAULT_WORKER_TIMEOUT, MAX_WORKERS, Config
+from kitegreen.config.hook_settings import HOOK_NAMES
 from kitegreen.discovery.backoff import Backoff
 from kitegreen.exceptions import ConfigError, ListenError, describe
 from kitegreen.exits import (
@@ -93,7 +94,7 @@ from kitegreen.exits import (
     EXIT_USAGE,
     EXIT_WORKERS_FAILED,
 )
-from kitegreen.hooks import ARBITER, HOOK_NAMES, Hooks
+from kitegreen.hooks import ARBITER, Hooks
 from kitegreen.instance import Instance, local_limits
 from kitegreen.observability.events import EventQueue
 from kitegreen.observability.reporter import NullReporter, ReportGate

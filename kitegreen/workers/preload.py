@@ -26,9 +26,9 @@ import gc
 from typing import Any
 
 from kitegreen.config import Config
+from kitegreen.config.hook_settings import HOOK_NAMES, import_path
 from kitegreen.exceptions import ConfigError, LaunchError
 from kitegreen.exits import EXIT_USAGE
-from kitegreen.hooks import HOOK_NAMES, import_path
 from kitegreen.workers.probe import check_fits_workers
 from kitegreen.workers.worker import Application
 

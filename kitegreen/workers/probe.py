@@ -35,9 +35,9 @@ import structlog
 from gevent.event import AsyncResult
 
 from kitegreen.config import Config
+from kitegreen.config.hook_settings import HOOK_NAMES, import_path
 from kitegreen.exceptions import ConfigError, LaunchError, describe
 from kitegreen.exits import EXIT_CRASHED, EXIT_USAGE
-from kitegreen.hooks import HOOK_NAMES, import_path
 from kitegreen.workers import fork
 from kitegreen.workers.worker import IGNORED_SIGNALS, Application
 
