@@ -27,6 +27,11 @@ What it generates and what it checks (the oracles):
 * hostile Python values to encode: objects whose __bool__, __index__, __float__, __iter__,
   __eq__, __hash__, __buffer__, properties or items() change the container being encoded or
   raise. Encoding either fails with an exception or gives bytes that decode and scan whole.
+* the budgeted encode (write_message's values and slice): the same bytes as one call within
+  the budget, EncodeBudgetExceeded past it; and encodes that let go of the GIL at every value
+  in a thread of their own while the main thread changes the containers being encoded (clears,
+  grows, shrinks, swaps entries): an exception or bytes that decode and scan whole. Which value
+  a change lands on depends on thread timing, so such a case replays only approximately.
 * the functions' own arguments: spans, sizes and protocol ids out of range, bytes, bytearray
   and memoryview buffers, frames of any announced length, structs nested around the limit.
 * header frames built from random key-values, transforms and flags parse back to what was built;
@@ -45,6 +50,7 @@ import os
 import random
 import struct
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -334,6 +340,7 @@ class Fuzzer:
             ("mutated", self.case_mutated),
             ("mutated", self.case_mutated),
             ("hostile", self.case_hostile),
+            ("threaded", self.case_threaded),
             ("headers", self.case_headers),
             ("api", self.case_api),
         ]
@@ -388,6 +395,27 @@ class Fuzzer:
         if _thrift.frame_end(framed, 0, cut, MAX_SIZE) != -1:
             raise Finding("frame_end found a frame in a prefix")
         self.check_result(protocol, cls, obj, rng)
+        self.check_budget(protocol, cls, obj, data, rng)
+
+    def check_budget(
+        self, protocol: str, cls: Any, obj: Any, data: bytes, rng: random.Random
+    ) -> None:
+        """Within its budget of values an encode gives the bytes of one call, letting go of the
+        GIL or not; past it, EncodeBudgetExceeded."""
+        spec = _thrift.compile(cls)
+        values = rng.choice([0, 1, 2, 5, 20, 100, 1000, sys.maxsize])
+        slice_ = rng.choice([0, 1, 2, 7, 4096])
+        try:
+            budgeted = _thrift.write_message(
+                PROTOCOLS[protocol], "fuzz", CALL, 7, obj, spec, False, values, slice_
+            )
+        except _thrift.EncodeBudgetExceeded:
+            if values == sys.maxsize:
+                raise Finding("EncodeBudgetExceeded with no budget") from None
+            self.counts["over budget"] = self.counts.get("over budget", 0) + 1
+            return
+        if budgeted != data:
+            raise Finding(f"an encode within {values} values differs from one call")
 
     def check_result(self, protocol: str, cls: Any, obj: Any, rng: random.Random) -> None:
         """write_result of one field is write_message of the struct with that field alone."""
@@ -532,6 +560,64 @@ class Fuzzer:
                 raise Finding(f"an encoded hostile value does not decode: {exc}") from exc
         if kg_scan(protocol, message) != len(message):
             raise Finding("an encoded hostile value does not scan whole")
+
+    def case_threaded(self, rng: random.Random) -> None:
+        """Encode in a thread that lets go of the GIL at every value (as replies off the hub
+        are encoded) while this thread changes the containers it walks."""
+        cls = rng.choice(self.structs)
+        obj = gen_struct(rng, cls, depth=3)
+        targets = list(_containers(obj))
+        lists = [p for p, _, _ in targets if isinstance(p, list) and 0 < len(p) < 64]
+        for parent in rng.sample(lists, min(2, len(lists))):
+            # Longer lists, so that the encode is still running when the attacks come.
+            parent.extend(parent * rng.choice([1, 8, 32]))
+        victims = [p for p, _, _ in targets if isinstance(p, (list, dict))]
+        if not victims:
+            return
+        attacks = [make_attack(rng, victims) for _ in range(4)]
+        protocol = rng.choice(["binary", "compact"])
+        spec = _thrift.compile(cls)
+        slice_ = rng.choice([1, 1, 2, 16])
+        out: list[Any] = []
+
+        def encode() -> None:
+            try:
+                out.append(
+                    _thrift.write_message(
+                        PROTOCOLS[protocol], "fuzz", CALL, 7, obj, spec, False, sys.maxsize, slice_
+                    )
+                )
+            except (TypeError, ValueError, OverflowError, RuntimeError, UnicodeError) as exc:
+                out.append(exc)
+
+        global ARMED
+        ARMED = True
+        worker = threading.Thread(target=encode)
+        try:
+            worker.start()
+            rounds = 0
+            while worker.is_alive() and rounds < 10_000:
+                with contextlib.suppress(HostileError):
+                    rng.choice(attacks)()
+                rounds += 1
+                time.sleep(0)
+            worker.join(timeout=30)
+            if rounds:
+                self.counts["threaded raced"] = self.counts.get("threaded raced", 0) + 1
+        finally:
+            ARMED = False
+        if worker.is_alive() or not out:
+            raise Finding("a threaded encode did not finish")
+        if isinstance(out[0], Exception):
+            return
+        self.counts["threaded encoded"] = self.counts.get("threaded encoded", 0) + 1
+        try:
+            kg_read(protocol, out[0], cls)
+        except ProtocolError as exc:
+            if "cannot be a Python dict key" not in str(exc):
+                raise Finding(f"a threaded encode does not decode: {exc}") from exc
+        if kg_scan(protocol, out[0], 1 << 30) != len(out[0]):
+            raise Finding("a threaded encode does not scan whole")
 
     # the functions' own arguments -----------------------------------------------------------
 

@@ -30,7 +30,7 @@ def test_a_seeded_run_finds_nothing(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "600 cases" in out
-    for kind in ("valid", "mutated", "hostile", "headers", "api"):
+    for kind in ("valid", "mutated", "hostile", "threaded", "headers", "api"):
         assert f"{kind} " in out
     assert int(Path(case_file).read_text()) == 599
 

@@ -63,6 +63,7 @@ static const int8_t CT_TO_T[16] = {
 static PyObject *ProtocolError;
 static PyObject *FrameTooLarge;
 static PyObject *MemoryBudgetExceeded;
+static PyObject *EncodeBudgetExceeded;
 static PyObject *spec_cache; /* {thriftpy2 class: StructSpec} */
 
 static int
@@ -1795,6 +1796,9 @@ typedef struct {
     Py_ssize_t len, cap;
     int proto;
     int depth;
+    Py_ssize_t values_left;   /* values still allowed (the budget); past it: EncodeBudgetExceeded */
+    Py_ssize_t slice;         /* values encoded between two releases of the GIL; 0: none */
+    Py_ssize_t until_release; /* values left until the next release */
     char small[SMALL_OUT];
 } Writer;
 
@@ -2256,9 +2260,33 @@ enc_struct(Writer *w, const StructSpec *spec, PyObject *obj, PyObject *field)
     return w_byte(w, T_STOP);
 }
 
+/* Count one value about to be encoded against the writer's budget, and every `slice` values
+ * let go of the GIL for a moment, as charge() does for a decode: an encode in a worker thread
+ * lets the hub's thread run between values. Nothing here touches a Python object while the GIL
+ * is released, and everything the encoder holds across it is an owned reference (the
+ * hardening against Python code run by a value's hooks covers any code another thread runs
+ * meanwhile); the output is the writer's own memory. */
+static inline int
+tick(Writer *w)
+{
+    if (--w->values_left < 0) {
+        PyErr_SetString(EncodeBudgetExceeded, "the reply has more values than its budget");
+        return -1;
+    }
+    if (w->slice && --w->until_release <= 0) {
+        w->until_release = w->slice;
+        Py_BEGIN_ALLOW_THREADS
+        sched_yield();
+        Py_END_ALLOW_THREADS
+    }
+    return 0;
+}
+
 static int
 enc_value(Writer *w, const TypeInfo *ti, PyObject *v, PyObject *field)
 {
+    if (tick(w) < 0)
+        return -1;
     switch (ti->ttype) {
     case T_BOOL: {
         int truth = bool_value(v, field);
@@ -2390,6 +2418,37 @@ init_writer(Writer *w, int proto)
     w->cap = SMALL_OUT;
     w->proto = proto;
     w->depth = MAX_DEPTH;
+    w->values_left = PY_SSIZE_T_MAX;
+    w->slice = w->until_release = 0;
+}
+
+/* The optional last two arguments of write_message and write_result: the most values the
+ * message may hold (EncodeBudgetExceeded past it, raised before the encode goes on) and the
+ * slice (values between two releases of the GIL; 0: never). */
+static int
+get_encode_budget(Writer *w, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t base)
+{
+    if (nargs == base)
+        return 0;
+    Py_ssize_t values = PyLong_AsSsize_t(args[base]);
+    if (values == -1 && PyErr_Occurred())
+        return -1;
+    Py_ssize_t slice = PyLong_AsSsize_t(args[base + 1]);
+    if (slice == -1 && PyErr_Occurred())
+        return -1;
+    if (values < 0 || slice < 0) {
+        PyErr_SetString(PyExc_ValueError, "values and slice must be >= 0");
+        return -1;
+    }
+    w->values_left = values;
+    w->slice = w->until_release = slice;
+    return 0;
+}
+
+static int
+check_encode_nargs(const char *fname, Py_ssize_t nargs, Py_ssize_t base)
+{
+    return nargs == base + 2 ? 0 : check_nargs(fname, nargs, base);
 }
 
 /* write_message(proto, name, mtype, seqid, obj, spec, framed) -> bytes */
@@ -2399,11 +2458,13 @@ mod_write_message(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     (void)mod;
     int proto, framed;
     const StructSpec *spec;
-    if (check_nargs("write_message", nargs, 7) < 0 || get_proto(args[0], &proto) < 0 ||
+    if (check_encode_nargs("write_message", nargs, 7) < 0 || get_proto(args[0], &proto) < 0 ||
         get_spec(args[5], &spec) < 0 || (framed = PyObject_IsTrue(args[6])) < 0)
         return NULL;
     Writer w;
     init_writer(&w, proto);
+    if (get_encode_budget(&w, args, nargs, 7) < 0)
+        return NULL;
     int rc = begin_message(&w, proto, args + 1, framed);
     if (rc == 0)
         rc = enc_struct(&w, spec, args[4], RESULT_NAME);
@@ -2419,7 +2480,7 @@ mod_write_result(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     (void)mod;
     int proto, framed;
     const StructSpec *spec;
-    if (check_nargs("write_result", nargs, 8) < 0 || get_proto(args[0], &proto) < 0 ||
+    if (check_encode_nargs("write_result", nargs, 8) < 0 || get_proto(args[0], &proto) < 0 ||
         get_spec(args[6], &spec) < 0 || (framed = PyObject_IsTrue(args[7])) < 0)
         return NULL;
     long fid = PyLong_AsLong(args[4]);
@@ -2438,6 +2499,8 @@ mod_write_result(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     }
     Writer w;
     init_writer(&w, proto);
+    if (get_encode_budget(&w, args, nargs, 8) < 0)
+        return NULL;
     int rc = begin_message(&w, proto, args + 1, framed);
     int last_fid = 0;
     if (rc == 0 && f != NULL)
@@ -2590,10 +2653,13 @@ static PyMethodDef module_methods[] = {
      "read_struct(protocol, buf, start, end, spec) -> object\n\nDecode the struct that fills "
      "buf[start:end] exactly."},
     {"write_message", (PyCFunction)(void (*)(void))mod_write_message, METH_FASTCALL,
-     "write_message(protocol, name, mtype, seqid, obj, spec, framed) -> bytes"},
+     "write_message(protocol, name, mtype, seqid, obj, spec, framed[, values, slice]) -> bytes"
+     "\n\nWith values and slice: raise EncodeBudgetExceeded as soon as the message would hold "
+     "more than values values, and let go of the GIL every slice values (0: never)."},
     {"write_result", (PyCFunction)(void (*)(void))mod_write_result, METH_FASTCALL,
-     "write_result(protocol, name, mtype, seqid, fid, value, spec, framed) -> bytes\n\nA "
-     "message whose struct holds one field of spec, fid, set to value (no field for None)."},
+     "write_result(protocol, name, mtype, seqid, fid, value, spec, framed[, values, slice]) -> "
+     "bytes\n\nA message whose struct holds one field of spec, fid, set to value (no field for "
+     "None); values and slice as for write_message."},
     {"read_args", (PyCFunction)(void (*)(void))mod_read_args, METH_FASTCALL,
      "read_args(protocol, buf, start, end, spec) -> tuple\n\nDecode the struct that fills "
      "buf[start:end] into a tuple of its fields in spec order, defaults for those absent."},
@@ -2627,8 +2693,18 @@ PyInit__thrift(void)
     ProtocolError = PyObject_GetAttrString(errors, "ProtocolError");
     FrameTooLarge = PyObject_GetAttrString(errors, "FrameTooLarge");
     MemoryBudgetExceeded = PyObject_GetAttrString(errors, "MemoryBudgetExceeded");
+    PyObject *root = PyObject_GetAttrString(errors, "KitegreenError");
     Py_DECREF(errors);
-    if (ProtocolError == NULL || FrameTooLarge == NULL || MemoryBudgetExceeded == NULL)
+    if (ProtocolError == NULL || FrameTooLarge == NULL || MemoryBudgetExceeded == NULL ||
+        root == NULL)
+        return NULL;
+    /* Not an error a caller sees: the request loop's signal to encode the reply off the hub. */
+    EncodeBudgetExceeded = PyErr_NewExceptionWithDoc(
+        "kitegreen.codec._thrift.EncodeBudgetExceeded",
+        "A message holds more values than the budget write_message or write_result was given.",
+        root, NULL);
+    Py_DECREF(root);
+    if (EncodeBudgetExceeded == NULL)
         return NULL;
     PyObject *copy = PyImport_ImportModule("copy");
     if (copy == NULL)
@@ -2648,7 +2724,8 @@ PyInit__thrift(void)
     if (PyModule_AddIntConstant(m, "BINARY", PROTO_BINARY) < 0 ||
         PyModule_AddIntConstant(m, "COMPACT", PROTO_COMPACT) < 0 ||
         PyModule_AddObjectRef(m, "StructSpec", (PyObject *)&StructSpecType) < 0 ||
-        PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0) {
+        PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0 ||
+        PyModule_AddObjectRef(m, "EncodeBudgetExceeded", EncodeBudgetExceeded) < 0) {
         Py_DECREF(m);
         return NULL;
     }

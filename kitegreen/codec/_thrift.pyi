@@ -3,10 +3,13 @@ from typing import Any, Final
 
 from typing_extensions import Buffer
 
+from kitegreen.exceptions import KitegreenError
+
 BINARY: Final[int]
 COMPACT: Final[int]
 
 class StructSpec: ...
+class EncodeBudgetExceeded(KitegreenError): ...
 
 class Scanner:
     def feed(self, buf: Buffer, start: int, end: int, /) -> int: ...
@@ -29,6 +32,8 @@ def write_message(
     obj: Any,
     spec: StructSpec,
     framed: bool,
+    values: int = ...,
+    slice: int = ...,
     /,
 ) -> bytes: ...
 def write_result(
@@ -40,6 +45,8 @@ def write_result(
     value: Any,
     spec: StructSpec,
     framed: bool,
+    values: int = ...,
+    slice: int = ...,
     /,
 ) -> bytes: ...
 def read_args_within(

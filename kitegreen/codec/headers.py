@@ -64,6 +64,8 @@ import zlib
 from collections.abc import Mapping
 from typing import Final, Literal
 
+import gevent
+
 from kitegreen.codec import _headers
 from kitegreen.exceptions import FrameTooLarge, MemoryBudgetExceeded, ProtocolError
 
@@ -384,6 +386,12 @@ def build_frame(
     )
 
 
+INFLATE_ON_HUB = 1024 * 1024
+"""Bytes of a zlib payload inflated on the hub (~1 ms); the rest, if any, is inflated in
+gevent's threadpool, where zlib lets go of the GIL: 16 MB take ~20-40 ms, and a 15.6 KB payload
+may inflate to that much, so its compressed size says nothing."""
+
+
 def _inflate(data: bytes | memoryview, limit: int, max_size: int) -> bytes:
     """Undo THeader's zlib transform, producing at most ``limit`` bytes (``max_size``, the
     frame size limit, or less: the memory the message may take)."""
@@ -391,7 +399,13 @@ def _inflate(data: bytes | memoryview, limit: int, max_size: int) -> bytes:
     try:
         # One byte over the limit tells "exactly the limit" from "more than the limit"; zlib
         # grows its output as it goes, so nothing near the limit is allocated up front.
-        out = inflater.decompress(data, limit + 1)
+        out = inflater.decompress(data, min(limit + 1, INFLATE_ON_HUB))
+        if len(out) == INFLATE_ON_HUB and not inflater.eof and limit + 1 > INFLATE_ON_HUB:
+            # More to come: all of it again off the hub (inline when already off it). Starting
+            # over wastes the first ~1 ms but copies nothing: joining the two parts would hold
+            # the GIL for a copy of the whole, and hold both at once.
+            out, inflater = b"", zlib.decompressobj()  # the first try's memory let go of first
+            out = gevent.get_hub().threadpool.apply(inflater.decompress, (data, limit + 1))
     except zlib.error as exc:
         raise ProtocolError(f"THeader zlib payload is corrupt: {exc}") from None
     if len(out) > limit:

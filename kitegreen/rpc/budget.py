@@ -16,10 +16,11 @@ builds it and stops as soon as the estimate passes the allowance it was given
 * **Hub time**: a large message would stop every connection while it is decoded, while its reply
   is encoded and while its arguments are freed. A message over :data:`OFFLOAD_SIZE` bytes is
   decoded in gevent's threadpool, one at a time per process (:class:`DecodeLane`), by a decoder
-  that lets go of the GIL every :data:`SLICE` objects; a large list result is encoded a slice
-  at a time (:func:`encode_sliced`); large arguments are freed a slice at a time
-  (:func:`release`). Waiting for the lane is bounded by the caller's deadline or
-  ``read_write_timeout``; one decode at a time also means at most one partly built message.
+  that lets go of the GIL every :data:`SLICE` objects; a reply of more than
+  :data:`ENCODE_ON_HUB` values is encoded there too, letting go of the GIL as often
+  (:func:`encode`); large arguments are freed a slice at a time (:func:`release`). Waiting
+  for the lane is bounded by the caller's deadline or ``read_write_timeout``; one decode at a
+  time also means at most one partly built message.
 
 Why a thread and not a resumable decoder (a C decoder with an explicit stack that returns to
 the hub every N objects): the recursive decoder stays as it is, the change is a counter and a
@@ -32,6 +33,8 @@ worker thread for such a message.
 from __future__ import annotations
 
 import gc
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -153,12 +156,14 @@ class DecodeLane:
 
 RELEASE_COST = 1024 * 1024
 """Arguments estimated over this many bytes are let go of piecemeal (:func:`release`)."""
-SLICED_REPLY = 16 * 1024
-"""A list or set result of more items than this is encoded in slices (:func:`encode_sliced`)."""
+ENCODE_ON_HUB = 16 * 1024
+"""Values a reply may hold to be encoded on the hub: about 1 ms of the costliest shape (small
+structs, a value per struct and per field). A larger reply is encoded again in the threadpool;
+what the first try spent is the price of not counting values before encoding them."""
 
 _release = _thrift.release
-_write_result = _thrift.write_result
-_T_SET, _T_LIST = 14, 15
+_EncodeBudgetExceeded = _thrift.EncodeBudgetExceeded
+_NO_LIMIT = sys.maxsize
 
 
 def release(holder: list[Any]) -> None:
@@ -169,55 +174,21 @@ def release(holder: list[Any]) -> None:
         pause()
 
 
-def sliceable(value: Any, result_cls: type) -> bool:
-    """Whether a result is worth encoding in slices: a list or set of many items, for a
-    ``success`` field declared as one."""
-    if not isinstance(value, (list, tuple, set, frozenset)) or len(value) <= SLICED_REPLY:
-        return False
-    spec = result_cls.thrift_spec.get(0)  # type: ignore[attr-defined]
-    return spec is not None and spec[0] in (_T_SET, _T_LIST)
+def _encode_into(into: list[bytes], write: Callable[..., bytes], args: tuple[Any, ...]) -> None:
+    """In a worker thread: see :func:`_decode_into`."""
+    into.append(write(*args, _NO_LIMIT, SLICE))
 
 
-def encode_sliced(proto: int, name: str, seqid: int, value: Any, spec: Any) -> bytes:
-    """The unframed REPLY whose ``success`` (field 0 of ``spec``, a list or set) is ``value``,
-    encoded :data:`SLICE` items at a time with a yield to the hub between slices; the same bytes
-    as ``write_result`` gives in one call.
-
-    Each slice is encoded by the codec as a message of its own, whose items are cut out of it:
-    everything around them (message and field headers, the list header, STOP) is known from
-    the message of an empty list. The items are copied first (one tuple), so a value changed by
-    another greenlet during a yield does not change what is sent.
-
-    This covers the usual shape of a huge reply (a top-level list); a large list inside a
-    struct result is still encoded in one call.
-    """
-    items = tuple(value)
-    empty = _write_result(proto, name, 2, seqid, 0, (), spec, False)
-    head_size = 5 if proto == _thrift.BINARY else 1
-    prefix = empty[: len(empty) - 1 - head_size]
-    list_head = empty[len(prefix) : len(prefix) + head_size]
-    parts = [prefix, _list_head(proto, list_head[0], len(items))]
-    for begin in range(0, len(items), SLICE):
-        pause()
-        chunk = items[begin : begin + SLICE]
-        message = _write_result(proto, name, 2, seqid, 0, chunk, spec, False)
-        start = len(prefix) + len(_list_head(proto, list_head[0], len(chunk)))
-        parts.append(message[start:-1])
-    parts.append(b"\x00")
-    return b"".join(parts)
-
-
-def _list_head(proto: int, first: int, count: int) -> bytes:
-    """A list header for ``count`` items, its element type taken from ``first``, the first
-    byte of one the codec wrote."""
-    if proto == _thrift.BINARY:
-        return bytes([first]) + count.to_bytes(4, "big")
-    element = first & 0x0F
-    if count < 15:
-        return bytes([(count << 4) | element])
-    out = bytearray([0xF0 | element])
-    while count > 0x7F:
-        out.append((count & 0x7F) | 0x80)
-        count >>= 7
-    out.append(count)
-    return bytes(out)
+def encode(write: Callable[..., bytes], *args: Any) -> bytes:
+    """``write(*args)`` (the codec's ``write_message`` or ``write_result``), its bytes, without
+    stopping the hub for long whatever the reply's shape: on the hub if it holds at most
+    :data:`ENCODE_ON_HUB` values, otherwise in gevent's threadpool, by an encoder that lets go
+    of the GIL every :data:`SLICE` values. Python code a value runs while encoded (a property
+    of a struct, a set's ``__iter__``) then runs in the worker thread."""
+    try:
+        return write(*args, ENCODE_ON_HUB, 0)
+    except _EncodeBudgetExceeded:
+        pass
+    into: list[bytes] = []
+    gevent.get_hub().threadpool.apply(_encode_into, (into, write, args))
+    return into.pop()

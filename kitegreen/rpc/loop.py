@@ -39,9 +39,8 @@ from kitegreen.rpc.budget import (
     RELEASE_COST,
     DecodeLane,
     MemoryBudget,
-    encode_sliced,
+    encode,
     release,
-    sliceable,
 )
 from kitegreen.rpc.methods import Method
 from kitegreen.transport.connections import StreamSet
@@ -577,13 +576,12 @@ class Connection:
         spec: Any,
         *,
         fid: int | None = None,
-        sliced: bool = False,
     ) -> bytes:
         """One whole reply: framed if the wire is, in the request's header frame if it had one.
 
         ``payload`` is a struct to encode whole, or with ``fid`` the value of that one field of
-        ``spec`` (a result: its ``success``, 0, or a declared exception's field); ``sliced``:
-        a large list ``success``, encoded a slice at a time (see :func:`encode_sliced`).
+        ``spec`` (a result: its ``success``, 0, or a declared exception's field). A large reply
+        is encoded off the hub (see :func:`encode`).
         """
         frame = self._frame
         if frame is None:
@@ -592,14 +590,10 @@ class Connection:
             proto, framed = wire.protocol, wire.framed
         else:
             proto, framed = _PROTOCOLS[frame.protocol], False
-        if sliced:
-            message = encode_sliced(proto, name, seqid, payload, spec)
-            if framed:
-                message = len(message).to_bytes(4, "big") + message
-        elif fid is None:
-            message = _write_message(proto, name, mtype, seqid, payload, spec, framed)
+        if fid is None:
+            message = encode(_write_message, proto, name, mtype, seqid, payload, spec, framed)
         else:
-            message = _write_result(proto, name, mtype, seqid, fid, payload, spec, framed)
+            message = encode(_write_result, proto, name, mtype, seqid, fid, payload, spec, framed)
         if frame is None:
             return message
         headers = self._info.response_headers if self._info is not None else None
@@ -629,7 +623,6 @@ class Connection:
                 value,
                 method.result_spec,
                 fid=fid,
-                sliced=fid == 0 and sliceable(value, method.result_cls),
             )
         except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
             # The handler returned something the IDL cannot encode, or set a response header
