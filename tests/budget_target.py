@@ -20,6 +20,7 @@ budget_thrift = thriftpy2.load(
 class BudgetHandler:
     def __init__(self) -> None:
         self.prepared: list[Any] = []
+        self.holds = 0
         self.index: dict[int, Any] = {}
 
     def ping(self) -> None:
@@ -29,8 +30,15 @@ class BudgetHandler:
         return len(items)
 
     def hold(self, items: list[Any], seconds: float) -> int:
-        gevent.sleep(seconds)
+        self.holds += 1
+        try:
+            gevent.sleep(seconds)
+        finally:
+            self.holds -= 1
         return len(items)
+
+    def holding(self) -> int:
+        return self.holds
 
     def total(self, values: list[int]) -> int:
         return sum(values) % 2**63

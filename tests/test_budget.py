@@ -160,6 +160,7 @@ def served() -> Iterator[Served]:
 
 
 Count = budget_thrift.Budget.count_result
+Holding = budget_thrift.Budget.holding_result
 Total = budget_thrift.Budget.total_result
 Length = budget_thrift.Budget.length_result
 Echo = budget_thrift.Budget.echo_result
@@ -257,29 +258,36 @@ class TestInflightBudget:
         ) as launcher:
             address = launcher.address()
             count = 500_000  # ~44 MB estimated: one fits, two do not
-            body = b"\x00" * count
             holding = head("binary", "hold") + struct.pack("!bhbi", T_LIST, 1, T_STRUCT, count)
-            holding += body + struct.pack("!bhd", 4, 2, 3.0) + b"\x00"
+            holding += b"\x00" * count + struct.pack("!bhd", 4, 2, 3.0) + b"\x00"
             first = gevent.spawn(exchange, address, framed(holding))
-            # Until the first is decoded, the second is served; while it is held, shed.
-            while True:
-                answer = read_reply(exchange(address, framed(empties(count))), Count)
-                if isinstance(answer, TApplicationException) or first.ready():
-                    break
-                assert answer == count
-            assert not first.ready(), "the first request was answered before any refusal"
-            assert isinstance(answer, TApplicationException)
+            # The handler says when it holds its decoded arguments: no race with the check.
+            wait_until(
+                lambda: (
+                    read_reply(
+                        exchange(address, framed(head("binary", "holding") + b"\x00")), Holding
+                    )
+                    == 1
+                    or first.ready()
+                ),
+                timeout=10,
+                interval=0.02,
+                what="hold() holding its arguments",
+            )
+            assert not first.ready(), read_reply(first.get(), Count)
+            answer = read_reply(exchange(address, framed(empties(count))), Count)
+            assert isinstance(answer, TApplicationException), answer
             assert answer.type == LOADSHEDDING
             assert "max_inflight_memory" in answer.message
             assert read_reply(first.get(timeout=30), Count) == count
             # The first holds its memory until it has let go of its arguments, a slice at a
             # time, just after its reply.
-            served = wait_until(
+            wait_until(
                 lambda: read_reply(exchange(address, framed(empties(count))), Count) == count,
                 timeout=10,
                 interval=0.05,
+                what="the request served once the first was answered",
             )
-            assert served, "the request was still shed after the first was answered"
 
 
 def test_the_codec_refuses_as_soon_as_the_estimate_passes_the_budget():

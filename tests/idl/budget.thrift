@@ -19,6 +19,8 @@ service Budget {
     i32 count(1: list<Empty> items),
     // Sleeps (cooperatively) holding its arguments, then counts them.
     i32 hold(1: list<Empty> items, 2: double seconds),
+    // How many hold() calls are sleeping now, their arguments decoded and held.
+    i32 holding(),
     i64 total(1: list<i64> values),
     i32 length(1: string text),
     list<Small> echo(1: list<Small> items),
