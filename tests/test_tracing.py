@@ -28,7 +28,7 @@ import wire
 from clients import thriftpy2_client
 from conftest import Handler, loopback_config, testsvc_thrift, wait_until
 from launching import json_lines, launcher_env
-from opentelemetry import trace
+from opentelemetry import baggage, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -90,8 +90,15 @@ class TracingHandler(Handler):
             }
 
         spawned = gevent.spawn(in_spawned).get(timeout=5)
+        logging.getLogger("app.stdlib").warning("stdlib line in the handler")
+        structlog.get_logger("app").warning("structlog line in the handler")
         return json.dumps(
-            {"span": ids(trace.get_current_span()), "child": child_ids, "spawned": spawned}
+            {
+                "span": ids(trace.get_current_span()),
+                "child": child_ids,
+                "spawned": spawned,
+                "baggage": dict(baggage.get_all()),
+            }
         )
 
 
@@ -235,6 +242,7 @@ class TestTTHeader:
         assert_follows_handler(span, spans, seen)
         assert seen["spawned"]["header"] == "ttheader"
         assert seen["spawned"]["real_ip"] == "127.0.0.1"
+        assert seen["baggage"] == {"user": "7"}
 
 
 class TestRootsAndRefusals:
@@ -275,6 +283,19 @@ class TestRootsAndRefusals:
         [unknown] = [s for s in server_spans(spans) if s.attributes["rpc.method"] == "_OTHER"]
         assert unknown.attributes["rpc.method_original"] == "no_such_method"
 
+    def test_call_past_its_deadline_is_an_error_span(self, make, spans):
+        """With enforce_rpc_timeout, a call cut off at the caller's deadline is an ERROR span
+        with ``kitegreen.refused`` ``deadline``."""
+        server = make(enforce_rpc_timeout=True)
+        with apache_header_client(server.address, "binary", False) as (client, proto):
+            proto.trans.set_header(b"client_timeout", b"50")
+            with pytest.raises(ApacheAppError):
+                client.slow(5.0, "late")
+        span = one_server_span(spans)
+        assert span.name == "TestService/slow"
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.attributes["kitegreen.refused"] == "deadline"
+
 
 class TestLogs:
     @pytest.fixture
@@ -296,12 +317,14 @@ class TestLogs:
         server = make(access_log=True)
         with apache_header_client(server.address, "binary", False) as (client, proto):
             proto.trans.set_header(b"traceparent", TRACEPARENT.encode())
-            assert client.echo("x") == "x"
+            json.loads(client.echo("?trace"))
         span = one_server_span(spans)
         wait_until(lambda: '"access"' in stream.getvalue())
-        [access] = [e for e in json_lines(stream.getvalue().splitlines()) if e["event"] == "access"]
-        assert access["trace_id"] == f"{TRACE_ID:032x}"
-        assert access["span_id"] == format(span.context.span_id, "016x")
+        lines = {e["event"]: e for e in json_lines(stream.getvalue().splitlines())}
+        for event in ("access", "stdlib line in the handler", "structlog line in the handler"):
+            assert lines[event]["trace_id"] == f"{TRACE_ID:032x}", event
+            assert lines[event]["span_id"] == format(span.context.span_id, "016x"), event
+        assert "trace_id" not in lines["listening"]
 
 
 def test_workers_spans_reach_the_exporter(tmp_path):
@@ -312,7 +335,7 @@ def test_workers_spans_reach_the_exporter(tmp_path):
         textwrap.dedent(
             f"""
             import json, os
-            from opentelemetry import trace
+            from opentelemetry import baggage, trace
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import (
                 SimpleSpanProcessor, SpanExporter, SpanExportResult,
