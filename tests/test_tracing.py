@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 import structlog
 import ttheader
@@ -73,7 +74,14 @@ class TracingHandler(Handler):
     """``echo("?trace")`` answers what the handler and a greenlet it spawns see: the current
     span, a child span's parent, ``real_ip()`` and ``request_info()``."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = gevent.event.Event()
+        self.later: dict[str, Any] = {}
+
     def echo(self, message: str) -> str:
+        if message == "?later":
+            return json.dumps(self._spawn_for_later())
         if message != "?trace":
             return message
         tracer = trace.get_tracer("test-handler")
@@ -100,6 +108,20 @@ class TracingHandler(Handler):
                 "baggage": dict(baggage.get_all()),
             }
         )
+
+    def _spawn_for_later(self) -> list[str]:
+        """Spawn a greenlet that reads the request's context only after the request ended."""
+
+        def after_the_call() -> None:
+            self.release.wait(5)
+            self.later = {
+                "span": ids(trace.get_current_span()),
+                "real_ip": kitegreen.real_ip(),
+                "header": kitegreen.request_info().header,
+            }
+
+        gevent.spawn(after_the_call)
+        return ids(trace.get_current_span())
 
 
 def ids(span: Any) -> list[str]:
@@ -178,6 +200,23 @@ class TestTHeader:
         assert seen["spawned"]["real_ip"] == "127.0.0.1"
         assert seen["spawned"]["header"] == "theader"
         assert seen["spawned"]["headers"]["traceparent"] == TRACEPARENT
+
+    def test_spawned_greenlet_keeps_its_requests_context(self, make, spans):
+        """A greenlet spawned by the handler that runs on after the call was answered still
+        sees that call's span, real_ip() and request_info(): the context is copied at spawn."""
+        server = make()
+        with apache_header_client(server.address, "binary", False) as (client, proto):
+            proto.trans.set_header(b"traceparent", TRACEPARENT.encode())
+            in_handler = json.loads(client.echo("?later"))
+            assert client.echo("another call") == "another call"
+        server.handler.release.set()
+        wait_until(lambda: server.handler.later)
+        assert server.handler.later == {
+            "span": in_handler,
+            "real_ip": "127.0.0.1",
+            "header": "theader",
+        }
+        assert in_handler[0] == f"{TRACE_ID:032x}"
 
     def test_baseplate_trace_headers(self, make, spans):
         """baseplate.py's Trace/Span/Sampled headers (decimal ids) continue its trace."""
