@@ -103,7 +103,26 @@ class CallTracer:
         self._proxy = trace.ProxyTracerProvider
         self._provider: Any = None
         self._tracer: Any = None
+        # A provider named by OTEL_PYTHON_TRACER_PROVIDER is loaded by the first
+        # get_tracer_provider(); after that active() sees it.
+        trace.get_tracer_provider()
         _current_span = trace.get_current_span
+
+    def active(self) -> bool:
+        """Whether the application has set a tracer provider: until then no span is made and
+        no header read.
+
+        ``get_tracer_provider()`` answers "none yet" only after looking the
+        ``OTEL_PYTHON_TRACER_PROVIDER`` variable up in ``os.environ``, a raised and caught
+        ``KeyError`` per request; the module's global, which ``set_tracer_provider()`` sets,
+        says the same for one attribute read. Where the API lacks that global (it is private),
+        the public call and a type check answer.
+        """
+        trace = self._trace
+        provider = getattr(trace, "_TRACER_PROVIDER", self)
+        if provider is self:
+            return not isinstance(trace.get_tracer_provider(), self._proxy)
+        return provider is not None
 
     def begin(
         self,
@@ -114,8 +133,8 @@ class CallTracer:
         headers: Mapping[str, str] | None,
         metainfo: tuple[Mapping[str, str], ...],
         addresses: dict[str, Any],
-    ) -> CallSpan | None:
-        """Start the span of one call and make it current; None while no provider is set.
+    ) -> CallSpan:
+        """Start the span of one call and make it current (once :meth:`active`).
 
         Args:
             method: the IDL method called, or None for a method the IDL does not have.
@@ -126,8 +145,6 @@ class CallTracer:
             addresses: the ``server.*``, ``client.*`` and ``network.*`` attributes.
         """
         provider = self._trace.get_tracer_provider()
-        if isinstance(provider, self._proxy):
-            return None
         if provider is not self._provider:
             from kitegreen._version import VERSION
 

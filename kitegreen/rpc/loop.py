@@ -550,6 +550,8 @@ class Connection:
         self, tracer: CallTracer, name: str | bytes, method: Method | None
     ) -> CallSpan | None:
         """Start the call's span (None while the application has set no tracer provider)."""
+        if not tracer.active():
+            return None
         addresses = self._span_addresses
         if addresses is None:
             addresses = self._span_addresses = self._fixed_addresses()
