@@ -268,10 +268,10 @@ class Connection:
         name, mtype, seqid, pos = _read_message_begin(proto, buf, start, end)
         method = ctx.methods.get(name)  # type: ignore[arg-type]
         tracer = ctx.tracer
-        span = None if tracer is None else self._begin_span(tracer, name, method)
-        if span is None:
+        if tracer is None or not tracer.active():
             self._dispatch(proto, buf, pos, end, name, mtype, seqid, method)
             return
+        span = self._begin_span(tracer, name, method)
         self._span = span
         try:
             self._dispatch(proto, buf, pos, end, name, mtype, seqid, method)
@@ -546,12 +546,8 @@ class Connection:
             ctx.metrics.panicked()
         ctx.reports.report(PANIC, f"{method.name}: {describe(exc)}")
 
-    def _begin_span(
-        self, tracer: CallTracer, name: str | bytes, method: Method | None
-    ) -> CallSpan | None:
-        """Start the call's span (None while the application has set no tracer provider)."""
-        if not tracer.active():
-            return None
+    def _begin_span(self, tracer: CallTracer, name: str | bytes, method: Method | None) -> CallSpan:
+        """Start the call's span (once the application has set a tracer provider)."""
         addresses = self._span_addresses
         if addresses is None:
             addresses = self._span_addresses = self._fixed_addresses()
