@@ -294,6 +294,19 @@ class TestRootsAndRefusals:
         assert span.parent is None
         assert_follows_handler(span, spans, seen)
 
+    def test_span_starts_at_the_requests_first_byte(self, make, spans):
+        """A request whose bytes arrive over 0.3 s makes a span at least 0.3 s long: it starts
+        at the first byte, as the latency metric does, not when the handler is called."""
+        server = make()
+        request = wire.encode("binary", "echo", 1, message="slowly")
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(request[:5])
+            gevent.sleep(0.3)  # the behaviour under test: a request that arrives slowly
+            sock.sendall(request[5:])
+            assert b"slowly" in sock.recv(1000)
+        span = one_server_span(spans)
+        assert span.end_time - span.start_time >= 300_000_000
+
     def test_refused_calls_are_error_spans(self, make, spans):
         """A call refused by a QPS limit, and one to an unknown method, are spans with status
         ERROR and ``kitegreen.refused`` saying why."""
