@@ -145,7 +145,9 @@ def measure(mode: str, tree: Path, request: bytes, count: int) -> int:
     """Instructions the server ran in all, serving ``count`` requests."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
-        env = {**os.environ, "PYTHONPATH": str(tree)}
+        # A fixed hash seed: string hashes decide dict layouts, which move instruction counts
+        # by a percent or two from one run to the next.
+        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
         proc = subprocess.Popen(
             [
                 "valgrind",
