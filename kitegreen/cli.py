@@ -43,6 +43,11 @@ def patch() -> None:
 
     if not monkey.is_module_patched("socket"):
         monkey.patch_all()
+    # Before the target is imported, so that its ``from gevent import spawn`` gets the spawn
+    # that hands the request's context on.
+    from kitegreen.context import inherit_on_spawn
+
+    inherit_on_spawn()
 
 
 MMAP_THRESHOLD = 1 << 20

@@ -106,6 +106,7 @@ class RpcServer:
             log=log,
             close_linger=self._close_linger,
             first_request_grace=self._first_request_grace,
+            rpc_service=getattr(self.service, "__name__", ""),
         )
 
     def set_close_timings(

@@ -542,6 +542,15 @@ class Config:
         default=False,
         metadata=doc("log one line per request", "logging"),
     )
+    tracing: bool = field(
+        default=True,
+        metadata=doc(
+            "an OpenTelemetry server span per call, on the tracer provider the application "
+            "sets (needs kitegreen[otel]); off: OpenTelemetry is not even imported",
+            "logging",
+            restart=True,
+        ),
+    )
     log_config: str = field(
         default="",
         metadata=doc(

@@ -27,6 +27,7 @@ import structlog
 from structlog.typing import EventDict
 
 from kitegreen.exceptions import ConfigError
+from kitegreen.observability import tracing
 
 KITEGREEN = "kitegreen"
 """The name of kitegreen's handler and formatter: on the root logger, and in a ``--log-config``
@@ -60,6 +61,7 @@ def configure(
     levelno: int = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        tracing.add_trace_ids,
         structlog.processors.add_log_level,
         add_pid,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

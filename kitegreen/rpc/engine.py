@@ -30,9 +30,11 @@ import gevent
 from gevent.event import Event as GEvent
 from gevent.pool import Pool
 
+from kitegreen import context
 from kitegreen.codec.wire import Wire
 from kitegreen.config import Config
 from kitegreen.limiter import Limiter, Limits
+from kitegreen.observability import tracing
 from kitegreen.observability.hubwatch import HubWatch, block_reporter, starvation_logger
 from kitegreen.observability.metrics import Metrics
 from kitegreen.observability.panics import PanicLog
@@ -63,6 +65,8 @@ class Engine:
         close_linger: seconds a closing connection reads what its client still sends, so that
             it closes with a FIN rather than a reset (tests shorten it).
         first_request_grace: see :data:`FIRST_REQUEST_GRACE` (tests shorten it).
+        rpc_service: the IDL service name, ``rpc.service`` of the spans (``Config.tracing``);
+            ``config.service_name`` when empty.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class Engine:
         log: Any,
         close_linger: float = CLOSE_LINGER,
         first_request_grace: float = FIRST_REQUEST_GRACE,
+        rpc_service: str = "",
     ) -> None:
         self.config = config
         self.log = log
@@ -104,7 +109,11 @@ class Engine:
             enforce_rpc_timeout=config.enforce_rpc_timeout,
             close_linger=close_linger,
             memory=MemoryBudget(config.max_message_memory, config.max_inflight_memory),
+            tracer=tracing.load(rpc_service or config.service_name) if config.tracing else None,
         )
+        # A greenlet a handler spawns sees the request's context: real_ip(), request_info(),
+        # the current span, the log context.
+        context.inherit_on_spawn()
         self._first_request_grace = first_request_grace
         self._pool = Pool()
         self._acceptor: Acceptor | None = None

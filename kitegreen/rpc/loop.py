@@ -33,6 +33,7 @@ from kitegreen.limiter import Limiter
 from kitegreen.observability.metrics import Metrics
 from kitegreen.observability.panics import PanicLog
 from kitegreen.observability.reporter import PANIC, QPS_OVERLOAD, ReportGate
+from kitegreen.observability.tracing import CallSpan, CallTracer
 from kitegreen.rpc import metadata
 from kitegreen.rpc.budget import (
     OFFLOAD_SIZE,
@@ -127,6 +128,8 @@ class ServeContext:
     memory: MemoryBudget = field(default_factory=lambda: MemoryBudget(2**62, 2**62))
     """``max_message_memory`` and ``max_inflight_memory``, and what requests hold now."""
     decode_lane: DecodeLane = field(default_factory=DecodeLane)
+    tracer: CallTracer | None = None
+    """Starts each call's span (``Config.tracing`` on and OpenTelemetry installed)."""
     streams: StreamSet = field(default_factory=StreamSet)
     stop_announced: bool = field(default=False, init=False)
     """Whether a stop has begun (:meth:`announce_stop`); read-only outside this class."""
@@ -177,6 +180,8 @@ class Connection:
         "_reply_bytes",
         "_request_bytes",
         "_shown_ip",
+        "_span",
+        "_span_addresses",
         "address",
         "ctx",
         "peer",
@@ -214,6 +219,9 @@ class Connection:
         """The request's size on the wire, framing included, for the access log."""
         self._reply_bytes = 0
         """The size of what was sent in answer to it (0: nothing, a oneway call)."""
+        self._span: CallSpan | None = None
+        """The span of the call being handled, while tracing."""
+        self._span_addresses: dict[str, Any] | None = None
 
     def serve(self) -> None:
         """Run the request loop; return when the connection is done. Never raises Exception."""
@@ -350,9 +358,23 @@ class Connection:
             if log_id_token is not None:
                 _LOG_ID.reset(log_id_token)
 
-    def _call(self, proto: int, buf: Any, start: int, end: int, inflated: int = 0) -> None:
+    def _call(  # noqa: PLR0917 - per request: positional arguments cost least
+        self,
+        proto: int,
+        buf: Any,
+        start: int,
+        end: int,
+        inflated: int = 0,
+        traced: bool = False,
+    ) -> None:
         ctx = self.ctx
         name, mtype, seqid, pos = _read_message_begin(proto, buf, start, end)
+        tracer = ctx.tracer
+        if tracer is not None and not traced and tracer.active():
+            # Inside a span, this call again (``traced``): the untraced path pays one test
+            # and no extra frame.
+            self._traced_call(tracer, name, proto, buf, start, end, inflated)
+            return
         # From the request's first byte: latency includes reading and decoding it.
         begun = self.stream.started_at
         method = ctx.methods.get(name)  # type: ignore[arg-type]
@@ -382,6 +404,8 @@ class Connection:
         except Exception as exc:  # noqa: BLE001 - malformed arguments, in any way
             if ctx.metrics is not None:
                 ctx.metrics.protocol_error("arguments")
+            if self._span is not None:
+                self._span.refused("bad_arguments", describe(exc))
             self._send_error(
                 method.name,
                 seqid,
@@ -509,12 +533,16 @@ class Connection:
             return
         except method.declared_types as exc:
             fid = method.declared_fid(exc)
+            if self._span is not None:
+                self._span.declared(exc)
             # Without its traceback: the traceback holds this frame, which holds the
             # exception, a cycle that would keep the request's bytes and arguments alive
             # until the cyclic GC runs.
             value = exc.with_traceback(None)
             outcome = "declared"
         except TApplicationException as exc:
+            if self._span is not None:
+                self._span.failed(exc, describe(exc))
             if not method.oneway:
                 self._send(method.name, _EXCEPTION, seqid, exc, _APP_EXC_SPEC)
             self._finish(method, begun, "application")
@@ -538,6 +566,8 @@ class Connection:
 
     def _timed_out(self, method: Method, seqid: int, begun: float) -> None:
         waited = round((time.monotonic() - begun) * 1000)
+        if self._span is not None:
+            self._span.refused("deadline", f"passed the caller's RPC timeout ({waited} ms)")
         if not method.oneway:
             self._send_error(
                 method.name,
@@ -650,6 +680,12 @@ class Connection:
             # The codec hands over a name that is not UTF-8 as bytes; echoing them back would
             # give strict clients a reply they cannot decode.
             name = name.decode("utf-8", "backslashreplace")
+        if self._span is not None:
+            unknown = mtype in (_CALL, _ONEWAY)
+            self._span.refused(
+                "unknown_method" if unknown else "not_a_call",
+                f"unknown method {name!r}" if unknown else f"message type {mtype}",
+            )
         metrics = self.ctx.metrics
         if mtype not in (_CALL, _ONEWAY):
             if metrics is not None:
@@ -676,6 +712,8 @@ class Connection:
             ctx.metrics.overload(limit)
         limits = ctx.limiter.limits
         qps = limits.qps if limit == "qps" else limits.endpoint_qps.get(method.name)
+        if self._span is not None:
+            self._span.refused(limit, f"refused by the {limit} limit ({qps} QPS)")
         ctx.reports.report(
             QPS_OVERLOAD,
             f"{method.name} refused by the {limit} limit ({qps} QPS), peer {self.peer}",
@@ -691,10 +729,80 @@ class Connection:
 
     def _panic(self, method: Method, exc: BaseException, stage: str = "") -> None:
         ctx = self.ctx
+        if self._span is not None:
+            self._span.failed(exc, f"{stage or 'calling the handler'}: {describe(exc)}")
         ctx.panics.panic(method.name, exc, peer=self.peer, stage=stage or "calling the handler")
         if ctx.metrics is not None:
             ctx.metrics.panicked()
         ctx.reports.report(PANIC, f"{method.name}: {describe(exc)}")
+
+    def _traced_call(  # noqa: PLR0917 - per request: positional arguments cost least
+        self,
+        tracer: CallTracer,
+        name: str | bytes,
+        proto: int,
+        buf: Any,
+        start: int,
+        end: int,
+        inflated: int,
+    ) -> None:
+        """:meth:`_call` inside the call's span, current while it runs."""
+        method = self.ctx.methods.get(name)  # type: ignore[arg-type]
+        span = self._span = self._begin_span(tracer, name, method)
+        try:
+            self._call(proto, buf, start, end, inflated, True)
+        except CloseConnection:
+            raise
+        except Exception as exc:  # a reply that could not be sent: the caller got nothing
+            span.failed(exc, describe(exc))
+            raise
+        finally:
+            self._span = None
+            span.end()
+
+    def _begin_span(self, tracer: CallTracer, name: str | bytes, method: Method | None) -> CallSpan:
+        """Start the call's span (once the application has set a tracer provider)."""
+        addresses = self._span_addresses
+        if addresses is None:
+            addresses = self._span_addresses = self._fixed_addresses()
+        if self._shown_ip is not None:
+            addresses = {**addresses, "client.address": self._shown_ip}
+            if self._shown_ip == self.peer and "network.peer.port" in addresses:
+                addresses["client.port"] = addresses["network.peer.port"]
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "backslashreplace")
+        frame = self._frame
+        # The metainfo is split out only for a traced call (a Kitex caller's trace context
+        # rides in its transient keys); an untraced one leaves it to the handler that asks.
+        info = None if frame is None else self._request_info()
+        return tracer.begin(
+            None if method is None else method.name,
+            name,
+            self.stream.started_at,
+            headers=None if frame is None else frame.str_info,
+            metainfo=() if info is None else (info.transit, info.persistent),
+            addresses=addresses,
+        )
+
+    def _fixed_addresses(self) -> dict[str, Any]:
+        """The span attributes that hold for every call on this connection."""
+        addresses: dict[str, Any] = {}
+        try:
+            local = self.stream.raw.getsockname()
+        except OSError:
+            local = None
+        if isinstance(local, tuple) and len(local) >= 2:
+            addresses["server.address"] = peer_ip(local)
+            addresses["server.port"] = local[1]
+        elif local:
+            addresses["server.address"] = str(local)
+        if self.peer is not None:
+            addresses["network.transport"] = "tcp"
+            addresses["network.peer.address"] = self.peer
+            addresses["network.peer.port"] = self.address[1]
+        else:
+            addresses["network.transport"] = "unix"
+        return addresses
 
     def _finish(self, method: Method, begun: float, outcome: str) -> None:
         elapsed = time.monotonic() - begun
