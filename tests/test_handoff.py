@@ -255,6 +255,9 @@ class TestParts:
             b"\x00\x01",
         )
         assert decode(encode("", None, b"")) == ("", None, b"")
+        # A THeader frame inside a framed frame keeps its outer framing across the hand-off.
+        nested = Wire(_thrift.BINARY, True, "theader", True)
+        assert decode(encode(("::1", 1, 0, 0), nested, b""))[1] == nested
         with pytest.raises(ValueError, match="out of bounds"):
             decode(struct.pack("!I", 1 << 20) + b"{}")
 

@@ -59,12 +59,14 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 ERROR_KINDS = ("declared", "internal", "application", "overload", "protocol", "timeout")
 """``kind`` label values of ``kitegreen_request_errors_total``."""
-OVERLOAD_LIMITS = ("connections", "qps", "endpoint_qps")
-PROTOCOL_ERROR_KINDS = ("malformed", "message_type", "arguments")
+OVERLOAD_LIMITS = ("connections", "qps", "endpoint_qps", "memory")
+PROTOCOL_ERROR_KINDS = ("malformed", "message_type", "arguments", "memory")
 """``kind`` label values of ``kitegreen_protocol_errors_total``: a connection ended on input
 that is not a message it can read (no known wire, a bad frame or header, past
 ``max_frame_size``); a message that is not a call; a known method's undecodable arguments
-(also counted in ``kitegreen_request_errors_total{kind="protocol"}``)."""
+(also counted in ``kitegreen_request_errors_total{kind="protocol"}``); a message whose
+decoded arguments would pass ``max_message_memory``. ``limit="memory"`` of the overload
+counter is a request shed by ``max_inflight_memory``."""
 
 
 class MethodStats:

@@ -341,7 +341,8 @@ class Connection:
                 self._shown_ip = shown
         self._frame, self._log_id = frame, log_id
         log_id_token = _LOG_ID.set(log_id) if log_id is not None else None
-        ctx.memory.hold(inflated_size)
+        if inflated_size:
+            ctx.memory.hold(inflated_size)
         try:
             # The message in place: no memoryview of it is made.
             self._call(
@@ -352,7 +353,8 @@ class Connection:
                 inflated_size,
             )
         finally:
-            ctx.memory.release(inflated_size)
+            if inflated_size:
+                ctx.memory.release(inflated_size)
             del frame
             self._frame = self._info = self._log_id = None
             if log_id_token is not None:
@@ -437,15 +439,17 @@ class Connection:
                 _METHOD.reset(method_token)
         finally:
             # The arguments go first: what they held is free once the account says so.
-            if cost > RELEASE_COST:
-                holder = [args]
-                del args
-                release(holder)
-            else:
-                del args
-            memory.release(cost)
-            if lane is not None:
-                lane.thaw()
+            try:
+                if cost > RELEASE_COST:
+                    holder = [args]
+                    del args
+                    release(holder)  # yields between slices: may be interrupted
+                else:
+                    del args
+            finally:
+                memory.release(cost)
+                if lane is not None:
+                    lane.thaw()
 
     def _wait_limit(self) -> float:
         """How long a request may wait for its turn to decode: until the caller's deadline,
@@ -468,6 +472,10 @@ class Connection:
         self.ctx.log.debug(
             "request refused by max_message_memory", method=method.name, peer=self.peer
         )
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.protocol_error("memory")
+        if self._span is not None:
+            self._span.refused("max_message_memory", str(exc))
         if not method.oneway:
             self._send_error(
                 method.name,
@@ -482,6 +490,10 @@ class Connection:
         """Refused for lack of memory or decode time in this process: an overload, retryable."""
         memory = self.ctx.memory
         self.ctx.log.debug("request refused by max_inflight_memory", method=method.name, why=why)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.overload("memory")
+        if self._span is not None:
+            self._span.refused("max_inflight_memory", why)
         if not method.oneway:
             self._send_error(
                 method.name,

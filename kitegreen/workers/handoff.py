@@ -107,7 +107,9 @@ def decode(data: bytes) -> tuple[Any, Wire | None, bytes]:
     wire = state["wire"]
     return (
         tuple(address) if isinstance(address, list) else address,
-        Wire(int(wire[0]), bool(wire[1]), wire[2]) if wire is not None else None,
+        Wire(int(wire[0]), bool(wire[1]), wire[2], bool(wire[3]) if len(wire) > 3 else False)
+        if wire is not None
+        else None,
         data[_LENGTH.size + size :],
     )
 
