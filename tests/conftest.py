@@ -10,10 +10,12 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import gc  # noqa: E402
 import inspect  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import tracemalloc  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -119,3 +121,26 @@ def can_connect(address: tuple[str, int]) -> bool:
             return True
     except OSError:
         return False
+
+
+def assert_no_leak(work: Callable[[], object], *, settle: int = 500, rounds: int = 2000) -> None:
+    """Fail if ``rounds`` calls of ``work`` leave 64 KiB or more behind (tracemalloc).
+
+    Measured between two points after ``settle`` calls, so that caches filled once (by this
+    test or an earlier one) are not counted: a leak grows with the rounds, a cache does not.
+    """
+    for _ in range(200):
+        work()
+    tracemalloc.start()
+    try:
+        for _ in range(settle):
+            work()
+        gc.collect()
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(rounds):
+            work()
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert after - before < 64 * 1024, f"{after - before} bytes left behind by {rounds} rounds"

@@ -10,7 +10,6 @@ integer that does not fit its type.
 from __future__ import annotations
 
 import contextlib
-import gc
 import shutil
 import struct
 import subprocess
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 import thriftpy2
-from conftest import TESTS, testsvc_thrift
+from conftest import TESTS, assert_no_leak, testsvc_thrift
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from thriftpy2.protocol import TBinaryProtocol as Tp2PyBinary
@@ -657,23 +656,7 @@ def test_no_leaks_on_success_or_error_paths():
         assert scanner.feed(good, 0, len(good)) == len(good)
         read("binary", good)
 
-    for _ in range(200):
-        work()
-    # Measured between two points after a first batch, so that caches filled once (by this
-    # test or an earlier one) are not counted: a leak grows with the rounds, a cache does not.
-    tracemalloc.start()
-    try:
-        for _ in range(500):
-            work()
-        gc.collect()
-        before, _ = tracemalloc.get_traced_memory()
-        for _ in range(2000):
-            work()
-        gc.collect()
-        after, _ = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert after - before < 64 * 1024, f"{after - before} bytes left behind by 2000 rounds"
+    assert_no_leak(work)
 
 
 def test_a_checkout_without_the_built_codec_says_how_to_fix_it(tmp_path):

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import array
 import enum
-import gc
 import sys
-import tracemalloc
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import pytest
 import thriftpy2
 from clients import thriftpy2_client
-from conftest import TESTS, testsvc_thrift
+from conftest import TESTS, assert_no_leak, testsvc_thrift
 from thriftpy2.thrift import TApplicationException, TType
 
 from kitegreen.codec import _thrift
@@ -503,18 +501,4 @@ def test_no_leaks_on_the_new_paths():
         read("binary", empty, cls)
         read_args("binary", empty, defaults_thrift.Defaults.echo_args)
 
-    for _ in range(200):
-        work()
-    tracemalloc.start()
-    try:
-        for _ in range(300):
-            work()
-        gc.collect()
-        before, _ = tracemalloc.get_traced_memory()
-        for _ in range(2000):
-            work()
-        gc.collect()
-        after, _ = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert after - before < 64 * 1024, f"{after - before} bytes left behind by 2000 rounds"
+    assert_no_leak(work, settle=300)
