@@ -5,20 +5,30 @@ so a machine with 3.10-3.13 installed under pyenv but only 3.11 activated shows 
 ``python3.12`` that fails, and tox would skip py312 though its interpreter is there. Each
 installed CPython is offered to tox's discovery, as ``tox --discover PATH`` would: an
 environment whose version is not among them is still skipped, and tox says so.
+
+It also spares a run the same tests twice: ``py`` runs the whole suite on the interpreter that
+runs tox, so when both are selected (the default list), the ``pyXY`` environment of that same
+version installs nothing and runs nothing (tox's summary shows it OK in a second or two);
+``tox -e py311`` alone still runs it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tox.config.loader.memory import MemoryLoader
 from tox.plugin import impl
 
 if TYPE_CHECKING:
-    from tox.config.sets import ConfigSet
+    from tox.config.sets import ConfigSet, EnvConfigSet
     from tox.session.state import State
+
+SAME_AS_PY = f"py{sys.version_info.major}{sys.version_info.minor}"
+"""The subset environment of the interpreter ``py`` runs on."""
 
 
 def pyenv_pythons() -> list[str]:
@@ -36,6 +46,24 @@ def pyenv_pythons() -> list[str]:
 
 
 @impl
-def tox_add_core_config(core_conf: ConfigSet, state: State) -> None:  # noqa: ARG001
+def tox_add_core_config(core_conf: ConfigSet, state: State) -> None:
     options = state.conf.options
     options.discover = [*(getattr(options, "discover", None) or []), *pyenv_pythons()]
+
+
+@impl
+def tox_add_env_config(env_conf: EnvConfigSet, state: State) -> None:
+    if env_conf.env_name != SAME_AS_PY:
+        return
+    selected = state.conf.options.env
+    if not (selected.is_default_list or selected.is_all or "py" in selected):
+        return
+    message = f"{SAME_AS_PY}: its tests run in the py environment, on the same interpreter"
+    env_conf.loaders.insert(
+        0,
+        MemoryLoader(
+            skip_install=True,
+            extras=[],
+            commands=[f'python -c "print({message!r})"'],
+        ),
+    )

@@ -42,9 +42,10 @@ def echo(address: tuple[str, int]) -> str:
         return reply
 
 
-def served_within(address: tuple[str, int], expected: str, seconds: float) -> float:
+def served_within(launcher: Launcher, expected: str, seconds: float) -> float:
     """Seconds until ``expected`` is echoed, polling fresh connections; fails past
-    ``seconds``."""
+    ``seconds``, saying what the launcher logged meanwhile (which reload step was missing)."""
+    address = launcher.address()
     start = time.monotonic()
     seen: list[str] = []
 
@@ -52,7 +53,14 @@ def served_within(address: tuple[str, int], expected: str, seconds: float) -> fl
         seen.append(echo(address))
         return seen[-1] == expected
 
-    wait_until(answered, seconds, interval=0.02, what=lambda: f"{expected!r}, saw {seen[-3:]}")
+    def what() -> str:
+        steps = [
+            f"{e.get('timestamp')} {e.get('event')} {e.get('reason') or e.get('files') or ''}"
+            for e in launcher.events()[-15:]
+        ]
+        return f"{expected!r}, saw {seen[-3:]}; the launcher's last events:\n" + "\n".join(steps)
+
+    wait_until(answered, seconds, interval=0.02, what=what)
     return time.monotonic() - start
 
 
@@ -85,7 +93,7 @@ class TestReload:
             assert echo(address) == "one:x"
             for tag in ("two:", "six:"):
                 app.write_text(tagged(tag))
-                served_within(address, tag + "x", RELOAD_WITHIN)
+                served_within(launcher, tag + "x", RELOAD_WITHIN)
             changed = launcher.named("files changed; reloading")
             assert changed
             assert changed[0]["files"] == [str(app)]
@@ -106,7 +114,7 @@ class TestReload:
             for _ in range(5):
                 assert echo(address) == "one:x"
             app.write_text(tagged("six:"))
-            served_within(address, "six:x", RELOAD_WITHIN)
+            served_within(launcher, "six:x", RELOAD_WITHIN)
             assert len(launcher.named(REFUSED)) == 1
             launcher.proc.terminate()
             assert launcher.wait(20.0) == 0, launcher.output()[-3000:]
