@@ -218,7 +218,10 @@ def _watch(sock: socket.socket, root: Path, parent: int) -> int:
             watch_filter=watch_filter,
             step=STEP_MS,
             stop_event=_Orphaned(parent),
-            rust_timeout=1000,
+            # No timeout: on a timeout with nothing seen, watchfiles' Rust loop clears the
+            # set of changes after it found it empty, so a change arriving in between was
+            # lost (an edit not reloaded). The stop event is checked every step anyway.
+            rust_timeout=0,
             raise_interrupt=False,
         ):
             paths = sorted({path for _, path in changes})
