@@ -36,11 +36,13 @@ from kitegreen.observability.reporter import PANIC, QPS_OVERLOAD, ReportGate
 from kitegreen.observability.tracing import CallSpan, CallTracer
 from kitegreen.rpc import metadata
 from kitegreen.rpc.budget import (
+    ENCODE_ON_HUB,
     OFFLOAD_SIZE,
     RELEASE_COST,
     DecodeLane,
+    EncodeBudgetExceeded,
     MemoryBudget,
-    encode,
+    encode_off_hub,
     release,
 )
 from kitegreen.rpc.methods import Method
@@ -609,21 +611,20 @@ class Connection:
                 name, seqid, TApplicationException.PROTOCOL_ERROR, f"request refused: {exc}"
             )
 
-    def _encode(
+    def _encode(  # noqa: PLR0917 - per request: positional arguments cost least
         self,
         name: str,
         mtype: int,
         seqid: int,
         payload: Any,
         spec: Any,
-        *,
         fid: int | None = None,
     ) -> bytes:
         """One whole reply: framed if the wire is, in the request's header frame if it had one.
 
         ``payload`` is a struct to encode whole, or with ``fid`` the value of that one field of
         ``spec`` (a result: its ``success``, 0, or a declared exception's field). A large reply
-        is encoded off the hub (see :func:`encode`).
+        is encoded off the hub (see :func:`~kitegreen.rpc.budget.encode`, inlined here).
         """
         frame = self._frame
         if frame is None:
@@ -632,10 +633,22 @@ class Connection:
             proto, framed = wire.protocol, wire.framed
         else:
             proto, framed = _PROTOCOLS[frame.protocol], False
-        if fid is None:
-            message = encode(_write_message, proto, name, mtype, seqid, payload, spec, framed)
-        else:
-            message = encode(_write_result, proto, name, mtype, seqid, fid, payload, spec, framed)
+        try:
+            if fid is None:
+                message = _write_message(
+                    proto, name, mtype, seqid, payload, spec, framed, ENCODE_ON_HUB, 0
+                )
+            else:
+                message = _write_result(
+                    proto, name, mtype, seqid, fid, payload, spec, framed, ENCODE_ON_HUB, 0
+                )
+        except EncodeBudgetExceeded:
+            if fid is None:
+                args: tuple[Any, ...] = (proto, name, mtype, seqid, payload, spec, framed)
+                message = encode_off_hub(_write_message, args)
+            else:
+                args = (proto, name, mtype, seqid, fid, payload, spec, framed)
+                message = encode_off_hub(_write_result, args)
         if frame is None:
             return message
         headers = self._info.response_headers if self._info is not None else None
@@ -658,14 +671,7 @@ class Connection:
 
     def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> None:
         try:
-            data = self._encode(
-                method.name,
-                _REPLY,
-                seqid,
-                value,
-                method.result_spec,
-                fid=fid,
-            )
+            data = self._encode(method.name, _REPLY, seqid, value, method.result_spec, fid)
         except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
             # The handler returned something the IDL cannot encode, or set a response header
             # its header protocol cannot carry. Nothing reached the wire: the reply is built in
