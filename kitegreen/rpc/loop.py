@@ -316,8 +316,9 @@ class Connection:
     def _handle(self, buf: bytes | bytearray, start: int, end: int) -> None:
         wire = self.stream.wire
         assert wire is not None
-        # A framed message comes without its 4-byte length; a header frame, with it.
-        self._request_bytes = end - start + (4 if wire.framed and not wire.header else 0)
+        # Without the 4-byte length of a framed message (added by _finish, for the access log
+        # only: per request).
+        self._request_bytes = end - start
         self._reply_bytes = 0
         if wire.header:
             self._handle_frame(buf, start, end)
@@ -434,7 +435,7 @@ class Connection:
         memory.held += cost  # memory.hold(cost); no yield until the try below
         try:
             limiter = ctx.limiter
-            if limiter.enabled:
+            if limiter.limits_requests:
                 refused = limiter.admit_request(method.name, begun)
                 if refused is not None:
                     self._overloaded(method, seqid, refused, begun)
@@ -840,6 +841,11 @@ class Connection:
             method.stats.observe(elapsed, outcome)
         if self.ctx.access_log:
             log_id = self._log_id
+            # A framed message comes without its 4-byte length, and so does a THeader frame
+            # nested in a framed one; a header frame comes with its own.
+            wire = self.stream.wire
+            framed = wire is not None and wire.framed and (wire.nested or not wire.header)
+            framing = 4 if framed else 0
             # Seconds, as the duration histogram's buckets are (Prometheus's convention): a
             # threshold read off a dashboard filters the access log unchanged.
             self.ctx.log.info(
@@ -847,7 +853,7 @@ class Connection:
                 method=method.name,
                 peer=self.peer,
                 duration_s=round(elapsed, 6),
-                request_bytes=self._request_bytes,
+                request_bytes=self._request_bytes + framing,
                 reply_bytes=self._reply_bytes,
                 outcome=outcome,
                 **({"log_id": log_id} if log_id else {}),
