@@ -67,6 +67,7 @@ _CALL = TMessageType.CALL
 _ONEWAY = TMessageType.ONEWAY
 _REPLY = TMessageType.REPLY
 _EXCEPTION = TMessageType.EXCEPTION
+_CALLS = frozenset((_CALL, _ONEWAY))
 _APP_EXC_SPEC = _thrift.compile(TApplicationException)
 _read_message_begin = _thrift.read_message_begin
 _read_args_within = _thrift.read_args_within
@@ -375,7 +376,7 @@ class Connection:
         ctx = self.ctx
         name, mtype, seqid, pos = _read_message_begin(proto, buf, start, end)
         tracer = ctx.tracer
-        if tracer is not None and not traced and tracer.active():
+        if tracer is not None and not traced and tracer.provider() is not None:
             # Inside a span, this call again (``traced``): the untraced path pays one test
             # and no extra frame.
             self._traced_call(tracer, name, proto, buf, start, end, inflated)
@@ -383,7 +384,7 @@ class Connection:
         # From the request's first byte: latency includes reading and decoding it.
         begun = self.stream.started_at
         method = ctx.methods.get(name)  # type: ignore[arg-type]
-        if method is None or mtype not in (_CALL, _ONEWAY):
+        if method is None or mtype not in _CALLS:
             self._refuse(name, mtype, seqid)
             return
         memory = ctx.memory
