@@ -457,6 +457,21 @@ class TestInterop:
         assert length == len(outer) - 8
         assert outer[8:10] == b"\x0f\xff"
 
+    def test_theader_inside_a_framed_frame_sizes_in_the_access_log(self, make):
+        """The access log counts both lengths of a nested frame, the outer one included, in
+        request_bytes, as reply_bytes counts those of the reply."""
+        from structlog.testing import capture_logs
+
+        server = make(access_log=True)
+        inner = th_request()
+        with capture_logs() as logs:
+            with socket.create_connection(server.address, timeout=5) as sock:
+                sock.sendall(struct.pack(">I", len(inner)) + inner)
+                outer = read_frame(sock)
+            assert wait_until(lambda: any(e["event"] == "access" for e in logs))
+        (entry,) = [e for e in logs if e["event"] == "access"]
+        assert (entry["request_bytes"], entry["reply_bytes"]) == (len(inner) + 4, len(outer))
+
     @pytest.mark.parametrize("method", ["echo", "raise_undeclared"])
     def test_replies_carry_the_message_type(self, make, method):
         """Like Kitex's server, every TTHeader reply carries integer key 22 (MSG_TYPE): 2 for

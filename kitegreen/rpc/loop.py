@@ -587,8 +587,8 @@ class Connection:
             self._finish(method, begun, "internal")
             return
 
-        if not method.oneway:
-            self._send_result(method, seqid, fid, value)
+        if not method.oneway and not self._send_result(method, seqid, fid, value):
+            outcome = "internal"  # answered INTERNAL_ERROR: the result did not encode
         if self.ctx.metrics is not None or self.ctx.access_log:
             self._finish(method, begun, outcome)
 
@@ -683,7 +683,9 @@ class Connection:
         self._reply_bytes += len(data)
         self.stream.send(data)
 
-    def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> None:
+    def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> bool:
+        """Send the handler's answer; False if it could not be encoded (INTERNAL_ERROR was
+        sent instead)."""
         try:
             data = self._encode(method.name, _REPLY, seqid, value, method.result_spec, fid)
         except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
@@ -699,9 +701,10 @@ class Connection:
                 TApplicationException.INTERNAL_ERROR,
                 f"internal error in {method.name}: result does not match the IDL",
             )
-            return
+            return False
         self._reply_bytes += len(data)
         self.stream.send(data)
+        return True
 
     def _send_error(self, name: str, seqid: int, kind: int, message: str) -> None:
         self._send(name, _EXCEPTION, seqid, TApplicationException(kind, message), _APP_EXC_SPEC)
