@@ -457,6 +457,27 @@ class TestInterop:
         assert length == len(outer) - 8
         assert outer[8:10] == b"\x0f\xff"
 
+    def test_a_wait_for_the_decode_lane_ended_by_the_deadline_is_a_timeout(self, make):
+        """A large request (decoded off the hub, one at a time) whose turn does not come before
+        the caller's deadline is answered TIMEOUT, not LOADSHEDDING: the caller gave up."""
+        server = make()
+        # The lane busy, as with another large message being decoded.
+        turn = server.engine._ctx.decode_lane._turn
+        assert turn.acquire(blocking=False)
+        large = "x" * (256 * 1024)  # over OFFLOAD_SIZE
+        try:
+            with apache_header_client(server.address, "binary", False) as (client, p):
+                p.trans.set_header(b"client_timeout", b"100")
+                with pytest.raises(ApacheAppError) as info:
+                    client.echo(large)
+                assert info.value.type == TIMEOUT
+                assert "RPC timeout" in info.value.message
+        finally:
+            turn.release()
+        with apache_header_client(server.address, "binary", False) as (client, p):
+            p.trans.set_header(b"client_timeout", b"5000")
+            assert client.echo(large) == large
+
     def test_theader_inside_a_framed_frame_sizes_in_the_access_log(self, make):
         """The access log counts both lengths of a nested frame, the outer one included, in
         request_bytes, as reply_bytes counts those of the reply."""

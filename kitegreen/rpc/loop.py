@@ -407,11 +407,17 @@ class Connection:
                     0,
                 )
             else:
+                wait, until_deadline = self._wait_limit()
                 decoded = ctx.decode_lane.read_args(
-                    memory, inflated, self._wait_limit(), (proto, buf, pos, end, method.args_spec)
+                    memory, inflated, wait, (proto, buf, pos, end, method.args_spec)
                 )
                 if decoded is None:
-                    self._busy(method, seqid, begun, "its turn to decode did not come in time")
+                    if until_deadline:
+                        # The caller gave up while this request waited: its deadline, not
+                        # the server's load, is why it is not served.
+                        self._timed_out(method, seqid, begun)
+                    else:
+                        self._busy(method, seqid, begun, "its turn to decode did not come in time")
                     return
                 args, cost = decoded
                 del decoded  # the arguments' only holder must be `args` (see release below)
@@ -467,14 +473,14 @@ class Connection:
                 if lane is not None:
                     lane.thaw()
 
-    def _wait_limit(self) -> float:
-        """How long a request may wait for its turn to decode: until the caller's deadline,
-        or ``read_write_timeout``."""
+    def _wait_limit(self) -> tuple[float, bool]:
+        """How long a request may wait for its turn to decode: until the caller's deadline
+        (True), or ``read_write_timeout`` (False)."""
         frame = self._frame
         deadline = metadata.deadline(frame, self.stream.started_at) if frame is not None else None
         if deadline is not None:
-            return max(0.0, deadline - time.monotonic())
-        return self.ctx.read_write_timeout
+            return max(0.0, deadline - time.monotonic()), True
+        return self.ctx.read_write_timeout, False
 
     def _too_costly(
         self, method: Method, seqid: int, begun: float, inflated: int, exc: MemoryBudgetExceeded
