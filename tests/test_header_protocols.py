@@ -478,6 +478,29 @@ class TestInterop:
             p.trans.set_header(b"client_timeout", b"5000")
             assert client.echo(large) == large
 
+    @pytest.mark.parametrize("inflight", [64 * 1024, 32 * 1024 * 1024])
+    def test_a_zlib_payload_inflating_past_the_memory_budget_is_answered(self, make, inflight):
+        """A THeader zlib payload that inflates past what the message may take is answered
+        (PROTOCOL_ERROR naming max_message_memory; LOADSHEDDING naming max_inflight_memory
+        when that is what the process has left), no longer closed without a reply; what was
+        reserved to inflate it is given back."""
+        server = make(max_message_memory=64 * 1024, max_inflight_memory=inflight)
+        memory = server.engine._ctx.memory
+        if inflight > 64 * 1024:
+            memory.hold(inflight - 32 * 1024)  # as if requests in flight held all but 32 KiB
+        with apache_header_client(server.address, "binary", True) as (client, _):
+            with pytest.raises(ApacheAppError) as info:
+                client.echo("x" * (100 * 1024))
+            if inflight > 64 * 1024:
+                assert info.value.type == 11  # LOADSHEDDING
+                assert "max_inflight_memory" in info.value.message
+                memory.release(inflight - 32 * 1024)
+            else:
+                assert info.value.type == ApacheAppError.PROTOCOL_ERROR
+                assert "max_message_memory" in info.value.message
+            assert client.echo("small") == "small"
+        assert wait_until(lambda: memory.held == 0)
+
     def test_theader_inside_a_framed_frame_sizes_in_the_access_log(self, make):
         """The access log counts both lengths of a nested frame, the outer one included, in
         request_bytes, as reply_bytes counts those of the reply."""

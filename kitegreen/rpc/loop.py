@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
+import zlib
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ _PROTOCOLS = {"binary": _thrift.BINARY, "compact": _thrift.COMPACT}
 _MSG_TYPE_INFO = {mtype: {int(IntKey.MSG_TYPE): str(mtype)} for mtype in (_REPLY, _EXCEPTION)}
 _U32 = struct.Struct(">I")
 _LOG_ID_KEY = int(IntKey.LOG_ID)
+_PEEK_SIZE = 1024
+"""Bytes of a refused zlib payload inflated to read its message header (name and seqid)."""
 
 
 def _structlog_var(key: str) -> ContextVar[Any]:
@@ -333,36 +336,84 @@ class Connection:
         frame = _parse_frame(buf, start, end, ctx.max_frame_size)
         inflated_size = 0
         if frame.transforms:
-            frame = inflated(frame, ctx.max_frame_size, ctx.memory.allowance())
+            inflated_frame = self._inflate(frame)
+            if inflated_frame is None:
+                return  # refused for memory, and answered
+            frame = inflated_frame
             # An inflated payload is memory of its own, held until the request is answered.
             inflated_size = frame.payload_end - frame.payload_start
-        log_id = frame.int_value(_LOG_ID_KEY) or None  # metadata.log_id, inlined
-        if ctx.get_real_ip:
-            claimed = metadata.claimed_ip(frame) if self.trusted else None
-            shown = claimed or self.peer
-            if shown != self._shown_ip:
-                context.set_real_ip(shown)
-                self._shown_ip = shown
-        self._frame, self._log_id = frame, log_id
-        log_id_token = _LOG_ID.set(log_id) if log_id is not None else None
-        if inflated_size:
-            ctx.memory.hold(inflated_size)
         try:
-            # The message in place: no memoryview of it is made.
-            self._call(
-                _PROTOCOLS[frame.protocol],
-                frame.buffer,
-                frame.payload_start,
-                frame.payload_end,
-                inflated_size,
-            )
+            log_id = frame.int_value(_LOG_ID_KEY) or None  # metadata.log_id, inlined
+            if ctx.get_real_ip:
+                claimed = metadata.claimed_ip(frame) if self.trusted else None
+                shown = claimed or self.peer
+                if shown != self._shown_ip:
+                    context.set_real_ip(shown)
+                    self._shown_ip = shown
+            self._frame, self._log_id = frame, log_id
+            log_id_token = _LOG_ID.set(log_id) if log_id is not None else None
+            try:
+                # The message in place: no memoryview of it is made.
+                self._call(
+                    _PROTOCOLS[frame.protocol],
+                    frame.buffer,
+                    frame.payload_start,
+                    frame.payload_end,
+                    inflated_size,
+                )
+            finally:
+                if log_id_token is not None:
+                    _LOG_ID.reset(log_id_token)
         finally:
             if inflated_size:
                 ctx.memory.release(inflated_size)
             del frame
             self._frame = self._info = self._log_id = None
-            if log_id_token is not None:
-                _LOG_ID.reset(log_id_token)
+
+    def _inflate(self, frame: HeaderFrame) -> HeaderFrame | None:
+        """``frame`` with its zlib payload inflated, its size held in the memory budget; None
+        when the payload inflates past what the message may take (the request is answered).
+
+        What the payload may inflate to is reserved before inflating and the unused part given
+        back after: a large payload inflates off the hub, and inflations in flight at once must
+        not pass ``max_inflight_memory`` together.
+        """
+        ctx = self.ctx
+        memory = ctx.memory
+        reserved = memory.allowance()
+        memory.hold(reserved)
+        try:
+            out = inflated(frame, ctx.max_frame_size, reserved)
+        except MemoryBudgetExceeded as exc:
+            memory.release(reserved)
+            self._refuse_inflation(frame, exc)
+            return None
+        except BaseException:
+            memory.release(reserved)
+            raise
+        memory.release(reserved - (out.payload_end - out.payload_start))
+        return out
+
+    def _refuse_inflation(self, frame: HeaderFrame, exc: MemoryBudgetExceeded) -> None:
+        """Answer a request whose zlib payload inflates past what it may take, as one whose
+        arguments would (PROTOCOL_ERROR naming max_message_memory, or LOADSHEDDING naming
+        max_inflight_memory), reading its name and seqid from the payload's first bytes,
+        inflated alone; re-raise ``exc`` (the connection closes) when they cannot be read."""
+        try:
+            head = zlib.decompressobj().decompress(frame.payload, _PEEK_SIZE)
+            name, mtype, seqid, _ = _read_message_begin(
+                _PROTOCOLS[frame.protocol], head, 0, len(head)
+            )
+        except (zlib.error, ProtocolError):
+            raise exc from None
+        method = self.ctx.methods.get(name)  # type: ignore[arg-type]
+        if method is None or mtype not in _CALLS:
+            raise exc
+        self._frame = frame  # the answer goes back in the request's header frame
+        try:
+            self._too_costly(method, seqid, self.stream.started_at, 0, exc)
+        finally:
+            self._frame = None
 
     def _call(  # noqa: PLR0917 - per request: positional arguments cost least
         self,
