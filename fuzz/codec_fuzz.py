@@ -695,6 +695,8 @@ class Fuzzer:
         if headers.header_kind(frame[:6]) != kind:
             raise Finding(f"header_kind does not see a {kind} frame")
         parsed = headers.parse_frame(frame, max_frame_size=MAX_SIZE)
+        self.check_str_value(rng, parsed, frame, str_info)
+        parsed = headers.parse_frame(frame, max_frame_size=MAX_SIZE)
         got = (parsed.kind, parsed.seqid, parsed.flags, parsed.protocol, bytes(parsed.payload))
         if got != (kind, seqid, flags, protocol, payload):
             raise Finding(f"{kind} frame parsed as {got!r}")
@@ -710,12 +712,26 @@ class Fuzzer:
                 continue
             if not parsed.payload:
                 raise Finding("a parsed frame without a payload")
+            self.check_str_value(rng, parsed, mutated, None)
             try:
                 reply = parsed.reply(b"\x80\x01\x00\x02", str_info=parsed.str_info)
             except (ProtocolError, FrameTooLarge):
                 continue
             if headers.parse_frame(reply, max_frame_size=MAX_SIZE).seqid != parsed.seqid:
                 raise Finding("a reply frame does not parse back")
+
+    def check_str_value(
+        self, rng: random.Random, parsed: Any, frame: bytes, sent: dict[str, str] | None
+    ) -> None:
+        """HeaderFrame.str_value, which walks the header bytes, against str_info, read after
+        it (and against what was sent, if known)."""
+        keys = [gen_text(rng) for _ in range(2)]
+        # The frame's own keys, from a second parse's dict: `parsed` must not read its own yet.
+        keys += list(headers.parse_frame(frame, max_frame_size=MAX_SIZE).str_info)
+        direct = {key: parsed.str_value(key) for key in keys}
+        known = {key: parsed.str_info.get(key) for key in keys}
+        if direct != known or (sent and any(direct[key] != sent[key] for key in sent)):
+            raise Finding(f"str_value read {direct!r} of {frame.hex()}, str_info {known!r}")
 
 
 def scan_outcome(scan: Callable[[], int | None]) -> int | None:

@@ -82,6 +82,10 @@ class Limiter:
         """Connections open now (counted whether or not limits are enabled)."""
         self._qps = TokenBucket(limits.qps if enabled else 0, fill_interval, clock())
         self._endpoints = self._buckets(limits.endpoint_qps)
+        self.limits_requests = bool(self._qps.limit or self._endpoints)
+        """Whether a QPS limit may refuse a request: the request loop calls
+        :meth:`admit_request` only then (four calls a request, ~900 instructions, for nothing
+        with the QPS limits off)."""
 
     def _buckets(self, endpoint_qps: Mapping[str, int]) -> dict[str, TokenBucket]:
         if not self.enabled:
@@ -113,6 +117,7 @@ class Limiter:
         if new.endpoint_qps != self.limits.endpoint_qps:
             self._endpoints = self._buckets(new.endpoint_qps)
         self.limits = new
+        self.limits_requests = bool(self._qps.limit or self._endpoints)
         return new
 
     def admit_connection(self, *, force: bool = False) -> bool:

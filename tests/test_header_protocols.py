@@ -457,6 +457,65 @@ class TestInterop:
         assert length == len(outer) - 8
         assert outer[8:10] == b"\x0f\xff"
 
+    def test_a_wait_for_the_decode_lane_ended_by_the_deadline_is_a_timeout(self, make):
+        """A large request (decoded off the hub, one at a time) whose turn does not come before
+        the caller's deadline is answered TIMEOUT, not LOADSHEDDING: the caller gave up."""
+        server = make()
+        # The lane busy, as with another large message being decoded.
+        turn = server.engine._ctx.decode_lane._turn
+        assert turn.acquire(blocking=False)
+        large = "x" * (256 * 1024)  # over OFFLOAD_SIZE
+        try:
+            with apache_header_client(server.address, "binary", False) as (client, p):
+                p.trans.set_header(b"client_timeout", b"100")
+                with pytest.raises(ApacheAppError) as info:
+                    client.echo(large)
+                assert info.value.type == TIMEOUT
+                assert "RPC timeout" in info.value.message
+        finally:
+            turn.release()
+        with apache_header_client(server.address, "binary", False) as (client, p):
+            p.trans.set_header(b"client_timeout", b"5000")
+            assert client.echo(large) == large
+
+    @pytest.mark.parametrize("inflight", [64 * 1024, 32 * 1024 * 1024])
+    def test_a_zlib_payload_inflating_past_the_memory_budget_is_answered(self, make, inflight):
+        """A THeader zlib payload that inflates past what the message may take is answered
+        (PROTOCOL_ERROR naming max_message_memory; LOADSHEDDING naming max_inflight_memory
+        when that is what the process has left), no longer closed without a reply; what was
+        reserved to inflate it is given back."""
+        server = make(max_message_memory=64 * 1024, max_inflight_memory=inflight)
+        memory = server.engine._ctx.memory
+        if inflight > 64 * 1024:
+            memory.hold(inflight - 32 * 1024)  # as if requests in flight held all but 32 KiB
+        with apache_header_client(server.address, "binary", True) as (client, _):
+            with pytest.raises(ApacheAppError) as info:
+                client.echo("x" * (100 * 1024))
+            if inflight > 64 * 1024:
+                assert info.value.type == 11  # LOADSHEDDING
+                assert "max_inflight_memory" in info.value.message
+                memory.release(inflight - 32 * 1024)
+            else:
+                assert info.value.type == ApacheAppError.PROTOCOL_ERROR
+                assert "max_message_memory" in info.value.message
+            assert client.echo("small") == "small"
+        assert wait_until(lambda: memory.held == 0)
+
+    def test_theader_inside_a_framed_frame_sizes_in_the_access_log(self, make):
+        """The access log counts both lengths of a nested frame, the outer one included, in
+        request_bytes, as reply_bytes counts those of the reply."""
+        from structlog.testing import capture_logs
+
+        server = make(access_log=True)
+        inner = th_request()
+        with capture_logs() as logs:
+            with socket.create_connection(server.address, timeout=5) as sock:
+                sock.sendall(struct.pack(">I", len(inner)) + inner)
+                outer = read_frame(sock)
+            assert wait_until(lambda: any(e["event"] == "access" for e in logs))
+        (entry,) = [e for e in logs if e["event"] == "access"]
+        assert (entry["request_bytes"], entry["reply_bytes"]) == (len(inner) + 4, len(outer))
+
     @pytest.mark.parametrize("method", ["echo", "raise_undeclared"])
     def test_replies_carry_the_message_type(self, make, method):
         """Like Kitex's server, every TTHeader reply carries integer key 22 (MSG_TYPE): 2 for

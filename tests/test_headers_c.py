@@ -64,6 +64,12 @@ def agree(data: bytes, limit: int = LIMIT) -> None:
     assert direct == {key: frame.int_value(key) for key in keys}
     assert frame.int_value(-1) is None
     assert frame.int_value(1 << 16) is None
+    # str_value() the same way, on a frame whose dicts are not read yet.
+    fresh = headers.parse_frame(data, max_frame_size=limit)
+    keys_str = [*ref.parse_frame(data, max_frame_size=limit).str_info, "", "rip", "\udcff"]
+    direct_str = {key: fresh.str_value(key) for key in keys_str}
+    assert direct_str == {key: fresh.str_info.get(key) for key in keys_str}
+    assert direct_str == {key: fresh.str_value(key) for key in keys_str}
 
 
 texts = st.text(max_size=12)
@@ -242,6 +248,57 @@ class TestLazyKeyValues:
         )
         assert frame.int_value(2) == "b"
         assert frame.int_info == {2: "b"}
+
+    @DIFF
+    @given(valid_frames())
+    def test_str_value_agrees_with_str_info(self, data: bytes) -> None:
+        """Every string key of a frame reads the same through str_value() and str_info."""
+        frame = headers.parse_frame(data, max_frame_size=LIMIT)
+        expected = ref.parse_frame(data, max_frame_size=LIMIT).str_info
+        assert {key: frame.str_value(key) for key in expected} == expected
+        assert frame.str_info == expected
+
+    def test_last_string_value_of_a_key_wins(self) -> None:
+        """A TTHeader string key sent twice reads as its last value, as str_info has it."""
+        block = b"\x01\x00\x01" + b"\x00\x03rip" + b"\x00\x01"
+        header = b"\x00\x00" + block + b"a" + block + b"b"
+        header += bytes(-len(header) % 4)
+        frame = headers.parse_frame(
+            assemble(headers.TTHEADER_MAGIC, header, PING_BINARY), max_frame_size=LIMIT
+        )
+        assert frame.str_value("rip") == "b"
+        assert frame.str_value("ri") is None
+        assert frame.str_info == {"rip": "b"}
+
+    def test_theader_key_value_wins_over_a_persistent_one(self) -> None:
+        """THeader: a per-request header is read before a persistent one of the same key,
+        whichever block comes first; a key only persistent is read from there."""
+        per_request = b"\x01\x01" + b"\x01k" + b"\x01r"
+        persistent = b"\x02\x02" + b"\x01k" + b"\x01p" + b"\x01q" + b"\x01s"
+        for blocks in (per_request + persistent, persistent + per_request):
+            header = b"\x00\x00" + blocks
+            header += bytes(-len(header) % 4)
+            data = assemble(headers.THEADER_MAGIC, header, PING_BINARY)
+            frame = headers.parse_frame(data, max_frame_size=LIMIT)
+            assert (frame.str_value("k"), frame.str_value("q")) == ("r", "s")
+            assert frame.str_info == ref.parse_frame(data, max_frame_size=LIMIT).str_info
+
+    def test_str_value_keys_are_compared_as_the_parser_decodes_them(self) -> None:
+        """A key that is not UTF-8 reads by its surrogate-escaped text; a string no header
+        key can decode to reads None; a key that is not a string is a TypeError."""
+        data = ref.build_frame(
+            "ttheader",
+            seqid=1,
+            protocol="binary",
+            payload=PING_BINARY,
+            str_info={b"\xff\xfe".decode("utf-8", "surrogateescape"): "v", "é": "w"},
+        )
+        frame = headers.parse_frame(data, max_frame_size=LIMIT)
+        assert frame.str_value("\udcff\udcfe") == "v"
+        assert frame.str_value("é") == "w"
+        assert frame.str_value("\ud800") is None
+        with pytest.raises(TypeError, match="must be str"):
+            frame.str_value(1)  # type: ignore[arg-type]
 
     def test_dicts_are_read_once(self) -> None:
         """int_info and str_info are the same dicts on every access."""

@@ -816,6 +816,24 @@ class TestAccessLog:
         (entry,) = access_lines(logs)
         assert (entry["request_bytes"], entry["reply_bytes"]) == (30 + framing, 23 + framing)
 
+    def test_a_result_that_does_not_encode_is_internal(self, make_server, handler, monkeypatch):
+        """A handler's result the IDL cannot encode is answered INTERNAL_ERROR, and counted
+        and logged as "internal", not as the handler's "ok"."""
+        monkeypatch.setattr(handler, "add", lambda a, b: "not an i32")
+        server = make_server(access_log=True)
+        with capture_logs() as logs, thriftpy2_client(TestService, server.address) as c:
+            with pytest.raises(TApplicationException) as info:
+                c.add(1, 2)
+            assert info.value.type == TApplicationException.INTERNAL_ERROR
+            assert c.echo("x") == "x"
+            wait_until(lambda: len(access_lines(logs)) == 2)
+        assert [(e["method"], e["outcome"]) for e in access_lines(logs)] == [
+            ("add", "internal"),
+            ("echo", "ok"),
+        ]
+        errors = metric(server, "kitegreen_request_errors_total", method="add", kind="internal")
+        assert errors == 1
+
     def test_shed_request_is_logged_as_overload(self, make_server):
         """A request refused by a QPS limit has its access line, outcome "overload"."""
         server = make_server(access_log=True, limit_qps=1, qps_fill_interval=NO_REFILL)

@@ -303,6 +303,22 @@ class TestBucket:
         assert all(lim.admit_connection() for _ in range(5))
         assert lim.connections == 5
         assert all(lim.admit_request("echo", 0.0) is None for _ in range(5))
+        assert not lim.limits_requests
+
+    def test_limits_requests_follows_the_qps_limits(self):
+        """The request loop asks for a token only while a QPS limit is set (limits_requests),
+        whichever limit it is and however it was set."""
+        lim, _ = self.limiter(0)
+        assert not lim.limits_requests
+        lim.update(endpoint_qps={"echo": 1})
+        assert lim.limits_requests
+        lim.update(endpoint_qps={"echo": 0})
+        assert not lim.limits_requests
+        lim.update(qps=3)
+        assert lim.limits_requests
+        lim.update(qps=0)
+        assert not lim.limits_requests
+        assert self.limiter(2)[0].limits_requests
 
 
 # -- run-time changes ------------------------------------------------------------------------

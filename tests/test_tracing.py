@@ -452,3 +452,17 @@ def test_tracing_off_imports_no_opentelemetry():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=20, check=True
     )
     assert out.stdout.splitlines()[-1] == "[]", out.stderr
+
+
+def test_the_provider_is_the_same_through_the_public_api(exporter):
+    """CallTracer.provider reads the API's global directly; where the API keeps no such
+    global it asks get_tracer_provider(): both give the provider the application set."""
+    from kitegreen.observability.tracing import CallTracer
+
+    tracer = CallTracer("svc")
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    assert tracer.provider() is provider
+    tracer.provider = tracer._set_provider
+    assert tracer.provider() is provider
+    assert tracer.active()

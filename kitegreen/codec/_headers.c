@@ -626,6 +626,157 @@ frame_int_value(Frame *self, PyObject *key)
     return PyUnicode_DecodeUTF8((const char *)p + found, found_size, "surrogateescape");
 }
 
+/* Step over one key of a header walk, noting where its value is if the key is the one wanted
+ * (the last such wins, as in str_info). Every length is checked against the header's end. */
+static int
+match_value(Cursor *c, uint64_t key_size, const char *key, Py_ssize_t key_len, uint64_t value_size,
+            Py_ssize_t key_at, Py_ssize_t *found, uint64_t *found_size)
+{
+    if (skip(c, value_size, "value") < 0)
+        return -1;
+    if ((uint64_t)key_len == key_size && memcmp(c->buf + key_at, key, (size_t)key_len) == 0) {
+        *found = c->pos - (Py_ssize_t)value_size;
+        *found_size = value_size;
+    }
+    return 0;
+}
+
+/* Where the TTHeader string key-value `key` (UTF-8) is: its offset in *found, -1 if absent. */
+static int
+find_tt_string(Cursor *c, const char *key, Py_ssize_t key_len, Py_ssize_t *found,
+               uint64_t *found_size)
+{
+    unsigned id, count;
+    if (u8(c, "protocol id", &id) < 0 || u8(c, "transform count", &count) < 0 ||
+        skip(c, count, "transform ids") < 0)
+        return -1;
+    while (c->pos < c->end) {
+        unsigned info, n, size;
+        if (u8(c, "info id", &info) < 0)
+            return -1;
+        if (info == 0x00)
+            break;
+        if (info == 0x11) {
+            if (u16(c, "ACL token length", &size) < 0 || skip(c, size, "ACL token") < 0)
+                return -1;
+            continue;
+        }
+        if (info != 0x01 && info != 0x10) {
+            fail(ProtocolError, "unknown TTHeader info id 0x%02x", info);
+            return -1;
+        }
+        if (u16(c, "key-value count", &n) < 0)
+            return -1;
+        for (unsigned i = 0; i < n; i++) {
+            unsigned key_size = 0, value_size;
+            Py_ssize_t key_at = c->pos;
+            if (info == 0x01) {
+                if (u16(c, "key length", &key_size) < 0)
+                    return -1;
+                key_at = c->pos;
+                if (skip(c, key_size, "string key") < 0)
+                    return -1;
+            } else if (u16(c, "integer key", &key_size) < 0) {
+                return -1;
+            }
+            if (u16(c, "value length", &value_size) < 0)
+                return -1;
+            if (info == 0x10) {
+                if (skip(c, value_size, "integer value") < 0)
+                    return -1;
+                continue;
+            }
+            if (match_value(c, key_size, key, key_len, value_size, key_at, found, found_size) < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+/* The same for a THeader header: a per-request key-value wins over a persistent one. */
+static int
+find_t_string(Cursor *c, const char *key, Py_ssize_t key_len, Py_ssize_t *found,
+              uint64_t *found_size)
+{
+    uint64_t id, count;
+    if (varint(c, "protocol id", &id) < 0 || varint(c, "transform count", &count) < 0)
+        return -1;
+    for (uint64_t i = 0; i < count; i++)
+        if (varint(c, "transform id", &id) < 0)
+            return -1;
+    Py_ssize_t persistent = -1;
+    uint64_t persistent_size = 0;
+    while (c->pos < c->end) {
+        uint64_t info, n;
+        if (varint(c, "info id", &info) < 0)
+            return -1;
+        if (info != 1 && info != 2)
+            break; /* padding, or an unknown info block: nothing known after it (see parse) */
+        if (varint(c, "key-value count", &n) < 0)
+            return -1;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t key_size, value_size;
+            if (varint(c, "key length", &key_size) < 0)
+                return -1;
+            Py_ssize_t key_at = c->pos;
+            if (skip(c, key_size, "key") < 0 || varint(c, "value length", &value_size) < 0)
+                return -1;
+            if (match_value(c, key_size, key, key_len, value_size, key_at,
+                            info == 1 ? found : &persistent,
+                            info == 1 ? found_size : &persistent_size) < 0)
+                return -1;
+        }
+    }
+    if (*found < 0) {
+        *found = persistent;
+        *found_size = persistent_size;
+    }
+    return 0;
+}
+
+/* str_value(key) -> str | None: one string header, read without the others. */
+static PyObject *
+frame_str_value(Frame *self, PyObject *key)
+{
+    if (!PyUnicode_Check(key)) {
+        PyErr_Format(PyExc_TypeError, "str_value() key must be str, not %s",
+                     Py_TYPE(key)->tp_name);
+        return NULL;
+    }
+    if (self->str_info != NULL) {
+        PyObject *value = PyDict_GetItemWithError(self->str_info, key);
+        if (value == NULL && PyErr_Occurred())
+            return NULL;
+        return Py_NewRef(value ? value : Py_None);
+    }
+    /* Keys are decoded as text() does, which maps distinct bytes to distinct strings: the
+     * key's bytes are compared. A string text() cannot make is no key of any header. */
+    PyObject *wanted = PyUnicode_AsEncodedString(key, "utf-8", "surrogateescape");
+    if (wanted == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    /* The header copy belongs to the frame, which the caller holds: no Python code runs
+     * during the walk. */
+    Cursor c = {(const uint8_t *)PyBytes_AS_STRING(self->header), FIXED_SIZE,
+                PyBytes_GET_SIZE(self->header), self->tt ? "TTHeader" : "THeader", 0};
+    Py_ssize_t found = -1;
+    uint64_t found_size = 0;
+    int rc = self->tt ? find_tt_string(&c, PyBytes_AS_STRING(wanted), PyBytes_GET_SIZE(wanted),
+                                       &found, &found_size)
+                      : find_t_string(&c, PyBytes_AS_STRING(wanted), PyBytes_GET_SIZE(wanted),
+                                      &found, &found_size);
+    Py_DECREF(wanted);
+    if (rc < 0)
+        return NULL;
+    if (found < 0)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeUTF8((const char *)c.buf + found, (Py_ssize_t)found_size,
+                                "surrogateescape");
+}
+
 static PyObject *do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj,
                           long long flags, PyObject *strs_in, PyObject *ints_in, PyObject *acl,
                           PyObject *transforms, int framed);
@@ -746,6 +897,9 @@ static PyMethodDef frame_methods[] = {
     {"reply", (PyCFunction)(void (*)(void))frame_reply, METH_FASTCALL | METH_KEYWORDS,
      "reply(payload, *, str_info=None, int_info=None) -> bytes: the reply frame for this "
      "request: same kind, protocol id, seqid, flags, transforms and payload framing."},
+    {"str_value", (PyCFunction)frame_str_value, METH_O,
+     "str_value(key) -> str | None: one string header (a TTHeader string key-value, a THeader "
+     "header; a per-request one before a persistent one), read without the others."},
     {"int_value", (PyCFunction)frame_int_value, METH_O,
      "int_value(key) -> str | None: one TTHeader integer key-value (None for THeader)."},
     {"with_payload", (PyCFunction)frame_with_payload, METH_O,

@@ -59,6 +59,9 @@ class HeaderFrame:
     def payload_framed(self) -> bool:
         """True when a TTHeader payload was itself framed (Kitex's TTHeaderFramed); the 4-byte
         length is not part of :attr:`payload`."""
+    def str_value(self, key: str, /) -> str | None:
+        """One string header (a TTHeader string key-value, a THeader header; a per-request one
+        before a persistent one), read without the others; None when absent."""
     def int_value(self, key: int, /) -> str | None:
         """One TTHeader integer key-value (the last sent), read without the others; None when
         absent, and for THeader."""

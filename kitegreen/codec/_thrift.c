@@ -1653,6 +1653,28 @@ mod_frame_end(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return found < -1 ? NULL : PyLong_FromSsize_t(found);
 }
 
+/* A tuple of n new references, which it takes: each may be NULL (a failed conversion), and
+ * then the others are released and NULL returned. Per request, in place of Py_BuildValue,
+ * which parses its format string on each call. */
+static PyObject *
+steal_tuple(Py_ssize_t n, PyObject **items)
+{
+    PyObject *out = NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (items[i] == NULL)
+            goto fail;
+    out = PyTuple_New(n);
+    if (out == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(out, i, items[i]);
+    return out;
+fail:
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_XDECREF(items[i]);
+    return NULL;
+}
+
 /* read_message_begin(proto, buf, start, end) -> (name, mtype, seqid, body_offset) */
 static PyObject *
 mod_read_message_begin(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -1678,8 +1700,9 @@ mod_read_message_begin(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     release_bytes(&b);
     if (rc < 0)
         return NULL;
-    PyObject *out = Py_BuildValue("(Niin)", name, mtype, (int)seqid, pos);
-    return out;
+    PyObject *items[4] = {name, PyLong_FromLong(mtype), PyLong_FromLong(seqid),
+                          PyLong_FromSsize_t(pos)};
+    return steal_tuple(4, items);
 }
 
 /* The fields of a struct, in spec order, as a tuple: decoded values, defaults for the rest.
@@ -1792,7 +1815,10 @@ mod_read_args_within(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     (void)mod;
     Py_ssize_t cost = 0;
     PyObject *tuple = read_whole("read_args_within", args, nargs, 1, &cost);
-    return tuple == NULL ? NULL : Py_BuildValue("(Nn)", tuple, cost);
+    if (tuple == NULL)
+        return NULL;
+    PyObject *items[2] = {tuple, PyLong_FromSsize_t(cost)};
+    return steal_tuple(2, items);
 }
 
 /* ---- encoding ------------------------------------------------------------------------------- */

@@ -34,8 +34,10 @@ def deadline(frame: HeaderFrame, arrived: float) -> float | None:
     if frame.kind == "ttheader":
         timeout = frame.int_value(_RPC_TIMEOUT)
     else:
-        strs = frame.str_info
-        timeout = strs.get(THeaderKey.CLIENT_TIMEOUT) or strs.get(THeaderKey.DEADLINE_BUDGET)
+        # One key read from the header bytes: str_info would split every header into a dict.
+        timeout = frame.str_value(THeaderKey.CLIENT_TIMEOUT) or frame.str_value(
+            THeaderKey.DEADLINE_BUDGET
+        )
     millis = _milliseconds(timeout)
     return None if millis is None else arrived + millis / 1000.0
 
@@ -96,7 +98,7 @@ def is_trusted(peer: str | None, trusted: tuple[IpNetwork, ...]) -> bool:
 def claimed_ip(frame: HeaderFrame) -> str | None:
     """The client address a proxy put in the ``rip`` header (``ip``, ``ip:port`` or
     ``[ip]:port``), normalised; None when absent or not an address."""
-    raw = frame.str_info.get(StrKey.REAL_IP)
+    raw = frame.str_value(StrKey.REAL_IP)
     if not raw:
         return None
     host = raw
