@@ -101,6 +101,10 @@ _METHOD = _structlog_var("method")
 _LOG_ID = _structlog_var("log_id")
 
 
+def _ignore_wake(interrupted: BaseException | None) -> None:
+    """A closed connection's wake-up: nothing to do."""
+
+
 def _forget(connection: Connection) -> None:
     """No owner to tell that a connection closed."""
 
@@ -241,7 +245,9 @@ class Connection:
         """Where the connection's requests run: its peer, ``real_ip()``, ``request_info()``."""
         # Called in the hub when bytes arrive (None), or a stop or the idle sweeper ends the
         # wait (the exception): a worker runs the connection. Made once: no frame per request.
-        self._wake = partial(ctx.dispatcher.dispatch, self._run)
+        self._wake: Callable[[BaseException | None], None] = partial(
+            ctx.dispatcher.dispatch, self._run
+        )
 
     def start(self) -> None:
         """Start serving; never blocks. The connection is read when its bytes arrive, on a
@@ -328,8 +334,10 @@ class Connection:
 
     def _close(self, linger: float) -> None:
         self.ctx.streams.discard(self.stream)
-        # The context refers back to this connection (its info source): let go of it.
+        # The context and the wake-up refer back to this connection: let go of them, so that
+        # it is freed once closed rather than by the cyclic garbage collector.
         self._context = None
+        self._wake = _ignore_wake
         self.stream.close(linger, self._closed)
 
     def _closed(self) -> None:

@@ -153,12 +153,16 @@ class MessageStream:
         return self._pos < len(self._buf)
 
     def receive(self) -> bool | None:
-        """Once woken: take what arrived, with one ``recv`` if nothing was buffered.
+        """Once woken by bytes (:meth:`wait_readable`): end the wait and take what arrived,
+        with one ``recv`` if nothing was buffered.
 
         Returns:
             True: bytes are buffered; False: the peer closed the connection between
             messages; None: nothing had arrived after all (a spurious wake-up).
         """
+        self.rwatch.stop()
+        self.idle = False
+        self._waiter = None
         if self._pos < len(self._buf):
             return True
         try:
@@ -224,20 +228,14 @@ class MessageStream:
         """Between messages: wait for the next one holding no greenlet.
 
         The read watcher calls ``wake(None)`` from the hub once bytes (or an end-of-stream)
-        arrive; :meth:`interrupt_if_idle` calls ``wake(exc)`` instead. Either way the wait is
-        over: call again to wait again.
+        arrive; the woken side calls :meth:`receive` first, which ends the wait. Or
+        :meth:`interrupt_if_idle` ends it and calls ``wake(exc)``. Call again to wait again.
         """
         self.idle_since = time.monotonic()
         self.idle = True
         self._waiter = wake
-        self.rwatch.start(self._readable)
-
-    def _readable(self) -> None:
-        # In the hub, from the read watcher.
-        self.rwatch.stop()
-        self.idle = False
-        wake, self._waiter = self._waiter, None
-        wake(None)
+        # ``wake`` straight from the loop: no Python frame between the watcher and the worker.
+        self.rwatch.start(wake, None)
 
     def _recv_more(self, deadline: float) -> None:
         """Append the next bytes of the message being read, waiting no later than ``deadline``."""
