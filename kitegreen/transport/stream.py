@@ -55,9 +55,10 @@ class MessageStream:
     """One accepted socket, read a whole message at a time.
 
     It drives a plain non-blocking socket with two gevent io watchers rather than gevent's
-    cooperative socket: between messages it waits for readability first and then reads, so the
-    common case costs one ``recv``, no ``BlockingIOError`` and no gevent ``Timeout`` (an idle
-    sweeper enforces ``idle_timeout`` for every connection at once).
+    cooperative socket: between messages it waits for readability first, holding no greenlet
+    (:meth:`wait_readable`), and then reads, so the common case costs one ``recv``, no
+    ``BlockingIOError`` and no gevent ``Timeout`` (an idle sweeper enforces ``idle_timeout``
+    for every connection at once).
 
     Args:
         raw: a connected, non-blocking socket.
@@ -110,7 +111,7 @@ class MessageStream:
     # -- reading ---------------------------------------------------------------------------
 
     def read_message(self) -> tuple[bytes | bytearray, int, int]:
-        """Receive one whole message, the bytes received so far (:meth:`receive`) its start.
+        """Receive one whole message, beginning with the bytes :meth:`receive` took.
 
         Returns:
             ``(buffer, start, end)``: the message is ``buffer[start:end]`` (a frame's payload on
