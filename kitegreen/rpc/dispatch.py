@@ -43,6 +43,8 @@ class Dispatcher:
         """Workers waiting for a job, the most recently used last (its stack is warmest)."""
         self._workers: set[RawGreenlet] = set()
         """Every worker alive, parked or busy."""
+        self.dispatches = 0
+        """Jobs handed out so far (the hub watch tells a busy worker from a blocked one)."""
 
     def __len__(self) -> int:
         """Workers alive: busy and parked."""
@@ -56,6 +58,7 @@ class Dispatcher:
     def dispatch(self, job: Job, arg: Any) -> None:
         """Run ``job(arg)`` now on a worker; only from the hub (an io or loop callback): the
         worker runs until it waits or finishes, then the hub goes on."""
+        self.dispatches += 1
         parked = self._parked
         if parked:
             parked.pop().switch(job, arg)

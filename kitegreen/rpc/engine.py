@@ -134,6 +134,7 @@ class Engine:
                 config.hub_block_threshold,
                 block_reporter(log, reports, self._count_hub_block),
                 starvation_logger(log),
+                progress=self._dispatches,
             )
         self._started = False
         self._stopped = GEvent()
@@ -472,6 +473,9 @@ class Engine:
         self.limiter.release_connection()
         if not self._open:
             self._all_closed.set()
+
+    def _dispatches(self) -> int:
+        return self._ctx.dispatcher.dispatches
 
     def _count_hub_block(self) -> None:
         if self.metrics is not None:
