@@ -2,7 +2,7 @@
 
 kitegreen's server CPU per request grows between 50 and 500 connections (``run.py``'s target
 "at 500 no more than 1.10x its own at 50"). Each study below separates one possible cause, on
-``ping()`` over binary/buffered, kitegreen with its limits off, at ``--conns`` (50,500):
+``ping()`` over binary/buffered, kitegreen with its limits off, at ``--conns`` (50,500,5000):
 
 ``null``        the C null server (``loadgen --serve``) pinned like a server: its CPU per
                 request is mostly the kernel's loopback TCP path, so its growth is the kernel's
@@ -11,6 +11,8 @@ kitegreen's server CPU per request grows between 50 and 500 connections (``run.p
 ``cachegrind``  user-space instructions and simulated cache misses per request (valgrind's
                 cachegrind, last level set to ``--cache`` bytes, by default an EPYC core's
                 512 KiB L2), a run without load subtracted; slow: about a minute per count
+``idle``        resident memory per idle connection, ``--idle`` (10,000) held after one ping
+                each (the server's RSS before and after, as ``run.py`` measures it)
 
 Every run is bounded by a request count or a duration, and binds 127.0.0.1 only. Needs the
 load generator ``run.py`` builds, and ``strace`` / ``valgrind`` for those studies.
@@ -80,12 +82,17 @@ def cpu_per_request(
 ) -> None:
     """Each connection count in turn, ``--rounds`` times: req/s and the server's CPU µs/req."""
     for rnd in range(args.rounds):
+        first = None
         for conns in args.conns:
             cpu0 = run.cpu_seconds(pid)
             res = run.run_loadgen(port, msg, conns, args.warmup, args.duration, pin)
             us = run._per_request(run.cpu_seconds(pid) - cpu0, res)
             rps = res["rps"]
-            print(f"{label} round {rnd} {conns:5d} conns: {rps:9,.0f} req/s {us:6.2f} µs/req")
+            first = first or us
+            print(
+                f"{label} round {rnd} {conns:5d} conns: {rps:9,.0f} req/s {us:6.2f} µs/req "
+                f"({us / first:.2f}x at {args.conns[0]}), p99 {res.get('p99_us', 0) / 1000:.2f} ms"
+            )
 
 
 def study_null(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
@@ -163,18 +170,34 @@ def study_cachegrind(args: argparse.Namespace, msg: run.Message, pin: bool) -> N
         print(f"cachegrind {conns:5d} conns, {done} requests, per request: {per}")
 
 
+def study_idle(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
+    server = run.start_server(SUBJECT, args.wire, msg, pin)
+    try:
+        m = run.measure_idle_rss(server, msg, args.idle, pin)
+    finally:
+        server.stop()
+    if "error" in m:
+        raise SystemExit(f"idle: {m['error']}")
+    print(
+        f"idle {args.idle} connections held: RSS {m['before_kb']} -> {m['after_kb']} KB, "
+        f"{m['per_conn_kb']:.2f} KB per connection"
+    )
+
+
 STUDIES = {
     "null": study_null,
     "curve": study_curve,
     "syscalls": study_syscalls,
     "cachegrind": study_cachegrind,
+    "idle": study_idle,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("studies", nargs="*", help=f"any of {', '.join(STUDIES)} (default: all)")
-    parser.add_argument("--conns", default="50,500", help="comma-separated connection counts")
+    parser.add_argument("--conns", default="50,500,5000", help="comma-separated connection counts")
+    parser.add_argument("--idle", type=int, default=10000, help="connections held, idle study")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=3.0)
@@ -192,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)}")
     run.build_loadgen()
+    # The load generator and the server inherit the limit: one descriptor per connection.
+    run.raise_nofile(max(args.idle, *args.conns) + 256)
     msg = run.encode_messages()["ping", args.wire]
     pin = run.can_pin()
     for name in args.studies or list(STUDIES):

@@ -1,9 +1,10 @@
 """What a handler can know about the request it serves: the caller's real IP, and the metadata a
 header protocol carried (TTHeader from Kitex and kite, THeader from Apache Thrift and fbthrift).
 
-kite smuggled the peer address to handlers through a map keyed by goroutine id. Each gevent
-greenlet runs in its own ``contextvars`` context, so a context variable set by the connection's
-greenlet is seen by the handler it calls and by nothing else.
+kite smuggled the peer address to handlers through a map keyed by goroutine id. Each
+connection has its own ``contextvars`` context, and the worker greenlet serving one of its
+requests runs in it, so a context variable set for the connection is seen by the handler it
+calls and by nothing else.
 
 A new greenlet starts with an empty context (greenlet's documented behaviour, unlike an asyncio
 task), so a greenlet the handler spawns would see none of it. :func:`inherit_on_spawn`, which

@@ -369,14 +369,14 @@ class TestDebugServer:
         assert found[("kitegreen_requests_total", frozenset({("method", "echo")}))] == 1
 
     def test_greenlets(self, debug_server):
-        """/debug/greenlets lists greenlet stacks, a connection's kitegreen frames among them."""
+        """/debug/greenlets lists greenlet stacks, the warm request workers' among them."""
         with thriftpy2_client(TestService, debug_server.address) as c:
             assert c.echo("x") == "x"
             status, _, body = fetch(debug_url(debug_server, "/debug/greenlets"))
         assert status == 200
         text = body.decode()
         assert "Greenlet" in text
-        assert "kitegreen/rpc/loop.py" in text
+        assert "kitegreen/rpc/dispatch.py" in text
 
     def test_health_while_serving(self, debug_server):
         """/health answers 200 "ok" while the server serves."""

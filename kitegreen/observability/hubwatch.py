@@ -66,6 +66,9 @@ class HubWatch:
         on_starved: called in the hub after a stall of more than ``threshold`` in which the
             process did not run (stopped, or starved of CPU), with the seconds it lasted and
             the CPU seconds the hub thread used meanwhile; None: not told.
+        progress: a count that moves each time the hub hands a greenlet new work (the
+            engine's dispatches). A warm worker greenlet serves one request after another, so
+            the same greenlet at two samples of a lagging loop is no block if the count moved.
     """
 
     def __init__(
@@ -73,8 +76,11 @@ class HubWatch:
         threshold: float,
         on_block: Callable[[float, list[str]], None],
         on_starved: Callable[[float, float], None] | None = None,
+        *,
+        progress: Callable[[], int] | None = None,
     ) -> None:
         self.threshold = threshold
+        self._progress = progress or _no_progress
         self._on_block = on_block
         self._on_starved = on_starved
         self._beat = time.monotonic()
@@ -131,8 +137,9 @@ class HubWatch:
         interval = self.threshold / 4
         hub_run_code = type(self._hub).run.__code__
         hub = _ThreadState(self._hub_thread, hub_native_id)
-        suspect: int | None = None
-        reported: int | None = None
+        progress = self._progress
+        suspect: tuple[int, int] | None = None
+        reported: tuple[int, int] | None = None
         woke = time.monotonic()
         hub_cpu = hub.cpu()
         # acquire() returns True only once stop() releases the lock.
@@ -149,7 +156,9 @@ class HubWatch:
                 return  # the hub thread is gone
             root: FrameType | None = _outermost(frame)
             assert root is not None
-            root_id, at_rest = id(root), root.f_code is hub_run_code
+            # The same greenlet on the same piece of work: its outermost frame and the count of
+            # work handed out.
+            root_id, at_rest = (id(root), progress()), root.f_code is hub_run_code
             # No frame may outlive the sample: a frame held here keeps the locals of a function
             # that has since returned alive (a request's arguments, say), and frees them in this
             # thread, at an unforeseen time, when the next sample replaces it.
@@ -214,6 +223,10 @@ class _ThreadState:
         except (OSError, IndexError):
             return True
         return state != "R"
+
+
+def _no_progress() -> int:
+    return 0
 
 
 def _outermost(frame: FrameType) -> FrameType:

@@ -1,9 +1,9 @@
 """The data plane of one process: bytes in, calls, bytes out.
 
 An :class:`Engine` owns the listener (bound here or handed in), the acceptor, connection
-admission, the greenlet pool, the :class:`~kitegreen.rpc.loop.ServeContext` every connection
-shares, the idle sweeper, the watch of the hub its handlers run on, and the phases of a stop,
-each a verb the owner calls in order:
+admission, the open connections and the warm greenlets that serve them, the
+:class:`~kitegreen.rpc.loop.ServeContext` every connection shares, the idle sweeper, the watch
+of the hub its handlers run on, and the phases of a stop, each a verb the owner calls in order:
 
 1. :meth:`Engine.begin_stop`: ``/health`` turns 503 and TTHeader replies ask Kitex clients to
    stop reusing their connections; the engine still accepts and serves.
@@ -28,7 +28,6 @@ from typing import Any
 
 import gevent
 from gevent.event import Event as GEvent
-from gevent.pool import Pool
 
 from kitegreen import context
 from kitegreen.codec.wire import Wire
@@ -41,6 +40,7 @@ from kitegreen.observability.panics import PanicLog
 from kitegreen.observability.reporter import CONNECTION_OVERLOAD, ReportGate
 from kitegreen.rpc import metadata
 from kitegreen.rpc.budget import MemoryBudget
+from kitegreen.rpc.dispatch import Dispatcher
 from kitegreen.rpc.loop import Connection, ServeContext
 from kitegreen.rpc.methods import Method
 from kitegreen.transport.acceptor import Acceptor
@@ -55,7 +55,7 @@ a request it did send (a loaded client may take some milliseconds between the tw
 
 
 class Engine:
-    """Serves the methods of one service on one listener, in pooled greenlets.
+    """Serves the methods of one service on one listener, on a few warm greenlets.
 
     Args:
         methods: the method table (:func:`~kitegreen.rpc.methods.build_methods`).
@@ -110,12 +110,17 @@ class Engine:
             close_linger=close_linger,
             memory=MemoryBudget(config.max_message_memory, config.max_inflight_memory),
             tracer=tracing.load(rpc_service or config.service_name) if config.tracing else None,
+            dispatcher=Dispatcher(),
+            connection_closed=self._connection_closed,
         )
         # A greenlet a handler spawns sees the request's context: real_ip(), request_info(),
         # the current span, the log context.
         context.inherit_on_spawn()
         self._first_request_grace = first_request_grace
-        self._pool = Pool()
+        self._open: set[Connection] = set()
+        """Connections not closed yet, lingering ones included."""
+        self._all_closed = GEvent()
+        self._all_closed.set()
         self._acceptor: Acceptor | None = None
         self.binding: Binding | None = None
         """Where the engine listens (or listened, once stopped); None before start()."""
@@ -129,6 +134,7 @@ class Engine:
                 config.hub_block_threshold,
                 block_reporter(log, reports, self._count_hub_block),
                 starvation_logger(log),
+                progress=self._dispatches,
             )
         self._started = False
         self._stopped = GEvent()
@@ -172,7 +178,7 @@ class Engine:
                 sock,
                 self._handle,
                 self._admit,
-                self._pool,
+                None,
                 max_accept=max_accept,
                 gate=accept_gate,
             )
@@ -314,27 +320,33 @@ class Engine:
         """
         streams = self._ctx.streams
         hand_over = self._ctx.hand_off is not None
-        while len(self._pool):
+        while self._open:
             # Handed over, a connection needs no grace: its next request reaches the other
             # worker as it would have reached this one.
             streams.end_idle(self._first_request_grace, hand_over=hand_over)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            self._pool.join(timeout=min(remaining, 0.05))
+            self._all_closed.wait(timeout=min(remaining, 0.05))
         busy = streams.busy()
-        if len(self._pool):
+        if self._open:
             if busy:
                 self.log.error(
                     "exit_wait_time passed with requests in flight; cutting them off",
                     connections=busy,
                 )
-            self._pool.kill(block=True, timeout=1.0)
+            # The requests in flight end with their workers; the connections that wait (for
+            # a request, or for their peer's FIN) close now.
+            self._ctx.dispatcher.kill_busy()
+            for connection in list(self._open):
+                connection.cut_off()
+            self._all_closed.wait(timeout=1.0)
         return busy == 0
 
     def finish(self) -> None:
         """Phase 4: stop the background greenlets and flush the panic log."""
         self._stop_background()
+        self._ctx.dispatcher.close()
         self._ctx.panics.flush()
 
     def _stop_background(self) -> None:
@@ -374,7 +386,7 @@ class Engine:
             return False
         # Not counted as accepted: the instance accepted it once, in the worker that retired.
         self.limiter.admit_connection(force=True)
-        self._pool.spawn(self._serve, sock, address, (wire, pending))
+        self._serve(sock, address, (wire, pending))
         return True
 
     # -- what the control plane reads and sets ---------------------------------------------
@@ -413,8 +425,10 @@ class Engine:
         }
 
     def greenlets(self) -> int:
-        """Greenlets this engine runs: one per connection, the sweeper, the hub watch."""
-        return len(self._pool) + sum(1 for p in (self.idle_sweeper, self.hub_watch) if p)
+        """Greenlets this engine runs: the workers serving requests now or kept warm (none
+        per connection), the sweeper, the hub watch."""
+        workers = len(self._ctx.dispatcher)
+        return workers + sum(1 for p in (self.idle_sweeper, self.hub_watch) if p)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -433,9 +447,10 @@ class Engine:
 
     def _take_in(self, sock: Any, address: Any) -> None:
         self.limiter.admit_connection(force=True)
-        self._pool.spawn(self._handle, sock, address)
+        self._handle(sock, address)
 
     def _handle(self, sock: Any, address: Any) -> None:
+        # In the hub (the acceptor's callback): nothing here waits.
         if self.metrics is not None:
             self.metrics.connection_accepted()
         self._serve(sock, address)
@@ -444,9 +459,23 @@ class Engine:
         self, sock: Any, address: Any, adopted: tuple[Wire | None, bytes] | None = None
     ) -> None:
         try:
-            Connection(sock, address, self._ctx, adopted).serve()
-        finally:
+            connection = Connection(sock, address, self._ctx, adopted)
+        except BaseException:
             self.limiter.release_connection()
+            sock.close()
+            raise
+        self._open.add(connection)
+        self._all_closed.clear()
+        connection.start()
+
+    def _connection_closed(self, connection: Connection) -> None:
+        self._open.discard(connection)
+        self.limiter.release_connection()
+        if not self._open:
+            self._all_closed.set()
+
+    def _dispatches(self) -> int:
+        return self._ctx.dispatcher.dispatches
 
     def _count_hub_block(self) -> None:
         if self.metrics is not None:

@@ -1,10 +1,13 @@
 """One client connection's request loop: kite's ``processRequests`` and ``onPanic``.
 
-The loop runs in the connection's own pooled greenlet, and the handler is called in it, so
-``real_ip()`` sees this connection's peer. A request is: one whole message from the
-:class:`~kitegreen.transport.stream.MessageStream`, decoded from memory by the compiled codec,
-the limits, the handler, the reply encoded in one piece and sent with (usually) one ``send``.
-Everything the loop needs is resolved once in :class:`ServeContext`.
+Between messages a connection holds no greenlet, only its socket, its read watcher and its
+state. When bytes arrive, a warm worker greenlet of the :class:`~kitegreen.rpc.dispatch.
+Dispatcher` takes it, serves every whole message that arrived, one at a time and in order, and
+lets it wait again. The worker runs in the connection's own ``contextvars`` context, so
+``real_ip()``, ``request_info()`` and the log context are this connection's. A request is: one
+whole message from the :class:`~kitegreen.transport.stream.MessageStream`, decoded from memory
+by the compiled codec, the limits, the handler, the reply encoded in one piece and sent with
+(usually) one ``send``. Everything the loop needs is resolved once in :class:`ServeContext`.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import Context, ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import gevent
 import structlog
-from gevent import GreenletExit
+from gevent import GreenletExit, getcurrent
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 from kitegreen import context
@@ -46,6 +50,7 @@ from kitegreen.rpc.budget import (
     encode_off_hub,
     release,
 )
+from kitegreen.rpc.dispatch import Dispatcher
 from kitegreen.rpc.methods import Method
 from kitegreen.transport.connections import StreamSet
 from kitegreen.transport.stream import (
@@ -102,6 +107,14 @@ _METHOD = _structlog_var("method")
 _LOG_ID = _structlog_var("log_id")
 
 
+def _ignore_wake(interrupted: BaseException | None) -> None:
+    """A closed connection's wake-up: nothing to do."""
+
+
+def _forget(connection: Connection) -> None:
+    """No owner to tell that a connection closed."""
+
+
 class CloseConnection(Exception):
     """End the request loop; ``reason`` goes to the debug log."""
 
@@ -137,6 +150,10 @@ class ServeContext:
     tracer: CallTracer | None = None
     """Starts each call's span (``Config.tracing`` on and OpenTelemetry installed)."""
     streams: StreamSet = field(default_factory=StreamSet)
+    dispatcher: Dispatcher = field(default_factory=Dispatcher)
+    """The warm greenlets that serve connections whose bytes arrived."""
+    connection_closed: Callable[[Connection], object] = _forget
+    """Called once a connection's socket is closed (a lingering close finished)."""
     stop_announced: bool = field(default=False, init=False)
     """Whether a stop has begun (:meth:`announce_stop`); read-only outside this class."""
     finishing: bool = field(default=False, init=False)
@@ -179,6 +196,7 @@ class Connection:
     """Serve Thrift requests on one accepted socket until it closes or the server stops."""
 
     __slots__ = (
+        "_context",
         "_frame",
         "_handed",
         "_info",
@@ -188,6 +206,7 @@ class Connection:
         "_shown_ip",
         "_span",
         "_span_addresses",
+        "_wake",
         "address",
         "ctx",
         "peer",
@@ -228,25 +247,80 @@ class Connection:
         self._span: CallSpan | None = None
         """The span of the call being handled, while tracing."""
         self._span_addresses: dict[str, Any] | None = None
+        self._context: Context | None = None
+        """Where the connection's requests run: its peer, ``real_ip()``, ``request_info()``."""
+        # Called in the hub when bytes arrive (None), or a stop or the idle sweeper ends the
+        # wait (the exception): a worker runs the connection. Made once: no frame per request.
+        self._wake: Callable[[BaseException | None], None] = partial(
+            ctx.dispatcher.dispatch, self._run
+        )
 
-    def serve(self) -> None:
-        """Run the request loop; return when the connection is done. Never raises Exception."""
-        ctx = self.ctx
+    def start(self) -> None:
+        """Start serving; never blocks. The connection is read when its bytes arrive, on a
+        worker of ``ctx.dispatcher``; ``ctx.connection_closed(self)`` is called once its socket
+        is closed."""
+        self._context = Context()
+        self._context.run(self._bind_context)
         stream = self.stream
-        if ctx.get_real_ip:
+        self.ctx.streams.add(stream)
+        if stream.buffered():
+            # Adopted with a pipelined request's start: read on at once.
+            self.ctx.dispatcher.submit(self._run, None)
+        else:
+            stream.wait_readable(self._wake)
+
+    def _bind_context(self) -> None:
+        if self.ctx.get_real_ip:
             context.set_real_ip(self.peer)
-        # In the connection's greenlet, so in the handler's context: every line logged while
-        # serving it, the application's ``logging`` records included, names the peer.
-        peer_token = _PEER.set(self.peer)
+        # Every line logged while serving the connection, the application's ``logging``
+        # records included, names the peer.
+        _PEER.set(self.peer)
         # Once per connection, not per request: the info is built only when a handler asks.
         context.set_request_info(self._request_info)
-        ctx.streams.add(stream)
-        linger = ctx.close_linger
+
+    def _run(self, interrupted: BaseException | None) -> None:
+        """On a worker: serve what arrived, then wait again or close. Never raises Exception."""
+        getcurrent().gr_context = self._context
+        ctx = self.ctx
+        stream = self.stream
         try:
-            self._loop()
+            if interrupted is None:
+                # One message at a time, in order, until none is left whole: then wait again.
+                received = stream.receive()
+                if received is None:  # a spurious wake-up
+                    stream.wait_readable(self._wake)
+                    return
+                while received:
+                    try:
+                        message = stream.read_message()
+                    except ProtocolError as exc:
+                        self._answer_refused(exc)
+                        raise
+                    self._handle(*message)
+                    # The request's bytes must not outlive it: an idle connection holds no
+                    # buffer.
+                    del message
+                    if ctx.request_budget:
+                        ctx.spend_request()
+                    if ctx.finishing:
+                        if ctx.hand_off is not None and self._hand_off():
+                            break
+                        if not stream.has_input():
+                            # Nothing more arrived: the FIN that follows tells the client a
+                            # request it sends from now on was never seen.
+                            break
+                    if not stream.buffered():
+                        stream.wait_readable(self._wake)
+                        return
+                # The peer closed the connection between messages, or the server stops.
+            elif isinstance(interrupted, HandOver):
+                # Idle with nothing unread: hand it over, or end it as a stop would.
+                self._hand_off()
+            else:
+                raise interrupted
         except GreenletExit:
             # Cut off at the end of a stop: nothing more to wait for.
-            linger = 0.0
+            self._close(0.0)
             raise
         except Exception as exc:  # noqa: BLE001 - whatever a peer sends must not crash the server
             if isinstance(exc, CloseConnection):
@@ -262,11 +336,34 @@ class Connection:
                 )
             else:
                 ctx.log.debug("connection closed", peer=self.peer, reason=_why_closed(exc))
-        finally:
-            context.set_request_info(None)
-            ctx.streams.discard(stream)
-            stream.close(0.0 if self._handed else linger)
-            _PEER.reset(peer_token)
+        self._close(0.0 if self._handed else ctx.close_linger)
+
+    def _close(self, linger: float) -> None:
+        self.ctx.streams.discard(self.stream)
+        # The context and the wake-up refer back to this connection: let go of them, so that
+        # it is freed once closed rather than by the cyclic garbage collector.
+        self._context = None
+        self._wake = _ignore_wake
+        self.stream.close(linger, self._closed)
+
+    def _closed(self) -> None:
+        self.ctx.connection_closed(self)
+
+    def cut_off(self) -> bool:
+        """Close now if the connection waits (for a request, or for its peer's FIN after its
+        own): the end of a stop's wait. One a worker serves is ended by ending the worker.
+
+        Returns:
+            Whether it was closed here.
+        """
+        stream = self.stream
+        if stream.lingering:
+            stream.cut_off()
+            return True
+        if stream.idle:
+            self._close(0.0)
+            return True
+        return False
 
     def _request_info(self) -> RequestInfo:
         """What ``request_info()`` returns in this connection's greenlet: the info of the
@@ -279,35 +376,6 @@ class Connection:
                 return RequestInfo()
             info = self._info = metadata.request_info(frame, self.stream.started_at)
         return info
-
-    def _loop(self) -> None:
-        ctx = self.ctx
-        stream = self.stream
-        read = stream.read_message
-        while True:
-            try:
-                message = read()
-            except ProtocolError as exc:
-                self._answer_refused(exc)
-                raise
-            except HandOver:
-                # Idle with nothing unread: hand it over, or end it as a stop would.
-                self._hand_off()
-                return
-            if message is None:
-                return
-            self._handle(*message)
-            # The request's bytes must not outlive it: an idle connection holds no buffer.
-            del message
-            if ctx.request_budget:
-                ctx.spend_request()
-            if ctx.finishing:
-                if ctx.hand_off is not None and self._hand_off():
-                    return
-                if not stream.has_input():
-                    # Nothing more arrived: the FIN that follows tells the client a request
-                    # it sends from now on was never seen.
-                    return
 
     def _hand_off(self) -> bool:
         """At a message boundary: give the connection to another worker (True) or keep it."""

@@ -18,10 +18,11 @@ class Acceptor(StreamServer):  # type: ignore[misc]
 
     Args:
         listener: a bound, listening socket.
-        handle: serves one connection, in its own greenlet.
+        handle: serves one connection; in its own greenlet of ``pool``, or in the hub
+            (without a pool: it must not wait).
         admit: called before a greenlet is spawned; returns False to refuse the connection
             (the callee closes it).
-        pool: where connection greenlets run.
+        pool: where connection greenlets run; None: ``handle`` runs in the accept loop.
         max_accept: connections accepted per wake-up of the loop; gevent's default when None.
         gate: called before each accept; a positive result is a number of seconds to leave
             the listener alone instead (processes sharing a listener use it to share
@@ -36,7 +37,7 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         listener: Any,
         handle: Callable[[Any, Any], None],
         admit: Callable[[Any, Any], bool],
-        pool: Pool,
+        pool: Pool | None,
         *,
         max_accept: int | None = None,
         gate: Callable[[], float] | None = None,
@@ -82,7 +83,15 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         client_socket, address = args
         if not self._admit(client_socket, address):
             return
-        super().do_handle(*args)
+        if self.pool is not None:
+            super().do_handle(*args)
+            return
+        # gevent's inline handling closes the socket when ``handle`` returns; this one lives on.
+        try:
+            self._handle(client_socket, address)
+        except BaseException:
+            self.do_close(client_socket, address)
+            raise
 
     def drain_backlog(self, handle: Callable[[Any, Any], None]) -> int:
         """Accept every connection the kernel has completed, and pass each to ``handle``.

@@ -48,8 +48,8 @@ class StreamSet:
                 closed, and none needs sparing.
 
         Returns:
-            How many were told to end; they close with a FIN from their own greenlets (or
-            hand themselves over).
+            How many were told to end; each closes with a FIN (or hands itself over) on a
+            worker greenlet.
         """
         now = time.monotonic()
         ended = 0

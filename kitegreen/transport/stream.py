@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent import getcurrent
 
 from kitegreen.codec import _thrift
 from kitegreen.codec.wire import DETECT_BYTES, Wire, detect
@@ -55,9 +55,10 @@ class MessageStream:
     """One accepted socket, read a whole message at a time.
 
     It drives a plain non-blocking socket with two gevent io watchers rather than gevent's
-    cooperative socket: between messages it waits for readability first and then reads, so the
-    common case costs one ``recv``, no ``BlockingIOError`` and no gevent ``Timeout`` (an idle
-    sweeper enforces ``idle_timeout`` for every connection at once).
+    cooperative socket: between messages it waits for readability first, holding no greenlet
+    (:meth:`wait_readable`), and then reads, so the common case costs one ``recv``, no
+    ``BlockingIOError`` and no gevent ``Timeout`` (an idle sweeper enforces ``idle_timeout``
+    for every connection at once).
 
     Args:
         raw: a connected, non-blocking socket.
@@ -67,8 +68,10 @@ class MessageStream:
 
     __slots__ = (
         "_buf",
+        "_done",
         "_pos",
         "_received_at",
+        "_timer",
         "_waiter",
         "hub",
         "idle",
@@ -96,6 +99,8 @@ class MessageStream:
         self._pos = 0
         self._received_at = 0.0
         self._waiter: Any = None
+        self._timer: Any = None
+        self._done: Callable[[], object] | None = None
         self.idle = False
         """True while waiting for the first byte of a message: the only state a stop or the
         idle sweeper may cut without losing a request."""
@@ -105,13 +110,13 @@ class MessageStream:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def read_message(self) -> tuple[bytes | bytearray, int, int] | None:
-        """Receive one whole message.
+    def read_message(self) -> tuple[bytes | bytearray, int, int]:
+        """Receive one whole message, beginning with the bytes :meth:`receive` took.
 
         Returns:
             ``(buffer, start, end)``: the message is ``buffer[start:end]`` (a frame's payload on
             a framed wire; the whole frame, length included, for a header frame), valid until
-            the next call. None when the peer closed the connection between messages.
+            the next call.
 
         Raises:
             TimeoutError: the message did not arrive within ``read_write_timeout`` of its first
@@ -119,13 +124,7 @@ class MessageStream:
             ProtocolError: the bytes are not a message this server accepts (FrameTooLarge when
                 it would exceed ``max_frame_size``).
             PeerClosed: the peer closed the connection in the middle of a message.
-            IdleTimeout, StopServing: raised into the connection while it was idle.
         """
-        if self._pos >= len(self._buf):
-            data = self._recv_first()
-            if not data:
-                return None
-            self._buf, self._pos = data, 0
         # Bytes left over from the previous read came with its last recv: their deadline runs
         # from then, so a pipelined request gets no more time than any other.
         self.started_at = self._received_at
@@ -149,6 +148,33 @@ class MessageStream:
         else:
             self._pos = end
         return buf, start, end
+
+    def buffered(self) -> bool:
+        """Whether received bytes wait to be handed out (a pipelined message's start)."""
+        return self._pos < len(self._buf)
+
+    def receive(self) -> bool | None:
+        """Once woken by bytes (:meth:`wait_readable`): end the wait and take what arrived,
+        with one ``recv`` if nothing was buffered.
+
+        Returns:
+            True: bytes are buffered; False: the peer closed the connection between
+            messages; None: nothing had arrived after all (a spurious wake-up).
+        """
+        self.rwatch.stop()
+        self.idle = False
+        self._waiter = None
+        if self._pos < len(self._buf):
+            return True
+        try:
+            data: bytes = self.raw.recv(RECV_SIZE)
+        except BlockingIOError:
+            return None
+        if not data:
+            return False
+        self._received_at = time.monotonic()
+        self._buf, self._pos = data, 0
+        return True
 
     def pending(self) -> bytes:
         """The bytes received and not handed out yet (a pipelined request's beginning), for a
@@ -199,28 +225,18 @@ class MessageStream:
                 found = end
         return self._pos, found
 
-    def _recv_first(self) -> bytes:
-        # Between messages the peer has usually not sent the next one yet: wait, then read.
+    def wait_readable(self, wake: Callable[[BaseException | None], object]) -> None:
+        """Between messages: wait for the next one holding no greenlet.
+
+        The read watcher calls ``wake(None)`` from the hub once bytes (or an end-of-stream)
+        arrive; the woken side calls :meth:`receive` first, which ends the wait. Or
+        :meth:`interrupt_if_idle` ends it and calls ``wake(exc)``. Call again to wait again.
+        """
         self.idle_since = time.monotonic()
         self.idle = True
-        waiter = self._waiter = getcurrent()
-        # The watcher switches straight back to this greenlet: no gevent Waiter per request.
-        # Anything else that switches here (a kill) is handled like a spurious wake-up below.
-        self.rwatch.start(waiter.switch)
-        try:
-            self.hub.switch()
-        finally:
-            self.rwatch.stop()
-            self.idle = False
-            self._waiter = None
-        while True:
-            try:
-                data: bytes = self.raw.recv(RECV_SIZE)
-                break
-            except BlockingIOError:  # a spurious wake-up
-                self.hub.wait(self.rwatch)
-        self._received_at = time.monotonic()
-        return data
+        self._waiter = wake
+        # ``wake`` straight from the loop: no Python frame between the watcher and the worker.
+        self.rwatch.start(wake, None)
 
     def _recv_more(self, deadline: float) -> None:
         """Append the next bytes of the message being read, waiting no later than ``deadline``."""
@@ -303,42 +319,73 @@ class MessageStream:
         return True
 
     def _interrupt(self, exc: BaseException) -> None:
-        # Runs in the hub. Still idle means still parked on the read watcher with no wake-up
-        # pending (io callbacks switch to their greenlet at once), so nothing can be lost.
+        # Runs in the hub. Still idle means still waiting on the read watcher with no wake-up
+        # pending (io callbacks run at once), so nothing can be lost.
         waiter = self._waiter
         if self.idle and waiter is not None and not self.has_input():
-            waiter.throw(exc)
+            self.rwatch.stop()
+            self.idle = False
+            self._waiter = None
+            waiter(exc)
 
-    def close(self, linger: float = CLOSE_LINGER) -> None:
-        """Close with a FIN, never a reset.
+    def close(self, linger: float = CLOSE_LINGER, done: Callable[[], object] | None = None) -> None:
+        """Close with a FIN, never a reset; call ``done()`` once the socket is closed.
 
         Closing a socket with unread bytes makes the kernel send a reset, which can destroy a
         reply still in flight to the peer. So the write side is shut first (the peer reads
         end-of-stream after whatever it was sent), then whatever the peer still sends is read
-        and discarded until it closes too or ``linger`` seconds pass.
+        and discarded until it closes too or ``linger`` seconds pass. That wait holds no
+        greenlet: the read watcher and a timer finish it from the hub, so this returns at once.
         """
-        raw = self.raw
-        try:
-            if linger > 0:
-                with contextlib.suppress(OSError):
-                    raw.shutdown(socket.SHUT_WR)
-                    self._discard(time.monotonic() + linger)
-        finally:
-            self._buf = b""
-            self.rwatch.close()
-            self.wwatch.close()
-            raw.close()
+        self._done = done
+        self.idle = False
+        self._waiter = None
+        self.rwatch.stop()
+        self._buf = b""
+        if linger > 0:
+            try:
+                self.raw.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                self._timer = self.hub.loop.timer(linger)
+                self._timer.start(self.cut_off)
+                self._discard()
+                return
+        self.cut_off()
 
-    def _discard(self, deadline: float) -> None:
+    def _discard(self) -> None:
         while True:
             try:
-                if not self.raw.recv(RECV_SIZE):
-                    return
-            except BlockingIOError:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                with gevent.Timeout(remaining, False):
-                    self.hub.wait(self.rwatch)
+                if self.raw.recv(RECV_SIZE):
                     continue
+            except BlockingIOError:
+                # Wait for more, or the peer's FIN; the timer ends the wait.
+                if not self.rwatch.active:
+                    self.rwatch.start(self._discard)
                 return
+            except OSError:
+                pass
+            self.cut_off()
+            return
+
+    @property
+    def lingering(self) -> bool:
+        """Whether :meth:`close` is waiting for the peer's FIN."""
+        return self._timer is not None
+
+    def cut_off(self) -> None:
+        """Close the socket now, a linger in progress included; idempotent."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.close()
+        self.idle = False
+        self._waiter = None
+        self._buf = b""
+        self.rwatch.close()
+        self.wwatch.close()
+        if self.raw.fileno() >= 0:
+            self.raw.close()
+        done, self._done = self._done, None
+        if done is not None:
+            done()
