@@ -659,6 +659,7 @@ def test_no_leaks_on_success_or_error_paths():
     assert_no_leak(work)
 
 
+@pytest.mark.slow
 def test_a_checkout_without_the_built_codec_says_how_to_fix_it(tmp_path):
     """Importing kitegreen from a source tree whose codec was never built (``pip install .``,
     then ``python -m kitegreen`` from the checkout) names the cause and the fix."""
