@@ -33,7 +33,7 @@ from wire import head
 from kitegreen.codec import _thrift
 from kitegreen.codec.headers import TRANSFORM_ZLIB, build_frame, parse_frame
 from kitegreen.exceptions import KitegreenError
-from kitegreen.rpc.budget import ENCODE_ON_HUB, encode, pause
+from kitegreen.rpc.budget import ENCODE_ON_HUB, SLICE, encode, pause
 
 pytestmark = pytest.mark.slow
 
@@ -324,10 +324,12 @@ def test_the_codec_refuses_as_soon_as_the_estimate_passes_the_budget():
     offset = int(str(caught.value).rpartition("offset ")[2].rstrip(")"))
     assert offset < 20_000
     # Sliced (a worker thread's decode), the part built is let go of piecemeal: a list cut
-    # short mid-way holds items not built yet (a crash once).
-    for budget in (MIB, 50 * MIB):
+    # short mid-way holds items not built yet (a crash once). Cut early, with a release every
+    # 7 objects; and cut deep into the list (~600k items) with the server's slice: each release
+    # sleeps 50 us with the GIL let go, so slice 7 there took ~170k sleeps (30 s).
+    for budget, slice_ in ((MIB, 7), (50 * MIB, SLICE)):
         with pytest.raises(MemoryBudgetExceeded):
-            _thrift.read_args_within(_thrift.BINARY, body, 0, len(body), spec, budget, 7)
+            _thrift.read_args_within(_thrift.BINARY, body, 0, len(body), spec, budget, slice_)
     args, cost = _thrift.read_args_within(_thrift.BINARY, body, 0, len(body), spec, 2**40, 0)
     assert len(args[0]) == 1_000_000
     assert 80 * 1_000_000 <= cost <= 100 * 1_000_000
