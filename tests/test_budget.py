@@ -8,6 +8,7 @@ Messages are built by hand: the hostile shapes are ones no well-behaved client w
 
 from __future__ import annotations
 
+import gc
 import random
 import socket
 import struct
@@ -32,7 +33,7 @@ from wire import head
 from kitegreen.codec import _thrift
 from kitegreen.codec.headers import TRANSFORM_ZLIB, build_frame, parse_frame
 from kitegreen.exceptions import KitegreenError
-from kitegreen.rpc.budget import ENCODE_ON_HUB, encode
+from kitegreen.rpc.budget import ENCODE_ON_HUB, SLICE, encode, pause
 
 pytestmark = pytest.mark.slow
 
@@ -85,20 +86,41 @@ def theader_zlib(message: bytes) -> bytes:
     )
 
 
+CHUNK = 1 << 20
+
+
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from ``sock``, letting the tests' hub poll between chunks (see
+    :func:`send_all`)."""
     out = bytearray()
     while len(out) < n:
-        chunk = sock.recv(min(n - len(out), 1 << 20))
+        chunk = sock.recv(min(n - len(out), CHUNK))
         if not chunk:
             raise ConnectionError(f"closed after {len(out)} of {n} bytes")
         out += chunk
+        pause()
     return bytes(out)
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """``sock.sendall(data)`` a chunk at a time, letting the tests' hub poll between chunks.
+
+    gevent's ``send`` and ``recv`` return at once while the socket can take or give bytes, so
+    a greenlet moving megabytes holds the test process's hub until the socket would block. On
+    a loaded machine, where the server sends faster than this process reads, it never does:
+    a pinger sharing the hub (:func:`ping_waits`) waited for the whole 8 MB reply, 180-210 ms
+    with two busy loops on two cores, which the tests then blamed on the server.
+    """
+    view = memoryview(data)
+    for begin in range(0, len(view), CHUNK):
+        sock.sendall(view[begin : begin + CHUNK])
+        pause()
 
 
 def exchange(address: tuple[str, int], request: bytes, timeout: float = 30.0) -> bytes:
     """Send a framed (or header-framed) request; return the reply frame, length included."""
     with socket.create_connection(address, timeout=timeout) as sock:
-        sock.sendall(request)
+        send_all(sock, request)
         size = recv_exactly(sock, 4)
         return size + recv_exactly(sock, struct.unpack("!i", size)[0])
 
@@ -302,10 +324,12 @@ def test_the_codec_refuses_as_soon_as_the_estimate_passes_the_budget():
     offset = int(str(caught.value).rpartition("offset ")[2].rstrip(")"))
     assert offset < 20_000
     # Sliced (a worker thread's decode), the part built is let go of piecemeal: a list cut
-    # short mid-way holds items not built yet (a crash once).
-    for budget in (MIB, 50 * MIB):
+    # short mid-way holds items not built yet (a crash once). Cut early, with a release every
+    # 7 objects; and cut deep into the list (~600k items) with the server's slice: each release
+    # sleeps 50 us with the GIL let go, so slice 7 there took ~170k sleeps (30 s).
+    for budget, slice_ in ((MIB, 7), (50 * MIB, SLICE)):
         with pytest.raises(MemoryBudgetExceeded):
-            _thrift.read_args_within(_thrift.BINARY, body, 0, len(body), spec, budget, 7)
+            _thrift.read_args_within(_thrift.BINARY, body, 0, len(body), spec, budget, slice_)
     args, cost = _thrift.read_args_within(_thrift.BINARY, body, 0, len(body), spec, 2**40, 0)
     assert len(args[0]) == 1_000_000
     assert 80 * 1_000_000 <= cost <= 100 * 1_000_000
@@ -326,10 +350,16 @@ def ping_waits(address: tuple[str, int], work: Any) -> tuple[Any, float]:
                 gevent.sleep(0.002)
 
     pinger = gevent.spawn(pings)
+    # A collection of this process's own objects (pytest's, every test module's) would count
+    # as a ping's wait: the server's pause is what is measured.
+    collecting = gc.isenabled()
     try:
         wait_until(lambda: waits, timeout=10)
+        gc.disable()
         result = work()
     finally:
+        if collecting:
+            gc.enable()
         done.set()
         pinger.join(timeout=10)
     assert waits

@@ -35,6 +35,7 @@ def check_config(*args: str, env: dict[str, str] | None = None) -> dict[str, obj
     return settings
 
 
+@pytest.mark.slow
 class TestBind:
     def test_host_and_port(self):
         """-b 127.0.0.1:0 listens there, on a free port, and serves."""
@@ -103,6 +104,7 @@ class TestGunicornFlags:
             ("--worker-class", "kitegreen's workers are always gevent's"),
         ],
     )
+    @pytest.mark.slow
     def test_a_gunicorn_flag_gets_its_equivalent(self, flag, answer):
         """gunicorn's flag names are answered from a table, not by the nearest spelling
         (``--timeout`` would be ``--idle-timeout``, ``--max-requests`` ``--max-frame-size``)."""
@@ -123,6 +125,7 @@ class TestGunicornFlags:
         assert suggested | mentioned <= known
         assert not known & GUNICORN_FLAGS.keys()  # a flag kitegreen has is not answered here
 
+    @pytest.mark.slow
     def test_a_misspelling_still_gets_the_nearest_flag(self):
         """A flag in neither list still gets difflib's nearest."""
         status, _, stderr = run(TARGET, "--idle-timout", "3")
@@ -130,6 +133,7 @@ class TestGunicornFlags:
         assert "unknown flag --idle-timout; did you mean --idle-timeout?" in stderr
 
 
+@pytest.mark.slow
 class TestLevels:
     def test_levels_and_formats_in_any_case(self):
         """--log-level DEBUG and KITE_LOG_FORMAT=JSON are accepted, kept in lower case."""
@@ -143,6 +147,7 @@ class TestLevels:
         assert "log_level must be one of debug, info, warning, error, critical" in stderr
 
 
+@pytest.mark.slow
 class TestCheckConfigDerived:
     def test_derived_values_are_shown_not_null(self):
         """debug_port, drain_time and consul_addr show what the server will use."""

@@ -478,6 +478,7 @@ def test_a_wrong_type_from_a_handler_is_internal_error(make_server, handler, mon
         assert client.echo("next") == "next"
 
 
+@pytest.mark.slow
 def test_no_leaks_on_the_new_paths():
     """The refusals and copies above leave no memory behind (tracemalloc over 2000 rounds)."""
     cls = defaults_thrift.WithDefaults

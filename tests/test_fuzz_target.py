@@ -20,6 +20,7 @@ def load_fuzz_module():
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_seeded_run_finds_nothing(tmp_path, capsys):
     fuzz = load_fuzz_module()

@@ -180,12 +180,14 @@ class TestParserAgrees:
         with pytest.raises(ProtocolError, match=r"transforms \[.*\] are not supported"):
             headers.parse_frame(frame, max_frame_size=LIMIT)
 
+    @pytest.mark.slow
     @DIFF
     @given(valid_frames())
     def test_valid_frames(self, data: bytes) -> None:
         """Every field of every valid frame reads the same."""
         agree(data)
 
+    @pytest.mark.slow
     @DIFF
     @given(mutated())
     @example(b"\x00\x00\x00\x0a\x10\x00" + bytes(8))
@@ -193,6 +195,7 @@ class TestParserAgrees:
         """Broken frames are refused with the same class and message, or read the same."""
         agree(data)
 
+    @pytest.mark.slow
     @DIFF
     @given(block_headers())
     def test_random_blocks(self, data: bytes) -> None:
@@ -212,6 +215,7 @@ class TestParserAgrees:
         """Random bytes, with or without a right LENGTH and magic."""
         agree(data)
 
+    @pytest.mark.slow
     @DIFF
     @given(valid_frames(), st.integers(0, 200))
     def test_small_limits(self, data: bytes, limit: int) -> None:
@@ -229,6 +233,7 @@ def build_outcome(build: Any, kind: Any, arguments: dict[str, Any]) -> Any:
 class TestLazyKeyValues:
     """The key-values are read when first asked for, and read the same either way."""
 
+    @pytest.mark.slow
     @DIFF
     @given(valid_frames())
     def test_int_value_agrees_with_int_info(self, data: bytes) -> None:
@@ -316,6 +321,7 @@ class TestLazyKeyValues:
 class TestBuilderAgrees:
     """The C builder writes the bytes the Python one wrote, and refuses alike."""
 
+    @pytest.mark.slow
     @DIFF
     @given(
         st.sampled_from(["ttheader", "theader", "other"]),

@@ -48,7 +48,7 @@ OVERLOAD_KEYS = {
     "limits_enabled",
 }
 
-pytestmark = pytest.mark.parametrize("mode", list(MODES))
+pytestmark = [pytest.mark.parametrize("mode", list(MODES)), pytest.mark.slow]
 
 
 @pytest.fixture

@@ -85,6 +85,7 @@ def every_line_is_json(lines: list[str]) -> list[dict[str, Any]]:
     return records
 
 
+@pytest.mark.slow
 class TestJson:
     def test_a_handlers_logging_call_is_one_json_line_with_the_request(self, target):
         """``logging.getLogger(...).info`` in a handler appears once, as JSON naming the
@@ -197,6 +198,7 @@ class TestJson:
         assert {r["method"] for r in lines} == {"echo"}
 
 
+@pytest.mark.slow
 class TestConsole:
     def test_records_render_like_kitegreens_own(self, target):
         """--log-format console: the level in brackets, the logger's name, the context."""
@@ -220,6 +222,7 @@ class TestConsole:
         assert json_lines([line]) == []
 
 
+@pytest.mark.slow
 class TestLevel:
     def test_log_level_applies_to_logging_records(self, target, tmp_path):
         """--log-level warning drops an info record and keeps a warning.
@@ -250,6 +253,7 @@ class TestLevel:
         assert record["level"] == "debug"
 
 
+@pytest.mark.slow
 class TestLogConfig:
     def test_a_yaml_dict_config_combines_with_kitegreens_handler(self, target, tmp_path):
         """A dictConfig document sets a logger's level and adds a file handler that uses the

@@ -379,6 +379,7 @@ class TestLogs:
         assert "trace_id" not in lines["listening"]
 
 
+@pytest.mark.slow
 def test_workers_spans_reach_the_exporter(tmp_path):
     """With --workers 2, the application installs an SDK provider in each worker (at the
     import of its target, after the fork); the spans of both workers reach its exporter."""
@@ -428,6 +429,7 @@ def test_workers_spans_reach_the_exporter(tmp_path):
         assert names == {"TestService/ping"}
 
 
+@pytest.mark.slow
 def test_tracing_off_imports_no_opentelemetry():
     """With tracing off, a started server answers calls without importing OpenTelemetry."""
     script = textwrap.dedent(

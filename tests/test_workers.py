@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import json
 import math
@@ -293,7 +294,12 @@ class Caller:
                     sock = _close(sock)
                     continue
                 except OSError as exc:
-                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                    # When and on which connection, to find it in the server's log.
+                    port = None
+                    with contextlib.suppress(OSError):
+                        port = sock.getsockname()[1] if sock is not None else None
+                    when = datetime.datetime.now(datetime.timezone.utc).isoformat()
+                    self.failures.append(f"{type(exc).__name__}: {exc} (port {port}, {when})")
                     sock = _close(sock)
                     continue
                 if not self.keep_alive:
