@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 import structlog
+import structlog.testing
 import ttheader
 from conftest import Handler, loopback_config, testsvc_thrift, wait_until
 from testsvc import TestService as ApacheService
@@ -41,6 +43,16 @@ pytestmark = pytest.mark.timeout(30)
 
 LOG_ID, FROM_SERVICE, TO_METHOD, RPC_TIMEOUT, FROM_METHOD = 2, 3, 9, 12, 20
 PROTOCOL_IDS = {"binary": 0, "compact": 2}
+
+
+SPAWNED: list[gevent.Greenlet] = []
+"""Greenlets ``echo("?spawn")`` started."""
+RELEASE = gevent.event.Event()
+
+
+def _context_once(release: gevent.event.Event) -> dict[str, Any]:
+    release.wait(10)
+    return structlog.contextvars.get_contextvars()
 
 
 class MetadataHandler(Handler):
@@ -66,6 +78,10 @@ class MetadataHandler(Handler):
             )
         if message == "?ctx":
             return json.dumps(structlog.contextvars.get_contextvars())
+        if message == "?spawn":
+            # A greenlet that reads the log context later, once the test releases it.
+            SPAWNED.append(gevent.spawn(_context_once, RELEASE))
+            return "spawned"
         if message == "?biz":
             info.set_biz_status(4001, "no such user", {"user": "u1"})
             info.set_backward("trace", "abc")
@@ -219,6 +235,38 @@ class TestTTHeader:
             second = json.loads(reply_value(ttheader.decode(read_frame(sock)))[1])
         assert first.get("log_id") == "L-7"
         assert "log_id" not in second
+
+    def test_a_spawned_greenlet_keeps_its_requests_log_context(self, make, protocol):
+        """A greenlet the handler spawned sees the method and log id of the request that
+        spawned it, after the connection has served another request and when it has closed."""
+        server = make()
+        SPAWNED.clear()
+        RELEASE.clear()
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(tt_call(protocol, message="?spawn", int_kv={LOG_ID: "L-1"}))
+            assert reply_value(ttheader.decode(read_frame(sock)))[1] == "spawned"
+            sock.sendall(tt_call(protocol, message="?ctx", int_kv={LOG_ID: "L-2"}))
+            second = json.loads(reply_value(ttheader.decode(read_frame(sock)))[1])
+        RELEASE.set()
+        [spawned] = SPAWNED
+        assert spawned.get(timeout=5) == {"peer": "127.0.0.1", "method": "echo", "log_id": "L-1"}
+        assert second["log_id"] == "L-2"
+
+    def test_the_connections_own_lines_name_no_request(self, make, protocol):
+        """What is logged about the connection once its requests are served (its close) does
+        not carry the last request's method and log id."""
+        server = make()
+        with structlog.testing.capture_logs([structlog.contextvars.merge_contextvars]) as logs:
+            with socket.create_connection(server.address, timeout=5) as sock:
+                sock.sendall(tt_call(protocol, message="x", int_kv={LOG_ID: "L-3"}))
+                assert reply_value(ttheader.decode(read_frame(sock)))[1] == "x"
+                sock.sendall(b"\x00\x00\x00\x00")  # a frame of length 0: refused
+                assert sock.recv(1) == b""
+            wait_until(lambda: [e for e in logs if e["event"].startswith("connection closed")])
+        [closed] = [e for e in logs if e["event"].startswith("connection closed")]
+        assert closed["peer"] == "127.0.0.1"
+        assert "method" not in closed
+        assert "log_id" not in closed
 
     def test_log_id_is_in_the_access_log(self, make, protocol):
         """The log id is written in the request's access log line."""

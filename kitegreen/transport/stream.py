@@ -139,7 +139,15 @@ class MessageStream:
             if wire.header and not wire.nested:
                 start -= 4
         else:
-            start, end = self._scan(wire.protocol, deadline)
+            # _scan's common case, inlined (per request): the message is whole in the buffer.
+            start = self._pos
+            found = _thrift.scan(
+                wire.protocol, self._buf, start, len(self._buf), self.max_frame_size
+            )
+            if isinstance(found, int):
+                end = found
+            else:
+                start, end = self._scan_on(found, deadline)
         buf = self._buf
         if end == len(buf):
             # Nothing pipelined behind it: the connection drops its buffer until the next
@@ -214,8 +222,8 @@ class MessageStream:
             raise
         return self._pos + 4, end
 
-    def _scan(self, protocol: int, deadline: float) -> tuple[int, int]:
-        found = _thrift.scan(protocol, self._buf, self._pos, len(self._buf), self.max_frame_size)
+    def _scan_on(self, found: _thrift.Scanner | int, deadline: float) -> tuple[int, int]:
+        """The rest of an unframed message ``found`` (the scanner) began: received until whole."""
         while not isinstance(found, int):
             # The scanner keeps its place: each recv costs a walk over the new bytes only.
             scanner = found
