@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,3 +85,14 @@ def apache_client(
         yield client
     finally:
         trans.close()
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from a plain socket; EOFError if the peer closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data

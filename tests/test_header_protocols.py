@@ -23,6 +23,7 @@ import pytest
 import structlog
 import structlog.testing
 import ttheader
+from clients import read_exactly
 from conftest import Handler, loopback_config, testsvc_thrift, wait_until
 from testsvc import TestService as ApacheService
 from thrift.protocol.THeaderProtocol import THeaderProtocol
@@ -135,16 +136,6 @@ def read_frame(sock: socket.socket) -> bytes:
     head = read_exactly(sock, 4)
     (length,) = struct.unpack(">I", head)
     return head + read_exactly(sock, length)
-
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
 
 
 def reply_value(frame: ttheader.TTHeader, method: str = "echo") -> Any:

@@ -57,7 +57,9 @@ from wire import (
 )
 
 import kitegreen
+from kitegreen.rpc.dispatch import Dispatcher
 
+_WORK_CODE = Dispatcher._work.__code__
 T_STOP, T_I32, T_STRING, T_STRUCT, T_MAP, T_LIST = 0, 8, 11, 12, 13, 15
 C_STOP, C_I32, C_BINARY, C_LIST, C_MAP, C_STRUCT = 0x00, 0x05, 0x08, 0x09, 0x0B, 0x0C
 STOP = b"\x00"
@@ -519,8 +521,17 @@ class Usage:
         )
 
 
+def _parked_worker(g: greenlet.greenlet) -> bool:
+    """A warm worker waiting for its next connection: kept on purpose (at most
+    ``dispatch.KEEP_WARM``), serving nobody; one that serves a connection is counted."""
+    frame = g.gr_frame
+    return frame is not None and frame.f_code is _WORK_CODE
+
+
 def usage(server: kitegreen.RpcServer) -> Usage:
-    greenlets = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet))
+    greenlets = sum(
+        1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not _parked_worker(o)
+    )
     return Usage(len(os.listdir("/proc/self/fd")), greenlets, server.overload()["conn_now"])
 
 

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
+from clients import read_exactly
 from conftest import wait_until
 from greenlet import greenlet
 from service import testsvc_thrift
@@ -55,20 +56,10 @@ def _connect_all(stack: ExitStack, address: tuple[str, int], count: int) -> list
     return socks
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
 def _read_reply(sock: socket.socket) -> tuple[int, int, Any]:
     """One framed binary reply to ``echo``: ``(message type, seqid, returned value)``."""
-    (size,) = struct.unpack("!i", _read_exactly(sock, 4))
-    proto = TCyBinaryProtocol(TCyMemoryBuffer(_read_exactly(sock, size)))
+    (size,) = struct.unpack("!i", read_exactly(sock, 4))
+    proto = TCyBinaryProtocol(TCyMemoryBuffer(read_exactly(sock, size)))
     _, mtype, seqid = proto.read_message_begin()
     result = testsvc_thrift.TestService.echo_result()
     proto.read_struct(result)
