@@ -13,6 +13,8 @@ monkey.patch_all()
 import contextlib  # noqa: E402
 import gc  # noqa: E402
 import inspect  # noqa: E402
+import io  # noqa: E402
+import logging  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -23,8 +25,10 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import pytest  # noqa: E402
+import structlog  # noqa: E402
 
 import kitegreen  # noqa: E402
+from kitegreen.observability import logs  # noqa: E402
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS / "gen_apache"))
@@ -55,10 +59,13 @@ def handler() -> Handler:
 @pytest.fixture
 def make_server(handler: Handler) -> Iterator[Callable[..., kitegreen.RpcServer]]:
     """Factory: ``make_server(**config)`` starts a server on loopback; all are stopped after.
-    ``close_linger=`` shortens how long its closing connections wait for their clients."""
+    ``close_linger=`` shortens how long its closing connections wait for their clients;
+    ``handler=`` serves with another handler than the test's."""
     servers: list[kitegreen.RpcServer] = []
 
-    def make(close_linger: float | None = None, **overrides: Any) -> kitegreen.RpcServer:
+    def make(
+        close_linger: float | None = None, handler: Handler = handler, **overrides: Any
+    ) -> kitegreen.RpcServer:
         server = kitegreen.RpcServer(
             testsvc_thrift.TestService, handler, loopback_config(**overrides)
         )
@@ -70,6 +77,22 @@ def make_server(handler: Handler) -> Iterator[Callable[..., kitegreen.RpcServer]
     yield make
     for server in servers:
         server.stop(timeout=2.0)
+
+
+@pytest.fixture
+def json_log_stream() -> Iterator[io.StringIO]:
+    """kitegreen's JSON logs (structlog's and the standard library's) configured into a
+    StringIO in this process; structlog's and the root logger's setup restored after."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    logs.configure("json", "info", stream=stream)
+    yield stream
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import structlog
 import structlog.testing
 import ttheader
 from clients import read_exactly
-from conftest import Handler, loopback_config, testsvc_thrift, wait_until
+from conftest import Handler, testsvc_thrift, wait_until
 from testsvc import TestService as ApacheService
 from thrift.protocol.THeaderProtocol import THeaderProtocol
 from thrift.Thrift import TApplicationException as ApacheAppError
@@ -90,21 +90,9 @@ class MetadataHandler(Handler):
 
 
 @pytest.fixture
-def make(make_server: Any) -> Iterator[Any]:
-    """``make(**config)``: a server with MetadataHandler."""
-    servers: list[kitegreen.RpcServer] = []
-
-    def build(**overrides: Any) -> kitegreen.RpcServer:
-        server = kitegreen.RpcServer(
-            testsvc_thrift.TestService, MetadataHandler(), loopback_config(**overrides)
-        )
-        server.start()
-        servers.append(server)
-        return server
-
-    yield build
-    for server in servers:
-        server.stop(timeout=2.0)
+def make(make_server: Any) -> Any:
+    """``make(**config)``: a server with a MetadataHandler of its own."""
+    return lambda **overrides: make_server(handler=MetadataHandler(), **overrides)
 
 
 # -- TTHeader through the tests' own codec --------------------------------------------------------

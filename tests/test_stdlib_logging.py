@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from clients import thriftpy2_client
 from conftest import TESTS, testsvc_thrift, wait_until
 from launching import Launcher, json_lines, launcher_env
@@ -362,17 +361,8 @@ class TestFormatterInProcess:
     """``logs.configure`` in this process; structlog's and the root logger's setup restored."""
 
     @pytest.fixture
-    def stream(self):
-        saved = structlog.get_config()
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-        stream = io.StringIO()
-        logs.configure("json", "info", stream=stream)
-        yield stream
-        structlog.configure(**saved)
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        logging.captureWarnings(False)
+    def stream(self, json_log_stream: io.StringIO) -> io.StringIO:
+        return json_log_stream
 
     def test_extra_fields_come_without_another_formatters_leftovers(self, stream):
         """A record another handler formatted first (which sets ``message`` and ``asctime`` on

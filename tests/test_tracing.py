@@ -27,7 +27,7 @@ import structlog
 import ttheader
 import wire
 from clients import thriftpy2_client
-from conftest import Handler, loopback_config, testsvc_thrift, wait_until
+from conftest import Handler, testsvc_thrift, wait_until
 from launching import json_lines, launcher_env
 from opentelemetry import baggage, trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -40,7 +40,6 @@ from thrift.Thrift import TApplicationException as ApacheAppError
 from thriftpy2.thrift import TApplicationException
 
 import kitegreen
-from kitegreen.observability import logs
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -130,20 +129,9 @@ def ids(span: Any) -> list[str]:
 
 
 @pytest.fixture
-def make(make_server: Any) -> Iterator[Any]:
-    servers: list[kitegreen.RpcServer] = []
-
-    def build(**overrides: Any) -> kitegreen.RpcServer:
-        server = kitegreen.RpcServer(
-            testsvc_thrift.TestService, TracingHandler(), loopback_config(**overrides)
-        )
-        server.start()
-        servers.append(server)
-        return server
-
-    yield build
-    for server in servers:
-        server.stop(timeout=2.0)
+def make(make_server: Any) -> Any:
+    """``make(**config)``: a server with a TracingHandler of its own."""
+    return lambda **overrides: make_server(handler=TracingHandler(), **overrides)
 
 
 def server_spans(exporter: InMemorySpanExporter) -> list[Any]:
@@ -351,17 +339,8 @@ class TestRootsAndRefusals:
 
 class TestLogs:
     @pytest.fixture
-    def stream(self) -> Iterator[io.StringIO]:
-        saved = structlog.get_config()
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-        stream = io.StringIO()
-        logs.configure("json", "info", stream=stream)
-        yield stream
-        structlog.configure(**saved)
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        logging.captureWarnings(False)
+    def stream(self, json_log_stream: io.StringIO) -> io.StringIO:
+        return json_log_stream
 
     def test_access_log_and_handler_logs_carry_the_trace(self, make, spans, stream):
         """Lines logged while a traced call runs, the access log and the handler's stdlib
