@@ -32,6 +32,7 @@ from kitegreen.config import Config, check_endpoint_qps_limits, check_int
 from kitegreen.discovery.consul import ConsulConnection
 from kitegreen.discovery.registry import ConsulRegistry, Registrar, Registry, make_registrar
 from kitegreen.discovery.remote_config import RemoteConfigWatcher
+from kitegreen.exceptions import describe
 from kitegreen.limiter import Limits
 from kitegreen.observability.debug import DebugServer
 from kitegreen.observability.events import Event, EventQueue
@@ -160,7 +161,7 @@ class Instance:
         self.remote_config: RemoteConfigWatcher | None = None
         if config.remote_config:
             self.remote_config = RemoteConfigWatcher(
-                self._consul.client(),
+                ConsulConnection(config.consul_addr, config.consul_token),
                 config.service_name,
                 config.cluster,
                 apply=self._apply_remote_limits,
@@ -235,10 +236,19 @@ class Instance:
         self.events.push(STOP_PHASE, phase)
 
     def stop(self) -> None:
-        """Stop every part, in the reverse order of their start; idempotent."""
-        while self._running:
-            self._running.pop().stop()
-        self._consul.close()
+        """Stop every part, in the reverse order of their start; idempotent. A part whose stop
+        fails is logged, and the parts after it are stopped all the same."""
+        try:
+            while self._running:
+                part = self._running.pop()
+                try:
+                    part.stop()
+                except Exception as exc:  # noqa: BLE001 - the other parts must still stop
+                    self.log.error(
+                        "a part failed to stop", part=type(part).__name__, error=describe(exc)
+                    )
+        finally:
+            self._consul.close()
 
     # -- limits --------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from kitegreen.codec.wire import Wire
 from kitegreen.config import Config
 from kitegreen.workers.board import Board
 from kitegreen.workers.handoff import (
+    HANDOFF_GRACE,
     SUPPORTED,
     HandoffReceiver,
     HandoffSender,
@@ -106,7 +107,15 @@ def tt_call(
 class Pair:
     """Two servers on loopback; the first hands its connections to the second when it stops."""
 
-    def __init__(self, make_server: Any, *, receiver: bool = True, **config: Any) -> None:
+    def __init__(
+        self,
+        make_server: Any,
+        *,
+        receiver: bool = True,
+        answer_after: float = 0.0,
+        stop_after_yes: bool = False,
+        **config: Any,
+    ) -> None:
         folder = config.pop("unix_folder", None)
         if folder is not None:
             self.old = make_server(close_linger=0.2, unix_socket=str(folder / "old.sock"))
@@ -117,15 +126,23 @@ class Pair:
         board = Board(4)
         old_slot, new_slot = board.slot(0), board.slot(1)
         new_slot.set_accepting(receiver)
+
+        def ready() -> bool:
+            if answer_after:
+                gevent.sleep(answer_after)  # a receiver slow to answer: a loaded machine
+            serving = bool(self.new.engine.serving)
+            if stop_after_yes and serving:
+                # Runs once the receiver has said yes and waits for the sender to let go: a
+                # worker told to stop in that window (a reload stopping a worker just ready).
+                gevent.spawn(self.new.engine.begin_stop)
+            return serving
+
         self.receiver = HandoffReceiver(
-            handoff_name(os.getpid(), 1),
-            self.new.engine.adopt,
-            LOG,
-            ready=lambda: self.new.engine.serving,
+            handoff_name(os.getpid(), 1), self.new.engine.adopt, LOG, ready=ready
         )
         self.receiver.start()
         self.sender = HandoffSender(board, old_slot, os.getpid(), 60.0, LOG)
-        self.old.engine.hand_off_connections(self.sender)
+        self.old.engine.hand_off_connections(self.sender, grace=HANDOFF_GRACE)
 
     def close(self) -> None:
         self.receiver.stop()
@@ -228,6 +245,46 @@ class TestHandOver:
                 assert read_reply(sock) == (1, "x")
                 assert pair.old.stop(timeout=5.0)
                 assert pair.sender.kept == 1
+                assert sock.recv(1) == b""  # a FIN, not a reset
+        finally:
+            pair.close()
+
+    def test_a_hand_off_in_progress_at_the_deadline_is_let_finish(self, make_server):
+        """The receiver answers after the stop's deadline (exit_wait_time 0.1 s, answer after
+        0.6 s), and the client has already sent its next request: the stop waits for the
+        hand-off rather than cut it midway (both copies closed with that request unread: a
+        reset), and the new engine answers the request."""
+        pair = Pair(make_server, answer_after=0.6)
+        try:
+            with socket.create_connection(pair.old.address, timeout=5.0) as sock:
+                sock.sendall(call("echo", 1, message="before"))
+                assert read_reply(sock) == (1, "before")
+                stopping = gevent.spawn(pair.old.stop, 0.1)
+                wait_until(lambda: pair.old.engine._ctx.handing_off == 1)
+                sock.sendall(call("echo", 2, message="sent during the hand-off"))
+                assert read_reply(sock) == (2, "sent during the hand-off")
+                assert stopping.get(timeout=5.0)
+                assert (pair.sender.handed, pair.sender.kept) == (1, 0)
+                assert pair.receiver.adopted == 1
+        finally:
+            pair.close()
+
+    def test_a_receiver_that_begins_stopping_after_it_said_yes_still_takes_it(self, make_server):
+        """The receiver said yes, then began stopping before the sender let go: it serves the
+        connection all the same, and its own stop ends it later with a FIN at a boundary,
+        instead of closing it at once with the client's next request unread (a reset)."""
+        pair = Pair(make_server, stop_after_yes=True)
+        try:
+            with socket.create_connection(pair.old.address, timeout=5.0) as sock:
+                sock.sendall(call("echo", 1, message="before"))
+                assert read_reply(sock) == (1, "before")
+                assert pair.old.stop(timeout=5.0)
+                assert pair.sender.handed == 1
+                wait_until(lambda: pair.receiver.adopted == 1)
+                assert not pair.new.engine.serving
+                sock.sendall(call("echo", 2, message="after"))
+                assert read_reply(sock) == (2, "after")
+                assert pair.new.stop(timeout=5.0)
                 assert sock.recv(1) == b""  # a FIN, not a reset
         finally:
             pair.close()

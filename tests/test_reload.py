@@ -29,6 +29,8 @@ TAGGED = (
 RELOAD_WITHIN = 2.0
 """Seconds from a file saved to its code answering (the issue's bound)."""
 REFUSED = "reload refused; the workers keep serving"
+WATCHING = "watching for changes; a change reloads the workers"
+"""Logged once the watcher's watches are armed: a save before it is not seen, by design."""
 
 
 def tagged(tag: str, extra: str = "") -> str:
@@ -88,8 +90,8 @@ class TestReload:
         ends with the instance."""
         with launch(app, "--workers", workers) as launcher:
             launcher.wait_for_event("worker ready", timeout=20.0)
+            launcher.wait_for_event(WATCHING, timeout=20.0)
             address = launcher.address()
-            assert launcher.find_event("watching for changes; a change reloads the workers")
             assert echo(address) == "one:x"
             for tag in ("two:", "six:"):
                 app.write_text(tagged(tag))
@@ -106,6 +108,7 @@ class TestReload:
         answering; the save that fixes it is served within 2 s."""
         with launch(app) as launcher:
             launcher.wait_for_event("worker ready", timeout=20.0)
+            launcher.wait_for_event(WATCHING, timeout=20.0)
             address = launcher.address()
             assert echo(address) == "one:x"
             app.write_text(tagged("two:", "def broken(:\n"))
@@ -124,6 +127,7 @@ class TestReload:
         change does."""
         with launch(app) as launcher:
             launcher.wait_for_event("worker ready", timeout=20.0)
+            launcher.wait_for_event(WATCHING, timeout=20.0)
             (app.parent / "notes.txt").write_text("not code\n")
             (app.parent / "svc.thrift").write_text("service S {}\n")
             record = launcher.wait_for_event("files changed; reloading", timeout=10.0)
@@ -147,7 +151,7 @@ class TestReload:
     def test_the_watcher_does_not_outlive_a_killed_arbiter(self, app):
         """The watching child ends with its arbiter, even one killed with SIGKILL."""
         with launch(app) as launcher:
-            record = launcher.wait_for_event("watching for changes; a change reloads the workers")
+            record = launcher.wait_for_event(WATCHING, timeout=20.0)
             launcher.wait_for_event("worker ready", timeout=20.0)
             assert record["watcher"] in launcher.group()
             launcher.proc.kill()

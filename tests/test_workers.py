@@ -16,6 +16,7 @@ import re
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import time
 import types
@@ -221,17 +222,50 @@ def echo_call(address: tuple[str, int], reply: bytes = ECHO_REPLY) -> None:
     """One echo call on a fresh connection, raw: the exact ``reply`` bytes or an exception."""
     with socket.create_connection(address, timeout=5.0) as sock:
         sock.sendall(ECHO)
-        assert _read_reply(sock, len(reply)) == reply
+        assert _read_reply(sock) == reply
 
 
-def _read_reply(sock: socket.socket, size: int = len(ECHO_REPLY)) -> bytes:
-    got = b""
-    while len(got) < size:
-        chunk = sock.recv(size - len(got))
-        if not chunk:
-            raise EOFError(len(got))
-        got += chunk
-    return got
+_FIXED_SIZES = {2: 1, 3: 1, 4: 8, 6: 2, 8: 4, 10: 8}
+"""Bytes of Thrift's fixed-size types in the binary protocol: bool, byte, double, i16, i32,
+i64."""
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    """One whole binary (unframed) reply, however long, delimited as Thrift delimits it: the
+    message header, then the struct. Read by the echo reply's size instead, a reply of another
+    size (an exception: a QPS refusal, say) would put the caller out of step with the server,
+    one more request in flight at each, until a pipelining caller floods it.
+
+    Raises:
+        EOFError: the connection ended; its argument is how many bytes of the reply came.
+    """
+    got = bytearray()
+
+    def take(size: int) -> bytes:
+        start = len(got)
+        while len(got) - start < size:
+            chunk = sock.recv(size - (len(got) - start))
+            if not chunk:
+                raise EOFError(len(got))
+            got.extend(chunk)
+        return bytes(got[start:])
+
+    def skip_struct() -> None:
+        while (field_type := take(1)[0]) != 0:
+            take(2)  # the field id
+            if field_type in _FIXED_SIZES:
+                take(_FIXED_SIZES[field_type])
+            elif field_type == 11:  # string
+                take(struct.unpack("!i", take(4))[0])
+            elif field_type == 12:
+                skip_struct()
+            else:
+                raise ValueError(f"type {field_type} in a reply: not one these tests expect")
+
+    take(4)  # the version and the message type
+    take(struct.unpack("!i", take(4))[0] + 4)  # the name, then the seqid
+    skip_struct()
+    return bytes(got)
 
 
 def gone(pid: int) -> bool:
@@ -258,8 +292,9 @@ class Caller:
     With ``keep_alive`` it reuses one connection and reconnects after a clean end-of-stream
     (the connection contract allows one before any byte of a reply, for a request that crossed
     the stop); without, each call has a connection of its own, whose one request must be
-    answered. A refused connection, a reset or a reply cut short is a failure; ``clean_ends``
-    counts the ends before any byte.
+    answered. Each call has its own seqid. A refused connection, a reset, a reply cut short,
+    or a reply other than the echo's to that call (an exception, another call's) is a
+    failure; ``clean_ends`` counts the ends before any byte.
     """
 
     def __init__(self, address: tuple[str, int], *, keep_alive: bool) -> None:
@@ -269,6 +304,7 @@ class Caller:
         self.clean_ends = 0
         self.failures: list[str] = []
         self._running = True
+        self._seqids = itertools.count(1)
         self._greenlet = gevent.spawn(self._run)
 
     def stop(self) -> None:
@@ -283,8 +319,12 @@ class Caller:
                 try:
                     if sock is None:
                         sock = socket.create_connection(self.address, timeout=5.0)
-                    sock.sendall(ECHO)
-                    _read_reply(sock)
+                    seqid = next(self._seqids)
+                    sock.sendall(_with_seqid(ECHO, seqid))
+                    reply = _read_reply(sock)
+                    if reply != _with_seqid(ECHO_REPLY, seqid):
+                        self.failures.append(f"not the reply to call {seqid}: {reply[:120]!r}")
+                        continue
                     self.ok += 1
                 except EOFError as exc:
                     if exc.args[0]:
@@ -306,6 +346,12 @@ class Caller:
                     sock = _close(sock)
         finally:
             _close(sock)
+
+
+def _with_seqid(message: bytes, seqid: int) -> bytes:
+    """``ECHO`` or ``ECHO_REPLY`` numbered ``seqid``: in an unframed binary message for
+    ``echo`` the seqid follows the version, the name's length and the name (bytes 12-16)."""
+    return message[:12] + struct.pack("!i", seqid) + message[16:]
 
 
 def _close(sock: socket.socket | None) -> None:

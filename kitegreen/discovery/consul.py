@@ -7,6 +7,9 @@ must be imported after gevent has patched the standard library.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import weakref
 from typing import Any
 
 from kitegreen.config import DEFAULT_CONSUL_ADDR
@@ -44,7 +47,16 @@ def make_consul(addr: str, token: str) -> Any:
 
 
 class ConsulConnection:
-    """The Consul client of a server or an instance: made on first use, closed once.
+    """A Consul client of a server or an instance: made on first use, closed once, and able to
+    end the calls it has in flight (:meth:`interrupt`).
+
+    Ending a call in flight is done to its socket, not to the greenlet making it: a kill
+    thrown into a greenlet inside ``requests``/``urllib3`` lands wherever that greenlet
+    yields, and where it lands inside urllib3's ``_get_conn`` (its liveness poll of a pooled
+    connection yields to the hub) the connection it had taken from the pool is lost, neither
+    closed nor returned: a socket left to the garbage collector. Shutting the socket down
+    instead makes the call fail the ordinary way (end of stream), inside the library, which
+    closes its connection.
 
     Args:
         addr: ``consul_addr``.
@@ -55,6 +67,8 @@ class ConsulConnection:
         self._addr = addr
         self._token = token
         self._client: Any = None
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._interrupted = False
 
     def client(self) -> Any:
         """The ``consul.Consul`` client, made now if it was not yet.
@@ -64,20 +78,60 @@ class ConsulConnection:
         """
         if self._client is None:
             self._client = make_consul(self._addr, self._token)
+            _track_connections(self._client, self._connections, lambda: self._interrupted)
         return self._client
 
+    def interrupt(self) -> None:
+        """End every call in flight now (each fails with a connection error) and refuse new
+        connections until :meth:`close`; idempotent."""
+        self._interrupted = True
+        for connection in list(self._connections):
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
-        """Close the client's connections, if it was made; idempotent."""
+        """End the calls in flight and close the client's connections, if it was made;
+        idempotent. A later :meth:`client` makes a new client."""
+        self.interrupt()
         client, self._client = self._client, None
         if client is not None:
             close_client(client)
+        self._interrupted = False
+
+
+def _track_connections(client: Any, connections: weakref.WeakSet[Any], refuse: Any) -> None:
+    """Record every HTTP connection ``client`` opens in ``connections``, and refuse to open
+    one while ``refuse()`` says so (a stop interrupted the client: a call that started after
+    the interruption must not block in a new blocking query)."""
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def tracking(base: type) -> type:
+        class Tracking(base):  # type: ignore[misc]
+            def _new_conn(self) -> Any:
+                if refuse():
+                    raise StopConsulCall("the Consul client is stopping")
+                connection = super()._new_conn()
+                connections.add(connection)
+                return connection
+
+        return Tracking
+
+    pools = {"http": tracking(HTTPConnectionPool), "https": tracking(HTTPSConnectionPool)}
+    session = getattr(getattr(client, "http", None), "session", None)
+    for adapter in getattr(session, "adapters", {}).values():
+        manager = getattr(adapter, "poolmanager", None)
+        if manager is not None:
+            manager.pool_classes_by_scheme = pools
 
 
 class StopConsulCall(ConnectionAbortedError):
-    """Thrown into a greenlet that may be inside a Consul call, to stop it.
+    """Ends a Consul call because its owner stops: raised when a stopping client would open a
+    connection, and thrown into a greenlet that did not end once its calls were interrupted.
 
-    An ``OSError``, so that urllib3 closes the connection the call was using; a plain
-    ``GreenletExit`` passes through urllib3 untouched and leaks the socket.
+    An ``OSError``, so that urllib3 treats it as a connection failure and closes the
+    connection it was using; a plain ``GreenletExit`` passes through urllib3 untouched.
     """
 
 

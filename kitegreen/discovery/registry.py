@@ -31,6 +31,9 @@ TCP_CHECK_TIMEOUT = "2s"
 DEREGISTER_CRITICAL_AFTER = "1m"
 TTL = 15.0
 """TTL of the health check in ``ttl`` mode; the heartbeat passes it every TTL / 3."""
+STOP_WAIT = 1.0
+"""Seconds :meth:`Registrar.deregister` lets a registration call in flight finish before it
+kills the registration greenlet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +269,12 @@ class Registrar:
         self._stopping.set()
         greenlet, self._greenlet = self._greenlet, None
         if greenlet is not None:
-            greenlet.kill(StopConsulCall, block=True, timeout=1.0)
+            # A call in flight is let finish (they are short: no blocking queries here) rather
+            # than killed inside the HTTP library, which can lose its connection and, killed
+            # mid-registration, leave a registration no deregistration follows.
+            greenlet.join(timeout=STOP_WAIT)
+            if not greenlet.dead:
+                greenlet.kill(StopConsulCall, block=True, timeout=1.0)
         if not self.registered:
             return
         self.registered = False

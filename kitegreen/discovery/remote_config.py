@@ -29,7 +29,7 @@ from gevent.event import Event as GEvent
 
 from kitegreen.config import check_int
 from kitegreen.discovery.backoff import Backoff
-from kitegreen.discovery.consul import StopConsulCall
+from kitegreen.discovery.consul import ConsulConnection, StopConsulCall
 from kitegreen.exceptions import ConfigError, describe
 
 KEY_PREFIX = "kite/limit"
@@ -37,6 +37,8 @@ WATCH_WAIT = "30s"
 """How long one blocking query may wait in Consul before it returns unchanged."""
 MIN_QUERY_INTERVAL = 0.05
 """Floor between two queries of one watch, should Consul answer at once over and over."""
+STOP_WAIT = 1.0
+"""Seconds :meth:`RemoteConfigWatcher.stop` waits for its watch greenlets to end."""
 
 KINDS: Mapping[str, str] = {
     "conn": "limit_connections",
@@ -107,7 +109,8 @@ class RemoteConfigWatcher:
     """Watches kite's limit keys for one service and applies what they say.
 
     Args:
-        client: a ``consul.Consul``.
+        connection: the Consul connection the watches use, for them alone: :meth:`stop` ends
+            its calls in flight and closes it.
         service: the service name in the keys.
         cluster: the cluster name in the keys.
         apply: called with ``{limit name: value or None}``; None means back to the local setting.
@@ -119,7 +122,7 @@ class RemoteConfigWatcher:
 
     def __init__(
         self,
-        client: Any,
+        connection: ConsulConnection,
         service: str,
         cluster: str,
         *,
@@ -128,7 +131,8 @@ class RemoteConfigWatcher:
         log: Any,
         wait: str = WATCH_WAIT,
     ) -> None:
-        self._client = client
+        self._connection = connection
+        self._client = connection.client()
         self._service = service
         self._cluster = cluster
         self._apply = apply
@@ -149,10 +153,21 @@ class RemoteConfigWatcher:
         self._greenlets = [gevent.spawn(self._watch, kind) for kind in KINDS]
 
     def stop(self) -> None:
-        """Stop the watches (an open blocking query is abandoned); idempotent."""
+        """Stop the watches and close their connection; idempotent; never raises.
+
+        An open blocking query is abandoned by shutting its socket down (see
+        :class:`~kitegreen.discovery.consul.ConsulConnection`); a watch still running after
+        :data:`STOP_WAIT` is killed.
+        """
         self._stopping.set()
         greenlets, self._greenlets = self._greenlets, []
-        gevent.killall(greenlets, exception=StopConsulCall, block=True, timeout=1.0)
+        self._connection.interrupt()
+        # Not killall(block=True, timeout=...): that raises gevent.Timeout in the caller when
+        # the greenlets are slow to run (a loaded machine), and a stop that raises leaves the
+        # instance's other parts running.
+        gevent.joinall(greenlets, timeout=STOP_WAIT)
+        gevent.killall([g for g in greenlets if not g.dead], StopConsulCall, block=False)
+        self._connection.close()
 
     def snapshot(self) -> dict[str, Any]:
         """What /runtime/kite shows: each remote value in force, and rejected keys."""

@@ -117,6 +117,9 @@ class Engine:
         # the current span, the log context.
         context.inherit_on_spawn()
         self._first_request_grace = first_request_grace
+        self._hand_off_grace = 0.0
+        self._drain_over = False
+        """Set once the stop no longer waits for connections: one adopted after would be left."""
         self._open: set[Connection] = set()
         """Connections not closed yet, lingering ones included."""
         self._all_closed = GEvent()
@@ -328,6 +331,11 @@ class Engine:
             if remaining <= 0:
                 break
             self._all_closed.wait(timeout=min(remaining, 0.05))
+        if self._ctx.handing_off:
+            give_up = time.monotonic() + self._hand_off_grace
+            while self._ctx.handing_off and time.monotonic() < give_up:
+                self._all_closed.wait(timeout=0.05)
+        self._drain_over = True
         busy = streams.busy()
         if self._open:
             if busy:
@@ -361,12 +369,19 @@ class Engine:
         self._ctx.on_budget_spent = retire
         self._ctx.request_budget = max(requests, 1)
 
-    def hand_off_connections(self, hand_off: Callable[[Connection], bool]) -> None:
+    def hand_off_connections(self, hand_off: Callable[[Connection], bool], grace: float) -> None:
         """Make the next stop hand each connection over at a message boundary rather than end
         it: ``hand_off`` gives one connection to another process and says whether it took
         it; one it did not take ends with a FIN as in any stop. TTHeader replies stop asking
-        Kitex clients to drop the connection (it lives on)."""
+        Kitex clients to drop the connection (it lives on).
+
+        ``grace``: the longest one ``hand_off`` call lasts. A hand-off still in progress when
+        the stop's deadline passes is let finish for up to that long rather than cut: cut
+        midway, the receiver drops its copy for want of the sender's release while the sender
+        closes its own, and a client that already sent its next request reads a reset.
+        """
         self._ctx.hand_off = hand_off
+        self._hand_off_grace = grace
 
     def adopt(self, sock: Any, address: Any, wire: Wire | None, pending: bytes) -> bool:
         """Serve a connection another worker handed over, from where it left it.
@@ -378,11 +393,15 @@ class Engine:
             pending: bytes received there and not handed out (a pipelined request's start).
 
         Returns:
-            False if this engine is not serving (the caller keeps the connection); the
-            connection counts against this worker's connections, admitted whatever the limit
-            (it was admitted once, and refusing it now would close a client's connection).
+            False if this engine has not started, or its stop is past waiting for its
+            connections (the caller ends the connection). A stopping engine still takes it:
+            the sender let go once this worker said yes, and whether this worker began
+            stopping in between is a race the client must not pay for; the connection then
+            ends as the stop ends any other (handed on, or a FIN at a message boundary). It
+            counts against this worker's connections, admitted whatever the limit (it was
+            admitted once, and refusing it now would close a client's connection).
         """
-        if not self._started or self._ctx.stop_announced:
+        if not self._started or self._drain_over:
             return False
         # Not counted as accepted: the instance accepted it once, in the worker that retired.
         self.limiter.admit_connection(force=True)

@@ -173,6 +173,8 @@ class ServeContext:
     hand_off: Callable[[Connection], bool] | None = field(default=None, init=False)
     """Set for a recycled worker's stop: once the listener is closed, each connection is
     handed to another worker at its next message boundary (True: it was) instead of ending."""
+    handing_off: int = field(default=0, init=False)
+    """Hand-offs in progress (:attr:`hand_off` running): the stop's deadline waits for them."""
 
     def spend_request(self) -> None:
         """One request answered: call :attr:`on_budget_spent` when the budget runs out."""
@@ -407,7 +409,12 @@ class Connection:
         if hand_off is None:
             return False
         _unbind_request()
-        self._handed = hand_off(self)
+        ctx = self.ctx
+        ctx.handing_off += 1
+        try:
+            self._handed = hand_off(self)
+        finally:
+            ctx.handing_off -= 1
         return self._handed
 
     def _handle_frame(self, buf: bytes | bytearray, start: int, end: int) -> None:

@@ -66,6 +66,9 @@ ANSWER_TIMEOUT = 2.0
 """Seconds a sender waits for the receiver's answer before it keeps the connection."""
 RELEASE_TIMEOUT = 5.0
 """Seconds a receiver waits for the sender to let go before it drops its copy."""
+HANDOFF_GRACE = ANSWER_TIMEOUT + 0.5
+"""The longest one hand-off lasts in the sender (its wait for the answer, then the release):
+how long a retiring worker's stop deadline waits for those in progress."""
 _LENGTH = struct.Struct("!I")
 _YES = b"\x01"
 _NO = b"\x00"
@@ -234,7 +237,8 @@ class HandoffReceiver:
             return False
         raw.setblocking(False)
         if not self._adopt(raw, address, wire, pending):
-            # Stopping since it answered: end it as this worker's stop ends any other.
+            # The engine's stop is past waiting for connections (the sender let go, so no one
+            # else will serve it): a FIN, though any request already sent is lost.
             with contextlib.suppress(OSError):
                 raw.shutdown(socket.SHUT_WR)
             return False

@@ -147,12 +147,8 @@ class CodeWatcher:
             log=self.log.bind(watcher=pid),
         )
         self._channel.start()
-        self.log.info(
-            "watching for changes; a change reloads the workers",
-            directory=str(self.root),
-            files=[f"*{suffix}" for suffix in WATCHED_SUFFIXES],
-            watcher=pid,
-        )
+        # "watching" is logged when the child says its watches are armed (``_message``), not
+        # here: until then a save is not seen, and the log must not say otherwise.
 
     def stop(self) -> None:
         """End the child and wait for it (killed if it takes longer than :data:`STOP_WAIT`)."""
@@ -171,6 +167,14 @@ class CodeWatcher:
             self._channel.close()
 
     def _message(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "armed":
+            self.log.info(
+                "watching for changes; a change reloads the workers",
+                directory=str(self.root),
+                files=[f"*{suffix}" for suffix in WATCHED_SUFFIXES],
+                watcher=self._pid,
+            )
+            return
         paths = [str(p) for p in message.get("paths", ())]
         self._on_change(paths, int(message.get("count", len(paths))))
 
@@ -197,12 +201,22 @@ def _run_child(child_end: Any, root: Path, parent: int, handles: list[Any]) -> N
 
 class _Orphaned:
     """watchfiles' stop event: set once the arbiter is gone (the kernel's SIGTERM on the
-    parent's death is Linux only)."""
+    parent's death is Linux only).
 
-    def __init__(self, parent: int) -> None:
+    Its first check also tells the arbiter the watches are armed: watchfiles' Rust loop
+    checks the stop event every step, and only once its watcher is built (inotify's watches
+    are added synchronously while it is), so from then on a save is seen. watchfiles has no
+    other hook between arming and its first wait.
+    """
+
+    def __init__(self, parent: int, armed: Callable[[], None]) -> None:
         self._parent = parent
+        self._armed: Callable[[], None] | None = armed
 
     def is_set(self) -> bool:
+        armed, self._armed = self._armed, None
+        if armed is not None:
+            armed()
         return os.getppid() != self._parent
 
 
@@ -217,7 +231,7 @@ def _watch(sock: socket.socket, root: Path, parent: int) -> int:
             root,
             watch_filter=watch_filter,
             step=STEP_MS,
-            stop_event=_Orphaned(parent),
+            stop_event=_Orphaned(parent, armed=lambda: _send(sock, {"type": "armed"})),
             # No timeout: on a timeout with nothing seen, watchfiles' Rust loop clears the
             # set of changes after it found it empty, so a change arriving in between was
             # lost (an edit not reloaded). The stop event is checked every step anyway.
@@ -225,8 +239,7 @@ def _watch(sock: socket.socket, root: Path, parent: int) -> int:
             raise_interrupt=False,
         ):
             paths = sorted({path for _, path in changes})
-            line = {"type": "changed", "paths": paths[:MAX_PATHS], "count": len(paths)}
-            sock.sendall(json.dumps(line).encode() + b"\n")
+            _send(sock, {"type": "changed", "paths": paths[:MAX_PATHS], "count": len(paths)})
     except OSError as exc:
         # The arbiter's end is gone (it exits), or the directory cannot be watched (gone, no
         # inotify watches left: fs.inotify.max_user_watches).
@@ -234,3 +247,7 @@ def _watch(sock: socket.socket, root: Path, parent: int) -> int:
             log.error("cannot watch for changes", directory=str(root), error=describe(exc))
         return EXIT_WATCH_FAILED
     return 0
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message).encode() + b"\n")

@@ -45,8 +45,8 @@ from kitegreen.workers import fork
 from kitegreen.workers.balance import AcceptBalance
 from kitegreen.workers.board import Board, Slot
 from kitegreen.workers.control import SEND_TIMEOUT, Channel
+from kitegreen.workers.handoff import HANDOFF_GRACE, HandoffReceiver, HandoffSender, handoff_name
 from kitegreen.workers.handoff import SUPPORTED as HANDOFF_SUPPORTED
-from kitegreen.workers.handoff import HandoffReceiver, HandoffSender, handoff_name
 from kitegreen.workers.heartbeat import Pulse, Watchdog
 from kitegreen.workers.recycle import Recycler
 
@@ -299,7 +299,7 @@ class _Worker:
                     STALE_BEATS * self._interval,
                     self.log,
                 )
-                self.engine.hand_off_connections(self._sender)
+                self.engine.hand_off_connections(self._sender, grace=HANDOFF_GRACE)
             if message.get("graceful", True):
                 gevent.spawn(self.stop.graceful, "asked to stop by the arbiter")
             else:
