@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "kitegreen") -> int:
             log,
             worker_timeout=early.worker_timeout,
             preload=early.preload,
+            reload=early.reload,
             watch=application_directory(args.target),
         )
     try:

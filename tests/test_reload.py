@@ -74,9 +74,11 @@ def app(tmp_path: Path) -> Path:
 
 
 def launch(module: Path, *args: str, pythonpath: str = str(TESTS)) -> Launcher:
-    # Bytecode is written as usual (no PYTHONDONTWRITEBYTECODE): --reload must not run a
-    # stale .pyc when an edit keeps the file's size within the same second.
+    # Bytecode is written as usual, whatever the developer's environment says: --reload must
+    # not run a stale .pyc when an edit keeps the file's size within the same second (CI
+    # caught it; a shell with PYTHONDONTWRITEBYTECODE=1 hid it).
     env = launcher_env(PYTHONPATH=pythonpath)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return Launcher(f"{module}:server", *LOOPBACK, "--reload", *args, env=env)
 
 
@@ -93,8 +95,12 @@ class TestReload:
             launcher.wait_for_event(WATCHING, timeout=20.0)
             address = launcher.address()
             assert echo(address) == "one:x"
+            first = app.stat()
             for tag in ("two:", "six:"):
                 app.write_text(tagged(tag))
+                # Each edit keeps the first version's mtime and size, as a save within the same
+                # second does: a .pyc cached from an earlier version would pass for current.
+                os.utime(app, ns=(first.st_atime_ns, first.st_mtime_ns))
                 served_within(launcher, tag + "x", RELOAD_WITHIN)
             changed = launcher.named("files changed; reloading")
             assert changed

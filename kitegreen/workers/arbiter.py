@@ -112,7 +112,7 @@ from kitegreen.workers.probe import probe_config, probe_timeout
 from kitegreen.workers.process import BOOTING, WorkerProcess
 from kitegreen.workers.recycle import plan_recycling
 from kitegreen.workers.reload import RollingReload
-from kitegreen.workers.watch import CodeWatcher, require_watchfiles
+from kitegreen.workers.watch import CodeWatcher, drop_cached_bytecode, require_watchfiles
 from kitegreen.workers.worker import Application, WorkerSpec, run_worker
 
 STOP_GRACE = 2.0
@@ -156,6 +156,7 @@ def serve(
     *,
     worker_timeout: float = DEFAULT_WORKER_TIMEOUT,
     preload: bool = False,
+    reload: bool = False,
     watch: Path | None = None,
 ) -> int:
     """Probe the application, bind, fork the workers and supervise them until stopped.
@@ -170,6 +171,8 @@ def serve(
         preload: ``preload`` as the launcher knows it before the probe: the arbiter loads the
             application itself instead of probing (``preload.py``); set only in the code, it is
             learnt from the probe.
+        reload: ``reload`` as the launcher knows it before the probe: no bytecode is written
+            from the first import on (set only in the code, it is learnt from the probe).
         watch: the application's directory, watched when the settings ask for ``reload``.
 
     Returns:
@@ -182,6 +185,9 @@ def serve(
     # memory between the workers (copy-on-write) and takes the time out of each worker's start.
     import kitegreen.server  # noqa: F401
 
+    if reload:
+        # Before the probe's import: see the same line below.
+        sys.dont_write_bytecode = True
     config: Config | None = None
     if not preload:
         probed = probe_config(
@@ -211,7 +217,9 @@ def serve(
             return EXIT_USAGE
         # Every probe and worker imports the application afresh; written bytecode would let a
         # file rewritten within the second with the same size load stale (a .pyc is checked
-        # against the source's mtime in whole seconds and its size).
+        # against the source's mtime in whole seconds and its size). Set here when only the
+        # code asked for reload (the probe has written the first import's bytecode by then:
+        # _on_changed drops a changed file's).
         sys.dont_write_bytecode = True
     try:
         hooks = Hooks(config, ARBITER, log)
@@ -577,6 +585,7 @@ class Arbiter:
         if self._phase != SERVING:
             return
         self.log.info("files changed; reloading", files=paths, count=count)
+        drop_cached_bytecode(paths)
         self._reload.request()
 
     # -- what the reload changes ---------------------------------------------------------------

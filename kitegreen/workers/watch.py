@@ -23,6 +23,7 @@ from __future__ import annotations
 import _socket
 import contextlib
 import importlib.machinery
+import importlib.util
 import json
 import os
 import signal
@@ -73,6 +74,22 @@ def require_watchfiles() -> None:
             "pip install 'kitegreen[reload]'",
             field="reload",
         ) from None
+
+
+def drop_cached_bytecode(paths: Iterable[str]) -> None:
+    """Remove the cached bytecode of each changed Python file, if any.
+
+    A ``.pyc`` is taken as current when the source's mtime (in whole seconds) and size match
+    what it recorded: a save within the same second that keeps the size (an edit of one
+    character) would be loaded stale by the reload it triggers. The reload's processes write
+    no bytecode, but one cached before (an earlier run, a tool, the first import when only the
+    code asked for reload) is still read.
+    """
+    for path in paths:
+        if not path.endswith(".py"):
+            continue
+        with contextlib.suppress(OSError, ValueError, NotImplementedError):
+            os.remove(importlib.util.cache_from_source(path))
 
 
 def application_directory(target: str) -> Path:
