@@ -5,10 +5,12 @@ recycled worker's stop takes (``tests/test_recycling.py`` runs it across process
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -155,6 +157,19 @@ def pair(make_server: Any) -> Any:
     made.close()
 
 
+@contextlib.contextmanager
+def answered_once(pair: Pair) -> Iterator[socket.socket]:
+    """A connection to ``pair``'s old engine that has had one call answered; the pair is
+    closed afterwards."""
+    try:
+        with socket.create_connection(pair.old.address, timeout=5.0) as sock:
+            sock.sendall(call("echo", 1, message="before"))
+            assert read_reply(sock) == (1, "before")
+            yield sock
+    finally:
+        pair.close()
+
+
 class TestHandOver:
     def test_an_idle_connection_moves_and_its_client_sees_no_close(self, pair):
         with socket.create_connection(pair.old.address, timeout=5.0) as sock:
@@ -239,15 +254,10 @@ class TestHandOver:
         """No worker to take it: the connection ends at a reply boundary with a clean
         end-of-stream, as any stop ends it."""
         pair = Pair(make_server, receiver=False)
-        try:
-            with socket.create_connection(pair.old.address, timeout=5.0) as sock:
-                sock.sendall(call("echo", 1, message="x"))
-                assert read_reply(sock) == (1, "x")
-                assert pair.old.stop(timeout=5.0)
-                assert pair.sender.kept == 1
-                assert sock.recv(1) == b""  # a FIN, not a reset
-        finally:
-            pair.close()
+        with answered_once(pair) as sock:
+            assert pair.old.stop(timeout=5.0)
+            assert pair.sender.kept == 1
+            assert sock.recv(1) == b""  # a FIN, not a reset
 
     def test_a_hand_off_in_progress_at_the_deadline_is_let_finish(self, make_server):
         """The receiver answers after the stop's deadline (exit_wait_time 0.1 s, answer after
@@ -255,52 +265,37 @@ class TestHandOver:
         hand-off rather than cut it midway (both copies closed with that request unread: a
         reset), and the new engine answers the request."""
         pair = Pair(make_server, answer_after=0.6)
-        try:
-            with socket.create_connection(pair.old.address, timeout=5.0) as sock:
-                sock.sendall(call("echo", 1, message="before"))
-                assert read_reply(sock) == (1, "before")
-                stopping = gevent.spawn(pair.old.stop, 0.1)
-                wait_until(lambda: pair.old.engine._ctx.handing_off == 1)
-                sock.sendall(call("echo", 2, message="sent during the hand-off"))
-                assert read_reply(sock) == (2, "sent during the hand-off")
-                assert stopping.get(timeout=5.0)
-                assert (pair.sender.handed, pair.sender.kept) == (1, 0)
-                assert pair.receiver.adopted == 1
-        finally:
-            pair.close()
+        with answered_once(pair) as sock:
+            stopping = gevent.spawn(pair.old.stop, 0.1)
+            wait_until(lambda: pair.old.engine._ctx.handing_off == 1)
+            sock.sendall(call("echo", 2, message="sent during the hand-off"))
+            assert read_reply(sock) == (2, "sent during the hand-off")
+            assert stopping.get(timeout=5.0)
+            assert (pair.sender.handed, pair.sender.kept) == (1, 0)
+            assert pair.receiver.adopted == 1
 
     def test_a_receiver_that_begins_stopping_after_it_said_yes_still_takes_it(self, make_server):
         """The receiver said yes, then began stopping before the sender let go: it serves the
         connection all the same, and its own stop ends it later with a FIN at a boundary,
         instead of closing it at once with the client's next request unread (a reset)."""
         pair = Pair(make_server, stop_after_yes=True)
-        try:
-            with socket.create_connection(pair.old.address, timeout=5.0) as sock:
-                sock.sendall(call("echo", 1, message="before"))
-                assert read_reply(sock) == (1, "before")
-                assert pair.old.stop(timeout=5.0)
-                assert pair.sender.handed == 1
-                wait_until(lambda: pair.receiver.adopted == 1)
-                assert not pair.new.engine.serving
-                sock.sendall(call("echo", 2, message="after"))
-                assert read_reply(sock) == (2, "after")
-                assert pair.new.stop(timeout=5.0)
-                assert sock.recv(1) == b""  # a FIN, not a reset
-        finally:
-            pair.close()
+        with answered_once(pair) as sock:
+            assert pair.old.stop(timeout=5.0)
+            assert pair.sender.handed == 1
+            wait_until(lambda: pair.receiver.adopted == 1)
+            assert not pair.new.engine.serving
+            sock.sendall(call("echo", 2, message="after"))
+            assert read_reply(sock) == (2, "after")
+            assert pair.new.stop(timeout=5.0)
+            assert sock.recv(1) == b""  # a FIN, not a reset
 
     def test_a_stopping_receiver_refuses_and_the_sender_keeps_the_connection(self, make_server):
         pair = Pair(make_server)
-        try:
-            pair.new.engine.begin_stop()
-            with socket.create_connection(pair.old.address, timeout=5.0) as sock:
-                sock.sendall(call("echo", 1, message="x"))
-                read_reply(sock)
-                assert pair.old.stop(timeout=5.0)
-                assert (pair.sender.handed, pair.sender.kept) == (0, 1)
-                assert sock.recv(1) == b""
-        finally:
-            pair.close()
+        pair.new.engine.begin_stop()
+        with answered_once(pair) as sock:
+            assert pair.old.stop(timeout=5.0)
+            assert (pair.sender.handed, pair.sender.kept) == (0, 1)
+            assert sock.recv(1) == b""
 
 
 class TestParts:
