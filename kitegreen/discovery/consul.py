@@ -67,8 +67,7 @@ class ConsulConnection:
         self._addr = addr
         self._token = token
         self._client: Any = None
-        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._interrupted = False
+        self._calls: _Calls | None = None
 
     def client(self) -> Any:
         """The ``consul.Consul`` client, made now if it was not yet.
@@ -77,53 +76,64 @@ class ConsulConnection:
             ConfigError: ``addr`` is not host:port.
         """
         if self._client is None:
-            self._client = make_consul(self._addr, self._token)
-            _track_connections(self._client, self._connections, lambda: self._interrupted)
+            client = make_consul(self._addr, self._token)
+            self._calls = _Calls(client)
+            self._client = client
         return self._client
 
     def interrupt(self) -> None:
         """End every call in flight now (each fails with a connection error) and refuse new
-        connections until :meth:`close`; idempotent."""
-        self._interrupted = True
-        for connection in list(self._connections):
+        connections from this client; idempotent."""
+        if self._calls is not None:
+            self._calls.interrupt()
+
+    def close(self) -> None:
+        """End the calls in flight and close the client's connections, if it was made;
+        idempotent. The client stays refusing (a greenlet still holding it opens nothing); a
+        later :meth:`client` makes a new one."""
+        self.interrupt()
+        client, self._client = self._client, None
+        self._calls = None
+        if client is not None:
+            close_client(client)
+
+
+class _Calls:
+    """The HTTP connections one client opened, and whether it may open more: every pool of the
+    client's session makes its connections through here."""
+
+    def __init__(self, client: Any) -> None:
+        from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.interrupted = False
+        calls = self
+
+        def tracking(base: type) -> type:
+            class Tracking(base):  # type: ignore[misc]
+                def _new_conn(self) -> Any:
+                    if calls.interrupted:
+                        raise StopConsulCall("the Consul client is stopping")
+                    connection = super()._new_conn()
+                    calls.connections.add(connection)
+                    return connection
+
+            return Tracking
+
+        pools = {"http": tracking(HTTPConnectionPool), "https": tracking(HTTPSConnectionPool)}
+        session = getattr(getattr(client, "http", None), "session", None)
+        for adapter in getattr(session, "adapters", {}).values():
+            manager = getattr(adapter, "poolmanager", None)
+            if manager is not None:
+                manager.pool_classes_by_scheme = pools
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        for connection in list(self.connections):
             sock = getattr(connection, "sock", None)
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        """End the calls in flight and close the client's connections, if it was made;
-        idempotent. A later :meth:`client` makes a new client."""
-        self.interrupt()
-        client, self._client = self._client, None
-        if client is not None:
-            close_client(client)
-        self._interrupted = False
-
-
-def _track_connections(client: Any, connections: weakref.WeakSet[Any], refuse: Any) -> None:
-    """Record every HTTP connection ``client`` opens in ``connections``, and refuse to open
-    one while ``refuse()`` says so (a stop interrupted the client: a call that started after
-    the interruption must not block in a new blocking query)."""
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-
-    def tracking(base: type) -> type:
-        class Tracking(base):  # type: ignore[misc]
-            def _new_conn(self) -> Any:
-                if refuse():
-                    raise StopConsulCall("the Consul client is stopping")
-                connection = super()._new_conn()
-                connections.add(connection)
-                return connection
-
-        return Tracking
-
-    pools = {"http": tracking(HTTPConnectionPool), "https": tracking(HTTPSConnectionPool)}
-    session = getattr(getattr(client, "http", None), "session", None)
-    for adapter in getattr(session, "adapters", {}).values():
-        manager = getattr(adapter, "poolmanager", None)
-        if manager is not None:
-            manager.pool_classes_by_scheme = pools
 
 
 class StopConsulCall(ConnectionAbortedError):
