@@ -181,7 +181,6 @@ class Engine:
                 sock,
                 self._handle,
                 self._admit,
-                None,
                 max_accept=max_accept,
                 gate=accept_gate,
             )

@@ -1,5 +1,5 @@
-"""gevent's accept loop, handing out plain non-blocking sockets, with admission before a greenlet
-is spawned and a way to take in the backlog before the listener closes."""
+"""gevent's accept loop, handing out plain non-blocking sockets, with admission before a
+connection is served and a way to take in the backlog before the listener closes."""
 
 from __future__ import annotations
 
@@ -7,22 +7,19 @@ import _socket
 from collections.abc import Callable
 from typing import Any
 
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from kitegreen.exceptions import ConfigError
 
 
 class Acceptor(StreamServer):  # type: ignore[misc]
-    """Accepts connections and runs ``handle(sock, address)`` for each in ``pool``.
+    """Accepts connections and runs ``handle(sock, address)`` for each, in the accept loop.
 
     Args:
         listener: a bound, listening socket.
-        handle: serves one connection; in its own greenlet of ``pool``, or in the hub
-            (without a pool: it must not wait).
-        admit: called before a greenlet is spawned; returns False to refuse the connection
-            (the callee closes it).
-        pool: where connection greenlets run; None: ``handle`` runs in the accept loop.
+        handle: serves one connection; runs in the hub, so it must not wait (the engine's
+            connections hold no greenlet until their bytes arrive).
+        admit: called first; returns False to refuse the connection (the callee closes it).
         max_accept: connections accepted per wake-up of the loop; gevent's default when None.
         gate: called before each accept; a positive result is a number of seconds to leave
             the listener alone instead (processes sharing a listener use it to share
@@ -37,12 +34,11 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         listener: Any,
         handle: Callable[[Any, Any], None],
         admit: Callable[[Any, Any], bool],
-        pool: Pool | None,
         *,
         max_accept: int | None = None,
         gate: Callable[[], float] | None = None,
     ) -> None:
-        super().__init__(listener, handle=handle, spawn=pool)
+        super().__init__(listener, handle=handle, spawn=None)
         self._admit = admit
         self._gate = gate
         self._deferral: Any = None
@@ -83,10 +79,8 @@ class Acceptor(StreamServer):  # type: ignore[misc]
         client_socket, address = args
         if not self._admit(client_socket, address):
             return
-        if self.pool is not None:
-            super().do_handle(*args)
-            return
-        # gevent's inline handling closes the socket when ``handle`` returns; this one lives on.
+        # Not gevent's inline handling, which closes the socket when ``handle`` returns: this
+        # one lives on.
         try:
             self._handle(client_socket, address)
         except BaseException:
