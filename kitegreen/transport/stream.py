@@ -169,6 +169,7 @@ class MessageStream:
             True: bytes are buffered; False: the peer closed the connection between
             messages; None: nothing had arrived after all (a spurious wake-up).
         """
+        # _end_wait(), inlined (per request).
         self.rwatch.stop()
         self.idle = False
         self._waiter = None
@@ -331,10 +332,14 @@ class MessageStream:
         # pending (io callbacks run at once), so nothing can be lost.
         waiter = self._waiter
         if self.idle and waiter is not None and not self.has_input():
-            self.rwatch.stop()
-            self.idle = False
-            self._waiter = None
+            self._end_wait()
             waiter(exc)
+
+    def _end_wait(self) -> None:
+        """No longer waiting for a message: the watcher stopped, no one to wake."""
+        self.rwatch.stop()
+        self.idle = False
+        self._waiter = None
 
     def close(self, linger: float = CLOSE_LINGER, done: Callable[[], object] | None = None) -> None:
         """Close with a FIN, never a reset; call ``done()`` once the socket is closed.
@@ -346,9 +351,7 @@ class MessageStream:
         greenlet: the read watcher and a timer finish it from the hub, so this returns at once.
         """
         self._done = done
-        self.idle = False
-        self._waiter = None
-        self.rwatch.stop()
+        self._end_wait()
         self._buf = b""
         if linger > 0:
             try:
@@ -387,8 +390,7 @@ class MessageStream:
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.close()
-        self.idle = False
-        self._waiter = None
+        self._end_wait()
         self._buf = b""
         self.rwatch.close()
         self.wwatch.close()
