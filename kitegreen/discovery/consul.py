@@ -17,6 +17,10 @@ from kitegreen.exceptions import ConfigError
 
 CONSUL_TIMEOUT = 5.0
 """Seconds a Consul call may take before it counts as failed (blocking queries add their wait)."""
+STOP_WAIT = 1.0
+"""Seconds a stop lets the greenlets making Consul calls end by themselves before it kills
+them (the remote-config watches once their sockets are shut down; the registration greenlet
+with its call in flight)."""
 
 
 def make_consul(addr: str, token: str) -> Any:

@@ -18,7 +18,7 @@ import gevent
 from gevent.event import Event as GEvent
 
 from kitegreen.discovery.backoff import Backoff
-from kitegreen.discovery.consul import StopConsulCall
+from kitegreen.discovery.consul import STOP_WAIT, StopConsulCall
 from kitegreen.exceptions import RegistryError, describe
 
 if TYPE_CHECKING:
@@ -31,9 +31,6 @@ TCP_CHECK_TIMEOUT = "2s"
 DEREGISTER_CRITICAL_AFTER = "1m"
 TTL = 15.0
 """TTL of the health check in ``ttl`` mode; the heartbeat passes it every TTL / 3."""
-STOP_WAIT = 1.0
-"""Seconds :meth:`Registrar.deregister` lets a registration call in flight finish before it
-kills the registration greenlet."""
 
 
 @dataclass(frozen=True, slots=True)

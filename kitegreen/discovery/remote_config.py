@@ -29,7 +29,7 @@ from gevent.event import Event as GEvent
 
 from kitegreen.config import check_int
 from kitegreen.discovery.backoff import Backoff
-from kitegreen.discovery.consul import ConsulConnection, StopConsulCall
+from kitegreen.discovery.consul import STOP_WAIT, ConsulConnection, StopConsulCall
 from kitegreen.exceptions import ConfigError, describe
 
 KEY_PREFIX = "kite/limit"
@@ -37,8 +37,6 @@ WATCH_WAIT = "30s"
 """How long one blocking query may wait in Consul before it returns unchanged."""
 MIN_QUERY_INTERVAL = 0.05
 """Floor between two queries of one watch, should Consul answer at once over and over."""
-STOP_WAIT = 1.0
-"""Seconds :meth:`RemoteConfigWatcher.stop` waits for its watch greenlets to end."""
 
 KINDS: Mapping[str, str] = {
     "conn": "limit_connections",
@@ -157,7 +155,7 @@ class RemoteConfigWatcher:
 
         An open blocking query is abandoned by shutting its socket down (see
         :class:`~kitegreen.discovery.consul.ConsulConnection`); a watch still running after
-        :data:`STOP_WAIT` is killed.
+        :data:`~kitegreen.discovery.consul.STOP_WAIT` is killed.
         """
         self._stopping.set()
         greenlets, self._greenlets = self._greenlets, []
