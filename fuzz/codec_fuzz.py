@@ -674,10 +674,12 @@ class Fuzzer:
     def case_headers(self, rng: random.Random) -> None:
         kind = rng.choice(["ttheader", "theader"])
         protocol = rng.choice(["binary", "compact"])
-        str_info = {gen_text(rng): gen_text(rng) for _ in range(rng.choice([0, 1, 3]))}
+        str_info = {gen_text(rng): gen_text(rng) for _ in range(rng.choice([0, 1, 3, 40]))}
         kwargs: dict[str, Any] = {}
         if kind == "ttheader":
-            kwargs["int_info"] = {rng.randrange(0x10000): gen_text(rng) for _ in range(2)}
+            # LOG_ID (2) and RPC_TIMEOUT (12), which the parse finds, among random keys.
+            int_keys = [rng.choice([2, 12, 22, rng.randrange(0x10000)]) for _ in range(3)]
+            kwargs["int_info"] = {key: gen_text(rng) for key in int_keys}
             kwargs["acl_token"] = gen_text(rng) if rng.random() < 0.3 else None
             kwargs["payload_framed"] = rng.random() < 0.3
         else:
@@ -696,6 +698,9 @@ class Fuzzer:
             raise Finding(f"header_kind does not see a {kind} frame")
         parsed = headers.parse_frame(frame, max_frame_size=MAX_SIZE)
         self.check_str_value(rng, parsed, frame, str_info)
+        self.check_int_value(parsed, frame, kwargs.get("int_info"))
+        self.check_in_place(rng, frame)
+        self.check_answer(rng, parsed)
         parsed = headers.parse_frame(frame, max_frame_size=MAX_SIZE)
         got = (parsed.kind, parsed.seqid, parsed.flags, parsed.protocol, bytes(parsed.payload))
         if got != (kind, seqid, flags, protocol, payload):
@@ -713,6 +718,9 @@ class Fuzzer:
             if not parsed.payload:
                 raise Finding("a parsed frame without a payload")
             self.check_str_value(rng, parsed, mutated, None)
+            self.check_int_value(parsed, mutated, None)
+            self.check_in_place(rng, mutated)
+            self.check_answer(rng, parsed)
             try:
                 reply = parsed.reply(b"\x80\x01\x00\x02", str_info=parsed.str_info)
             except (ProtocolError, FrameTooLarge):
@@ -732,6 +740,55 @@ class Fuzzer:
         known = {key: parsed.str_info.get(key) for key in keys}
         if direct != known or (sent and any(direct[key] != sent[key] for key in sent)):
             raise Finding(f"str_value read {direct!r} of {frame.hex()}, str_info {known!r}")
+
+    def check_int_value(self, parsed: Any, frame: bytes, sent: dict[int, str] | None) -> None:
+        """HeaderFrame.int_value and log_id, which read the values the parse found (LOG_ID,
+        RPC_TIMEOUT) or walk the header (other keys), against int_info, read after them."""
+        keys = [2, 12, 22, 0xFFFF, *headers.parse_frame(frame, max_frame_size=MAX_SIZE).int_info]
+        direct = {key: parsed.int_value(key) for key in keys}
+        log_id = parsed.log_id
+        known = {key: parsed.int_info.get(key) for key in keys}
+        if direct != known or log_id != (known[2] or None):
+            raise Finding(f"int_value read {direct!r} (log_id {log_id!r}) of {frame.hex()}")
+        if sent and any(direct[key] != sent[key] for key in sent):
+            raise Finding(f"int_value read {direct!r} of {frame.hex()}, sent {sent!r}")
+
+    def check_in_place(self, rng: random.Random, frame: bytes) -> None:
+        """A frame parsed in place from bytes, and one parsed from a bytearray (at an offset)
+        that is then overwritten, read the same values as the same frame alone."""
+        prefix = bytes(rng.randrange(1, 9))
+        from_bytes = headers.parse_frame(prefix + frame, start=len(prefix), max_frame_size=MAX_SIZE)
+        scratch = bytearray(prefix + frame)
+        from_array = headers.parse_frame(scratch, start=len(prefix), max_frame_size=MAX_SIZE)
+        # The bytearray is the connection's buffer, reused for the next message.
+        scratch[:] = bytes(len(scratch))
+        alone = headers.parse_frame(frame, max_frame_size=MAX_SIZE)
+        for got in (from_bytes, from_array):
+            seen = (got.log_id, got.int_info, got.str_info, got.acl_token, got.codec_protocol)
+            want = (alone.log_id, alone.int_info, alone.str_info, alone.acl_token,
+                    alone.codec_protocol)  # fmt: skip
+            if seen != want:
+                raise Finding(f"{frame.hex()} parsed in place read {seen!r}, alone {want!r}")
+
+    def check_answer(self, rng: random.Random, parsed: Any) -> None:
+        """HeaderFrame.answer, the request loop's reply, byte for byte the reply() it stands
+        for; key-values large enough to outgrow its header buffer on the stack included."""
+        payload = rng.choice([b"\x80\x01\x00\x02", b"", bytes(rng.randrange(300))])
+        size = rng.choice([0, 1, 3, 60])
+        str_info = {gen_text(rng) + str(i): gen_text(rng) for i in range(size)}
+        mtype = rng.randrange(1, 5)
+        int_info = {22: str(mtype)} if parsed.kind == "ttheader" else None
+        outcomes = []
+        for build in (
+            lambda: parsed.answer(payload, mtype, str_info or None),
+            lambda: parsed.reply(payload, str_info=str_info or None, int_info=int_info),
+        ):
+            try:
+                outcomes.append(build())
+            except (ProtocolError, FrameTooLarge) as exc:
+                outcomes.append(str(exc))
+        if outcomes[0] != outcomes[1]:
+            raise Finding(f"answer() gave {outcomes[0]!r}, reply() {outcomes[1]!r}")
 
 
 def scan_outcome(scan: Callable[[], int | None]) -> int | None:

@@ -64,6 +64,22 @@ def agree(data: bytes, limit: int = LIMIT) -> None:
     assert direct == {key: frame.int_value(key) for key in keys}
     assert frame.int_value(-1) is None
     assert frame.int_value(1 << 16) is None
+    # log_id, found by the parse; empty or absent is None, as the request loop logs it.
+    assert frame.log_id == (direct[2] or None)
+    assert frame.codec_protocol == {"binary": 0, "compact": 2}[frame.protocol]
+    # Parsed in place from bytes, or from a bytearray that is then reused (a connection's
+    # buffer): the lazy reads see the frame as it was.
+    scratch = bytearray(b"\xaa" + data)
+    in_bytes = headers.parse_frame(b"\xaa" + data, start=1, max_frame_size=limit)
+    in_array = headers.parse_frame(scratch, start=1, max_frame_size=limit)
+    scratch[:] = bytes(len(scratch))
+    for other in (in_bytes, in_array):
+        assert (other.log_id, other.int_info, other.str_info, other.str_value("rip")) == (
+            frame.log_id,
+            frame.int_info,
+            frame.str_info,
+            frame.str_info.get("rip"),
+        )
     # str_value() the same way, on a frame whose dicts are not read yet.
     fresh = headers.parse_frame(data, max_frame_size=limit)
     keys_str = [*ref.parse_frame(data, max_frame_size=limit).str_info, "", "rip", "\udcff"]
@@ -252,6 +268,7 @@ class TestLazyKeyValues:
             assemble(headers.TTHEADER_MAGIC, header, PING_BINARY), max_frame_size=LIMIT
         )
         assert frame.int_value(2) == "b"
+        assert frame.log_id == "b"
         assert frame.int_info == {2: "b"}
 
     @DIFF
@@ -367,3 +384,50 @@ class TestBuilderAgrees:
             assert build_outcome(headers.build_frame, kind, full) == build_outcome(
                 ref.build_frame, kind, full
             )
+
+
+class TestAnswer:
+    """answer(), the request loop's reply, writes what reply() with Kitex's MSG_TYPE writes."""
+
+    @DIFF
+    @given(
+        valid_frames(),
+        st.integers(1, 4),
+        st.none() | st.dictionaries(any_texts, any_texts | st.text(min_size=300), max_size=40),
+        st.sampled_from([PING_BINARY, b"", bytes(300)]),
+    )
+    def test_same_bytes_or_same_refusal_as_reply(
+        self, data: bytes, mtype: int, str_info: dict[str, str] | None, payload: bytes
+    ) -> None:
+        """For any request frame and key-values (long enough to outgrow the header buffer on
+        the stack), the same frame or the same error as reply()."""
+        frame = headers.parse_frame(data, max_frame_size=LIMIT)
+        ints = {22: str(mtype)} if frame.kind == "ttheader" else None
+        assert build_outcome(lambda _: frame.answer(payload, mtype, str_info), None, {}) == (
+            build_outcome(
+                lambda _: frame.reply(payload, str_info=str_info, int_info=ints), None, {}
+            )
+        )
+
+    def test_kitex_reply_carries_the_message_type(self) -> None:
+        """A TTHeader reply to a call carries MSG_TYPE 2 (REPLY) or 3 (EXCEPTION), and no
+        other integer key-value; a THeader reply none."""
+        for kind in ("ttheader", "theader"):
+            request = ref.build_frame(kind, seqid=7, protocol="binary", payload=PING_BINARY)
+            frame = headers.parse_frame(request, max_frame_size=LIMIT)
+            for mtype in (2, 3):
+                reply = headers.parse_frame(
+                    frame.answer(PING_BINARY, mtype, {"k": "v"}), max_frame_size=LIMIT
+                )
+                assert reply.seqid == 7
+                assert reply.str_info == {"k": "v"}
+                assert reply.int_info == ({22: str(mtype)} if kind == "ttheader" else {})
+
+    def test_a_message_type_out_of_range_is_refused(self) -> None:
+        request = ref.build_frame("ttheader", seqid=1, protocol="binary", payload=PING_BINARY)
+        frame = headers.parse_frame(request, max_frame_size=LIMIT)
+        for mtype in (0, 5, -1):
+            with pytest.raises(ValueError, match="message type"):
+                frame.answer(PING_BINARY, mtype, None)
+        with pytest.raises(TypeError):
+            frame.answer(PING_BINARY, 2)  # type: ignore[call-arg]

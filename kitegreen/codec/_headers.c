@@ -39,6 +39,22 @@ static PyObject *S_COMPACT;  /* "compact" */
 static PyObject *EMPTY_TUPLE;
 static PyObject *ZLIB_TUPLE; /* (1,) */
 
+/* kitegreen.codec._thrift's protocol numbers (BINARY, COMPACT; checked in headers.py). */
+#define CODEC_BINARY 0
+#define CODEC_COMPACT 2
+
+#define INT_KEY_LOG_ID 2       /* gopkg metakey.go: LogID */
+#define INT_KEY_RPC_TIMEOUT 12 /* RPCTimeout */
+#define INT_KEY_MSG_TYPE 22    /* MsgType, which Kitex's server writes in its replies */
+
+/* The readers below run for every field of every header: inlined, their error paths kept out
+ * of line (truncated(), fail()). */
+#if defined(__GNUC__)
+#define READER static inline __attribute__((always_inline))
+#else
+#define READER static inline
+#endif
+
 
 /* -- errors -------------------------------------------------------------------------------- */
 
@@ -66,6 +82,9 @@ typedef struct {
     int blocks;
 } Cursor;
 
+#if defined(__GNUC__)
+__attribute__((noinline, cold))
+#endif
 static int
 truncated(Cursor *c, const char *what, long long needed)
 {
@@ -85,7 +104,7 @@ block(Cursor *c)
     return 0;
 }
 
-static int
+READER int
 u8(Cursor *c, const char *what, unsigned *out)
 {
     if (c->pos >= c->end)
@@ -94,7 +113,7 @@ u8(Cursor *c, const char *what, unsigned *out)
     return 0;
 }
 
-static int
+READER int
 u16(Cursor *c, const char *what, unsigned *out)
 {
     if (c->end - c->pos < 2)
@@ -144,7 +163,7 @@ text(Cursor *c, uint64_t size, const char *what)
 }
 
 /* Check that size bytes are there, and step over them (a header only validated, not read). */
-static int
+READER int
 skip(Cursor *c, uint64_t size, const char *what)
 {
     if (size > (uint64_t)(c->end - c->pos))
@@ -213,6 +232,10 @@ typedef struct {
     PyObject *int_info;   /* new; NULL: validate the key-values without reading them */
     PyObject *str_info;   /* new; NULL with int_info */
     PyObject *acl_token;  /* new, or NULL */
+    /* Where the last LOG_ID and RPC_TIMEOUT values are (offsets in the header), -1 if absent:
+     * noted while validating, so that the request loop reads them without a second walk. */
+    Py_ssize_t log_id_at, timeout_at;
+    unsigned log_id_size, timeout_size;
 } Header;
 
 static int
@@ -303,13 +326,23 @@ read_ttheader(Cursor *c, Header *h)
                 unsigned size;
                 if (into == NULL) {
                     /* The same reads and checks as below, without the objects. */
+                    unsigned key_id = 0;
                     if (strings ? (u16(c, "key length", &size) < 0 ||
                                    skip(c, size, "string key") < 0)
-                                : u16(c, "integer key", &size) < 0)
+                                : u16(c, "integer key", &key_id) < 0)
                         return -1;
                     if (u16(c, "value length", &size) < 0 ||
                         skip(c, size, strings ? "string value" : "integer value") < 0)
                         return -1;
+                    if (!strings) {
+                        if (key_id == INT_KEY_LOG_ID) {
+                            h->log_id_at = c->pos - (Py_ssize_t)size;
+                            h->log_id_size = size;
+                        } else if (key_id == INT_KEY_RPC_TIMEOUT) {
+                            h->timeout_at = c->pos - (Py_ssize_t)size;
+                            h->timeout_size = size;
+                        }
+                    }
                     continue;
                 }
                 if (strings) {
@@ -468,19 +501,35 @@ typedef struct {
     PyObject *acl_token;  /* str or None */
     PyObject *buffer;     /* the object parsed, or the inflated payload */
     PyObject *payload;    /* a memoryview of buffer[payload_start:payload_end], or NULL */
-    PyObject *header;     /* bytes: the frame up to the end of its header */
+    /* bytes holding the frame, LENGTH included, up to the end of its header, from header_at:
+     * the buffer parsed itself when it is bytes (immutable), a copy of the header otherwise. */
+    PyObject *header;
+    Py_ssize_t header_at;
+    Py_ssize_t header_size;
     Py_ssize_t payload_start;
     Py_ssize_t payload_end;
+    Py_ssize_t log_id_at;  /* TTHeader LOG_ID's value in the header, or -1 */
+    Py_ssize_t timeout_at; /* TTHeader RPC_TIMEOUT's, or -1 */
+    unsigned log_id_size;
+    unsigned timeout_size;
     PyObject *int_info;   /* dict, or NULL until asked for */
     PyObject *str_info;   /* dict, or NULL until asked for */
     int flags;
     int seqid;
     int protocol_id;
+    int codec_protocol; /* the payload's protocol as _thrift numbers it: 0 binary, 2 compact */
     char payload_framed;
     char tt;
 } Frame;
 
 static PyTypeObject FrameType;
+
+/* The frame's bytes up to the end of its header (validated by parse()). */
+static inline const uint8_t *
+frame_header(Frame *self)
+{
+    return (const uint8_t *)PyBytes_AS_STRING(self->header) + self->header_at;
+}
 
 static int
 frame_traverse(Frame *self, visitproc visit, void *arg)
@@ -488,6 +537,7 @@ frame_traverse(Frame *self, visitproc visit, void *arg)
     Py_VISIT(self->acl_token);
     Py_VISIT(self->buffer);
     Py_VISIT(self->payload);
+    Py_VISIT(self->header);
     Py_VISIT(self->int_info);
     Py_VISIT(self->str_info);
     return 0;
@@ -522,11 +572,12 @@ frame_materialize(Frame *self)
 {
     if (self->int_info != NULL)
         return 0;
-    Header h = {0, NULL, NULL, PyDict_New(), PyDict_New(), NULL};
+    Header h = {0, NULL, NULL, PyDict_New(), PyDict_New(), NULL, -1, -1, 0, 0};
     int rc = -1;
     if (h.int_info != NULL && h.str_info != NULL) {
-        Cursor c = {(const uint8_t *)PyBytes_AS_STRING(self->header), FIXED_SIZE,
-                    PyBytes_GET_SIZE(self->header), self->tt ? "TTHeader" : "THeader", 0};
+        /* The header belongs to the frame, which the caller holds: bytes, immutable. */
+        Cursor c = {frame_header(self), FIXED_SIZE, self->header_size,
+                    self->tt ? "TTHeader" : "THeader", 0};
         rc = self->tt ? read_ttheader(&c, &h) : read_theader(&c, &h);
     }
     if (rc == 0) {
@@ -592,9 +643,19 @@ frame_int_value(Frame *self, PyObject *key)
     long wanted = PyLong_Check(key) ? PyLong_AsLongAndOverflow(key, &overflow) : -1;
     if (!self->tt || wanted < 0 || wanted > 0xFFFF)
         Py_RETURN_NONE;
+    const uint8_t *p = frame_header(self);
+    if (wanted == INT_KEY_LOG_ID || wanted == INT_KEY_RPC_TIMEOUT) {
+        /* Found by parse() already. */
+        Py_ssize_t at = wanted == INT_KEY_LOG_ID ? self->log_id_at : self->timeout_at;
+        if (at < 0)
+            Py_RETURN_NONE;
+        return PyUnicode_DecodeUTF8(
+            (const char *)p + at,
+            (Py_ssize_t)(wanted == INT_KEY_LOG_ID ? self->log_id_size : self->timeout_size),
+            "surrogateescape");
+    }
     /* The header was validated: every read below fits. The last value of the key wins. */
-    const uint8_t *p = (const uint8_t *)PyBytes_AS_STRING(self->header);
-    Py_ssize_t end = PyBytes_GET_SIZE(self->header), pos = FIXED_SIZE + 2;
+    Py_ssize_t end = self->header_size, pos = FIXED_SIZE + 2;
     Py_ssize_t found = -1;
     unsigned found_size = 0;
     while (pos < end) {
@@ -760,8 +821,8 @@ frame_str_value(Frame *self, PyObject *key)
     }
     /* The header copy belongs to the frame, which the caller holds: no Python code runs
      * during the walk. */
-    Cursor c = {(const uint8_t *)PyBytes_AS_STRING(self->header), FIXED_SIZE,
-                PyBytes_GET_SIZE(self->header), self->tt ? "TTHeader" : "THeader", 0};
+    Cursor c = {frame_header(self), FIXED_SIZE, self->header_size,
+                self->tt ? "TTHeader" : "THeader", 0};
     Py_ssize_t found = -1;
     uint64_t found_size = 0;
     int rc = self->tt ? find_tt_string(&c, PyBytes_AS_STRING(wanted), PyBytes_GET_SIZE(wanted),
@@ -779,7 +840,7 @@ frame_str_value(Frame *self, PyObject *key)
 
 static PyObject *do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj,
                           long long flags, PyObject *strs_in, PyObject *ints_in, PyObject *acl,
-                          PyObject *transforms, int framed);
+                          PyObject *transforms, int framed, int message_type);
 static PyObject *zlib_compress;
 
 static PyObject *
@@ -813,7 +874,40 @@ frame_reply(Frame *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
         payload = compressed;
     }
     PyObject *frame = do_build(self->tt, self->seqid, self->protocol_id, payload, self->flags,
-                               strs, ints, Py_None, self->transforms, self->payload_framed);
+                               strs, ints, Py_None, self->transforms, self->payload_framed, -1);
+    Py_XDECREF(compressed);
+    return frame;
+}
+
+/* answer(payload, message_type, str_info, /): reply() for the request loop, positional, with
+ * Kitex's MSG_TYPE integer key-value written from message_type (TTHeader; ignored for
+ * THeader). */
+static PyObject *
+frame_answer(Frame *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "answer(payload, message_type, str_info)");
+        return NULL;
+    }
+    PyObject *payload = args[0], *strs = args[2];
+    long message_type = PyLong_AsLong(args[1]);
+    if (message_type == -1 && PyErr_Occurred())
+        return NULL;
+    if (message_type < 1 || message_type > 4) {
+        PyErr_Format(PyExc_ValueError, "message type %ld; a Thrift message type is 1 to 4",
+                     message_type);
+        return NULL;
+    }
+    PyObject *compressed = NULL;
+    if (PyTuple_GET_SIZE(self->transforms)) {
+        compressed = PyObject_CallOneArg(zlib_compress, payload);
+        if (compressed == NULL)
+            return NULL;
+        payload = compressed;
+    }
+    PyObject *frame = do_build(self->tt, self->seqid, self->protocol_id, payload, self->flags,
+                               strs, Py_None, Py_None, self->transforms, self->payload_framed,
+                               (int)message_type);
     Py_XDECREF(compressed);
     return frame;
 }
@@ -838,11 +932,18 @@ frame_with_payload(Frame *self, PyObject *payload)
     copy->payload_start = 0;
     copy->payload_end = PyObject_Length(payload);
     copy->header = Py_NewRef(self->header);
+    copy->header_at = self->header_at;
+    copy->header_size = self->header_size;
+    copy->log_id_at = self->log_id_at;
+    copy->log_id_size = self->log_id_size;
+    copy->timeout_at = self->timeout_at;
+    copy->timeout_size = self->timeout_size;
     copy->int_info = Py_XNewRef(self->int_info);
     copy->str_info = Py_XNewRef(self->str_info);
     copy->flags = self->flags;
     copy->seqid = self->seqid;
     copy->protocol_id = self->protocol_id;
+    copy->codec_protocol = self->codec_protocol;
     copy->payload_framed = self->payload_framed;
     copy->tt = self->tt;
     PyObject_GC_Track(copy);
@@ -867,6 +968,8 @@ static PyMemberDef frame_members[] = {
     {"seqid", T_INT, offsetof(Frame, seqid), READONLY, "SEQID, signed 32-bit."},
     {"protocol", T_OBJECT_EX, offsetof(Frame, protocol), READONLY, "'binary' or 'compact'."},
     {"protocol_id", T_INT, offsetof(Frame, protocol_id), READONLY, "The protocol id as sent."},
+    {"codec_protocol", T_INT, offsetof(Frame, codec_protocol), READONLY,
+     "The payload's protocol as kitegreen's codec numbers it: 0 binary, 2 compact."},
     {"transforms", T_OBJECT_EX, offsetof(Frame, transforms), READONLY,
      "THeader transforms undone: () or (1,)."},
     {"acl_token", T_OBJECT_EX, offsetof(Frame, acl_token), READONLY,
@@ -882,7 +985,20 @@ static PyMemberDef frame_members[] = {
     {NULL},
 };
 
+/* log_id: TTHeader's LOG_ID, None when absent or empty (found by parse()). */
+static PyObject *
+frame_get_log_id(Frame *self, void *closure)
+{
+    if (self->log_id_at < 0 || self->log_id_size == 0)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeUTF8((const char *)frame_header(self) + self->log_id_at,
+                                (Py_ssize_t)self->log_id_size, "surrogateescape");
+}
+
 static PyGetSetDef frame_getset[] = {
+    {"log_id", (getter)frame_get_log_id, NULL,
+     "TTHeader's LOG_ID integer key-value (the last sent); None when absent or empty, and for "
+     "THeader.", NULL},
     {"int_info", (getter)frame_get_int_info, NULL,
      "TTHeader integer key-values, read on first access; {} for THeader.", NULL},
     {"str_info", (getter)frame_get_str_info, NULL,
@@ -897,6 +1013,10 @@ static PyMethodDef frame_methods[] = {
     {"reply", (PyCFunction)(void (*)(void))frame_reply, METH_FASTCALL | METH_KEYWORDS,
      "reply(payload, *, str_info=None, int_info=None) -> bytes: the reply frame for this "
      "request: same kind, protocol id, seqid, flags, transforms and payload framing."},
+    {"answer", (PyCFunction)(void (*)(void))frame_answer, METH_FASTCALL,
+     "answer(payload, message_type, str_info, /) -> bytes: reply(payload, str_info=str_info) "
+     "with TTHeader's MSG_TYPE integer key-value set to message_type, as a Kitex server "
+     "writes it (THeader: no integer key-values)."},
     {"str_value", (PyCFunction)frame_str_value, METH_O,
      "str_value(key) -> str | None: one string header (a TTHeader string key-value, a THeader "
      "header; a per-request one before a persistent one), read without the others."},
@@ -937,11 +1057,19 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t max_frame_size = PyLong_AsSsize_t(args[3]);
     if (PyErr_Occurred())
         return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    /* bytes are read in place (immutable, and held by the caller for the call); any other
+     * buffer through the buffer protocol, which keeps a bytearray from being resized while an
+     * allocation below runs a finalizer. */
+    int is_bytes = PyBytes_CheckExact(args[0]);
+    Py_buffer view = {0};
+    if (is_bytes) {
+        view.buf = PyBytes_AS_STRING(args[0]);
+        view.len = PyBytes_GET_SIZE(args[0]);
+    } else if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
         return NULL;
+    }
     Frame *result = NULL;
-    Header h = {0, NULL, NULL, NULL, NULL, NULL};
+    Header h = {0, NULL, NULL, NULL, NULL, NULL, -1, -1, 0, 0};
     if (start < 0 || stop > view.len || start > stop) {
         PyErr_Format(PyExc_ValueError, "frame [%zd:%zd] outside a buffer of %zd bytes", start,
                      stop, view.len);
@@ -1029,7 +1157,10 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
 
-    PyObject *header = PyBytes_FromStringAndSize((const char *)frame, header_end);
+    /* What int_info, str_info and the lookups read later: the bytes parsed, or a copy of the
+     * header when they could change (a bytearray is reused for the next message). */
+    PyObject *header = is_bytes ? Py_NewRef(args[0])
+                                : PyBytes_FromStringAndSize((const char *)frame, header_end);
     if (header == NULL)
         goto done;
     if ((result = PyObject_GC_New(Frame, &FrameType)) == NULL) {
@@ -1046,36 +1177,56 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     result->payload_start = start + payload_start;
     result->payload_end = stop;
     result->header = header;
+    result->header_at = is_bytes ? start : 0;
+    result->header_size = header_end;
+    result->log_id_at = h.log_id_at;
+    result->log_id_size = h.log_id_size;
+    result->timeout_at = h.timeout_at;
+    result->timeout_size = h.timeout_size;
     result->int_info = result->str_info = NULL;
     result->flags = (int)flags;
     result->seqid = seqid;
     result->protocol_id = (int)h.protocol_id;
+    result->codec_protocol = h.protocol == S_BINARY ? CODEC_BINARY : CODEC_COMPACT;
     result->payload_framed = (char)framed;
     result->tt = (char)tt;
     PyObject_GC_Track(result);
 done:
     Py_XDECREF(h.acl_token);
-    PyBuffer_Release(&view);
+    if (!is_bytes)
+        PyBuffer_Release(&view);
     return (PyObject *)result;
 }
 
 /* -- building ------------------------------------------------------------------------------ */
 
+/* A header being built: in `local` while it fits (a reply's header does), on the heap after. */
 typedef struct {
     char *p;
     size_t len;
     size_t cap;
+    char local[256];
 } Out;
+
+#define OUT_INIT(o) ((o).p = (o).local, (o).len = 0, (o).cap = sizeof (o).local)
+#define OUT_FREE(o) ((o).p != (o).local ? PyMem_Free((o).p) : (void)0)
 
 static int
 reserve(Out *o, size_t more)
 {
     if (o->len + more <= o->cap)
         return 0;
-    size_t cap = o->cap ? o->cap : 256;
+    size_t cap = o->cap;
     while (cap < o->len + more)
         cap *= 2;
-    char *p = PyMem_Realloc(o->p, cap);
+    char *p;
+    if (o->p == o->local) {
+        p = PyMem_Malloc(cap);
+        if (p != NULL)
+            memcpy(p, o->local, o->len);
+    } else {
+        p = PyMem_Realloc(o->p, cap);
+    }
     if (p == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -1212,7 +1363,8 @@ pair(PyObject *item, PyObject **key, PyObject **value)
 /* The items lists hold their own references to keys and values: a __eq__ or __str__ that
  * mutates the mapping cannot free them under us. */
 static int
-tt_header(Out *o, unsigned protocol_id, PyObject *strs, PyObject *ints, PyObject *acl)
+tt_header(Out *o, unsigned protocol_id, PyObject *strs, PyObject *ints, PyObject *acl,
+          int message_type)
 {
     if (put_byte(o, protocol_id) < 0 || put_byte(o, 0) < 0)
         return -1;
@@ -1228,10 +1380,11 @@ tt_header(Out *o, unsigned protocol_id, PyObject *strs, PyObject *ints, PyObject
                 return -1;
         }
     }
-    if (ints != NULL && PyList_GET_SIZE(ints)) {
-        if (put_byte(o, 0x10) < 0 || put_u16(o, (unsigned)PyList_GET_SIZE(ints)) < 0)
+    Py_ssize_t n_ints = ints != NULL ? PyList_GET_SIZE(ints) : 0;
+    if (n_ints || message_type >= 0) {
+        if (put_byte(o, 0x10) < 0 || put_u16(o, (unsigned)(n_ints + (message_type >= 0))) < 0)
             return -1;
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ints); i++) {
+        for (Py_ssize_t i = 0; i < n_ints; i++) {
             PyObject *key, *value;
             if (pair(PyList_GET_ITEM(ints, i), &key, &value) < 0)
                 return -1;
@@ -1252,6 +1405,12 @@ tt_header(Out *o, unsigned protocol_id, PyObject *strs, PyObject *ints, PyObject
                 return -1;
             }
             if (put_u16(o, (unsigned)key_id) < 0 || put_u16_string(o, value, "integer value") < 0)
+                return -1;
+        }
+        if (message_type >= 0) {
+            /* MSG_TYPE, decimal, as Kitex's server writes it (a Thrift message type: 1-4). */
+            if (put_u16(o, INT_KEY_MSG_TYPE) < 0 || put_u16(o, 1) < 0 ||
+                put_byte(o, '0' + (unsigned)message_type) < 0)
                 return -1;
         }
     }
@@ -1339,19 +1498,22 @@ build(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     return do_build(tt, seqid, protocol_id, args[3], flags, strs_in, ints_in, acl, transforms,
-                    framed);
+                    framed, -1);
 }
 
 /* One whole frame from checked fixed fields; the key-values and transforms are checked here. */
 static PyObject *
 do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long long flags,
-         PyObject *strs_in, PyObject *ints_in, PyObject *acl, PyObject *transforms, int framed)
+         PyObject *strs_in, PyObject *ints_in, PyObject *acl, PyObject *transforms, int framed,
+         int message_type)
 {
     const char *name = tt ? "TTHeader" : "THeader";
     Py_ssize_t n_strs = size_of(strs_in), n_ints = size_of(ints_in);
     if (n_strs < 0 || n_ints < 0)
         return NULL;
-    Py_ssize_t n = n_strs + n_ints + (acl != Py_None);
+    if (!tt)
+        message_type = -1; /* THeader has no integer key-values */
+    Py_ssize_t n = n_strs + n_ints + (acl != Py_None) + (message_type >= 0);
     if (n > MAX_ENTRIES)
         return fail(ProtocolError, "%s header of %zd key-values; at most %d are accepted", name,
                     n, MAX_ENTRIES);
@@ -1384,11 +1546,12 @@ do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long 
 
     PyObject *result = NULL, *strs = NULL, *ints = NULL;
     Py_buffer payload = {0};
-    Out header = {NULL, 0, 0};
+    Out header;
+    OUT_INIT(header);
     if ((n_strs && (strs = items_of(strs_in)) == NULL) ||
         (n_ints && (ints = items_of(ints_in)) == NULL))
         goto done;
-    if ((tt ? tt_header(&header, (unsigned)protocol_id, strs, ints, acl)
+    if ((tt ? tt_header(&header, (unsigned)protocol_id, strs, ints, acl, message_type)
             : th_header(&header, (unsigned)protocol_id, strs, zlib)) < 0)
         goto done;
     size_t pad = (4 - header.len % 4) % 4;
@@ -1401,8 +1564,13 @@ do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long 
              header.len, MAX_HEADER_SIZE);
         goto done;
     }
-    if (PyObject_GetBuffer(payload_obj, &payload, PyBUF_SIMPLE) < 0)
+    if (PyBytes_CheckExact(payload_obj)) {
+        /* Immutable, held by the caller; nothing below calls into Python code. */
+        payload.buf = PyBytes_AS_STRING(payload_obj);
+        payload.len = PyBytes_GET_SIZE(payload_obj);
+    } else if (PyObject_GetBuffer(payload_obj, &payload, PyBUF_SIMPLE) < 0) {
         goto done;
+    }
     long long inner = framed ? 4 : 0;
     long long length = FIXED_SIZE - 4 + (long long)header.len + inner + payload.len;
     if (length > MAX_LENGTH) {
@@ -1439,7 +1607,7 @@ do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long 
 done:
     if (payload.obj != NULL)
         PyBuffer_Release(&payload);
-    PyMem_Free(header.p);
+    OUT_FREE(header);
     Py_XDECREF(strs);
     Py_XDECREF(ints);
     return result;
@@ -1496,7 +1664,9 @@ PyInit__headers(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "HeaderFrame", (PyObject *)&FrameType) < 0 ||
         PyModule_AddIntConstant(m, "MAX_HEADER_ENTRIES", MAX_ENTRIES) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_INFO_BLOCKS", MAX_BLOCKS) < 0) {
+        PyModule_AddIntConstant(m, "MAX_INFO_BLOCKS", MAX_BLOCKS) < 0 ||
+        PyModule_AddIntConstant(m, "CODEC_BINARY", CODEC_BINARY) < 0 ||
+        PyModule_AddIntConstant(m, "CODEC_COMPACT", CODEC_COMPACT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -6,6 +6,8 @@ from typing_extensions import Buffer
 
 MAX_HEADER_ENTRIES: Final[int]
 MAX_INFO_BLOCKS: Final[int]
+CODEC_BINARY: Final[int]
+CODEC_COMPACT: Final[int]
 
 class HeaderFrame:
     """One parsed request frame: its header, and the Thrift message it carries."""
@@ -26,6 +28,10 @@ class HeaderFrame:
     def protocol_id(self) -> int:
         """The protocol id as sent (TTHeader compact is 2 or 3); a reply repeats it."""
     @property
+    def codec_protocol(self) -> int:
+        """The payload's protocol as kitegreen's codec numbers it (``_thrift.BINARY``,
+        ``_thrift.COMPACT``)."""
+    @property
     def transforms(self) -> tuple[int, ...]:
         """THeader transforms undone to get :attr:`payload` (``(1,)`` zlib, or ``()``); a
         reply applies them again, as fbthrift's server does."""
@@ -38,6 +44,10 @@ class HeaderFrame:
         """TTHeader string key-values, or THeader key-values (persistent ones included, the
         per-request value winning on a clash). A key sent twice keeps its last value. Read
         from the header on first access."""
+    @property
+    def log_id(self) -> str | None:
+        """TTHeader's ``LOG_ID`` integer key-value (the last sent); None when absent or empty,
+        and for THeader. Found by the parse: no walk over the header."""
     @property
     def acl_token(self) -> str | None:
         """TTHeader's ACL token (0x11 block), or None."""
@@ -87,6 +97,12 @@ class HeaderFrame:
         Raises:
             ProtocolError: the key-values cannot be carried by this header format.
         """
+    def answer(
+        self, payload: Buffer, message_type: int, str_info: Mapping[str, str] | None, /
+    ) -> bytes:
+        """:meth:`reply` as the request loop sends it: positional, and for TTHeader with the
+        ``MSG_TYPE`` integer key-value set to ``message_type`` (1-4), as a Kitex server writes
+        it. THeader carries no integer key-values: ``message_type`` is only checked."""
     def with_payload(self, payload: bytes | memoryview, /) -> HeaderFrame:
         """The same frame carrying another payload (an inflated one)."""
 

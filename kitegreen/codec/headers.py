@@ -66,7 +66,7 @@ from typing import Final, Literal
 
 import gevent
 
-from kitegreen.codec import _headers
+from kitegreen.codec import _headers, _thrift
 from kitegreen.exceptions import FrameTooLarge, MemoryBudgetExceeded, ProtocolError
 
 HeaderKind = Literal["ttheader", "theader"]
@@ -238,8 +238,9 @@ its attributes are documented in ``_headers.pyi``).
 The parser validates every key-value but reads them into :attr:`~HeaderFrame.int_info` and
 :attr:`~HeaderFrame.str_info` only when one of those is first used: a request whose handler
 never looks pays for the walk over the header alone. :meth:`~HeaderFrame.int_value` reads one
-integer key-value (the log id, the timeout) without the rest; :meth:`~HeaderFrame.reply` builds
-the reply frame.
+integer key-value without the rest (the log id and the timeout, which the parse notes where
+they are, without a walk; :attr:`~HeaderFrame.log_id` too); :meth:`~HeaderFrame.reply` builds
+the reply frame, and :meth:`~HeaderFrame.answer` the one the request loop sends.
 """
 _parse = _headers.parse
 _build = _headers.build
@@ -247,6 +248,8 @@ assert (_headers.MAX_HEADER_ENTRIES, _headers.MAX_INFO_BLOCKS) == (
     MAX_HEADER_ENTRIES,
     MAX_INFO_BLOCKS,
 )
+# HeaderFrame.codec_protocol numbers protocols as the codec does.
+assert (_headers.CODEC_BINARY, _headers.CODEC_COMPACT) == (_thrift.BINARY, _thrift.COMPACT)
 
 
 def header_kind(head: bytes | bytearray | memoryview) -> HeaderKind | None:

@@ -30,7 +30,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from kitegreen import context
 from kitegreen.codec import _thrift
 from kitegreen.codec._headers import parse as _parse_frame
-from kitegreen.codec.headers import HeaderFrame, IntKey, StrKey, inflated
+from kitegreen.codec.headers import HeaderFrame, StrKey, inflated
 from kitegreen.codec.wire import Wire
 from kitegreen.context import RequestInfo
 from kitegreen.exceptions import MemoryBudgetExceeded, ProtocolError, describe
@@ -79,12 +79,7 @@ _read_message_begin = _thrift.read_message_begin
 _read_args_within = _thrift.read_args_within
 _write_message = _thrift.write_message
 _write_result = _thrift.write_result
-_PROTOCOLS = {"binary": _thrift.BINARY, "compact": _thrift.COMPACT}
-# Kitex's server writes the reply's message type as integer key 22 (MSG_TYPE) of every
-# TTHeader reply (kitex pkg/transmeta/ttheader.go); so does kitegreen, from shared dicts.
-_MSG_TYPE_INFO = {mtype: {int(IntKey.MSG_TYPE): str(mtype)} for mtype in (_REPLY, _EXCEPTION)}
 _U32 = struct.Struct(">I")
-_LOG_ID_KEY = int(IntKey.LOG_ID)
 _PEEK_SIZE = 1024
 """Bytes of a refused zlib payload inflated to read its message header (name and seqid)."""
 
@@ -318,10 +313,43 @@ class Connection:
                     self._reply_bytes = 0
                     wire = stream.wire
                     assert wire is not None  # read_message detected it
-                    if wire.header:
-                        self._handle_frame(buf, start, end)
-                    else:
+                    if not wire.header:
                         self._call(wire.protocol, buf, start, end)
+                    else:
+                        # A TTHeader or THeader request, here too: its metadata for the
+                        # handler, then the call. (headers.parse_frame is this parser,
+                        # wrapped.)
+                        frame: HeaderFrame | None
+                        frame = _parse_frame(buf, start, end, ctx.max_frame_size)
+                        inflated_size = 0
+                        if frame.transforms or self.trusted:
+                            # zlib to undo, or a proxy's rip header to read: the long way
+                            # (None: refused for memory, and answered).
+                            frame, inflated_size = self._prepare_frame(frame)
+                        if frame is not None:
+                            log_id = self._log_id = frame.log_id
+                            self._frame = frame
+                            # Bound until a request changes it (see _unbind_request): a
+                            # ContextVar set and reset per request cost ~2,000 instructions.
+                            if log_id is None:
+                                if _LOG_ID.get() is not ...:
+                                    _LOG_ID.set(...)
+                            elif _LOG_ID.get() != log_id:
+                                _LOG_ID.set(log_id)
+                            try:
+                                # The message in place: no memoryview of it is made.
+                                self._call(
+                                    frame.codec_protocol,
+                                    frame.buffer,
+                                    frame.payload_start,
+                                    frame.payload_end,
+                                    inflated_size,
+                                )
+                            finally:
+                                if inflated_size:
+                                    ctx.memory.release(inflated_size)
+                                self._frame = self._info = self._log_id = None
+                            frame = None
                     # The request's bytes must not outlive it: an idle connection holds no
                     # buffer.
                     del buf
@@ -417,48 +445,25 @@ class Connection:
             ctx.handing_off -= 1
         return self._handed
 
-    def _handle_frame(self, buf: bytes | bytearray, start: int, end: int) -> None:
-        """A TTHeader or THeader request: its metadata for the handler, then the call."""
-        ctx = self.ctx
-        # The compiled parser directly (headers.parse_frame is it, wrapped): per request.
-        frame = _parse_frame(buf, start, end, ctx.max_frame_size)
+    def _prepare_frame(self, frame: HeaderFrame) -> tuple[HeaderFrame | None, int]:
+        """A header frame's zlib payload inflated, and the client address a trusted proxy
+        claims shown by ``real_ip()``; ``(None, 0)`` when the payload inflates past what the
+        request may take (it was answered). Otherwise the frame to serve and the size of its
+        inflated payload, held in the memory budget until the request is answered."""
         inflated_size = 0
         if frame.transforms:
             inflated_frame = self._inflate(frame)
             if inflated_frame is None:
-                return  # refused for memory, and answered
+                return None, 0
             frame = inflated_frame
-            # An inflated payload is memory of its own, held until the request is answered.
             inflated_size = frame.payload_end - frame.payload_start
-        try:
-            log_id = frame.int_value(_LOG_ID_KEY) or None  # metadata.log_id, inlined
-            if ctx.get_real_ip:
-                claimed = metadata.claimed_ip(frame) if self.trusted else None
-                shown = claimed or self.peer
-                if shown != self._shown_ip:
-                    context.set_real_ip(shown)
-                    self._shown_ip = shown
-            self._frame, self._log_id = frame, log_id
-            # Bound until the next request changes it (see _unbind_request): ContextVar.set
-            # and reset per request cost ~2,000 instructions (callgrind).
-            if log_id is None:
-                if _LOG_ID.get() is not ...:
-                    _LOG_ID.set(...)
-            elif _LOG_ID.get() != log_id:
-                _LOG_ID.set(log_id)
-            # The message in place: no memoryview of it is made.
-            self._call(
-                _PROTOCOLS[frame.protocol],
-                frame.buffer,
-                frame.payload_start,
-                frame.payload_end,
-                inflated_size,
-            )
-        finally:
-            if inflated_size:
-                ctx.memory.release(inflated_size)
-            del frame
-            self._frame = self._info = self._log_id = None
+        if self.trusted and self.ctx.get_real_ip:
+            # An untrusted peer is shown as itself, as _bind_context set it.
+            shown = metadata.claimed_ip(frame) or self.peer
+            if shown != self._shown_ip:
+                context.set_real_ip(shown)
+                self._shown_ip = shown
+        return frame, inflated_size
 
     def _inflate(self, frame: HeaderFrame) -> HeaderFrame | None:
         """``frame`` with its zlib payload inflated, its size held in the memory budget; None
@@ -491,9 +496,7 @@ class Connection:
         inflated alone; re-raise ``exc`` (the connection closes) when they cannot be read."""
         try:
             head = zlib.decompressobj().decompress(frame.payload, _PEEK_SIZE)
-            name, mtype, seqid, _ = _read_message_begin(
-                _PROTOCOLS[frame.protocol], head, 0, len(head)
-            )
+            name, mtype, seqid, _ = _read_message_begin(frame.codec_protocol, head, 0, len(head))
         except (zlib.error, ProtocolError):
             raise exc from None
         method = self.ctx.methods.get(name)  # type: ignore[arg-type]
@@ -793,7 +796,7 @@ class Connection:
             assert wire is not None
             proto, framed = wire.protocol, wire.framed
         else:
-            proto, framed = _PROTOCOLS[frame.protocol], False
+            proto, framed = frame.codec_protocol, False
         try:
             if fid is None:
                 message = _write_message(
@@ -813,12 +816,11 @@ class Connection:
         if frame is None:
             return message
         headers = self._info.response_headers if self._info is not None else None
-        if frame.kind == "ttheader":
-            if self.ctx.stop_announced and self.ctx.hand_off is None:
-                # A connection handed over lives on: a Kitex client must keep reusing it.
-                headers = {**(headers or {}), StrKey.CONNECTION_READY_TO_RESET: "1"}
-            return frame.reply(message, str_info=headers, int_info=_MSG_TYPE_INFO[mtype])
-        reply = frame.reply(message, str_info=headers)
+        if self.ctx.stop_announced and self.ctx.hand_off is None and frame.kind == "ttheader":
+            # A connection handed over lives on: a Kitex client must keep reusing it.
+            headers = {**(headers or {}), StrKey.CONNECTION_READY_TO_RESET: "1"}
+        # TTHeader's reply carries the message type (Kitex's server writes it); THeader's not.
+        reply = frame.answer(message, mtype, headers)
         wire = self.stream.wire
         if wire is not None and wire.nested:
             # A THeader frame inside a framed frame came in: one goes back.

@@ -20,13 +20,12 @@ _PERSIST = StrKey.PREFIX_PERSIST
 _UPSTREAM = StrKey.PREFIX_TRANSIT_UPSTREAM
 
 
-_LOG_ID = int(IntKey.LOG_ID)
 _RPC_TIMEOUT = int(IntKey.RPC_TIMEOUT)
 
 
 def log_id(frame: HeaderFrame) -> str | None:
     """The request's log id (TTHeader ``LOG_ID``); None when absent or empty."""
-    return frame.int_value(_LOG_ID) or None
+    return frame.log_id
 
 
 def deadline(frame: HeaderFrame, arrived: float) -> float | None:
