@@ -6,6 +6,11 @@
  * Replies to the same request are identical every time (same method, same arguments, same
  * seqid), so the reply's length is its boundary on buffered transports too.
  *
+ * --refusal FILE: a second reply accepted, the server's refusal of the same call (kitegreen's
+ * LOADSHEDDING past its QPS limit): counted as "refused" (and "refused_rps") instead of a
+ * mismatch that drops the connection, and the connection goes on. Each reply is told apart by
+ * its bytes, compared as they arrive against both; a refused call is not in the latencies.
+ *
  * Bounded in time and in count: it stops after warmup + duration seconds, or after
  * --max-requests measured replies, whichever comes first, and gives up on connecting after
  * --connect-timeout seconds. It connects only to 127.0.0.0/8 or to a Unix socket.
@@ -83,10 +88,11 @@ struct conn {
     size_t got;      /* bytes of the reply read so far */
     uint64_t start;  /* ns when the request's first byte was written */
     int replied;     /* hold mode: the first reply is in */
+    int which;       /* 0: the bytes so far match both replies; 1: the reply; 2: the refusal */
 };
 
-static unsigned char *request, *reply;
-static size_t request_len, reply_len;
+static unsigned char *request, *reply, *refusal;
+static size_t request_len, reply_len, refusal_len;
 static unsigned char *scratch;
 
 static uint64_t now_ns(void) {
@@ -224,7 +230,8 @@ static int serve(int port, double seconds) {
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: loadgen --request FILE --reply FILE (--port N [--host 127.0.0.1] | --unix PATH)\n"
+            "usage: loadgen --request FILE --reply FILE [--refusal FILE]\n"
+            "               (--port N [--host 127.0.0.1] | --unix PATH)\n"
             "               [--conns N] [--duration S] [--warmup S] [--max-requests N]\n"
             "               [--connect-timeout S] [--hold S]\n"
             "       loadgen --request FILE --reply FILE --port N --serve S\n");
@@ -233,6 +240,7 @@ static void usage(void) {
 
 int main(int argc, char **argv) {
     const char *host = "127.0.0.1", *unix_path = NULL, *req_path = NULL, *rep_path = NULL;
+    const char *ref_path = NULL;
     int port = 0, nconns = 1;
     double duration = 3.0, warmup = 1.0, connect_timeout = 10.0, hold = 0.0, serve_s = 0.0;
     uint64_t max_requests = 50000000ULL;
@@ -253,6 +261,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--serve")) serve_s = atof(v);
         else if (!strcmp(a, "--request")) req_path = v;
         else if (!strcmp(a, "--reply")) rep_path = v;
+        else if (!strcmp(a, "--refusal")) ref_path = v;
         else usage();
         i++;
     }
@@ -267,7 +276,12 @@ int main(int argc, char **argv) {
     }
     request = read_file(req_path, &request_len);
     reply = read_file(rep_path, &reply_len);
-    scratch = malloc(reply_len);
+    if (ref_path) {
+        refusal = read_file(ref_path, &refusal_len);
+        if (refusal_len == reply_len && !memcmp(refusal, reply, reply_len))
+            die("--refusal is the reply itself");
+    }
+    scratch = malloc(reply_len > refusal_len ? reply_len : refusal_len);
     if (!scratch) die("out of memory");
     if (serve_s > 0) {
         if (serve_s > 3600 || unix_path) die("--serve takes a TCP --port and at most 3600 s");
@@ -314,7 +328,8 @@ int main(int argc, char **argv) {
     uint64_t measure_start = start_all + (uint64_t)(warmup * 1e9);
     uint64_t measure_end = measure_start + (uint64_t)(duration * 1e9);
     uint64_t hard_end = hold > 0 ? start_all + (uint64_t)((connect_timeout + hold) * 1e9) : measure_end;
-    uint64_t requests = 0, warm_requests = 0, errors = 0, mismatches = 0;
+    uint64_t requests = 0, warm_requests = 0, errors = 0, mismatches = 0, refused = 0,
+             warm_refused = 0;
     double sum_us = 0.0, max_us = 0.0;
     double cpu_at_start = 0.0;
     int measuring = warmup <= 0, alive = nconns, ready = 0, announced = 0;
@@ -378,8 +393,27 @@ int main(int argc, char **argv) {
             }
             /* Read as much of the reply as is there (edge-triggered: until EAGAIN). */
             for (;;) {
-                if (c->got == reply_len && c->sent == request_len) {
+                /* A whole reply, or a whole refusal (a prefix of both counts as the reply). */
+                size_t whole = c->which == 2 ? refusal_len : reply_len;
+                if (c->got == whole && c->sent == request_len) {
                     uint64_t done_at = now_ns();
+                    if (c->which == 2 && hold <= 0) {
+                        if (!measuring) warm_refused++;
+                        else if (done_at <= measure_end) refused++;
+                        c->which = 0;
+                        c->got = 0;
+                        c->start = done_at;
+                        c->sent = 0;
+                        ssize_t w = write(c->fd, request, request_len);
+                        if (w < 0) {
+                            if (errno != EAGAIN) goto fail;
+                            w = 0;
+                        }
+                        c->sent = (size_t)w;
+                        if (c->sent < request_len) break;
+                        continue;
+                    }
+                    c->which = 0;
                     if (hold > 0) {
                         if (!c->replied) {
                             c->replied = 1;
@@ -411,16 +445,31 @@ int main(int argc, char **argv) {
                     c->sent = (size_t)w;
                     if (c->sent < request_len) break; /* EPOLLOUT will tell when to go on */
                 }
-                ssize_t r = read(c->fd, scratch + c->got, reply_len - c->got);
+                /* Never past the end of a reply it may still be: the next one follows. */
+                size_t want = c->which == 2 ? refusal_len : reply_len;
+                if (c->which == 0 && refusal_len && refusal_len < want) want = refusal_len;
+                if (want <= c->got) {
+                    /* Matched a whole refusal that is a prefix of the reply: a reply. */
+                    c->which = 1;
+                    want = reply_len;
+                }
+                ssize_t r = read(c->fd, scratch + c->got, want - c->got);
                 if (r == 0) goto fail;
                 if (r < 0) {
                     if (errno == EAGAIN) break;
                     goto fail;
                 }
-                if (memcmp(scratch + c->got, reply + c->got, (size_t)r) != 0) {
+                int as_reply = c->which != 2 && c->got + (size_t)r <= reply_len &&
+                               memcmp(scratch + c->got, reply + c->got, (size_t)r) == 0;
+                int as_refusal = c->which != 1 && refusal_len &&
+                                 c->got + (size_t)r <= refusal_len &&
+                                 memcmp(scratch + c->got, refusal + c->got, (size_t)r) == 0;
+                if (!as_reply && !as_refusal) {
                     mismatches++;
                     goto fail;
                 }
+                if (!as_refusal) c->which = 1;
+                else if (!as_reply) c->which = 2;
                 c->got += (size_t)r;
             }
             continue;
@@ -441,12 +490,15 @@ done:;
     double elapsed = measuring && stop > measure_start ? (double)(stop - measure_start) / 1e9 : 0.0;
     double cpu = measuring ? cpu_seconds() - cpu_at_start : 0.0;
     printf("{\"conns\": %d, \"requests\": %llu, \"warmup_requests\": %llu, \"errors\": %llu, "
+           "\"refused\": %llu, \"warmup_refused\": %llu, \"refused_rps\": %.1f, "
            "\"mismatches\": %llu, \"connect_failures\": %d, \"connect_s\": %.3f, "
            "\"elapsed\": %.6f, \"rps\": %.1f, \"mean_us\": %.1f, \"p50_us\": %.1f, "
            "\"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f, "
            "\"cpu_s\": %.3f, \"cpu_util\": %.3f}\n",
            nconns, (unsigned long long)requests, (unsigned long long)warm_requests,
-           (unsigned long long)errors, (unsigned long long)mismatches, connect_failures, connect_s,
+           (unsigned long long)errors, (unsigned long long)refused,
+           (unsigned long long)warm_refused, elapsed > 0 ? (double)refused / elapsed : 0.0, (unsigned long long)mismatches,
+           connect_failures, connect_s,
            elapsed, elapsed > 0 ? (double)requests / elapsed : 0.0,
            requests ? sum_us / (double)requests : 0.0, percentile_ns(requests, 0.50) / 1000.0,
            percentile_ns(requests, 0.90) / 1000.0, percentile_ns(requests, 0.99) / 1000.0,

@@ -119,12 +119,17 @@ class Message:
     wire: str
     request: Path
     reply: Path
+    refusal: Path | None = None
+    """kitegreen's refusal of the call past its QPS limit: the load generator counts it
+    (``refused``) and goes on, where any other reply is a mismatch that drops the connection."""
 
 
 def encode_messages() -> dict[tuple[str, str], Message]:
     """Encode every call of :data:`METHODS` and its reply for every wire format."""
-    from thriftpy2.thrift import TMessageType
+    from thriftpy2.thrift import TApplicationException, TMessageType
     from thriftpy2.transport.memory import TCyMemoryBuffer
+
+    from kitegreen.rpc.loop import LOADSHEDDING
 
     bench = servers.load_bench()
     out_dir = BUILD / "messages"
@@ -136,7 +141,15 @@ def encode_messages() -> dict[tuple[str, str], Message]:
         for method in METHODS:
             args, result = servers.call_values(bench, method)
             encoded = []
-            for mtype, struct_ in ((TMessageType.CALL, args), (TMessageType.REPLY, result)):
+            # kitegreen's answer past its QPS limit (rpc/loop.py, _overloaded): LOADSHEDDING.
+            refused = TApplicationException(
+                LOADSHEDDING, f"QPS Overload: {method} refused by the qps limit"
+            )
+            for mtype, struct_ in (
+                (TMessageType.CALL, args),
+                (TMessageType.REPLY, result),
+                (TMessageType.EXCEPTION, refused),
+            ):
                 buf = TCyMemoryBuffer()
                 proto = pfactory.get_protocol(buf)
                 proto.write_message_begin(method, mtype, SEQID)
@@ -150,9 +163,11 @@ def encode_messages() -> dict[tuple[str, str], Message]:
                 encoded.append(data)
             request = out_dir / f"{method}-{wire}.request"
             reply = out_dir / f"{method}-{wire}.reply"
+            refusal = out_dir / f"{method}-{wire}.refusal"
             request.write_bytes(encoded[0])
             reply.write_bytes(encoded[1])
-            messages[method, wire] = Message(method, wire, request, reply)
+            refusal.write_bytes(encoded[2])
+            messages[method, wire] = Message(method, wire, request, reply, refusal)
     return messages
 
 
@@ -456,6 +471,9 @@ def run_loadgen(
         "requests": sum(p["requests"] for p in parts),
         "warmup_requests": sum(p.get("warmup_requests", 0) for p in parts),
         "errors": sum(p["errors"] for p in parts),
+        "refused": sum(p.get("refused", 0) for p in parts),
+        "warmup_refused": sum(p.get("warmup_refused", 0) for p in parts),
+        "refused_rps": sum(p.get("refused_rps", 0.0) for p in parts),
         "mismatches": sum(p.get("mismatches", 0) for p in parts),
         "elapsed": max(p["elapsed"] for p in parts),
         "rps": sum(p["rps"] for p in parts),
@@ -481,6 +499,7 @@ def _run_one_loadgen(
             str(msg.request),
             "--reply",
             str(msg.reply),
+            *(("--refusal", str(msg.refusal)) if msg.refusal is not None else ()),
             "--conns",
             str(conns),
             "--warmup",
@@ -723,8 +742,11 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
 
 
 def _per_request(cpu_s: float, result: dict[str, Any]) -> float:
-    """Server CPU µs per request: insensitive to the time the server was not running."""
-    done = result.get("requests", 0) + result.get("warmup_requests", 0)
+    """Server CPU µs per request answered, refusals included: insensitive to the time the
+    server was not running."""
+    done = sum(
+        result.get(key, 0) for key in ("requests", "warmup_requests", "refused", "warmup_refused")
+    )
     return cpu_s * 1e6 / done if done else float("nan")
 
 
@@ -768,6 +790,8 @@ def _progress(r: dict[str, Any]) -> None:
         )
         return
     flag = f"  errors={r['errors']}" if r.get("errors") else ""
+    if r.get("refused"):
+        flag += f"  refused {r['refused_rps']:,.0f}/s"
     print(
         f"  {r['server']:<19} {r['method']:<4} {r['wire']:<15} {r['conns']:>4}c "
         f"{r['rps']:>9,.0f} req/s  p50 {r['p50_us']:>7,.0f} us  p99 {r['p99_us']:>8,.0f} us  "
@@ -796,6 +820,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 "server_cpu": [],
                 "loadgen_cpu": [],
                 "cpu_us": [],
+                "refused_rps": [],
             },
         )
         if "error" in r:
@@ -807,6 +832,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         cell["server_cpu"].append(r["server_cpu_util"])
         cell["loadgen_cpu"].append(r["cpu_util"])
         cell["cpu_us"].append(r["server_cpu_us_per_req"])
+        cell["refused_rps"].append(r.get("refused_rps", 0.0))
         cell["errors"] += r["errors"]
     medians = {
         key: {
@@ -818,6 +844,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "server_cpu": _median(c["server_cpu"]),
             "loadgen_cpu": _median(c["loadgen_cpu"]),
             "server_cpu_us_per_req": _median(c["cpu_us"]),
+            "refused_rps": _median(c["refused_rps"]),
             "rps_spread": (max(c["rps"]) - min(c["rps"])) / _median(c["rps"])
             if len(c["rps"]) > 1 and _median(c["rps"])
             else 0.0,
@@ -871,6 +898,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
                         row += " failed | | |"
                         continue
                     bad = " ⚠" if m["errors"] or m["failed"] else ""
+                    if m.get("refused_rps"):
+                        bad += f" (+{m['refused_rps']:,.0f} refused)"
                     row += f" {m['rps']:,.0f}{bad} | {m['p50_us']:,.0f} | {m['p99_us']:,.0f} |"
                 lines.append(row)
     lines.append("")
