@@ -289,6 +289,46 @@ class TestHandOver:
             assert pair.new.stop(timeout=5.0)
             assert sock.recv(1) == b""  # a FIN, not a reset
 
+    def test_a_burst_of_hand_offs_is_shared_out_by_count(self, make_server):
+        """A stopping engine's connections, handed over at once, go to the receivers as their
+        counts say, the ones handed meanwhile counted: the board's counts are published only
+        with each worker's heartbeat (here: never), so without that the whole burst went to
+        the receiver with the fewest when it began."""
+        old = make_server(close_linger=0.2)
+        receivers_engines = [make_server(close_linger=0.2) for _ in range(2)]
+        board = Board(4)
+        old_slot = board.slot(0)
+        receivers = []
+        for index, (server, published) in enumerate(
+            zip(receivers_engines, (4, 0), strict=True), start=1
+        ):
+            slot = board.slot(index)
+            slot.set_accepting(True)
+            slot.set_open(published)
+            receiver = HandoffReceiver(handoff_name(os.getpid(), index), server.engine.adopt, LOG)
+            receiver.start()
+            receivers.append(receiver)
+        try:
+            old.engine.hand_off_connections(
+                HandoffSender(board, old_slot, os.getpid(), 60.0, LOG), grace=HANDOFF_GRACE
+            )
+            socks = [socket.create_connection(old.address, timeout=5.0) for _ in range(12)]
+            with contextlib.ExitStack() as stack:
+                for seqid, sock in enumerate(socks, start=1):
+                    stack.enter_context(sock)
+                    sock.sendall(call("echo", seqid, message="before"))
+                    assert read_reply(sock) == (seqid, "before")
+                assert old.stop(timeout=5.0)
+                wait_until(lambda: sum(r.adopted for r in receivers) == 12)
+                # 4 + 4 and 0 + 8: even once the one that had 4 is counted.
+                assert [r.adopted for r in receivers] == [4, 8]
+                for seqid, sock in enumerate(socks, start=100):
+                    sock.sendall(call("echo", seqid, message="after"))
+                    assert read_reply(sock) == (seqid, "after")
+        finally:
+            for receiver in receivers:
+                receiver.stop()
+
     def test_a_stopping_receiver_refuses_and_the_sender_keeps_the_connection(self, make_server):
         pair = Pair(make_server)
         pair.new.engine.begin_stop()
@@ -325,6 +365,11 @@ class TestParts:
         slots[2].set_accepting(False)
         assert board.adopter(0, now, 5.0) == 1
         assert board.adopter(1, now + 10.0, 5.0) is None  # every heartbeat stale
+        # Handed since the counts were read: added while a count still reads the same.
+        assert board.adopter(0, now, 5.0, {1: (5.0, 0), 3: (0.0, 9)}) == 1
+        slots[2].set_accepting(True)
+        assert board.adopter(0, now, 5.0, {2: (2.0, 4)}) == 1  # 2 + 4 > 5
+        assert board.adopter(0, now, 5.0, {2: (1.0, 4)}) == 2  # it published since: 2
 
     def test_request_limit_adds_a_jitter_drawn_once(self):
         import random

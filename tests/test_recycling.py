@@ -4,7 +4,9 @@ subprocess, over real loopback sockets: keep-alive clients must see no close at 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import time
 from typing import Any
@@ -56,6 +58,30 @@ def load(instance: Arbiter, seconds: float, during: Any = None) -> list[Caller]:
         for caller in callers:
             caller.stop()
     return callers
+
+
+def connections_held(pids: set[int], port: int) -> dict[int, int]:
+    """How many established TCP connections to local ``port`` each process holds, read from
+    /proc (the kernel's view: which process has the descriptor)."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":  # ESTABLISHED
+                    established.add(fields[9])
+    held = {}
+    for pid in pids:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+        held[pid] = len(inodes & established)
+    return held
 
 
 def assert_no_connection_closed(callers: list[Caller], instance: Arbiter) -> None:
@@ -193,4 +219,29 @@ class TestFewerWorkers:
             assert len(handed) == 1
             assert handed[0]["handed"] > 0
             assert handed[0]["ended"] == 0
+            assert instance.stop() == 0
+
+    def test_ttou_shares_the_leaving_workers_connections_out_evenly(self):
+        """The leaving worker's connections go to both remaining workers, not all to the one
+        that had the fewest when the hand-over began (the counts on the board are published
+        with each heartbeat; a burst of hand-offs is counted by the sender meanwhile)."""
+        with arbiter(*QPS_LIMIT_OFF, workers=3) as instance:
+            port = instance.address()[1]
+            callers = [Caller(instance.address(), keep_alive=True) for _ in range(60)]
+            try:
+                wait_until(lambda: all(c.ok for c in callers), timeout=15.0)
+                instance.proc.send_signal(signal.SIGTTOU)
+                wait_until(lambda: instance.named("connections handed over"), timeout=15.0)
+                stayed = instance.wait_for_workers(2)
+
+                def shared() -> dict[int, int]:
+                    return connections_held(stayed, port)
+
+                wait_until(lambda: sum(shared().values()) == 60, what=lambda: str(shared()))
+                counts = sorted(shared().values())
+                assert counts[1] - counts[0] <= 6, counts  # 20 apart when all went to one
+            finally:
+                for caller in callers:
+                    caller.stop()
+            assert_no_connection_closed(callers, instance)
             assert instance.stop() == 0

@@ -22,6 +22,7 @@ import functools
 import mmap
 import struct
 import time
+from collections.abc import Mapping
 
 from kitegreen.config import MAX_WORKERS
 
@@ -87,9 +88,20 @@ class Board:
                 fewest = values[base + _OPEN]
         return None if fewest is None else int(fewest)
 
-    def adopter(self, exclude: int, now: float, stale_after: float) -> int | None:
+    def adopter(
+        self,
+        exclude: int,
+        now: float,
+        stale_after: float,
+        unseen: Mapping[int, tuple[float, int]] | None = None,
+    ) -> int | None:
         """The slot, other than ``exclude``, to hand a connection to: accepting, not retiring,
-        heartbeat fresher than ``stale_after``, fewest connections open; None if none."""
+        heartbeat fresher than ``stale_after``, fewest connections open; None if none.
+
+        ``unseen`` maps a slot to its count as last read and the connections handed to it
+        since, which its count does not show yet while it still reads the same (a worker
+        publishes its count with its heartbeat): they are added to it.
+        """
         count = min(self.in_use(), self.size)
         best: tuple[float, int] | None = None
         for index in range(count):
@@ -99,9 +111,15 @@ class Board:
                 self._read(self._offset(index, f)) for f in range(_FIELDS)
             )
             eligible = accepting > 0 and not retiring and now - heartbeat < stale_after
+            if unseen is not None and index in unseen and unseen[index][0] == opened:
+                opened += unseen[index][1]
             if eligible and (best is None or opened < best[0]):
                 best = (opened, index)
         return None if best is None else best[1]
+
+    def open_count(self, index: int) -> float:
+        """The connections slot ``index`` last said it has open."""
+        return self._read(self._offset(index, _OPEN))
 
     def _offset(self, index: int, field: int) -> int:
         return (_HEADER + index * _FIELDS + field) * _DOUBLE.size

@@ -265,6 +265,11 @@ class HandoffSender:
         self.log = log
         self.handed = 0
         self.kept = 0
+        self._unseen: dict[int, tuple[float, int]] = {}
+        """Per receiver: its published count when last read, and the connections handed (or
+        being handed) to it since. A receiver publishes its count with its heartbeat, so a
+        burst of hand-offs (a whole worker's connections, at once) would otherwise all go to
+        the receiver that had the fewest when the burst began."""
 
     def __call__(self, connection: Connection) -> bool:
         """Hand ``connection`` over; True if another worker took it (this one must then close
@@ -280,9 +285,30 @@ class HandoffSender:
         pending = stream.pending()
         if len(pending) > MAX_PENDING:
             return False
-        target = self._board.adopter(self._slot.index, time.monotonic(), self._stale_after)
+        target = self._board.adopter(
+            self._slot.index, time.monotonic(), self._stale_after, self._unseen
+        )
         if target is None:
             return False
+        self._count(target, 1)
+        handed = False
+        try:
+            handed = self._send(target, connection, pending)
+        finally:
+            if not handed:
+                self._count(target, -1)
+        return handed
+
+    def _count(self, target: int, change: int) -> None:
+        """Count a hand-off to ``target`` in or out of what its published count lacks."""
+        published = self._board.open_count(target)
+        seen, handed = self._unseen.get(target, (published, 0))
+        if seen != published:
+            handed = 0  # it published since: its count includes what it took
+        self._unseen[target] = (published, max(handed + change, 0))
+
+    def _send(self, target: int, connection: Connection, pending: bytes) -> bool:
+        stream = connection.stream
         data = encode(connection.address, stream.wire, pending)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with contextlib.closing(sock):
