@@ -397,22 +397,7 @@ int main(int argc, char **argv) {
                 size_t whole = c->which == 2 ? refusal_len : reply_len;
                 if (c->got == whole && c->sent == request_len) {
                     uint64_t done_at = now_ns();
-                    if (c->which == 2 && hold <= 0) {
-                        if (!measuring) warm_refused++;
-                        else if (done_at <= measure_end) refused++;
-                        c->which = 0;
-                        c->got = 0;
-                        c->start = done_at;
-                        c->sent = 0;
-                        ssize_t w = write(c->fd, request, request_len);
-                        if (w < 0) {
-                            if (errno != EAGAIN) goto fail;
-                            w = 0;
-                        }
-                        c->sent = (size_t)w;
-                        if (c->sent < request_len) break;
-                        continue;
-                    }
+                    int was_refused = c->which == 2;
                     c->which = 0;
                     if (hold > 0) {
                         if (!c->replied) {
@@ -422,7 +407,10 @@ int main(int argc, char **argv) {
                         c->got = 0;
                         break; /* no further requests: the connection stays idle */
                     }
-                    if (measuring) {
+                    if (was_refused) {
+                        if (!measuring) warm_refused++;
+                        else if (done_at <= measure_end) refused++;
+                    } else if (measuring) {
                         if (done_at <= measure_end) {
                             uint64_t lat = done_at - c->start;
                             hist[bucket_of(lat)]++;

@@ -843,6 +843,26 @@ static PyObject *do_build(int tt, long long seqid, long protocol_id, PyObject *p
                           PyObject *transforms, int framed, int message_type);
 static PyObject *zlib_compress;
 
+/* The reply frame to this request: same kind, protocol id, seqid, flags, transforms and
+ * payload framing; message_type >= 0 adds TTHeader's MSG_TYPE. */
+static PyObject *
+reply_frame(Frame *self, PyObject *payload, PyObject *strs, PyObject *ints, int message_type)
+{
+    PyObject *compressed = NULL;
+    if (PyTuple_GET_SIZE(self->transforms)) {
+        /* THeader's zlib, applied again as fbthrift's server does. */
+        compressed = PyObject_CallOneArg(zlib_compress, payload);
+        if (compressed == NULL)
+            return NULL;
+        payload = compressed;
+    }
+    PyObject *frame = do_build(self->tt, self->seqid, self->protocol_id, payload, self->flags,
+                               strs, ints, Py_None, self->transforms, self->payload_framed,
+                               message_type);
+    Py_XDECREF(compressed);
+    return frame;
+}
+
 static PyObject *
 frame_reply(Frame *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -865,18 +885,7 @@ frame_reply(Frame *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
             return NULL;
         }
     }
-    PyObject *compressed = NULL;
-    if (PyTuple_GET_SIZE(self->transforms)) {
-        /* THeader's zlib, applied again as fbthrift's server does. */
-        compressed = PyObject_CallOneArg(zlib_compress, payload);
-        if (compressed == NULL)
-            return NULL;
-        payload = compressed;
-    }
-    PyObject *frame = do_build(self->tt, self->seqid, self->protocol_id, payload, self->flags,
-                               strs, ints, Py_None, self->transforms, self->payload_framed, -1);
-    Py_XDECREF(compressed);
-    return frame;
+    return reply_frame(self, payload, strs, ints, -1);
 }
 
 /* answer(payload, message_type, str_info, /): reply() for the request loop, positional, with
@@ -898,18 +907,7 @@ frame_answer(Frame *self, PyObject *const *args, Py_ssize_t nargs)
                      message_type);
         return NULL;
     }
-    PyObject *compressed = NULL;
-    if (PyTuple_GET_SIZE(self->transforms)) {
-        compressed = PyObject_CallOneArg(zlib_compress, payload);
-        if (compressed == NULL)
-            return NULL;
-        payload = compressed;
-    }
-    PyObject *frame = do_build(self->tt, self->seqid, self->protocol_id, payload, self->flags,
-                               strs, Py_None, Py_None, self->transforms, self->payload_framed,
-                               (int)message_type);
-    Py_XDECREF(compressed);
-    return frame;
+    return reply_frame(self, payload, strs, Py_None, (int)message_type);
 }
 
 /* with_payload(payload): the same frame with another payload (an inflated one). */
