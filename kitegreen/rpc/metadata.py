@@ -20,7 +20,10 @@ _PERSIST = StrKey.PREFIX_PERSIST
 _UPSTREAM = StrKey.PREFIX_TRANSIT_UPSTREAM
 
 
+# As plain ints: an IntEnum member costs ~200 ns to look up and hash, per use.
 _RPC_TIMEOUT = int(IntKey.RPC_TIMEOUT)
+_FROM_SERVICE = int(IntKey.FROM_SERVICE)
+_FROM_METHOD = int(IntKey.FROM_METHOD)
 
 
 def log_id(frame: HeaderFrame) -> str | None:
@@ -59,8 +62,8 @@ def request_info(frame: HeaderFrame, arrived: float) -> RequestInfo:
         transit[StrKey.GDPR_TOKEN[len(_TRANSIT) :]] = frame.acl_token
     return RequestInfo(
         header=frame.kind,
-        caller_service=ints.get(IntKey.FROM_SERVICE),
-        caller_method=ints.get(IntKey.FROM_METHOD),
+        caller_service=ints.get(_FROM_SERVICE),
+        caller_method=ints.get(_FROM_METHOD),
         log_id=log_id(frame),
         deadline=deadline(frame, arrived),
         transit=transit,
