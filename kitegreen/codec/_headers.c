@@ -531,6 +531,16 @@ frame_header(Frame *self)
     return (const uint8_t *)PyBytes_AS_STRING(self->header) + self->header_at;
 }
 
+/* The header's bytes [at, at + size) as text (validated by parse()); None when at < 0. */
+static PyObject *
+header_text(Frame *self, Py_ssize_t at, unsigned size)
+{
+    if (at < 0)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeUTF8((const char *)frame_header(self) + at, (Py_ssize_t)size,
+                                "surrogateescape");
+}
+
 static int
 frame_traverse(Frame *self, visitproc visit, void *arg)
 {
@@ -643,17 +653,12 @@ frame_int_value(Frame *self, PyObject *key)
     long wanted = PyLong_Check(key) ? PyLong_AsLongAndOverflow(key, &overflow) : -1;
     if (!self->tt || wanted < 0 || wanted > 0xFFFF)
         Py_RETURN_NONE;
+    /* Found by parse() already. */
+    if (wanted == INT_KEY_LOG_ID)
+        return header_text(self, self->log_id_at, self->log_id_size);
+    if (wanted == INT_KEY_RPC_TIMEOUT)
+        return header_text(self, self->timeout_at, self->timeout_size);
     const uint8_t *p = frame_header(self);
-    if (wanted == INT_KEY_LOG_ID || wanted == INT_KEY_RPC_TIMEOUT) {
-        /* Found by parse() already. */
-        Py_ssize_t at = wanted == INT_KEY_LOG_ID ? self->log_id_at : self->timeout_at;
-        if (at < 0)
-            Py_RETURN_NONE;
-        return PyUnicode_DecodeUTF8(
-            (const char *)p + at,
-            (Py_ssize_t)(wanted == INT_KEY_LOG_ID ? self->log_id_size : self->timeout_size),
-            "surrogateescape");
-    }
     /* The header was validated: every read below fits. The last value of the key wins. */
     Py_ssize_t end = self->header_size, pos = FIXED_SIZE + 2;
     Py_ssize_t found = -1;
@@ -682,9 +687,7 @@ frame_int_value(Frame *self, PyObject *key)
             pos += size;
         }
     }
-    if (found < 0)
-        Py_RETURN_NONE;
-    return PyUnicode_DecodeUTF8((const char *)p + found, found_size, "surrogateescape");
+    return header_text(self, found, found_size);
 }
 
 /* Step over one key of a header walk, noting where its value is if the key is the one wanted
@@ -987,10 +990,7 @@ static PyMemberDef frame_members[] = {
 static PyObject *
 frame_get_log_id(Frame *self, void *closure)
 {
-    if (self->log_id_at < 0 || self->log_id_size == 0)
-        Py_RETURN_NONE;
-    return PyUnicode_DecodeUTF8((const char *)frame_header(self) + self->log_id_at,
-                                (Py_ssize_t)self->log_id_size, "surrogateescape");
+    return header_text(self, self->log_id_size ? self->log_id_at : -1, self->log_id_size);
 }
 
 static PyGetSetDef frame_getset[] = {

@@ -26,11 +26,6 @@ _FROM_SERVICE = int(IntKey.FROM_SERVICE)
 _FROM_METHOD = int(IntKey.FROM_METHOD)
 
 
-def log_id(frame: HeaderFrame) -> str | None:
-    """The request's log id (TTHeader ``LOG_ID``); None when absent or empty."""
-    return frame.log_id
-
-
 def deadline(frame: HeaderFrame, arrived: float) -> float | None:
     """When the caller gives up, on the ``time.monotonic()`` clock; None without a timeout."""
     if frame.kind == "ttheader":
@@ -64,7 +59,7 @@ def request_info(frame: HeaderFrame, arrived: float) -> RequestInfo:
         header=frame.kind,
         caller_service=ints.get(_FROM_SERVICE),
         caller_method=ints.get(_FROM_METHOD),
-        log_id=log_id(frame),
+        log_id=frame.log_id,
         deadline=deadline(frame, arrived),
         transit=transit,
         persistent=persistent,
