@@ -24,6 +24,7 @@ def c_extension(name: str, source: str) -> Extension:
 EXTENSIONS = [
     c_extension("kitegreen.codec._thrift", "kitegreen/codec/_thrift.c"),
     c_extension("kitegreen.codec._headers", "kitegreen/codec/_headers.c"),
+    c_extension("kitegreen.transport._sockio", "kitegreen/transport/_sockio.c"),
 ]
 
 HELP = """

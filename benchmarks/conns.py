@@ -14,6 +14,11 @@ kitegreen's server CPU per request grows between 50 and 500 connections (``run.p
 ``idle``        resident memory per idle connection, ``--idle`` (10,000) held after one ping
                 each (the server's RSS before and after, as ``run.py`` measures it)
 
+``--server`` studies another server of ``run.py`` the same way: ``cachegrind --server
+thriftpy2-threaded`` gives the cheapest peer's user-space instructions per request (valgrind
+runs one thread at a time, so a threaded server's figure leaves out what its threads cost the
+kernel and the scheduler, not what they cost in user space).
+
 Every run is bounded by a request count or a duration, and binds 127.0.0.1 only. Needs the
 load generator ``run.py`` builds, and ``strace`` / ``valgrind`` for those studies.
 """
@@ -108,7 +113,7 @@ def study_null(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
 
 
 def study_curve(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
-    server = run.start_server(SUBJECT, args.wire, msg, pin)
+    server = run.start_server(args.server, args.wire, msg, pin)
     try:
         cpu_per_request("curve", server.proc.pid, server.port, args, msg, pin)
     finally:
@@ -118,7 +123,7 @@ def study_curve(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
 def study_syscalls(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
     for conns in args.conns:
         port = run.free_port()
-        proc = start(servers.command(SUBJECT, port, args.wire), port, msg, 30.0)
+        proc = start(servers.command(args.server, port, args.wire), port, msg, 30.0)
         out = run.BUILD / f"strace.{conns}.txt"
         tracer = subprocess.Popen(
             ["strace", "-c", "-f", "-p", str(proc.pid), "-o", str(out)],
@@ -146,7 +151,7 @@ def study_cachegrind(args: argparse.Namespace, msg: run.Message, pin: bool) -> N
         port = run.free_port()
         cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", f"--LL={args.cache},8,64"]
         cmd += [f"--cachegrind-out-file={run.BUILD / f'cachegrind.{conns}.out'}"]
-        proc = start(cmd + servers.command(SUBJECT, port, args.wire), port, msg, 120.0)
+        proc = start(cmd + servers.command(args.server, port, args.wire), port, msg, 120.0)
         try:
             done = loadgen(port, msg, conns, args.requests) if conns else 0
         finally:
@@ -171,7 +176,7 @@ def study_cachegrind(args: argparse.Namespace, msg: run.Message, pin: bool) -> N
 
 
 def study_idle(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
-    server = run.start_server(SUBJECT, args.wire, msg, pin)
+    server = run.start_server(args.server, args.wire, msg, pin)
     try:
         m = run.measure_idle_rss(server, msg, args.idle, pin)
     finally:
@@ -203,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--requests", type=int, default=20000, help="per count, strace/valgrind")
     parser.add_argument("--cache", type=int, default=512 * 1024, help="simulated cache, bytes")
+    parser.add_argument(
+        "--server",
+        default=SUBJECT,
+        choices=servers.SERVERS + servers.EXTRA_SERVERS,
+        help="the server studied (another than kitegreen prices a peer the same way)",
+    )
     parser.add_argument(
         "--wire",
         default=WIRE,

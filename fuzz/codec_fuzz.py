@@ -1,7 +1,8 @@
 """A structure-aware fuzz target for kitegreen's wire code: the compiled Thrift codec
 (``kitegreen.codec._thrift``: scan, Scanner.feed, frame_end, read_message_begin, read_struct,
 read_args, write_message, write_result) and the header parser's public functions
-(``kitegreen.codec.headers``: header_kind, parse_frame, build_frame, HeaderFrame.reply).
+(``kitegreen.codec.headers``: header_kind, parse_frame, build_frame, HeaderFrame.reply), and
+the request loop's socket calls (``kitegreen.transport._sockio``: recv, send).
 
 Run it under AddressSanitizer and UBSan with ``tox -e asan`` (which builds an instrumented codec
 into the tox environment), or by hand against any build::
@@ -36,6 +37,9 @@ What it generates and what it checks (the oracles):
   and memoryview buffers, frames of any announced length, structs nested around the limit.
 * header frames built from random key-values, transforms and flags parse back to what was built;
   mutated frames parse or raise ProtocolError/FrameTooLarge; a parsed frame's reply parses.
+* recv and send of chunks of any size, the 64 KiB buffer's edges among them, through a socket
+  pair that fills up and drains: the bytes arrive whole and in order; wrong arguments raise
+  TypeError, OverflowError or OSError; an end of stream reads b"".
 
 Any other outcome is a finding: it is printed with its seed and index, and the run exits 1.
 Every finding fixed becomes a regression test in tests/test_codec_safety.py.
@@ -48,6 +52,7 @@ import contextlib
 import math
 import os
 import random
+import socket
 import struct
 import sys
 import threading
@@ -65,6 +70,7 @@ from thriftpy2.transport.memory import TCyMemoryBuffer
 
 from kitegreen.codec import _thrift, headers
 from kitegreen.exceptions import FrameTooLarge, ProtocolError
+from kitegreen.transport import _sockio
 
 IDL_DIR = Path(__file__).resolve().parent.parent / "tests" / "idl"
 PROTOCOLS = {"binary": _thrift.BINARY, "compact": _thrift.COMPACT}
@@ -343,6 +349,7 @@ class Fuzzer:
             ("threaded", self.case_threaded),
             ("headers", self.case_headers),
             ("api", self.case_api),
+            ("sockio", self.case_sockio),
         ]
 
     def run_case(self, index: int) -> str:
@@ -670,6 +677,72 @@ class Fuzzer:
                 raise
 
     # header frames ------------------------------------------------------------------------------
+
+    def case_sockio(self, rng: random.Random) -> None:
+        """The request loop's recv and send (``transport/_sockio.c``): chunks of any size, the
+        64 KiB buffer's edges among them, arrive whole and in order through a socket pair, the
+        sockets filling up and draining; arguments of the wrong type or range raise the
+        documented errors; after the peer's end of stream recv gives b""."""
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.setblocking(False)
+            theirs.setblocking(False)
+            self.sockio(rng, ours, theirs)
+
+    def sockio(self, rng: random.Random, ours: socket.socket, theirs: socket.socket) -> None:
+        size = _sockio.RECV_SIZE
+        sizes = [0, 1, 7, size - 1, size, size + 1, 3 * size, rng.randrange(1, 300_000)]
+        chunks = [rng.randbytes(rng.choice(sizes)) for _ in range(rng.randrange(1, 6))]
+        sent = bytearray()
+        got = bytearray()
+        for chunk in chunks:
+            view = chunk
+            while view:
+                try:
+                    taken = _sockio.send(ours.fileno(), view)
+                except BlockingIOError:
+                    taken = 0
+                if not 0 <= taken <= len(view):
+                    raise AssertionError(f"send took {taken} of {len(view)}")
+                sent += view[:taken]
+                view = view[taken:]
+                # Drain the other side when full, or now and then.
+                while taken == 0 or rng.random() < 0.3:
+                    try:
+                        data = _sockio.recv(theirs.fileno())
+                    except BlockingIOError:
+                        break
+                    if not 0 < len(data) <= size:
+                        raise AssertionError(f"recv gave {len(data)} bytes")
+                    got += data
+                    taken = 1
+        while len(got) < len(sent):
+            got += _sockio.recv(theirs.fileno())
+        if got != sent:
+            raise AssertionError(f"{len(sent)} bytes sent, {len(got)} differ on arrival")
+        self.note("sockio", [len(c) for c in chunks])
+        # Arguments: only the pair's own fds, -1 and numbers no fd can have, never another
+        # open file of this process.
+        # (Not True: it is the int 1, standard output.)
+        fd = rng.choice([ours.fileno(), -1, -(2**31), 2**31, 2**63, 2**70, "3", 3.0, None])
+        data_arg = rng.choice([b"x", b"", bytearray(b"x"), memoryview(b"x"), "x", None, 1])
+        for call in (lambda: _sockio.recv(fd), lambda: _sockio.send(fd, data_arg)):
+            with contextlib.suppress(TypeError, OverflowError, OSError):
+                call()
+        # Whatever went to theirs from the argument calls is read away; then an end of stream.
+        with contextlib.suppress(BlockingIOError):
+            while _sockio.recv(theirs.fileno()):
+                pass
+        if rng.random() < 0.1:
+            ours.shutdown(socket.SHUT_WR)
+            end = b"?"
+            for _ in range(100):
+                with contextlib.suppress(BlockingIOError):
+                    end = _sockio.recv(theirs.fileno())
+                    if end == b"":
+                        break
+            if end != b"":
+                raise AssertionError(f"no end of stream after shutdown: {end!r}")
 
     def case_headers(self, rng: random.Random) -> None:
         kind = rng.choice(["ttheader", "theader"])

@@ -72,18 +72,22 @@ counter is a request shed by ``max_inflight_memory``."""
 class MethodStats:
     """The counters of one method."""
 
-    __slots__ = ("buckets", "errors", "latency_sum", "requests")
+    __slots__ = ("buckets", "errors", "latency_sum")
 
     def __init__(self) -> None:
-        self.requests = 0
         self.latency_sum = 0.0
         # One slot per bucket bound plus +Inf; cumulated only when scraped.
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.errors = dict.fromkeys(ERROR_KINDS, 0)
 
+    @property
+    def requests(self) -> int:
+        """Requests finished: every one lands in one bucket (counted at scrape time, not per
+        request)."""
+        return sum(self.buckets)
+
     def observe(self, seconds: float, outcome: str) -> None:
         """Count one finished request."""
-        self.requests += 1
         self.latency_sum += seconds
         self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         if outcome != "ok":

@@ -119,6 +119,10 @@ def _forget(connection: Connection) -> None:
     """No owner to tell that a connection closed."""
 
 
+class _DeadlinePassed(Exception):
+    """The caller's deadline passed while its handler ran (``enforce_rpc_timeout``)."""
+
+
 class CloseConnection(Exception):
     """End the request loop; ``reason`` goes to the debug log."""
 
@@ -596,14 +600,31 @@ class Connection:
                     self._overloaded(method, seqid, refused, begun)
                     return
 
+            # The handler and its answer, inlined (a Python call costs a few hundred
+            # instructions per request); the rare outcomes are methods of their own: a
+            # deadline (_call_within), an exception (_raised), a header frame or a large reply
+            # (_encode).
             frame = self._frame
-            deadline = (
-                metadata.deadline(frame, begun)
-                if frame is not None and ctx.enforce_rpc_timeout
-                else None
-            )
-            self._invoke(method, seqid, args, begun, deadline)
+            try:
+                if frame is not None and ctx.enforce_rpc_timeout:
+                    value = self._call_within(method, args, metadata.deadline(frame, begun))
+                else:
+                    value = method.func(*args)
+            except Exception as exc:  # noqa: BLE001 - kite's onPanic: report, answer, serve on
+                self._raised(method, seqid, begun, exc)
+                return
+            if method.oneway or self._send_result(method, seqid, 0, value):
+                outcome = "ok"
+            else:
+                outcome = "internal"  # answered INTERNAL_ERROR: the result did not encode
+            if ctx.access_log:
+                self._finish(method, begun, outcome)
+            elif method.stats is not None:  # _finish without an access log, inlined
+                method.stats.observe(time.monotonic() - begun, outcome)
         finally:
+            # The reply may hold the arguments (an echo does): it must not keep them alive
+            # past their release.
+            value = None
             # The arguments go first: what they held is free once the account says so.
             try:
                 if cost > RELEASE_COST:
@@ -670,62 +691,57 @@ class Connection:
             )
         self._finish(method, begun, "overload")
 
-    def _invoke(
-        self,
-        method: Method,
-        seqid: int,
-        args: tuple[Any, ...],
-        begun: float,
-        deadline: float | None,
-    ) -> None:
-        """Call the handler and answer: its result, its declared exception, or kite's panic
-        answer; with a ``deadline``, a TIMEOUT once it passes.
+    def _call_within(self, method: Method, args: tuple[Any, ...], deadline: float | None) -> Any:
+        """The handler's value, or :class:`_DeadlinePassed` once ``deadline`` (the caller's,
+        from its RPC timeout; None: it sent none) passes.
 
         The deadline covers the handler only, never the sending of its reply (cutting a send
         short would leave half a message on the wire). gevent interrupts a handler only where
         it yields (I/O, sleeps, locks): one computing without yielding runs on past the
         deadline and is answered when it returns.
         """
-        timer = None
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._timed_out(method, seqid, begun)
-                return
-            timer = gevent.Timeout(remaining)
-            timer.start()
-        fid = 0
-        outcome = "ok"
+        if deadline is None:
+            return method.func(*args)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _DeadlinePassed
+        timer = gevent.Timeout(remaining)
+        timer.start()
         try:
-            try:
-                value = method.func(*args)
-            finally:
-                # Before any answer goes out, error answers included: a timer firing in a
-                # send would leave half a message on the wire and kill the connection.
-                if timer is not None:
-                    timer.close()
+            return method.func(*args)
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
+            raise _DeadlinePassed from None
+        finally:
+            # Before any answer goes out, error answers included: a timer firing in a send
+            # would leave half a message on the wire and kill the connection.
+            timer.close()
+
+    def _raised(self, method: Method, seqid: int, begun: float, exc: Exception) -> None:
+        """Answer a handler that raised: a declared exception as its result field, a
+        ``TApplicationException`` as itself, the caller's deadline passed as TIMEOUT, anything
+        else as kite's ``onPanic`` does (reported, INTERNAL_ERROR)."""
+        if isinstance(exc, _DeadlinePassed):
             self._timed_out(method, seqid, begun)
-            return
-        except method.declared_types as exc:
-            fid = method.declared_fid(exc)
+        elif isinstance(exc, method.declared_types):
             if self._span is not None:
                 self._span.declared(exc)
-            # Without its traceback: the traceback holds this frame, which holds the
-            # exception, a cycle that would keep the request's bytes and arguments alive
-            # until the cyclic GC runs.
+            # Without its traceback: the traceback holds the request's frame, which holds the
+            # exception, a cycle that would keep the request's bytes and arguments alive until
+            # the cyclic GC runs.
             value = exc.with_traceback(None)
-            outcome = "declared"
-        except TApplicationException as exc:
+            answered = method.oneway or self._send_result(
+                method, seqid, method.declared_fid(value), value
+            )
+            self._finish(method, begun, "declared" if answered else "internal")
+        elif isinstance(exc, TApplicationException):
             if self._span is not None:
                 self._span.failed(exc, describe(exc))
             if not method.oneway:
                 self._send(method.name, _EXCEPTION, seqid, exc, _APP_EXC_SPEC)
             self._finish(method, begun, "application")
-            return
-        except Exception as exc:  # noqa: BLE001 - kite's onPanic: report, answer, keep serving
+        else:
             self._panic(method, exc)
             if not method.oneway:
                 self._send_error(
@@ -735,12 +751,6 @@ class Connection:
                     f"internal error in {method.name}: {type(exc).__name__}",
                 )
             self._finish(method, begun, "internal")
-            return
-
-        if not method.oneway and not self._send_result(method, seqid, fid, value):
-            outcome = "internal"  # answered INTERNAL_ERROR: the result did not encode
-        if self.ctx.metrics is not None or self.ctx.access_log:
-            self._finish(method, begun, outcome)
 
     def _timed_out(self, method: Method, seqid: int, begun: float) -> None:
         waited = round((time.monotonic() - begun) * 1000)
@@ -836,7 +846,29 @@ class Connection:
         """Send the handler's answer; False if it could not be encoded (INTERNAL_ERROR was
         sent instead)."""
         try:
-            data = self._encode(method.name, _REPLY, seqid, value, method.result_spec, fid)
+            if self._frame is None:
+                # A plain wire: _encode's first try, inlined (per request).
+                wire = self.stream.wire
+                assert wire is not None
+                try:
+                    data = _write_result(
+                        wire.protocol,
+                        method.name,
+                        _REPLY,
+                        seqid,
+                        fid,
+                        value,
+                        method.result_spec,
+                        wire.framed,
+                        ENCODE_ON_HUB,
+                        0,
+                    )
+                except EncodeBudgetExceeded:
+                    name, spec, framed = method.name, method.result_spec, wire.framed
+                    args = (wire.protocol, name, _REPLY, seqid, fid, value, spec, framed)
+                    data = encode_off_hub(_write_result, args)
+            else:
+                data = self._encode(method.name, _REPLY, seqid, value, method.result_spec, fid)
         except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
             # The handler returned something the IDL cannot encode, or set a response header
             # its header protocol cannot carry. Nothing reached the wire: the reply is built in
