@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
+import gevent.event
 import pytest
 from clients import read_exactly
 from conftest import wait_until
 from greenlet import greenlet
-from service import testsvc_thrift
+from service import Handler, testsvc_thrift
 from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.transport.memory import TCyMemoryBuffer
 from wire import REPLY, encode, wrap
@@ -56,14 +57,28 @@ def _connect_all(stack: ExitStack, address: tuple[str, int], count: int) -> list
     return socks
 
 
-def _read_reply(sock: socket.socket) -> tuple[int, int, Any]:
-    """One framed binary reply to ``echo``: ``(message type, seqid, returned value)``."""
+def _read_reply(sock: socket.socket, method: str = "echo") -> tuple[int, int, Any]:
+    """One framed binary reply to ``method``: ``(message type, seqid, returned value)``."""
     (size,) = struct.unpack("!i", read_exactly(sock, 4))
     proto = TCyBinaryProtocol(TCyMemoryBuffer(read_exactly(sock, size)))
     _, mtype, seqid = proto.read_message_begin()
-    result = testsvc_thrift.TestService.echo_result()
+    result = getattr(testsvc_thrift.TestService, f"{method}_result")()
     proto.read_struct(result)
     return mtype, seqid, result.success
+
+
+class _Gated(Handler):
+    """``slow`` waits until the test opens the gate (the server and the test share one hub)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = gevent.event.Event()
+        self.waiting = 0
+
+    def slow(self, seconds: float, message: str) -> str:
+        self.waiting += 1
+        self.gate.wait(seconds)
+        return message
 
 
 def _live_greenlets() -> int:
@@ -95,6 +110,41 @@ class TestManyConnections:
                 assert time.monotonic() < deadline, f"only {i} connections answered in 90 s"
             # Served by a few warm workers: none is held per connection.
             assert server.engine.greenlets() <= KEEP_WARM + 2
+
+    @pytest.mark.timeout(120)
+    def test_a_waiting_handler_holds_up_none_of_the_calls_that_arrived_with_it(
+        self, make_server: Callable[..., kitegreen.RpcServer]
+    ) -> None:
+        """Calls that arrive together are served in one batch, one after another, by one
+        worker: a handler among them that waits hands the rest of the batch to another worker.
+        Here every other call waits (for a gate opened only once all the others are answered)
+        and all of them are sent before the server runs: each of the others is answered while
+        the waiting ones still wait (a call held up behind them would time out after 30 s).
+        Behind each waiting call its connection pipelines another: it is answered after it, in
+        order (a connection served by two workers at once would answer it first)."""
+        handler = _Gated()
+        server = make_server(handler=handler)
+        with ExitStack() as stack:
+            socks = _connect_all(stack, server.address, 40)
+            wait_until(lambda: server.engine.connections == 40)
+            waits, answers = socks[0::2], socks[1::2]
+            # The server shares this hub: sendall() on a connected socket with room in its
+            # buffer does not yield, so all 40 calls are on the wire before the server reads.
+            for i, sock in enumerate(socks):
+                if i % 2 == 0:
+                    calls = wrap("framed", encode("binary", "slow", seconds=60.0, message=str(i)))
+                    calls += wrap("framed", encode("binary", "echo", seqid=2, message=f"{i}b"))
+                else:
+                    calls = wrap("framed", encode("binary", "echo", message=str(i)))
+                sock.sendall(calls)
+            for i, sock in zip(range(1, 40, 2), answers, strict=True):
+                assert _read_reply(sock) == (REPLY, 1, str(i))
+            assert handler.waiting == len(waits)
+            assert not handler.gate.is_set()
+            handler.gate.set()
+            for i, sock in zip(range(0, 40, 2), waits, strict=True):
+                assert _read_reply(sock, "slow") == (REPLY, 1, str(i))
+                assert _read_reply(sock) == (REPLY, 2, f"{i}b")
 
     def test_idle_connections_hold_no_greenlet(
         self, make_server: Callable[..., kitegreen.RpcServer]

@@ -1,9 +1,10 @@
 """One client connection's request loop: kite's ``processRequests`` and ``onPanic``.
 
 Between messages a connection holds no greenlet, only its socket, its read watcher and its
-state. When bytes arrive, a warm worker greenlet of the :class:`~kitegreen.rpc.dispatch.
-Dispatcher` takes it, serves every whole message that arrived, one at a time and in order, and
-lets it wait again. The worker runs in the connection's own ``contextvars`` context, so
+state. When bytes arrive, the connection is queued, and a warm worker greenlet of the
+:class:`~kitegreen.rpc.dispatch.Dispatcher` takes it with the others that became readable in
+the same iteration of the loop, serves every whole message that arrived, one at a time and in
+order, and lets it wait again. The worker runs in the connection's own ``contextvars`` context, so
 ``real_ip()``, ``request_info()`` and the log context are this connection's. A request is: one
 whole message from the :class:`~kitegreen.transport.stream.MessageStream`, decoded from memory
 by the compiled codec, the limits, the handler, the reply encoded in one piece and sent with
@@ -210,7 +211,9 @@ class Connection:
         "_frame",
         "_handed",
         "_info",
+        "_job",
         "_log_id",
+        "_ready",
         "_reply_bytes",
         "_request_bytes",
         "_shown_ip",
@@ -259,11 +262,12 @@ class Connection:
         self._span_addresses: dict[str, Any] | None = None
         self._context: Context | None = None
         """Where the connection's requests run: its peer, ``real_ip()``, ``request_info()``."""
-        # Called in the hub when bytes arrive (None), or a stop or the idle sweeper ends the
-        # wait (the exception): a worker runs the connection. Made once: no frame per request.
-        self._wake: Callable[[BaseException | None], None] = partial(
-            ctx.dispatcher.dispatch, self._run
-        )
+        # When bytes arrive the read watcher calls ready(job) in the hub, which queues the
+        # job for the dispatcher's next batch; when a stop or the idle sweeper ends the wait,
+        # wake(exc) runs it at once. Made once: no frame per request.
+        self._ready: Callable[[Any], object] = ctx.dispatcher.ready
+        self._job: tuple[Callable[[BaseException | None], None], None] | None = (self._run, None)
+        self._wake: Callable[[BaseException], None] = partial(ctx.dispatcher.dispatch, self._run)
 
     def start(self) -> None:
         """Start serving; never blocks. The connection is read when its bytes arrive, on a
@@ -277,7 +281,7 @@ class Connection:
             # Adopted with a pipelined request's start: read on at once.
             self.ctx.dispatcher.submit(self._run, None)
         else:
-            stream.wait_readable(self._wake)
+            stream.wait_readable(self._ready, self._job, self._wake)
 
     def _bind_context(self) -> None:
         if self.ctx.get_real_ip:
@@ -290,7 +294,10 @@ class Connection:
 
     def _run(self, interrupted: BaseException | None) -> None:
         """On a worker: serve what arrived, then wait again or close. Never raises Exception."""
-        getcurrent().gr_context = self._context
+        context = self._context
+        if context is None:  # closed while its wake-up waited for the batch (a stop's cut-off)
+            return
+        getcurrent().gr_context = context
         ctx = self.ctx
         stream = self.stream
         try:
@@ -298,7 +305,7 @@ class Connection:
                 # One message at a time, in order, until none is left whole: then wait again.
                 received = stream.receive()
                 if received is None:  # a spurious wake-up
-                    stream.wait_readable(self._wake)
+                    stream.wait_readable(self._ready, self._job, self._wake)
                     return
                 while received:
                     try:
@@ -367,7 +374,7 @@ class Connection:
                             # request it sends from now on was never seen.
                             break
                     if not more:
-                        stream.wait_readable(self._wake)
+                        stream.wait_readable(self._ready, self._job, self._wake)
                         return
                 # The peer closed the connection between messages, or the server stops.
             elif isinstance(interrupted, HandOver):
@@ -401,6 +408,7 @@ class Connection:
         # The context and the wake-up refer back to this connection: let go of them, so that
         # it is freed once closed rather than by the cyclic garbage collector.
         self._context = None
+        self._job = None
         self._wake = _ignore_wake
         self.stream.close(linger, self._closed)
 

@@ -239,18 +239,26 @@ class MessageStream:
                 found = end
         return self._pos, found
 
-    def wait_readable(self, wake: Callable[[BaseException | None], object]) -> None:
+    def wait_readable(
+        self,
+        ready: Callable[[Any], object],
+        token: Any,
+        wake: Callable[[BaseException], object],
+    ) -> None:
         """Between messages: wait for the next one holding no greenlet.
 
-        The read watcher calls ``wake(None)`` from the hub once bytes (or an end-of-stream)
-        arrive; the woken side calls :meth:`receive` first, which ends the wait. Or
+        The read watcher calls ``ready(token)`` from the hub once bytes (or an end-of-stream)
+        arrive; the side that serves it calls :meth:`receive` first, which ends the wait. Or
         :meth:`interrupt_if_idle` ends it and calls ``wake(exc)``. Call again to wait again.
+
+        Until :meth:`receive` is called the stream still reads as :attr:`idle`: whoever ends
+        idle streams checks :meth:`has_input` too (bytes that arrived are never cut off).
         """
         self.idle_since = time.monotonic()
         self.idle = True
         self._waiter = wake
-        # ``wake`` straight from the loop: no Python frame between the watcher and the worker.
-        self.rwatch.start(wake, None)
+        # ``ready`` straight from the loop: no Python frame between the watcher and the queue.
+        self.rwatch.start(ready, token)
 
     def _recv_more(self) -> None:
         """Append the next bytes of the message being read, waiting no later than its deadline
