@@ -112,6 +112,15 @@ def _unbind_request() -> None:
         _LOG_ID.set(...)
 
 
+def _bind_log_id(log_id: str | None) -> None:
+    """The log context's ``log_id`` from here on: a header request's (unbound without one)."""
+    if log_id is None:
+        if _LOG_ID.get() is not ...:
+            _LOG_ID.set(...)
+    elif _LOG_ID.get() != log_id:
+        _LOG_ID.set(log_id)
+
+
 def _ignore_wake(interrupted: BaseException | None) -> None:
     """A closed connection's wake-up: nothing to do."""
 
@@ -212,7 +221,6 @@ class Connection:
         "_handed",
         "_info",
         "_job",
-        "_log_id",
         "_ready",
         "_reply_bytes",
         "_request_bytes",
@@ -252,7 +260,6 @@ class Connection:
         """The header frame of the request being handled, if it came in one."""
         self._info: RequestInfo | None = None
         """The request's info, once the handler asked for it (see :meth:`_request_info`)."""
-        self._log_id: str | None = None
         self._request_bytes = 0
         """The request's size on the wire, framing included, for the access log."""
         self._reply_bytes = 0
@@ -330,18 +337,16 @@ class Connection:
                         # A TTHeader or THeader request, here too: its metadata for the
                         # handler, then the call. (headers.parse_frame is this parser,
                         # wrapped.)
-                        frame: HeaderFrame | None
                         frame = _parse_frame(buf, start, end, ctx.max_frame_size)
-                        inflated_size = 0
                         if frame.transforms or self.trusted:
-                            # zlib to undo, or a proxy's rip header to read: the long way
-                            # (None: refused for memory, and answered).
-                            frame, inflated_size = self._prepare_frame(frame)
-                        if frame is not None:
-                            log_id = self._log_id = frame.log_id
+                            # zlib to undo, or a proxy's rip header to read: the long way.
+                            self._serve_prepared(frame)
+                        else:
                             self._frame = frame
-                            # Bound until a request changes it (see _unbind_request): a
-                            # ContextVar set and reset per request cost ~2,000 instructions.
+                            # _bind_log_id(frame), inlined. Bound until a request changes it
+                            # (see _unbind_request): a ContextVar set and reset per request
+                            # cost ~2,000 instructions.
+                            log_id = frame.log_id
                             if log_id is None:
                                 if _LOG_ID.get() is not ...:
                                     _LOG_ID.set(...)
@@ -354,13 +359,10 @@ class Connection:
                                     frame.buffer,
                                     frame.payload_start,
                                     frame.payload_end,
-                                    inflated_size,
                                 )
                             finally:
-                                if inflated_size:
-                                    ctx.memory.release(inflated_size)
-                                self._frame = self._info = self._log_id = None
-                            frame = None
+                                self._frame = self._info = None
+                        del frame
                     # The request's bytes must not outlive it: an idle connection holds no
                     # buffer.
                     del buf
@@ -456,6 +458,22 @@ class Connection:
         finally:
             ctx.handing_off -= 1
         return self._handed
+
+    def _serve_prepared(self, frame: HeaderFrame) -> None:
+        """Serve a header request whose zlib payload must be inflated, or whose peer may tell
+        the client's address (the request loop serves the others inline)."""
+        prepared, inflated_size = self._prepare_frame(frame)
+        if prepared is None:  # refused for memory, and answered
+            return
+        self._frame = prepared
+        _bind_log_id(prepared.log_id)
+        try:
+            proto, buf = prepared.codec_protocol, prepared.buffer
+            self._call(proto, buf, prepared.payload_start, prepared.payload_end, inflated_size)
+        finally:
+            if inflated_size:
+                self.ctx.memory.release(inflated_size)
+            self._frame = self._info = None
 
     def _prepare_frame(self, frame: HeaderFrame) -> tuple[HeaderFrame | None, int]:
         """A header frame's zlib payload inflated, and the client address a trusted proxy
@@ -801,12 +819,15 @@ class Connection:
         payload: Any,
         spec: Any,
         fid: int | None = None,
+        *,
+        on_hub: bool = True,
     ) -> bytes:
         """One whole reply: framed if the wire is, in the request's header frame if it had one.
 
         ``payload`` is a struct to encode whole, or with ``fid`` the value of that one field of
         ``spec`` (a result: its ``success``, 0, or a declared exception's field). A large reply
-        is encoded off the hub (see :func:`~kitegreen.rpc.budget.encode`, inlined here).
+        is encoded off the hub (see :func:`~kitegreen.rpc.budget.encode`, inlined here); with
+        ``on_hub`` False it is known to be one already.
         """
         frame = self._frame
         if frame is None:
@@ -815,16 +836,18 @@ class Connection:
             proto, framed = wire.protocol, wire.framed
         else:
             proto, framed = frame.codec_protocol, False
-        try:
-            if fid is None:
-                message = _write_message(
-                    proto, name, mtype, seqid, payload, spec, framed, ENCODE_ON_HUB, 0
-                )
-            else:
-                message = _write_result(
-                    proto, name, mtype, seqid, fid, payload, spec, framed, ENCODE_ON_HUB, 0
-                )
-        except EncodeBudgetExceeded:
+        message: bytes | None = None
+        if on_hub:
+            with contextlib.suppress(EncodeBudgetExceeded):
+                if fid is None:
+                    message = _write_message(
+                        proto, name, mtype, seqid, payload, spec, framed, ENCODE_ON_HUB, 0
+                    )
+                else:
+                    message = _write_result(
+                        proto, name, mtype, seqid, fid, payload, spec, framed, ENCODE_ON_HUB, 0
+                    )
+        if message is None:
             if fid is None:
                 args: tuple[Any, ...] = (proto, name, mtype, seqid, payload, spec, framed)
                 message = encode_off_hub(_write_message, args)
@@ -833,6 +856,11 @@ class Connection:
                 message = encode_off_hub(_write_result, args)
         if frame is None:
             return message
+        return self._in_frame(frame, message, mtype)
+
+    def _in_frame(self, frame: HeaderFrame, message: bytes, mtype: int) -> bytes:
+        """``message`` in a header frame answering ``frame``: with the response headers the
+        handler set, ``crrst`` once a stop began, inside a framed frame if the request was."""
         headers = self._info.response_headers if self._info is not None else None
         if self.ctx.stop_announced and self.ctx.hand_off is None and frame.kind == "ttheader":
             # A connection handed over lives on: a Kitex client must keep reusing it.
@@ -853,12 +881,14 @@ class Connection:
     def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> bool:
         """Send the handler's answer; False if it could not be encoded (INTERNAL_ERROR was
         sent instead)."""
+        frame = self._frame
         try:
-            if self._frame is None:
-                # A plain wire: _encode's first try, inlined (per request).
-                wire = self.stream.wire
-                assert wire is not None
-                try:
+            # _encode, inlined (per request): the reply on a plain wire, or in the request's
+            # header frame when it has no headers to carry (the handler set none, no stop).
+            try:
+                if frame is None:
+                    wire = self.stream.wire
+                    assert wire is not None
                     data = _write_result(
                         wire.protocol,
                         method.name,
@@ -871,12 +901,30 @@ class Connection:
                         ENCODE_ON_HUB,
                         0,
                     )
-                except EncodeBudgetExceeded:
-                    name, spec, framed = method.name, method.result_spec, wire.framed
-                    args = (wire.protocol, name, _REPLY, seqid, fid, value, spec, framed)
-                    data = encode_off_hub(_write_result, args)
-            else:
-                data = self._encode(method.name, _REPLY, seqid, value, method.result_spec, fid)
+                else:
+                    data = _write_result(
+                        frame.codec_protocol,
+                        method.name,
+                        _REPLY,
+                        seqid,
+                        fid,
+                        value,
+                        method.result_spec,
+                        False,
+                        ENCODE_ON_HUB,
+                        0,
+                    )
+                    wire = self.stream.wire
+                    assert wire is not None
+                    if self._info is None and not wire.nested and not self.ctx.stop_announced:
+                        data = frame.answer(data, _REPLY, None)
+                    else:
+                        data = self._in_frame(frame, data, _REPLY)
+            except EncodeBudgetExceeded:
+                # More than ENCODE_ON_HUB values: encoded again, off the hub.
+                data = self._encode(
+                    method.name, _REPLY, seqid, value, method.result_spec, fid, on_hub=False
+                )
         except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
             # The handler returned something the IDL cannot encode, or set a response header
             # its header protocol cannot carry. Nothing reached the wire: the reply is built in
@@ -1033,7 +1081,8 @@ class Connection:
         if method.stats is not None:
             method.stats.observe(elapsed, outcome)
         if self.ctx.access_log:
-            log_id = self._log_id
+            frame = self._frame
+            log_id = frame.log_id if frame is not None else None
             # A framed message comes without its 4-byte length, and so does a THeader frame
             # nested in a framed one; a header frame comes with its own.
             wire = self.stream.wire
