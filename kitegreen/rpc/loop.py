@@ -886,36 +886,25 @@ class Connection:
             # _encode, inlined (per request): the reply on a plain wire, or in the request's
             # header frame when it has no headers to carry (the handler set none, no stop).
             try:
+                wire = self.stream.wire
+                assert wire is not None
                 if frame is None:
-                    wire = self.stream.wire
-                    assert wire is not None
-                    data = _write_result(
-                        wire.protocol,
-                        method.name,
-                        _REPLY,
-                        seqid,
-                        fid,
-                        value,
-                        method.result_spec,
-                        wire.framed,
-                        ENCODE_ON_HUB,
-                        0,
-                    )
+                    proto, framed = wire.protocol, wire.framed
                 else:
-                    data = _write_result(
-                        frame.codec_protocol,
-                        method.name,
-                        _REPLY,
-                        seqid,
-                        fid,
-                        value,
-                        method.result_spec,
-                        False,
-                        ENCODE_ON_HUB,
-                        0,
-                    )
-                    wire = self.stream.wire
-                    assert wire is not None
+                    proto, framed = frame.codec_protocol, False
+                data = _write_result(
+                    proto,
+                    method.name,
+                    _REPLY,
+                    seqid,
+                    fid,
+                    value,
+                    method.result_spec,
+                    framed,
+                    ENCODE_ON_HUB,
+                    0,
+                )
+                if frame is not None:
                     if self._info is None and not wire.nested and not self.ctx.stop_announced:
                         data = frame.answer(data, _REPLY, None)
                     else:
