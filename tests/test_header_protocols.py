@@ -335,6 +335,17 @@ class TestDeadline:
         plain = tt_call(method="slow", seconds=0.01, message="ok")
         assert reply_value(tt_roundtrip(server.address, plain), "slow")[1] == "ok"
 
+    @pytest.mark.parametrize("timeout", ["\u00b2", "\u0661\u0660\u0660", "-5", "1e3", ""])
+    def test_a_timeout_that_is_not_ascii_digits_is_no_deadline(self, make, timeout):
+        """An RPC_TIMEOUT that is not a decimal number of milliseconds in ASCII digits ('²',
+        Arabic-Indic digits, a sign, an exponent) is ignored: the call is served, not
+        answered as a handler's panic nor ended with the connection."""
+        server = make(enforce_rpc_timeout=True)
+        request = tt_call(method="slow", seconds=0.01, message="ok", int_kv={RPC_TIMEOUT: timeout})
+        assert reply_value(tt_roundtrip(server.address, request), "slow")[1] == "ok"
+        assert server.metrics is not None
+        assert server.metrics.panics == 0
+
 
 class TestHandoverAtStop:
     def test_replies_sent_after_stop_began_carry_crrst(self, make):

@@ -62,10 +62,9 @@ class Dispatcher:
         self.dispatches = 0
         """Jobs run so far (the hub watch tells a busy worker from a blocked one)."""
         # After every I/O callback of an iteration (lowest priority: libev invokes pending
-        # watchers from the highest), before the loop polls again. Unreferenced: it does not
-        # keep the loop running by itself.
+        # watchers from the highest), before the loop polls again; from start() to stop().
+        # Unreferenced: it does not keep the loop running by itself.
         self._check = self._hub.loop.check(ref=False, priority=self._hub.loop.MINPRI)
-        self._check.start(self._drain)
 
     def __len__(self) -> int:
         """Workers alive: busy and parked."""
@@ -75,6 +74,19 @@ class Dispatcher:
     def busy(self) -> int:
         """Workers running a job now (a job that waits included)."""
         return len(self._workers) - len(self._parked)
+
+    def start(self) -> None:
+        """Start handing queued jobs out, once an iteration; idempotent."""
+        if not self._check.active:
+            self._check.start(self._drain)
+
+    def stop(self) -> None:
+        """Stop handing queued jobs out; only once no connection can queue one any more (all
+        are closed: a read watcher left armed would queue its job for ever, unserved). A job
+        still queued is run first. Idempotent."""
+        if self._ready:
+            self._hub.loop.run_callback(self._drain)
+        self._check.stop()
 
     def dispatch(self, job: Job, arg: Any) -> None:
         """Run ``job(arg)`` now on a worker; only from the hub (a loop callback): the worker
@@ -93,12 +105,9 @@ class Dispatcher:
             self._hub.loop.run_callback(_throw, worker)
 
     def close(self) -> None:
-        """End the parked workers; busy ones end when their job does. Jobs still queued are
-        run first (they end their connections)."""
+        """End the parked workers; busy ones end when their job does, and a job queued later
+        (a connection that outlived the stop) gets a worker of its own until :meth:`stop`."""
         self._keep_warm = 0
-        if self._ready:
-            self._hub.loop.run_callback(self._drain)
-        self._hub.loop.run_callback(self._check.close)
         parked = list(self._parked)
         self._parked.clear()
         for worker in parked:
@@ -111,11 +120,20 @@ class Dispatcher:
         parked = self._parked
         while ready:
             if parked:
-                parked.pop().switch()
+                worker = parked.pop()
             else:
                 worker = RawGreenlet(self._work, self._hub)
                 self._workers.add(worker)
+            try:
                 worker.switch()
+            except BaseException:
+                # A job ended its worker with something other than GreenletExit (SystemExit
+                # from a handler, say), which surfaces here. The jobs behind it have not
+                # started, and their read watchers would queue them again at the next poll:
+                # they run before it, from the loop's next callbacks.
+                if ready:
+                    self._hub.loop.run_callback(self._drain)
+                raise
 
     def _work(self) -> None:
         me = RawGreenlet.getcurrent()

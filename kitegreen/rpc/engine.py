@@ -119,6 +119,8 @@ class Engine:
         self._first_request_grace = first_request_grace
         self._hand_off_grace = 0.0
         self._drain_over = False
+        self._finished = False
+        """Set by :meth:`finish`: the dispatcher stops once no connection is left."""
         """Set once the stop no longer waits for connections: one adopted after would be left."""
         self._open: set[Connection] = set()
         """Connections not closed yet, lingering ones included."""
@@ -177,6 +179,7 @@ class Engine:
         sock = listen(spec, self.config.backlog) if owned else listener
         binding = Binding(spec, sock, owned=owned)
         try:
+            self._ctx.dispatcher.start()
             self._acceptor = Acceptor(
                 sock,
                 self._handle,
@@ -190,6 +193,7 @@ class Engine:
             if self.hub_watch is not None:
                 self.hub_watch.start()
         except BaseException:
+            self._ctx.dispatcher.stop()
             if self.idle_sweeper is not None:
                 self.idle_sweeper.stop()
             if self._acceptor is not None:
@@ -210,6 +214,8 @@ class Engine:
         if not self._started:
             return
         self._stop_background()
+        if not self._open:
+            self._ctx.dispatcher.stop()
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.stop_accepting()
@@ -354,6 +360,10 @@ class Engine:
         """Phase 4: stop the background greenlets and flush the panic log."""
         self._stop_background()
         self._ctx.dispatcher.close()
+        self._finished = True
+        if not self._open:
+            # Otherwise when the last connection that outlived the stop closes.
+            self._ctx.dispatcher.stop()
         self._ctx.panics.flush()
 
     def _stop_background(self) -> None:
@@ -491,6 +501,8 @@ class Engine:
         self.limiter.release_connection()
         if not self._open:
             self._all_closed.set()
+            if self._finished:
+                self._ctx.dispatcher.stop()
 
     def _dispatches(self) -> int:
         return self._ctx.dispatcher.dispatches

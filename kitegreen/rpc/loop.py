@@ -631,11 +631,15 @@ class Connection:
             # deadline (_call_within), an exception (_raised), a header frame or a large reply
             # (_encode).
             frame = self._frame
+            # Read before the handler's try: what the caller's header says is no panic.
+            deadline = None
+            if frame is not None and ctx.enforce_rpc_timeout:
+                deadline = metadata.deadline(frame, begun)
             try:
-                if frame is not None and ctx.enforce_rpc_timeout:
-                    value = self._call_within(method, args, metadata.deadline(frame, begun))
-                else:
+                if deadline is None:
                     value = method.func(*args)
+                else:
+                    value = self._call_within(method, args, deadline)
             except Exception as exc:  # noqa: BLE001 - kite's onPanic: report, answer, serve on
                 self._raised(method, seqid, begun, exc)
                 return
@@ -717,17 +721,15 @@ class Connection:
             )
         self._finish(method, begun, "overload")
 
-    def _call_within(self, method: Method, args: tuple[Any, ...], deadline: float | None) -> Any:
+    def _call_within(self, method: Method, args: tuple[Any, ...], deadline: float) -> Any:
         """The handler's value, or :class:`_DeadlinePassed` once ``deadline`` (the caller's,
-        from its RPC timeout; None: it sent none) passes.
+        from its RPC timeout) passes.
 
         The deadline covers the handler only, never the sending of its reply (cutting a send
         short would leave half a message on the wire). gevent interrupts a handler only where
         it yields (I/O, sleeps, locks): one computing without yielding runs on past the
         deadline and is answered when it returns.
         """
-        if deadline is None:
-            return method.func(*args)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _DeadlinePassed

@@ -70,7 +70,8 @@ def request_info(frame: HeaderFrame, arrived: float) -> RequestInfo:
 
 def _milliseconds(text: str | None) -> int | None:
     """A positive decimal number of milliseconds, or None for anything else."""
-    if not text or not text.isdigit() or len(text) > 12:
+    # isascii(): str.isdigit() is true of '²' and of other scripts' digits too.
+    if not text or not text.isascii() or not text.isdigit() or len(text) > 12:
         return None
     value = int(text)
     return value if value > 0 else None

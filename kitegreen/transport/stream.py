@@ -343,8 +343,10 @@ class MessageStream:
         return True
 
     def _interrupt(self, exc: BaseException) -> None:
-        # Runs in the hub. Still idle means still waiting on the read watcher with no wake-up
-        # pending (io callbacks run at once), so nothing can be lost.
+        # Runs in the hub, from a loop callback: the dispatcher has run every wake-up queued
+        # before it (it hands a whole iteration's queue out before the loop polls again), so
+        # still idle means still waiting on the read watcher, and has_input() says whether
+        # bytes came meanwhile: nothing can be lost.
         waiter = self._waiter
         if self.idle and waiter is not None and not self.has_input():
             self._end_wait()
