@@ -128,6 +128,7 @@ class Pair:
         board = Board(4)
         old_slot, new_slot = board.slot(0), board.slot(1)
         new_slot.set_accepting(receiver)
+        self.new_slot = new_slot
 
         def ready() -> bool:
             if answer_after:
@@ -251,13 +252,29 @@ class TestHandOver:
             pair.close()
 
     def test_without_a_live_receiver_the_connection_ends_with_a_fin(self, make_server):
-        """No worker to take it: the connection ends at a reply boundary with a clean
-        end-of-stream, as any stop ends it."""
+        """No worker ever takes it: the connection is offered until the stop's deadline,
+        then ends with a clean end-of-stream, as any stop ends it."""
         pair = Pair(make_server, receiver=False)
         with answered_once(pair) as sock:
-            assert pair.old.stop(timeout=5.0)
-            assert pair.sender.kept == 1
+            assert pair.old.stop(timeout=1.0)
+            assert (pair.sender.handed, pair.sender.kept) == (0, 1)
             assert sock.recv(1) == b""  # a FIN, not a reset
+
+    def test_a_connection_no_worker_took_is_offered_again_until_one_does(self, make_server):
+        """No live receiver when the stop begins (the replacement of a recycled worker not
+        ready yet, the other worker recycling too): the connection is not ended but offered
+        again, and handed over once a receiver is ready; the client's next call is answered
+        there and it never sees a close."""
+        pair = Pair(make_server, receiver=False)
+        with answered_once(pair) as sock:
+            stopping = gevent.spawn(pair.old.stop, 5.0)
+            wait_until(lambda: pair.sender.kept == 1, what="a first offer that no worker took")
+            pair.new_slot.set_accepting(True)
+            wait_until(lambda: pair.receiver.adopted == 1, what="the hand-over")
+            assert stopping.get(timeout=10.0)
+            assert (pair.sender.handed, pair.sender.kept) == (1, 0)
+            sock.sendall(call("echo", 2, message="after"))
+            assert read_reply(sock) == (2, "after")
 
     def test_a_hand_off_in_progress_at_the_deadline_is_let_finish(self, make_server):
         """The receiver answers after the stop's deadline (exit_wait_time 0.1 s, answer after
@@ -333,7 +350,7 @@ class TestHandOver:
         pair = Pair(make_server)
         pair.new.engine.begin_stop()
         with answered_once(pair) as sock:
-            assert pair.old.stop(timeout=5.0)
+            assert pair.old.stop(timeout=1.0)
             assert (pair.sender.handed, pair.sender.kept) == (0, 1)
             assert sock.recv(1) == b""
 

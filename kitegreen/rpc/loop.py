@@ -56,6 +56,7 @@ from kitegreen.rpc.methods import Method
 from kitegreen.transport.connections import StreamSet
 from kitegreen.transport.stream import (
     CLOSE_LINGER,
+    HAND_OVER_RETRY,
     HandOver,
     IdleTimeout,
     MessageStream,
@@ -369,9 +370,14 @@ class Connection:
                     if ctx.request_budget:
                         ctx.spend_request()
                     if ctx.finishing:
-                        if ctx.hand_off is not None and self._hand_off():
-                            break
-                        if not stream.has_input():
+                        if ctx.hand_off is not None:
+                            if self._hand_off():
+                                break
+                            stream.offer_again_at = time.monotonic() + HAND_OVER_RETRY
+                            # No worker took it (none live yet, or each refused): served on
+                            # here, and offered again when it next falls idle; the stop's
+                            # deadline ends it if none ever takes it.
+                        elif not stream.has_input():
                             # Nothing more arrived: the FIN that follows tells the client a
                             # request it sends from now on was never seen.
                             break
@@ -380,8 +386,13 @@ class Connection:
                         return
                 # The peer closed the connection between messages, or the server stops.
             elif isinstance(interrupted, HandOver):
-                # Idle with nothing unread: hand it over, or end it as a stop would.
-                self._hand_off()
+                # Idle with nothing unread: hand it over, or wait on to be offered again (the
+                # stop does so until its deadline, which ends it if no worker takes it: the
+                # replacement of a recycled worker may not be ready yet).
+                if not self._hand_off():
+                    stream.offer_again_at = time.monotonic() + HAND_OVER_RETRY
+                    stream.wait_readable(self._ready, self._job, self._wake)
+                    return
             else:
                 raise interrupted
         except GreenletExit:

@@ -45,7 +45,8 @@ class StreamSet:
 
             hand_over: raise :class:`HandOver` rather than :class:`StopServing`: the
                 connections are handed to another worker (a recycled worker's stop), not
-                closed, and none needs sparing.
+                closed, and none needs sparing; one no worker took when last offered waits
+                for its :attr:`~MessageStream.offer_again_at`.
 
         Returns:
             How many were told to end; each closes with a FIN (or hands itself over) on a
@@ -56,7 +57,8 @@ class StreamSet:
         for stream in self:
             waited = stream.idle_for(now)
             if hand_over:
-                ended += stream.interrupt_if_idle(HandOver("handing the connection over"))
+                if now >= stream.offer_again_at:
+                    ended += stream.interrupt_if_idle(HandOver("handing the connection over"))
                 continue
             if stream.wire is None and waited is not None and waited < first_request_grace:
                 continue

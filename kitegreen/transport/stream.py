@@ -34,6 +34,11 @@ _recv = _sockio.recv
 _send = _sockio.send
 RECV_SIZE = _sockio.RECV_SIZE
 """Upper bound on one recv (64 KiB)."""
+HAND_OVER_RETRY = 0.5
+"""Seconds between two offers of an idle connection that no other worker took (none live yet,
+as when both of two workers recycle at once): it is offered again until the stop's deadline,
+and at 10,000 idle connections an offer every round of the stop's 50 ms wait would keep the
+process busy offering."""
 CLOSE_LINGER = 1.0
 """Seconds a closing connection keeps reading (and discarding) after it sent its FIN, so that
 bytes the peer sent meanwhile never turn the close into a reset."""
@@ -84,6 +89,7 @@ class MessageStream:
         "idle",
         "idle_since",
         "max_frame_size",
+        "offer_again_at",
         "raw",
         "rw_timeout",
         "rwatch",
@@ -115,6 +121,9 @@ class MessageStream:
         self.idle_since = 0.0
         self.started_at = 0.0
         """When the first byte of the message being read (or last read) arrived."""
+        self.offer_again_at = 0.0
+        """In a stop that hands connections over: when to offer this one again, after an
+        offer no worker took (see :data:`HAND_OVER_RETRY`)."""
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -264,7 +264,9 @@ class HandoffSender:
         self._stale_after = stale_after
         self.log = log
         self.handed = 0
-        self.kept = 0
+        self._kept: set[int] = set()
+        """The connections (by id) offered and taken by no worker, so far: each is offered
+        again at its next boundary until the stop's deadline."""
         self._unseen: dict[int, tuple[float, int]] = {}
         """Per receiver: its published count when last read, and the connections handed (or
         being handed) to it since. A receiver publishes its count with its heartbeat, so a
@@ -276,9 +278,15 @@ class HandoffSender:
         its copy without a FIN and never read it again)."""
         if self._hand(connection):
             self.handed += 1
+            self._kept.discard(id(connection))
             return True
-        self.kept += 1
+        self._kept.add(id(connection))
         return False
+
+    @property
+    def kept(self) -> int:
+        """Connections no worker took (each counted once however often it was offered)."""
+        return len(self._kept)
 
     def _hand(self, connection: Connection) -> bool:
         stream = connection.stream
