@@ -119,9 +119,9 @@ class Engine:
         self._first_request_grace = first_request_grace
         self._hand_off_grace = 0.0
         self._drain_over = False
+        """Set once the stop no longer waits for connections: one adopted after would be left."""
         self._finished = False
         """Set by :meth:`finish`: the dispatcher stops once no connection is left."""
-        """Set once the stop no longer waits for connections: one adopted after would be left."""
         self._open: set[Connection] = set()
         """Connections not closed yet, lingering ones included."""
         self._all_closed = GEvent()
@@ -361,9 +361,7 @@ class Engine:
         self._stop_background()
         self._ctx.dispatcher.close()
         self._finished = True
-        if not self._open:
-            # Otherwise when the last connection that outlived the stop closes.
-            self._ctx.dispatcher.stop()
+        self._stop_dispatching_when_done()
         self._ctx.panics.flush()
 
     def _stop_background(self) -> None:
@@ -501,8 +499,13 @@ class Engine:
         self.limiter.release_connection()
         if not self._open:
             self._all_closed.set()
-            if self._finished:
-                self._ctx.dispatcher.stop()
+            self._stop_dispatching_when_done()
+
+    def _stop_dispatching_when_done(self) -> None:
+        """Stop the dispatcher once the stop has finished and the last connection closed (one
+        that outlived the stop is served until it closes)."""
+        if self._finished and not self._open:
+            self._ctx.dispatcher.stop()
 
     def _dispatches(self) -> int:
         return self._ctx.dispatcher.dispatches

@@ -824,24 +824,11 @@ class Connection:
                 name, seqid, TApplicationException.PROTOCOL_ERROR, f"request refused: {exc}"
             )
 
-    def _encode(  # noqa: PLR0917 - per request: positional arguments cost least
-        self,
-        name: str,
-        mtype: int,
-        seqid: int,
-        payload: Any,
-        spec: Any,
-        fid: int | None = None,
-        *,
-        on_hub: bool = True,
-    ) -> bytes:
-        """One whole reply: framed if the wire is, in the request's header frame if it had one.
-
-        ``payload`` is a struct to encode whole, or with ``fid`` the value of that one field of
-        ``spec`` (a result: its ``success``, 0, or a declared exception's field). A large reply
-        is encoded off the hub (see :func:`~kitegreen.rpc.budget.encode`, inlined here); with
-        ``on_hub`` False it is known to be one already.
-        """
+    def _encode(self, name: str, mtype: int, seqid: int, payload: Any, spec: Any) -> bytes:
+        """One whole message of ``payload``, a struct (an exception's answer): framed if the
+        wire is, in the request's header frame if it had one; a large one encoded off the hub
+        (see :func:`~kitegreen.rpc.budget.encode`, inlined here). A handler's result goes
+        through :meth:`_send_result`."""
         frame = self._frame
         if frame is None:
             wire = self.stream.wire
@@ -849,24 +836,13 @@ class Connection:
             proto, framed = wire.protocol, wire.framed
         else:
             proto, framed = frame.codec_protocol, False
-        message: bytes | None = None
-        if on_hub:
-            with contextlib.suppress(EncodeBudgetExceeded):
-                if fid is None:
-                    message = _write_message(
-                        proto, name, mtype, seqid, payload, spec, framed, ENCODE_ON_HUB, 0
-                    )
-                else:
-                    message = _write_result(
-                        proto, name, mtype, seqid, fid, payload, spec, framed, ENCODE_ON_HUB, 0
-                    )
-        if message is None:
-            if fid is None:
-                args: tuple[Any, ...] = (proto, name, mtype, seqid, payload, spec, framed)
-                message = encode_off_hub(_write_message, args)
-            else:
-                args = (proto, name, mtype, seqid, fid, payload, spec, framed)
-                message = encode_off_hub(_write_result, args)
+        try:
+            message = _write_message(
+                proto, name, mtype, seqid, payload, spec, framed, ENCODE_ON_HUB, 0
+            )
+        except EncodeBudgetExceeded:
+            args = (proto, name, mtype, seqid, payload, spec, framed)
+            message = encode_off_hub(_write_message, args)
         if frame is None:
             return message
         return self._in_frame(frame, message, mtype)
@@ -896,15 +872,15 @@ class Connection:
         sent instead)."""
         frame = self._frame
         try:
-            # _encode, inlined (per request): the reply on a plain wire, or in the request's
-            # header frame when it has no headers to carry (the handler set none, no stop).
+            # The reply on a plain wire, or in the request's header frame; ``fid`` is the
+            # result field that carries ``value`` (0: success, else a declared exception's).
+            wire = self.stream.wire
+            assert wire is not None
+            if frame is None:
+                proto, framed = wire.protocol, wire.framed
+            else:
+                proto, framed = frame.codec_protocol, False
             try:
-                wire = self.stream.wire
-                assert wire is not None
-                if frame is None:
-                    proto, framed = wire.protocol, wire.framed
-                else:
-                    proto, framed = frame.codec_protocol, False
                 data = _write_result(
                     proto,
                     method.name,
@@ -917,16 +893,17 @@ class Connection:
                     ENCODE_ON_HUB,
                     0,
                 )
-                if frame is not None:
-                    if self._info is None and not wire.nested and not self.ctx.stop_announced:
-                        data = frame.answer(data, _REPLY, None)
-                    else:
-                        data = self._in_frame(frame, data, _REPLY)
             except EncodeBudgetExceeded:
                 # More than ENCODE_ON_HUB values: encoded again, off the hub.
-                data = self._encode(
-                    method.name, _REPLY, seqid, value, method.result_spec, fid, on_hub=False
-                )
+                name, spec = method.name, method.result_spec
+                args = (proto, name, _REPLY, seqid, fid, value, spec, framed)
+                data = encode_off_hub(_write_result, args)
+            if frame is not None:
+                if self._info is None and not wire.nested and not self.ctx.stop_announced:
+                    # _in_frame's common case, inlined (per request): no headers to carry.
+                    data = frame.answer(data, _REPLY, None)
+                else:
+                    data = self._in_frame(frame, data, _REPLY)
         except Exception as exc:  # noqa: BLE001 - any encoding failure is the handler's bug
             # The handler returned something the IDL cannot encode, or set a response header
             # its header protocol cannot carry. Nothing reached the wire: the reply is built in

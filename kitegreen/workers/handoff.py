@@ -264,9 +264,9 @@ class HandoffSender:
         self._stale_after = stale_after
         self.log = log
         self.handed = 0
-        self._kept: set[int] = set()
-        """The connections (by id) offered and taken by no worker, so far: each is offered
-        again at its next boundary until the stop's deadline."""
+        self._kept: set[Connection] = set()
+        """The connections offered and taken by no worker, so far: each is offered again at
+        its next boundary until the stop's deadline."""
         self._unseen: dict[int, tuple[float, int]] = {}
         """Per receiver: its published count when last read, and the connections handed (or
         being handed) to it since. A receiver publishes its count with its heartbeat, so a
@@ -278,9 +278,9 @@ class HandoffSender:
         its copy without a FIN and never read it again)."""
         if self._hand(connection):
             self.handed += 1
-            self._kept.discard(id(connection))
+            self._kept.discard(connection)
             return True
-        self._kept.add(id(connection))
+        self._kept.add(connection)
         return False
 
     @property
