@@ -68,25 +68,42 @@ def loop(case: str, wire: str, iterations: int) -> None:
 
         from kitegreen.rpc import metadata
 
+        class WithLogId:
+            """The reference frame, with the reads the request info makes that the C frame
+            has and the reference, which predates them, does not (``log_id``, ``str_value``)."""
+
+            def __init__(self, frame: Any) -> None:
+                self._frame = frame
+                self.log_id = frame.int_info.get(2) or None
+
+            def str_value(self, key: str) -> str | None:
+                return self._frame.str_info.get(key)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._frame, name)
+
         for _ in range(iterations):
             frame: Any = ref.parse_frame(memoryview(buf)[0:end], max_frame_size=1 << 20)
-            info = metadata.request_info(frame, 0.0)
+            info = metadata.request_info(WithLogId(frame), 0.0)
             frame.reply(reply, str_info=info.response_headers, int_info=int_info)
         return
     from kitegreen.codec._headers import parse
     from kitegreen.rpc import metadata
-    from kitegreen.rpc.loop import _LOG_ID_VAR
+    from kitegreen.rpc.loop import _LOG_ID
 
     ask = case == "c+info"
     for _ in range(iterations):
-        # What Connection._handle_frame does, around the call.
+        # What the request loop does for a header frame, around the call: the log id bound
+        # when it changes, the info built only when asked for, the reply in the frame.
         frame = parse(buf, 0, end, 1 << 20)
-        log_id = frame.int_value(2) or None
-        token = _LOG_ID_VAR.set(log_id) if log_id is not None else None
-        info = metadata.request_info(frame, 0.0) if ask else None
-        frame.reply(reply, str_info=info.response_headers if info else None, int_info=int_info)
-        if token is not None:
-            _LOG_ID_VAR.reset(token)
+        log_id = frame.log_id
+        if log_id is not None and _LOG_ID.get() != log_id:
+            _LOG_ID.set(log_id)
+        if ask:
+            info = metadata.request_info(frame, 0.0)
+            frame.reply(reply, str_info=info.response_headers, int_info=int_info)
+        else:
+            frame.answer(reply, 2, None)
 
 
 def instructions(case: str, wire: str, iterations: int) -> int:

@@ -68,7 +68,7 @@ from thriftpy2.protocol.cybin import TCyBinaryProtocol
 from thriftpy2.thrift import TType
 from thriftpy2.transport.memory import TCyMemoryBuffer
 
-from kitegreen.codec import _thrift, headers
+from kitegreen.codec import _headers, _thrift, headers
 from kitegreen.exceptions import FrameTooLarge, ProtocolError
 from kitegreen.transport import _sockio
 
@@ -862,6 +862,13 @@ class Fuzzer:
                 outcomes.append(str(exc))
         if outcomes[0] != outcomes[1]:
             raise Finding(f"answer() gave {outcomes[0]!r}, reply() {outcomes[1]!r}")
+        if not str_info and not parsed.transforms:
+            # Without key-values or zlib, answer() writes its header from the frame's fields:
+            # against the general builder, given the same fields.
+            fields = (parsed.kind, parsed.seqid, parsed.protocol_id, payload, parsed.flags)
+            general = _headers.build(*fields, None, int_info, None, (), parsed.payload_framed)
+            if outcomes[0] != general:
+                raise Finding(f"answer() gave {outcomes[0]!r}, build() {general!r}")
 
 
 def scan_outcome(scan: Callable[[], int | None]) -> int | None:

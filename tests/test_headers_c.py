@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from ttheader import assemble
 
 from kitegreen import ProtocolError
-from kitegreen.codec import headers
+from kitegreen.codec import _headers, headers
 
 LIMIT = 64 * 1024
 PING_BINARY = bytes.fromhex("800100010000000470696e670000000700")
@@ -322,6 +322,34 @@ class TestLazyKeyValues:
         with pytest.raises(TypeError, match="must be str"):
             frame.str_value(1)  # type: ignore[arg-type]
 
+    @pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 15, 16, 17, 30, 33])
+    @pytest.mark.parametrize("odd", [b"\xff", b"\x80", b"\xc3\xa9", b"\xe2\x82"])
+    def test_text_of_any_bytes_at_any_place(self, size: int, odd: bytes) -> None:
+        """Header text is UTF-8 with surrogate escapes, as Python decodes it, whatever its length
+        and wherever a byte that is not ASCII sits (the parser copies all-ASCII text straight
+        into a str, testing 8 bytes at a time): the log id the parse reads, int_value(),
+        str_value() and both dicts."""
+        for at in (None, *range(size)):
+            raw = (b"0217abcdefgh" * 3)[:size]
+            if at is not None:
+                raw = raw[:at] + odd + raw[at + 1 :]
+            value = raw.decode("utf-8", "surrogateescape")
+            data = ref.build_frame(
+                "ttheader",
+                seqid=1,
+                protocol="binary",
+                payload=PING_BINARY,
+                int_info={2: value, 7: value},
+                str_info={"k": value, value + "key": "v"},
+            )
+            agree(data)
+            frame = headers.parse_frame(data, max_frame_size=LIMIT)
+            assert frame.log_id == (value or None)
+            assert (frame.int_value(2), frame.int_value(7)) == (value, value)
+            assert (frame.str_value("k"), frame.str_value(value + "key")) == (value, "v")
+            assert frame.int_info == {2: value, 7: value}
+            assert frame.str_info == {"k": value, value + "key": "v"}
+
     def test_dicts_are_read_once(self) -> None:
         """int_info and str_info are the same dicts on every access."""
         frame = headers.parse_frame(
@@ -408,6 +436,23 @@ class TestAnswer:
                 lambda _: frame.reply(payload, str_info=str_info, int_info=ints), None, {}
             )
         )
+
+    @DIFF
+    @given(valid_frames(), st.integers(1, 4), st.sampled_from([PING_BINARY, b"", bytes(300)]))
+    def test_without_key_values_the_general_builder_s_bytes(
+        self, data: bytes, mtype: int, payload: bytes
+    ) -> None:
+        """With no key-values to send and no zlib, answer() and reply() write their small
+        header straight from the frame's fields: byte for byte what the general builder writes
+        from the same fields (protocol id 3, flags, seqid, TTHeaderFramed kept)."""
+        frame = headers.parse_frame(data, max_frame_size=LIMIT)
+        if frame.transforms:
+            return
+        ints = {22: str(mtype)} if frame.kind == "ttheader" else None
+        fields = (frame.kind, frame.seqid, frame.protocol_id, payload, frame.flags, None)
+        general = _headers.build(*fields, ints, None, (), frame.payload_framed)
+        assert frame.answer(payload, mtype, None) == general
+        assert frame.reply(payload) == _headers.build(*fields, None, None, (), frame.payload_framed)
 
     def test_kitex_reply_carries_the_message_type(self) -> None:
         """A TTHeader reply to a call carries MSG_TYPE 2 (REPLY) or 3 (EXCEPTION), and no

@@ -148,7 +148,31 @@ varint(Cursor *c, const char *what, uint64_t *out)
     return -1;
 }
 
-/* size bytes as text: UTF-8, any other byte b as the lone surrogate U+DC00+b. */
+/* size bytes at p as text: UTF-8, any other byte b as the lone surrogate U+DC00+b. ASCII
+ * (a log id, a service name: nearly every header value) is copied into a new str directly,
+ * 8 bytes tested at a time: PyUnicode_DecodeUTF8 with an error handler costs ~265
+ * instructions for a 30-byte log id, this ~195 (callgrind, the str's allocation included). */
+static PyObject *
+decode_text(const uint8_t *p, Py_ssize_t size)
+{
+    Py_ssize_t i = 0;
+    uint64_t high = 0;
+    for (; i + 8 <= size; i += 8) {
+        uint64_t word;
+        memcpy(&word, p + i, 8);
+        high |= word;
+    }
+    for (; i < size; i++)
+        high |= p[i];
+    if (high & UINT64_C(0x8080808080808080))
+        return PyUnicode_DecodeUTF8((const char *)p, size, "surrogateescape");
+    PyObject *s = PyUnicode_New(size, 127);
+    if (s != NULL)
+        memcpy(PyUnicode_DATA(s), p, (size_t)size);
+    return s;
+}
+
+/* size bytes as text (see decode_text()). */
 static PyObject *
 text(Cursor *c, uint64_t size, const char *what)
 {
@@ -156,8 +180,7 @@ text(Cursor *c, uint64_t size, const char *what)
         truncated(c, what, (long long)size);
         return NULL;
     }
-    PyObject *s = PyUnicode_DecodeUTF8((const char *)c->buf + c->pos, (Py_ssize_t)size,
-                                       "surrogateescape");
+    PyObject *s = decode_text(c->buf + c->pos, (Py_ssize_t)size);
     c->pos += (Py_ssize_t)size;
     return s;
 }
@@ -266,6 +289,77 @@ protocol_of(Cursor *c, int tt, uint64_t id, Header *h)
     return 0;
 }
 
+/*
+ * Validate n key-values of a TTHeader block without reading them (strings: a u16-sized key,
+ * else a u16 integer key; then a u16-sized value), noting where the last LOG_ID and
+ * RPC_TIMEOUT values are. The checks and messages of read_ttheader()'s reading loop; the
+ * position is kept in a local, which a byte read through c->buf could otherwise alias, so
+ * that it stays in a register (this runs for every key-value of every request).
+ */
+static int
+skip_entries(Cursor *c, int strings, unsigned n, Header *h)
+{
+    const uint8_t *buf = c->buf;
+    Py_ssize_t pos = c->pos, end = c->end;
+    unsigned size;
+    /* Two loops, not one testing `strings` for every field. */
+    if (strings) {
+        for (unsigned i = 0; i < n; i++) {
+            if (end - pos < 2) {
+                c->pos = pos;
+                return truncated(c, "key length", 2);
+            }
+            size = ((unsigned)buf[pos] << 8) | buf[pos + 1];
+            pos += 2;
+            if (size > (uint64_t)(end - pos)) {
+                c->pos = pos;
+                return truncated(c, "string key", size);
+            }
+            pos += size;
+            if (end - pos < 2) {
+                c->pos = pos;
+                return truncated(c, "value length", 2);
+            }
+            size = ((unsigned)buf[pos] << 8) | buf[pos + 1];
+            pos += 2;
+            if (size > (uint64_t)(end - pos)) {
+                c->pos = pos;
+                return truncated(c, "string value", size);
+            }
+            pos += size;
+        }
+    } else {
+        for (unsigned i = 0; i < n; i++) {
+            if (end - pos < 2) {
+                c->pos = pos;
+                return truncated(c, "integer key", 2);
+            }
+            unsigned key_id = ((unsigned)buf[pos] << 8) | buf[pos + 1];
+            pos += 2;
+            if (end - pos < 2) {
+                c->pos = pos;
+                return truncated(c, "value length", 2);
+            }
+            size = ((unsigned)buf[pos] << 8) | buf[pos + 1];
+            pos += 2;
+            if (size > (uint64_t)(end - pos)) {
+                c->pos = pos;
+                return truncated(c, "integer value", size);
+            }
+            if (key_id == INT_KEY_LOG_ID) {
+                h->log_id_at = pos;
+                h->log_id_size = size;
+            } else if (key_id == INT_KEY_RPC_TIMEOUT) {
+                h->timeout_at = pos;
+                h->timeout_size = size;
+            }
+            pos += size;
+        }
+    }
+    c->pos = pos;
+    return 0;
+}
+
 static int
 read_ttheader(Cursor *c, Header *h)
 {
@@ -321,30 +415,15 @@ read_ttheader(Cursor *c, Header *h)
                 entries(c, n, 4, &total, strings ? "string key-value" : "integer key-value") < 0)
                 return -1;
             PyObject *into = strings ? h->str_info : h->int_info;
+            if (into == NULL) {
+                /* The same reads and checks as below, without the objects. */
+                if (skip_entries(c, strings, n, h) < 0)
+                    return -1;
+                continue;
+            }
             for (unsigned i = 0; i < n; i++) {
                 PyObject *key;
                 unsigned size;
-                if (into == NULL) {
-                    /* The same reads and checks as below, without the objects. */
-                    unsigned key_id = 0;
-                    if (strings ? (u16(c, "key length", &size) < 0 ||
-                                   skip(c, size, "string key") < 0)
-                                : u16(c, "integer key", &key_id) < 0)
-                        return -1;
-                    if (u16(c, "value length", &size) < 0 ||
-                        skip(c, size, strings ? "string value" : "integer value") < 0)
-                        return -1;
-                    if (!strings) {
-                        if (key_id == INT_KEY_LOG_ID) {
-                            h->log_id_at = c->pos - (Py_ssize_t)size;
-                            h->log_id_size = size;
-                        } else if (key_id == INT_KEY_RPC_TIMEOUT) {
-                            h->timeout_at = c->pos - (Py_ssize_t)size;
-                            h->timeout_size = size;
-                        }
-                    }
-                    continue;
-                }
                 if (strings) {
                     if (u16(c, "key length", &size) < 0)
                         return -1;
@@ -508,6 +587,13 @@ typedef struct {
     Py_ssize_t header_size;
     Py_ssize_t payload_start;
     Py_ssize_t payload_end;
+    /* What the request loop reads of every frame, as objects: members of type T_OBJECT_EX are
+     * the ones CPython's specializing interpreter reads without a lookup (an int member or a
+     * getter costs a generic attribute lookup, ~150 instructions each, per request). */
+    PyObject *py_codec_protocol; /* CODEC_BINARY or CODEC_COMPACT, as an int */
+    PyObject *py_payload_start;  /* payload_start, as an int */
+    PyObject *py_payload_end;    /* payload_end, as an int */
+    PyObject *log_id;            /* LOG_ID's value as text, or None (absent or empty) */
     Py_ssize_t log_id_at;  /* TTHeader LOG_ID's value in the header, or -1 */
     Py_ssize_t timeout_at; /* TTHeader RPC_TIMEOUT's, or -1 */
     unsigned log_id_size;
@@ -537,8 +623,7 @@ header_text(Frame *self, Py_ssize_t at, unsigned size)
 {
     if (at < 0)
         Py_RETURN_NONE;
-    return PyUnicode_DecodeUTF8((const char *)frame_header(self) + at, (Py_ssize_t)size,
-                                "surrogateescape");
+    return decode_text(frame_header(self) + at, (Py_ssize_t)size);
 }
 
 static int
@@ -565,6 +650,10 @@ frame_clear(Frame *self)
     Py_CLEAR(self->header);
     Py_CLEAR(self->int_info);
     Py_CLEAR(self->str_info);
+    Py_CLEAR(self->py_codec_protocol);
+    Py_CLEAR(self->py_payload_start);
+    Py_CLEAR(self->py_payload_end);
+    Py_CLEAR(self->log_id);
     return 0;
 }
 
@@ -837,13 +926,14 @@ frame_str_value(Frame *self, PyObject *key)
         return NULL;
     if (found < 0)
         Py_RETURN_NONE;
-    return PyUnicode_DecodeUTF8((const char *)c.buf + found, (Py_ssize_t)found_size,
-                                "surrogateescape");
+    return decode_text(c.buf + found, (Py_ssize_t)found_size);
 }
 
 static PyObject *do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj,
                           long long flags, PyObject *strs_in, PyObject *ints_in, PyObject *acl,
                           PyObject *transforms, int framed, int message_type);
+static PyObject *assemble(int tt, long long seqid, long long flags, const uint8_t *header,
+                          size_t header_len, PyObject *payload_obj, int framed);
 static PyObject *zlib_compress;
 
 /* The reply frame to this request: same kind, protocol id, seqid, flags, transforms and
@@ -851,6 +941,22 @@ static PyObject *zlib_compress;
 static PyObject *
 reply_frame(Frame *self, PyObject *payload, PyObject *strs, PyObject *ints, int message_type)
 {
+    if (strs == Py_None && ints == Py_None && !PyTuple_GET_SIZE(self->transforms)) {
+        /* The request loop's common case: no key-values but TTHeader's MSG_TYPE, no zlib. The
+         * header, as do_build() would write it, straight from the frame's checked fields: the
+         * protocol id (0, 2 or 3: one byte as a u8 or a varint), no transforms, MSG_TYPE. */
+        uint8_t header[12] = {(uint8_t)self->protocol_id, 0};
+        size_t n = 2;
+        if (self->tt && message_type >= 0) {
+            const uint8_t msg_type[8] = {0x10, 0, 1, 0, INT_KEY_MSG_TYPE, 0, 1,
+                                         (uint8_t)('0' + message_type)};
+            memcpy(header + n, msg_type, sizeof msg_type);
+            n += sizeof msg_type;
+        }
+        n += (4 - n % 4) % 4; /* zero padding, from the initializer */
+        return assemble(self->tt, self->seqid, self->flags, header, n, payload,
+                        self->payload_framed);
+    }
     PyObject *compressed = NULL;
     if (PyTuple_GET_SIZE(self->transforms)) {
         /* THeader's zlib, applied again as fbthrift's server does. */
@@ -921,9 +1027,15 @@ frame_with_payload(Frame *self, PyObject *payload)
         PyErr_SetString(PyExc_TypeError, "with_payload() takes bytes");
         return NULL;
     }
-    Frame *copy = PyObject_GC_New(Frame, &FrameType);
-    if (copy == NULL)
+    Py_ssize_t size = PyBytes_GET_SIZE(payload);
+    PyObject *end = PyLong_FromSsize_t(size);
+    if (end == NULL)
         return NULL;
+    Frame *copy = PyObject_GC_New(Frame, &FrameType);
+    if (copy == NULL) {
+        Py_DECREF(end);
+        return NULL;
+    }
     copy->kind = Py_NewRef(self->kind);
     copy->protocol = Py_NewRef(self->protocol);
     copy->transforms = Py_NewRef(self->transforms);
@@ -931,7 +1043,11 @@ frame_with_payload(Frame *self, PyObject *payload)
     copy->buffer = Py_NewRef(payload);
     copy->payload = NULL;
     copy->payload_start = 0;
-    copy->payload_end = PyObject_Length(payload);
+    copy->payload_end = size;
+    copy->py_codec_protocol = Py_XNewRef(self->py_codec_protocol);
+    copy->py_payload_start = PyLong_FromLong(0); /* a small int: cannot fail */
+    copy->py_payload_end = end;
+    copy->log_id = Py_XNewRef(self->log_id);
     copy->header = Py_NewRef(self->header);
     copy->header_at = self->header_at;
     copy->header_size = self->header_size;
@@ -969,7 +1085,7 @@ static PyMemberDef frame_members[] = {
     {"seqid", T_INT, offsetof(Frame, seqid), READONLY, "SEQID, signed 32-bit."},
     {"protocol", T_OBJECT_EX, offsetof(Frame, protocol), READONLY, "'binary' or 'compact'."},
     {"protocol_id", T_INT, offsetof(Frame, protocol_id), READONLY, "The protocol id as sent."},
-    {"codec_protocol", T_INT, offsetof(Frame, codec_protocol), READONLY,
+    {"codec_protocol", T_OBJECT_EX, offsetof(Frame, py_codec_protocol), READONLY,
      "The payload's protocol as kitegreen's codec numbers it: 0 binary, 2 compact."},
     {"transforms", T_OBJECT_EX, offsetof(Frame, transforms), READONLY,
      "THeader transforms undone: () or (1,)."},
@@ -977,26 +1093,19 @@ static PyMemberDef frame_members[] = {
      "TTHeader's ACL token, or None."},
     {"buffer", T_OBJECT_EX, offsetof(Frame, buffer), READONLY,
      "The object the message is in: the buffer parsed, or the inflated payload."},
-    {"payload_start", T_PYSSIZET, offsetof(Frame, payload_start), READONLY,
+    {"payload_start", T_OBJECT_EX, offsetof(Frame, py_payload_start), READONLY,
      "Where the message starts in buffer."},
-    {"payload_end", T_PYSSIZET, offsetof(Frame, payload_end), READONLY,
+    {"payload_end", T_OBJECT_EX, offsetof(Frame, py_payload_end), READONLY,
      "Where the message ends in buffer."},
     {"payload_framed", T_BOOL, offsetof(Frame, payload_framed), READONLY,
      "Whether a TTHeader payload was framed again (Kitex's TTHeaderFramed)."},
+    {"log_id", T_OBJECT_EX, offsetof(Frame, log_id), READONLY,
+     "TTHeader's LOG_ID integer key-value (the last sent); None when absent or empty, and for "
+     "THeader."},
     {NULL},
 };
 
-/* log_id: TTHeader's LOG_ID, None when absent or empty (found by parse()). */
-static PyObject *
-frame_get_log_id(Frame *self, void *closure)
-{
-    return header_text(self, self->log_id_size ? self->log_id_at : -1, self->log_id_size);
-}
-
 static PyGetSetDef frame_getset[] = {
-    {"log_id", (getter)frame_get_log_id, NULL,
-     "TTHeader's LOG_ID integer key-value (the last sent); None when absent or empty, and for "
-     "THeader.", NULL},
     {"int_info", (getter)frame_get_int_info, NULL,
      "TTHeader integer key-values, read on first access; {} for THeader.", NULL},
     {"str_info", (getter)frame_get_str_info, NULL,
@@ -1157,12 +1266,22 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
     /* What int_info, str_info and the lookups read later: the bytes parsed, or a copy of the
      * header when they could change (a bytearray is reused for the next message). */
-    PyObject *header = is_bytes ? Py_NewRef(args[0])
-                                : PyBytes_FromStringAndSize((const char *)frame, header_end);
-    if (header == NULL)
-        goto done;
-    if ((result = PyObject_GC_New(Frame, &FrameType)) == NULL) {
-        Py_DECREF(header);
+    PyObject *header = NULL, *log_id = NULL, *py_start = NULL, *py_end = NULL;
+    /* Each made only once the one before it was: no call with an exception set. The log id
+     * is decoded here rather than when asked for: the request loop asks every time. The
+     * payload ends where the frame does: the caller's own int, when it is one. */
+    if ((header = is_bytes ? Py_NewRef(args[0])
+                           : PyBytes_FromStringAndSize((const char *)frame, header_end)) == NULL ||
+        (log_id = h.log_id_size ? decode_text(frame + h.log_id_at, (Py_ssize_t)h.log_id_size)
+                                : Py_NewRef(Py_None)) == NULL ||
+        (py_start = PyLong_FromSsize_t(start + payload_start)) == NULL ||
+        (py_end = PyLong_CheckExact(args[2]) ? Py_NewRef(args[2]) : PyLong_FromSsize_t(stop)) ==
+            NULL ||
+        (result = PyObject_GC_New(Frame, &FrameType)) == NULL) {
+        Py_XDECREF(header);
+        Py_XDECREF(log_id);
+        Py_XDECREF(py_start);
+        Py_XDECREF(py_end);
         goto done;
     }
     result->kind = Py_NewRef(tt ? S_TTHEADER : S_THEADER);
@@ -1186,6 +1305,11 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     result->seqid = seqid;
     result->protocol_id = (int)h.protocol_id;
     result->codec_protocol = h.protocol == S_BINARY ? CODEC_BINARY : CODEC_COMPACT;
+    /* A small int: cached by CPython, this cannot fail. */
+    result->py_codec_protocol = PyLong_FromLong(result->codec_protocol);
+    result->py_payload_start = py_start;
+    result->py_payload_end = py_end;
+    result->log_id = log_id;
     result->payload_framed = (char)framed;
     result->tt = (char)tt;
     PyObject_GC_Track(result);
@@ -1543,7 +1667,6 @@ do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long 
     }
 
     PyObject *result = NULL, *strs = NULL, *ints = NULL;
-    Py_buffer payload = {0};
     Out header;
     OUT_INIT(header);
     if ((n_strs && (strs = items_of(strs_in)) == NULL) ||
@@ -1562,6 +1685,24 @@ do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long 
              header.len, MAX_HEADER_SIZE);
         goto done;
     }
+    result = assemble(tt, seqid, flags, (const uint8_t *)header.p, header.len, payload_obj,
+                      framed);
+done:
+    OUT_FREE(header);
+    Py_XDECREF(strs);
+    Py_XDECREF(ints);
+    return result;
+}
+
+/* The whole frame: the fixed part, a header of whole words (padding included, at most
+ * MAX_HEADER_SIZE bytes), the payload's inner length if framed, the payload. */
+static PyObject *
+assemble(int tt, long long seqid, long long flags, const uint8_t *header, size_t header_len,
+         PyObject *payload_obj, int framed)
+{
+    const char *name = tt ? "TTHeader" : "THeader";
+    PyObject *result = NULL;
+    Py_buffer payload = {0};
     if (PyBytes_CheckExact(payload_obj)) {
         /* Immutable, held by the caller; nothing below calls into Python code. */
         payload.buf = PyBytes_AS_STRING(payload_obj);
@@ -1570,7 +1711,7 @@ do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long 
         goto done;
     }
     long long inner = framed ? 4 : 0;
-    long long length = FIXED_SIZE - 4 + (long long)header.len + inner + payload.len;
+    long long length = FIXED_SIZE - 4 + (long long)header_len + inner + payload.len;
     if (length > MAX_LENGTH) {
         fail(FrameTooLarge, "%s frame of %lld bytes; the format allows %ld", name, length,
              MAX_LENGTH);
@@ -1582,7 +1723,7 @@ do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long 
     uint8_t *p = (uint8_t *)PyBytes_AS_STRING(result);
     uint32_t seq = (uint32_t)(seqid & 0xFFFFFFFF);
     unsigned magic = tt ? TTHEADER_MAGIC : THEADER_MAGIC;
-    unsigned words = (unsigned)(header.len / 4);
+    unsigned words = (unsigned)(header_len / 4);
     uint8_t fixed[FIXED_SIZE] = {
         (uint8_t)(length >> 24), (uint8_t)(length >> 16), (uint8_t)(length >> 8), (uint8_t)length,
         (uint8_t)(magic >> 8), (uint8_t)magic, (uint8_t)(flags >> 8), (uint8_t)flags,
@@ -1591,8 +1732,8 @@ do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long 
     };
     memcpy(p, fixed, FIXED_SIZE);
     p += FIXED_SIZE;
-    memcpy(p, header.p, header.len);
-    p += header.len;
+    memcpy(p, header, header_len);
+    p += header_len;
     if (framed) {
         uint32_t plen = (uint32_t)payload.len;
         uint8_t be[4] = {(uint8_t)(plen >> 24), (uint8_t)(plen >> 16), (uint8_t)(plen >> 8),
@@ -1605,9 +1746,6 @@ do_build(int tt, long long seqid, long protocol_id, PyObject *payload_obj, long 
 done:
     if (payload.obj != NULL)
         PyBuffer_Release(&payload);
-    OUT_FREE(header);
-    Py_XDECREF(strs);
-    Py_XDECREF(ints);
     return result;
 }
 

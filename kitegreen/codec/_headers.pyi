@@ -47,7 +47,7 @@ class HeaderFrame:
     @property
     def log_id(self) -> str | None:
         """TTHeader's ``LOG_ID`` integer key-value (the last sent); None when absent or empty,
-        and for THeader. Found by the parse: no walk over the header."""
+        and for THeader. Decoded by the parse, which found it: no walk over the header."""
     @property
     def acl_token(self) -> str | None:
         """TTHeader's ACL token (0x11 block), or None."""

@@ -239,8 +239,9 @@ The parser validates every key-value but reads them into :attr:`~HeaderFrame.int
 :attr:`~HeaderFrame.str_info` only when one of those is first used: a request whose handler
 never looks pays for the walk over the header alone. :meth:`~HeaderFrame.int_value` reads one
 integer key-value without the rest (the log id and the timeout, which the parse notes where
-they are, without a walk; :attr:`~HeaderFrame.log_id` too); :meth:`~HeaderFrame.reply` builds
-the reply frame, and :meth:`~HeaderFrame.answer` the one the request loop sends.
+they are, without a walk); :attr:`~HeaderFrame.log_id`, which the request loop reads for every
+request, is decoded by the parse itself. :meth:`~HeaderFrame.reply` builds the reply frame, and
+:meth:`~HeaderFrame.answer` the one the request loop sends.
 """
 _parse = _headers.parse
 _build = _headers.build

@@ -332,7 +332,7 @@ class Connection:
                     self._reply_bytes = 0
                     wire = stream.wire
                     assert wire is not None  # read_message detected it
-                    if not wire.header:
+                    if wire.header is None:  # an identity test: no truth test of a str
                         self._call(wire.protocol, buf, start, end)
                     else:
                         # A TTHeader or THeader request, here too: its metadata for the
@@ -354,13 +354,9 @@ class Connection:
                             elif _LOG_ID.get() != log_id:
                                 _LOG_ID.set(log_id)
                             try:
-                                # The message in place: no memoryview of it is made.
-                                self._call(
-                                    frame.codec_protocol,
-                                    frame.buffer,
-                                    frame.payload_start,
-                                    frame.payload_end,
-                                )
+                                # The message in place, no memoryview of it made: it is in
+                                # `buf` (frame.buffer) and ends where the frame does.
+                                self._call(frame.codec_protocol, buf, frame.payload_start, end)
                             finally:
                                 self._frame = self._info = None
                         del frame
@@ -637,14 +633,13 @@ class Connection:
                     self._overloaded(method, seqid, refused, begun)
                     return
 
-            # The handler and its answer, inlined (a Python call costs a few hundred
-            # instructions per request); the rare outcomes are methods of their own: a
-            # deadline (_call_within), an exception (_raised), a header frame or a large reply
-            # (_encode).
-            frame = self._frame
-            # Read before the handler's try: what the caller's header says is no panic.
+            # The handler, inlined (a Python call costs a few hundred instructions per
+            # request); the rare outcomes are methods of their own: a deadline
+            # (_call_within), an exception (_raised). The reply is _send_result's.
+            # Read before the handler's try: what the caller's header says is no panic. The
+            # setting first: off (the default), no request reads its frame here.
             deadline = None
-            if frame is not None and ctx.enforce_rpc_timeout:
+            if ctx.enforce_rpc_timeout and (frame := self._frame) is not None:
                 deadline = metadata.deadline(frame, begun)
             try:
                 if deadline is None:
@@ -652,9 +647,9 @@ class Connection:
                 else:
                     value = self._call_within(method, args, deadline)
             except Exception as exc:  # noqa: BLE001 - kite's onPanic: report, answer, serve on
-                self._raised(method, seqid, begun, exc)
+                self._raised(method, seqid, begun, exc, proto)
                 return
-            if method.oneway or self._send_result(method, seqid, 0, value):
+            if method.oneway or self._send_result(method, seqid, 0, value, proto):
                 outcome = "ok"
             else:
                 outcome = "internal"  # answered INTERNAL_ERROR: the result did not encode
@@ -757,10 +752,11 @@ class Connection:
             # would leave half a message on the wire and kill the connection.
             timer.close()
 
-    def _raised(self, method: Method, seqid: int, begun: float, exc: Exception) -> None:
+    def _raised(self, method: Method, seqid: int, begun: float, exc: Exception, proto: int) -> None:
         """Answer a handler that raised: a declared exception as its result field, a
         ``TApplicationException`` as itself, the caller's deadline passed as TIMEOUT, anything
-        else as kite's ``onPanic`` does (reported, INTERNAL_ERROR)."""
+        else as kite's ``onPanic`` does (reported, INTERNAL_ERROR). ``proto`` is the request's
+        protocol."""
         if isinstance(exc, _DeadlinePassed):
             self._timed_out(method, seqid, begun)
         elif isinstance(exc, method.declared_types):
@@ -771,7 +767,7 @@ class Connection:
             # the cyclic GC runs.
             value = exc.with_traceback(None)
             answered = method.oneway or self._send_result(
-                method, seqid, method.declared_fid(value), value
+                method, seqid, method.declared_fid(value), value, proto
             )
             self._finish(method, begun, "declared" if answered else "internal")
         elif isinstance(exc, TApplicationException):
@@ -867,19 +863,15 @@ class Connection:
         self._reply_bytes += len(data)
         self.stream.send(data)
 
-    def _send_result(self, method: Method, seqid: int, fid: int, value: Any) -> bool:
-        """Send the handler's answer; False if it could not be encoded (INTERNAL_ERROR was
-        sent instead)."""
-        frame = self._frame
+    def _send_result(self, method: Method, seqid: int, fid: int, value: Any, proto: int) -> bool:
+        """Send the handler's answer in ``proto``, the request's protocol; False if it could
+        not be encoded (INTERNAL_ERROR was sent instead)."""
         try:
             # The reply on a plain wire, or in the request's header frame; ``fid`` is the
             # result field that carries ``value`` (0: success, else a declared exception's).
             wire = self.stream.wire
             assert wire is not None
-            if frame is None:
-                proto, framed = wire.protocol, wire.framed
-            else:
-                proto, framed = frame.codec_protocol, False
+            framed = wire.message_framed
             try:
                 data = _write_result(
                     proto,
@@ -898,6 +890,7 @@ class Connection:
                 name, spec = method.name, method.result_spec
                 args = (proto, name, _REPLY, seqid, fid, value, spec, framed)
                 data = encode_off_hub(_write_result, args)
+            frame = self._frame
             if frame is not None:
                 if self._info is None and not wire.nested and not self.ctx.stop_announced:
                     # _in_frame's common case, inlined (per request): no headers to carry.
@@ -1065,8 +1058,7 @@ class Connection:
             # A framed message comes without its 4-byte length, and so does a THeader frame
             # nested in a framed one; a header frame comes with its own.
             wire = self.stream.wire
-            framed = wire is not None and wire.framed and (wire.nested or not wire.header)
-            framing = 4 if framed else 0
+            framing = wire.length_skipped if wire is not None else 0
             # Seconds, as the duration histogram's buckets are (Prometheus's convention): a
             # threshold read off a dashboard filters the access log unchanged.
             self.ctx.log.info(

@@ -152,8 +152,7 @@ class MessageStream:
             self.wire = wire
         if wire.framed:
             start, end = self._frame()
-            if wire.header and not wire.nested:
-                start -= 4
+            start += wire.length_skipped
         else:
             # _scan's common case, inlined (per request): the message is whole in the buffer.
             start = self._pos
@@ -224,6 +223,8 @@ class MessageStream:
         return detect(head, self.max_frame_size)
 
     def _frame(self) -> tuple[int, int]:
+        """The next whole frame, received until it is: where it starts (its length
+        included) and ends."""
         try:
             while (
                 end := _frame_end(self._buf, self._pos, len(self._buf), self.max_frame_size)
@@ -235,7 +236,7 @@ class MessageStream:
                 # stream forgets it all (no error reply can name a request from it).
                 self._buf, self._pos = b"", 0
             raise
-        return self._pos + 4, end
+        return self._pos, end
 
     def _scan_on(self, found: _thrift.Scanner | int) -> tuple[int, int]:
         """The rest of an unframed message ``found`` (the scanner) began: received until whole."""

@@ -87,7 +87,9 @@ def encode(address: Any, wire: Wire | None, pending: bytes) -> bytes:
     state = json.dumps(
         {
             "address": list(address) if isinstance(address, tuple) else address,
-            "wire": list(wire) if wire is not None else None,
+            "wire": (
+                [wire.protocol, wire.framed, wire.header, wire.nested] if wire is not None else None
+            ),
         },
         separators=(",", ":"),
     ).encode()
@@ -239,6 +241,7 @@ class HandoffReceiver:
         if not self._adopt(raw, address, wire, pending):
             # The engine's stop is past waiting for connections (the sender let go, so no one
             # else will serve it): a FIN, though any request already sent is lost.
+            self.log.warning("handed-over connection ended: this worker's stop is over")
             with contextlib.suppress(OSError):
                 raw.shutdown(socket.SHUT_WR)
             return False
