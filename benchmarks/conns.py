@@ -7,6 +7,11 @@ kitegreen's server CPU per request grows between 50 and 500 connections (``run.p
 ``null``        the C null server (``loadgen --serve``) pinned like a server: its CPU per
                 request is mostly the kernel's loopback TCP path, so its growth is the kernel's
 ``curve``       one kitegreen server, the connection counts measured back to back, twice
+``steady``      the same, but the CPU of a request in steady state: each count is run for
+                ``--duration`` and for four times as long, and the server's extra CPU is
+                divided by the extra requests, so that accepting, setting up and closing the
+                connections (two seconds of connecting at 5,000, which ``curve`` and
+                ``run.py`` count in) and the warm-up drop out
 ``syscalls``    system calls per request (``strace -c -f`` attached for a fixed request count)
 ``cachegrind``  user-space instructions and simulated cache misses per request (valgrind's
                 cachegrind, last level set to ``--cache`` bytes, by default an EPYC core's
@@ -120,6 +125,33 @@ def study_curve(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
         server.stop()
 
 
+def study_steady(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
+    server = run.start_server(args.server, args.wire, msg, pin)
+    pid = server.proc.pid
+    try:
+        for rnd in range(args.rounds):
+            first = None
+            for conns in args.conns:
+                spent = []
+                for duration in (args.duration, 4 * args.duration):
+                    cpu0 = run.cpu_seconds(pid)
+                    res = run.run_loadgen(server.port, msg, conns, args.warmup, duration, pin)
+                    done = sum(res.get(k, 0) for k in ("requests", "warmup_requests", "refused"))
+                    spent.append((run.cpu_seconds(pid) - cpu0, done, res))
+                (short_cpu, short_done, _), (long_cpu, long_done, res) = spent
+                us = (long_cpu - short_cpu) * 1e6 / (long_done - short_done)
+                whole = long_cpu * 1e6 / long_done
+                first = first or us
+                print(
+                    f"steady round {rnd} {conns:5d} conns: {res['rps']:9,.0f} req/s "
+                    f"{us:6.2f} µs/req in steady state ({us / first:.2f}x at {args.conns[0]}), "
+                    f"{whole:6.2f} µs/req with set-up, connect {res.get('connect_s', 0):.2f} s",
+                    flush=True,
+                )
+    finally:
+        server.stop()
+
+
 def study_syscalls(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
     for conns in args.conns:
         port = run.free_port()
@@ -192,6 +224,7 @@ def study_idle(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
 STUDIES = {
     "null": study_null,
     "curve": study_curve,
+    "steady": study_steady,
     "syscalls": study_syscalls,
     "cachegrind": study_cachegrind,
     "idle": study_idle,
