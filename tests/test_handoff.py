@@ -116,6 +116,7 @@ class Pair:
         receiver: bool = True,
         answer_after: float = 0.0,
         stop_after_yes: bool = False,
+        whole_stop_after_yes: bool = False,
         **config: Any,
     ) -> None:
         folder = config.pop("unix_folder", None)
@@ -130,18 +131,28 @@ class Pair:
         new_slot.set_accepting(receiver)
         self.new_slot = new_slot
 
+        self.new_stop: gevent.Greenlet | None = None
+
         def ready() -> bool:
             if answer_after:
                 gevent.sleep(answer_after)  # a receiver slow to answer: a loaded machine
-            serving = bool(self.new.engine.serving)
-            if stop_after_yes and serving:
+            expected = self.new.engine.expect_adoption()  # as a worker's receiver asks
+            if expected and stop_after_yes:
                 # Runs once the receiver has said yes and waits for the sender to let go: a
                 # worker told to stop in that window (a reload stopping a worker just ready).
                 gevent.spawn(self.new.engine.begin_stop)
-            return serving
+            if expected and whole_stop_after_yes:
+                # The same, and its whole stop runs in the window (it has no connection of its
+                # own to wait for).
+                self.new_stop = gevent.spawn(self.new.engine.stop, 5.0)
+            return expected
 
         self.receiver = HandoffReceiver(
-            handoff_name(os.getpid(), 1), self.new.engine.adopt, LOG, ready=ready
+            handoff_name(os.getpid(), 1),
+            self.new.engine.adopt,
+            LOG,
+            ready=ready,
+            settled=self.new.engine.adoption_settled,
         )
         self.receiver.start()
         self.sender = HandoffSender(board, old_slot, os.getpid(), 60.0, LOG)
@@ -304,6 +315,24 @@ class TestHandOver:
             sock.sendall(call("echo", 2, message="after"))
             assert read_reply(sock) == (2, "after")
             assert pair.new.stop(timeout=5.0)
+            assert sock.recv(1) == b""  # a FIN, not a reset
+
+    def test_a_receiver_whose_whole_stop_runs_before_the_release_still_takes_the_connection(
+        self, make_server
+    ):
+        """The receiver said yes, then its whole stop ran (it had no connection of its own)
+        before the sender let go: the stop waits for the connection it said yes to and ends it
+        as it ends any other (here a FIN at a boundary), rather than finishing first and
+        refusing it once the sender has let go (the connection ended unread, and a request
+        the client sent meanwhile lost)."""
+        pair = Pair(make_server, whole_stop_after_yes=True)
+        with answered_once(pair) as sock:
+            assert pair.old.stop(timeout=5.0)
+            assert pair.sender.handed == 1
+            wait_until(lambda: pair.receiver.adopted == 1)
+            assert pair.new_stop is not None
+            pair.new_stop.join(timeout=10.0)
+            assert pair.new_stop.value is True  # no request cut off
             assert sock.recv(1) == b""  # a FIN, not a reset
 
     def test_a_burst_of_hand_offs_is_shared_out_by_count(self, make_server):

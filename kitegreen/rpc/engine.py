@@ -126,6 +126,10 @@ class Engine:
         """Connections not closed yet, lingering ones included."""
         self._all_closed = GEvent()
         self._all_closed.set()
+        self._adoptions = 0
+        """Hand-offs this engine said yes to that are not settled yet (:meth:`expect_adoption`)."""
+        self._adoptions_settled = GEvent()
+        self._adoptions_settled.set()
         self._acceptor: Acceptor | None = None
         self.binding: Binding | None = None
         """Where the engine listens (or listened, once stopped); None before start()."""
@@ -328,14 +332,18 @@ class Engine:
         """
         streams = self._ctx.streams
         hand_over = self._ctx.hand_off is not None
-        while self._open:
+        # A hand-off this engine said yes to before its stop began is waited for too: adopted,
+        # its connection ends as the others do (handed on, or a FIN at a boundary); past the
+        # drain, it would be ended unread, the sender having let go.
+        while self._open or self._adoptions:
             # Handed over, a connection needs no grace: its next request reaches the other
             # worker as it would have reached this one.
             streams.end_idle(self._first_request_grace, hand_over=hand_over)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            self._all_closed.wait(timeout=min(remaining, 0.05))
+            waiting = self._all_closed if self._open else self._adoptions_settled
+            waiting.wait(timeout=min(remaining, 0.05))
         if self._ctx.handing_off:
             give_up = time.monotonic() + self._hand_off_grace
             while self._ctx.handing_off and time.monotonic() < give_up:
@@ -389,6 +397,25 @@ class Engine:
         """
         self._ctx.hand_off = hand_off
         self._hand_off_grace = grace
+
+    def expect_adoption(self) -> bool:
+        """A worker asks to hand a connection over: True if this engine serves (no stop has
+        begun), and then its stop's drain waits, until its deadline, for that connection to be
+        adopted or for :meth:`adoption_settled`; False: the sender keeps the connection.
+
+        Call :meth:`adoption_settled` once for each True, whatever became of the hand-off.
+        """
+        if not self.serving:
+            return False
+        self._adoptions += 1
+        self._adoptions_settled.clear()
+        return True
+
+    def adoption_settled(self) -> None:
+        """A hand-off :meth:`expect_adoption` said yes to is over: adopted, or not coming."""
+        self._adoptions -= 1
+        if not self._adoptions:
+            self._adoptions_settled.set()
 
     def adopt(self, sock: Any, address: Any, wire: Wire | None, pending: bytes) -> bool:
         """Serve a connection another worker handed over, from where it left it.

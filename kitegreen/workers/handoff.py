@@ -128,15 +128,24 @@ class HandoffReceiver:
         adopt: serves a connection, or refuses it (False).
         log: a structlog logger.
         ready: whether the engine serves (a stopping one answers no, and the sender keeps
-            its connection).
+            its connection): :meth:`Engine.expect_adoption`.
+        settled: called once for each hand-off ``ready`` said yes to, when it is over
+            (adopted, refused as malformed, or never released): :meth:`Engine.adoption_settled`.
     """
 
     def __init__(
-        self, name: str, adopt: Adopt, log: Any, *, ready: Callable[[], bool] = lambda: True
+        self,
+        name: str,
+        adopt: Adopt,
+        log: Any,
+        *,
+        ready: Callable[[], bool] = lambda: True,
+        settled: Callable[[], object] = lambda: None,
     ) -> None:
         self.name = name
         self._adopt = adopt
         self._ready = ready
+        self._settled = settled
         self.log = log
         self._sock: Any = None
         self._peers = Group()
@@ -219,6 +228,13 @@ class HandoffReceiver:
             with contextlib.suppress(OSError):
                 peer.send(_NO)
             return False
+        try:
+            return self._serve_expected(peer, raw, data, flags)
+        finally:
+            self._settled()
+
+    def _serve_expected(self, peer: Any, raw: Any, data: bytes, flags: int) -> bool:
+        """:meth:`_serve` once the engine expects the connection."""
         try:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 raise ValueError("hand-off datagram truncated")

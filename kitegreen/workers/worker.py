@@ -228,7 +228,8 @@ class _Worker:
                 handoff_name(spec.parent, spec.slot.index),
                 engine.adopt,
                 self.log,
-                ready=lambda: engine.serving,
+                ready=engine.expect_adoption,
+                settled=engine.adoption_settled,
             )
             try:
                 receiver.start()
