@@ -289,12 +289,35 @@ protocol_of(Cursor *c, int tt, uint64_t id, Header *h)
     return 0;
 }
 
+/* Step over a u16 length at *at and the bytes it announces, checked against end (the walk's
+ * position kept in the caller's local: see skip_entries()); *size is the length. -1 when either
+ * is cut short, with the message read_ttheader()'s reading loop gives. */
+READER int
+skip_sized(Cursor *c, const uint8_t *buf, Py_ssize_t end, Py_ssize_t *at, const char *length,
+           const char *what, unsigned *size)
+{
+    Py_ssize_t pos = *at;
+    if (end - pos < 2) {
+        c->pos = pos;
+        return truncated(c, length, 2);
+    }
+    *size = ((unsigned)buf[pos] << 8) | buf[pos + 1];
+    pos += 2;
+    if (*size > (uint64_t)(end - pos)) {
+        c->pos = pos;
+        return truncated(c, what, *size);
+    }
+    *at = pos + *size;
+    return 0;
+}
+
 /*
  * Validate n key-values of a TTHeader block without reading them (strings: a u16-sized key,
  * else a u16 integer key; then a u16-sized value), noting where the last LOG_ID and
  * RPC_TIMEOUT values are. The checks and messages of read_ttheader()'s reading loop; the
  * position is kept in a local, which a byte read through c->buf could otherwise alias, so
- * that it stays in a register (this runs for every key-value of every request).
+ * that it stays in a register (this runs for every key-value of every request), and each
+ * kind of block has a loop of its own rather than one testing the kind for every field.
  */
 static int
 skip_entries(Cursor *c, int strings, unsigned n, Header *h)
@@ -302,31 +325,11 @@ skip_entries(Cursor *c, int strings, unsigned n, Header *h)
     const uint8_t *buf = c->buf;
     Py_ssize_t pos = c->pos, end = c->end;
     unsigned size;
-    /* Two loops, not one testing `strings` for every field. */
     if (strings) {
         for (unsigned i = 0; i < n; i++) {
-            if (end - pos < 2) {
-                c->pos = pos;
-                return truncated(c, "key length", 2);
-            }
-            size = ((unsigned)buf[pos] << 8) | buf[pos + 1];
-            pos += 2;
-            if (size > (uint64_t)(end - pos)) {
-                c->pos = pos;
-                return truncated(c, "string key", size);
-            }
-            pos += size;
-            if (end - pos < 2) {
-                c->pos = pos;
-                return truncated(c, "value length", 2);
-            }
-            size = ((unsigned)buf[pos] << 8) | buf[pos + 1];
-            pos += 2;
-            if (size > (uint64_t)(end - pos)) {
-                c->pos = pos;
-                return truncated(c, "string value", size);
-            }
-            pos += size;
+            if (skip_sized(c, buf, end, &pos, "key length", "string key", &size) < 0 ||
+                skip_sized(c, buf, end, &pos, "value length", "string value", &size) < 0)
+                return -1;
         }
     } else {
         for (unsigned i = 0; i < n; i++) {
@@ -336,24 +339,15 @@ skip_entries(Cursor *c, int strings, unsigned n, Header *h)
             }
             unsigned key_id = ((unsigned)buf[pos] << 8) | buf[pos + 1];
             pos += 2;
-            if (end - pos < 2) {
-                c->pos = pos;
-                return truncated(c, "value length", 2);
-            }
-            size = ((unsigned)buf[pos] << 8) | buf[pos + 1];
-            pos += 2;
-            if (size > (uint64_t)(end - pos)) {
-                c->pos = pos;
-                return truncated(c, "integer value", size);
-            }
+            if (skip_sized(c, buf, end, &pos, "value length", "integer value", &size) < 0)
+                return -1;
             if (key_id == INT_KEY_LOG_ID) {
-                h->log_id_at = pos;
+                h->log_id_at = pos - (Py_ssize_t)size;
                 h->log_id_size = size;
             } else if (key_id == INT_KEY_RPC_TIMEOUT) {
-                h->timeout_at = pos;
+                h->timeout_at = pos - (Py_ssize_t)size;
                 h->timeout_size = size;
             }
-            pos += size;
         }
     }
     c->pos = pos;
