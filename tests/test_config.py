@@ -311,7 +311,7 @@ class TestLayering:
         assert config.idle_timeout == 3.0  # a None flag is no flag
         assert config.limit_qps == 2  # file over base
         assert config.service_name == "from-base"  # base over default
-        assert config.backlog == 1024  # default
+        assert config.backlog == 4096  # default: what a Go listener asks for (somaxconn)
 
     def test_no_sources_gives_the_base(self):
         """With an empty environment and no file or flags, load returns the base values."""

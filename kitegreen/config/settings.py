@@ -43,7 +43,10 @@ DEFAULT_MAX_MESSAGE_MEMORY = 96 * 1024 * 1024
 (16 MB on the wire) are estimated at 94 MB of Python objects; 1 MB of empty structs at 88 MB."""
 DEFAULT_MAX_INFLIGHT_MEMORY = 128 * 1024 * 1024
 MIN_MESSAGE_MEMORY = 64 * 1024
-DEFAULT_BACKLOG = 1024
+DEFAULT_BACKLOG = 4096
+"""What a Go listener (kite, Kitex) asks for on Linux: ``somaxconn``, 4096 since Linux 5.4 (the
+kernel caps a larger request at it). With 1024, a burst of connections opened faster than the
+server accepts them (~50,000 a second) lost SYNs past the 1024th, each retried a second later."""
 DEFAULT_REPORT_INTERVAL = 10.0
 DEFAULT_EVENT_CAPACITY = 200
 DEFAULT_HUB_BLOCK_THRESHOLD = 0.1
