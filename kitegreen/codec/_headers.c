@@ -584,7 +584,7 @@ typedef struct {
     /* What the request loop reads of every frame, as objects: members of type T_OBJECT_EX are
      * the ones CPython's specializing interpreter reads without a lookup (an int member or a
      * getter costs a generic attribute lookup, ~150 instructions each, per request). */
-    PyObject *py_codec_protocol; /* CODEC_BINARY or CODEC_COMPACT, as an int */
+    PyObject *py_codec_protocol; /* CODEC_BINARY or CODEC_COMPACT (_thrift's numbering) */
     PyObject *py_payload_start;  /* payload_start, as an int */
     PyObject *py_payload_end;    /* payload_end, as an int */
     PyObject *log_id;            /* LOG_ID's value as text, or None (absent or empty) */
@@ -597,7 +597,6 @@ typedef struct {
     int flags;
     int seqid;
     int protocol_id;
-    int codec_protocol; /* the payload's protocol as _thrift numbers it: 0 binary, 2 compact */
     char payload_framed;
     char tt;
 } Frame;
@@ -1054,7 +1053,6 @@ frame_with_payload(Frame *self, PyObject *payload)
     copy->flags = self->flags;
     copy->seqid = self->seqid;
     copy->protocol_id = self->protocol_id;
-    copy->codec_protocol = self->codec_protocol;
     copy->payload_framed = self->payload_framed;
     copy->tt = self->tt;
     PyObject_GC_Track(copy);
@@ -1298,9 +1296,10 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     result->flags = (int)flags;
     result->seqid = seqid;
     result->protocol_id = (int)h.protocol_id;
-    result->codec_protocol = h.protocol == S_BINARY ? CODEC_BINARY : CODEC_COMPACT;
-    /* A small int: cached by CPython, this cannot fail. */
-    result->py_codec_protocol = PyLong_FromLong(result->codec_protocol);
+    /* The payload's protocol as _thrift numbers it; a small int, cached by CPython: this
+     * cannot fail. */
+    result->py_codec_protocol = PyLong_FromLong(h.protocol == S_BINARY ? CODEC_BINARY
+                                                                        : CODEC_COMPACT);
     result->py_payload_start = py_start;
     result->py_payload_end = py_end;
     result->log_id = log_id;

@@ -369,10 +369,7 @@ class Connection:
                         if ctx.hand_off is not None:
                             if self._hand_off():
                                 break
-                            stream.offer_again_at = time.monotonic() + HAND_OVER_RETRY
-                            # No worker took it (none live yet, or each refused): served on
-                            # here, and offered again when it next falls idle; the stop's
-                            # deadline ends it if none ever takes it.
+                            # No worker took it: served on here, offered again later.
                         elif not stream.has_input():
                             # Nothing more arrived: the FIN that follows tells the client a
                             # request it sends from now on was never seen.
@@ -386,7 +383,6 @@ class Connection:
                 # stop does so until its deadline, which ends it if no worker takes it: the
                 # replacement of a recycled worker may not be ready yet).
                 if not self._hand_off():
-                    stream.offer_again_at = time.monotonic() + HAND_OVER_RETRY
                     stream.wait_readable(self._ready, self._job, self._wake)
                     return
             else:
@@ -453,7 +449,9 @@ class Connection:
         return info
 
     def _hand_off(self) -> bool:
-        """At a message boundary: give the connection to another worker (True) or keep it."""
+        """At a message boundary: give the connection to another worker (True) or keep it;
+        one no worker took (none live yet, or each refused) is offered again no sooner than
+        :data:`HAND_OVER_RETRY` from now, until the stop's deadline ends it."""
         hand_off = self.ctx.hand_off
         if hand_off is None:
             return False
@@ -464,6 +462,8 @@ class Connection:
             self._handed = hand_off(self)
         finally:
             ctx.handing_off -= 1
+        if not self._handed:
+            self.stream.offer_again_at = time.monotonic() + HAND_OVER_RETRY
         return self._handed
 
     def _serve_prepared(self, frame: HeaderFrame) -> None:
@@ -826,12 +826,10 @@ class Connection:
         (see :func:`~kitegreen.rpc.budget.encode`, inlined here). A handler's result goes
         through :meth:`_send_result`."""
         frame = self._frame
-        if frame is None:
-            wire = self.stream.wire
-            assert wire is not None
-            proto, framed = wire.protocol, wire.framed
-        else:
-            proto, framed = frame.codec_protocol, False
+        wire = self.stream.wire
+        assert wire is not None
+        proto = wire.protocol if frame is None else frame.codec_protocol
+        framed = wire.message_framed
         try:
             message = _write_message(
                 proto, name, mtype, seqid, payload, spec, framed, ENCODE_ON_HUB, 0

@@ -214,7 +214,7 @@ class MessageStream:
         """The bytes received of the message being read (after a frame's length), for an error
         reply that names the request a refused message was."""
         wire = self.wire
-        start = self._pos + (4 if wire is not None and wire.framed and not wire.header else 0)
+        start = self._pos + (4 if wire is not None and wire.message_framed else 0)
         end = len(self._buf)
         return self._buf, min(start, end), end
 
