@@ -12,6 +12,10 @@ kitegreen's server CPU per request grows between 50 and 500 connections (``run.p
                 divided by the extra requests, so that accepting, setting up and closing the
                 connections (two seconds of connecting at 5,000, which ``curve`` and
                 ``run.py`` count in) and the warm-up drop out
+``split``       kitegreen and the C null server in turn, each count in each round: CPU per
+                request in user space and in the kernel apart, and how each grows against the
+                first count. The null server's kernel time is the loopback TCP path alone, so
+                the kernel's growth with the connection count is measured beside kitegreen's
 ``syscalls``    system calls per request (``strace -c -f`` attached for a fixed request count)
 ``cachegrind``  user-space instructions and simulated cache misses per request (valgrind's
                 cachegrind, last level set to ``--cache`` bytes, by default an EPYC core's
@@ -35,9 +39,11 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -152,6 +158,54 @@ def study_steady(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
         server.stop()
 
 
+def study_split(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
+    server = run.start_server(args.server, args.wire, msg, pin)
+    port = run.free_port()
+    cmd = [str(run.LOADGEN), "--port", str(port), "--request", str(msg.request)]
+    cmd += ["--reply", str(msg.reply), "--serve", "3600"]
+    null = start(run.pinned(run.SERVER_CORE, cmd, pin), port, msg, 5.0)
+    subjects = (("kitegreen", server.proc.pid, server.port), ("null", null.pid, port))
+    # (subject, conns) -> per round: (user, kernel) µs per request
+    seen: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    try:
+        for rnd in range(args.rounds):
+            for label, pid, p in subjects:
+                for conns in args.conns:
+                    user0, sys0 = run.cpu_times(pid)
+                    res = run.run_loadgen(p, msg, conns, args.warmup, args.duration, pin)
+                    user1, sys1 = run.cpu_times(pid)
+                    user = run._per_request(user1 - user0, res)
+                    kernel = run._per_request(sys1 - sys0, res)
+                    seen.setdefault((label, conns), []).append((user, kernel))
+                    print(
+                        f"split round {rnd} {label:9} {conns:5d} conns: {res['rps']:9,.0f} req/s, "
+                        f"µs/req user {user:5.2f} kernel {kernel:5.2f} total {user + kernel:5.2f}",
+                        flush=True,
+                    )
+    finally:
+        server.stop()
+        os.killpg(null.pid, signal.SIGKILL)
+        null.wait(timeout=10)
+    first = args.conns[0]
+    for label, _, _ in subjects:
+        for conns in args.conns[1:]:
+            pairs = list(zip(seen[label, first], seen[label, conns], strict=True))
+            print(
+                f"split {label:9} {conns} against {first} conns, medians of the rounds' ratios: "
+                f"user {_median_ratio(pairs, lambda c: c[0]):.2f}x, "
+                f"kernel {_median_ratio(pairs, lambda c: c[1]):.2f}x, "
+                f"total {_median_ratio(pairs, sum):.2f}x"
+            )
+
+
+def _median_ratio(
+    pairs: list[tuple[tuple[float, float], tuple[float, float]]],
+    part: Callable[[tuple[float, float]], float],
+) -> float:
+    """The median over rounds of ``part(at many) / part(at few)``."""
+    return statistics.median(part(many) / part(few) for few, many in pairs)
+
+
 def study_syscalls(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
     for conns in args.conns:
         port = run.free_port()
@@ -225,6 +279,7 @@ STUDIES = {
     "null": study_null,
     "curve": study_curve,
     "steady": study_steady,
+    "split": study_split,
     "syscalls": study_syscalls,
     "cachegrind": study_cachegrind,
     "idle": study_idle,
