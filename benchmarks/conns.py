@@ -15,7 +15,12 @@ kitegreen's server CPU per request grows between 50 and 500 connections (``run.p
 ``split``       kitegreen and the C null server in turn, each count in each round: CPU per
                 request in user space and in the kernel apart, and how each grows against the
                 first count. The null server's kernel time is the loopback TCP path alone, so
-                the kernel's growth with the connection count is measured beside kitegreen's
+                the kernel's growth with the connection count is measured beside kitegreen's;
+                with, per request, the TCP segments and fired delayed ACKs (``nstat``) and
+                the times the load generator slept waiting for a reply (the server's send
+                wakes it, in the server's system time). ``--rate R`` paces every cell at R
+                requests a second, so that both servers and every count do the same work at
+                the same pace (each connection sends every conns / R seconds)
 ``syscalls``    system calls per request (``strace -c -f`` attached for a fixed request count)
 ``cachegrind``  user-space instructions and simulated cache misses per request (valgrind's
                 cachegrind, last level set to ``--cache`` bytes, by default an EPYC core's
@@ -38,6 +43,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -171,15 +177,27 @@ def study_split(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
         for rnd in range(args.rounds):
             for label, pid, p in subjects:
                 for conns in args.conns:
+                    tcp0, woken0 = tcp_counters(), loadgen_sleeps()
                     user0, sys0 = run.cpu_times(pid)
-                    res = run.run_loadgen(p, msg, conns, args.warmup, args.duration, pin)
+                    res = run.run_loadgen(
+                        p, msg, conns, args.warmup, args.duration, pin, rate=args.rate
+                    )
                     user1, sys1 = run.cpu_times(pid)
+                    tcp1, woken1 = tcp_counters(), loadgen_sleeps()
                     user = run._per_request(user1 - user0, res)
                     kernel = run._per_request(sys1 - sys0, res)
                     seen.setdefault((label, conns), []).append((user, kernel))
+                    done = sum(res.get(k, 0) for k in ("requests", "warmup_requests", "refused"))
+                    tcp = " ".join(
+                        f"{name} {(tcp1[key] - tcp0[key]) / done:.3f}"
+                        for key, name in TCP_COUNTERS.items()
+                        if key in tcp0 and key in tcp1
+                    )
                     print(
                         f"split round {rnd} {label:9} {conns:5d} conns: {res['rps']:9,.0f} req/s, "
-                        f"µs/req user {user:5.2f} kernel {kernel:5.2f} total {user + kernel:5.2f}",
+                        f"p50 {res.get('p50_us', 0) / 1000:5.1f} ms, µs/req user {user:5.2f} "
+                        f"kernel {kernel:5.2f} total {user + kernel:5.2f}; per request: {tcp} "
+                        f"loadgen-sleeps {(woken1 - woken0) / done:.3f}",
                         flush=True,
                     )
     finally:
@@ -196,6 +214,32 @@ def study_split(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
                 f"kernel {_median_ratio(pairs, lambda c: c[1]):.2f}x, "
                 f"total {_median_ratio(pairs, sum):.2f}x"
             )
+
+
+TCP_COUNTERS = {"TcpOutSegs": "segments", "TcpExtDelayedACKs": "delayed-ACKs"}
+"""The machine's TCP counters the split study reads (``nstat``), by what it prints."""
+
+
+def tcp_counters() -> dict[str, int]:
+    """:data:`TCP_COUNTERS` now, machine-wide; empty without ``nstat``. On this loopback-only
+    bench nearly every segment is the load's: a request and its reply are 2, and what is
+    above is pure ACKs (a new connection acknowledges its first segments at once; a delayed
+    ACK fires when a request waits for its reply longer than TCP's 40 ms minimum)."""
+    try:
+        out = subprocess.run(
+            ["nstat", "-az", *TCP_COUNTERS], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)", out, re.MULTILINE)}
+
+
+def loadgen_sleeps() -> int:
+    """Voluntary context switches of the load generators that have exited so far: each is the
+    load generator waiting for a reply, which a server's send then wakes. The waking is the
+    server's system time (loopback delivers in the sender's system call), so a server that
+    answers slower than the load generator reads pays for waking it."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw
 
 
 def _median_ratio(
@@ -296,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--requests", type=int, default=20000, help="per count, strace/valgrind")
     parser.add_argument("--cache", type=int, default=512 * 1024, help="simulated cache, bytes")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="split: requests a second, every cell (0: as many as the server answers)",
+    )
     parser.add_argument(
         "--server",
         default=SUBJECT,

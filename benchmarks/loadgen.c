@@ -24,6 +24,14 @@
  *                   with the reply, for SECONDS at most. Run the load mode against it to
  *                   measure the load generator's own ceiling.
  *
+ * --rate R (load mode): at most R requests a second in all, instead of as many as the server
+ * answers. A connection whose reply is in waits in a queue for its turn (a token bucket
+ * holding at most 10 ms of them), so every connection still has at most one request in
+ * flight and sends again no sooner than its turn comes. Two servers, or two connection counts,
+ * compared at the same R do the same work at the same pace: each connection sends every
+ * conns / R seconds whatever the server's speed (TCP's timers depend on that interval).
+ * Latency is measured from the request's send, not from its wait in the queue.
+ *
  * Build: cc -O2 -o loadgen loadgen.c
  */
 #define _GNU_SOURCE
@@ -233,7 +241,7 @@ static void usage(void) {
             "usage: loadgen --request FILE --reply FILE [--refusal FILE]\n"
             "               (--port N [--host 127.0.0.1] | --unix PATH)\n"
             "               [--conns N] [--duration S] [--warmup S] [--max-requests N]\n"
-            "               [--connect-timeout S] [--hold S]\n"
+            "               [--connect-timeout S] [--hold S] [--rate R]\n"
             "       loadgen --request FILE --reply FILE --port N --serve S\n");
     exit(2);
 }
@@ -243,6 +251,7 @@ int main(int argc, char **argv) {
     const char *ref_path = NULL;
     int port = 0, nconns = 1;
     double duration = 3.0, warmup = 1.0, connect_timeout = 10.0, hold = 0.0, serve_s = 0.0;
+    double rate = 0.0;
     uint64_t max_requests = 50000000ULL;
 
     for (int i = 1; i < argc; i++) {
@@ -259,6 +268,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--connect-timeout")) connect_timeout = atof(v);
         else if (!strcmp(a, "--hold")) hold = atof(v);
         else if (!strcmp(a, "--serve")) serve_s = atof(v);
+        else if (!strcmp(a, "--rate")) rate = atof(v);
         else if (!strcmp(a, "--request")) req_path = v;
         else if (!strcmp(a, "--reply")) rep_path = v;
         else if (!strcmp(a, "--refusal")) ref_path = v;
@@ -269,6 +279,7 @@ int main(int argc, char **argv) {
     if (nconns < 1 || nconns > MAX_CONNS) die("--conns must be between 1 and 20000");
     if (duration <= 0 || duration > 600 || warmup < 0 || warmup > 600) die("--duration/--warmup out of range (0-600 s)");
     if (hold < 0 || hold > 3600) die("--hold out of range (0-3600 s)");
+    if (rate < 0 || rate > 1e8 || (rate > 0 && hold > 0)) die("--rate out of range (0-1e8), or with --hold");
     if (!unix_path) {
         struct in_addr addr;
         if (inet_pton(AF_INET, host, &addr) != 1 || (ntohl(addr.s_addr) >> 24) != 127)
@@ -335,9 +346,21 @@ int main(int argc, char **argv) {
     int measuring = warmup <= 0, alive = nconns, ready = 0, announced = 0;
     if (measuring) cpu_at_start = cpu_seconds();
 
-    /* Kick off one request per connection. */
+    /* Paced (--rate): the connections waiting for their turn, each at most once, in order. */
+    int *turns = rate > 0 ? malloc((size_t)nconns * sizeof *turns) : NULL;
+    int turns_head = 0, turns_len = 0;
+    double tokens = 0.0, burst = rate * 0.01 > 1.0 ? rate * 0.01 : 1.0;
+    uint64_t tokens_at = now_ns();
+    if (rate > 0 && !turns) die("out of memory");
+
+    /* Kick off one request per connection (paced: queue them all for their turn). */
     for (int i = 0; i < nconns; i++) {
         struct conn *c = &conns[i];
+        if (rate > 0) {
+            c->sent = request_len; /* nothing for EPOLLOUT to finish before its turn */
+            turns[turns_len++] = i;
+            continue;
+        }
         c->start = now_ns();
         ssize_t n = write(c->fd, request, request_len);
         if (n < 0 && errno != EAGAIN) {
@@ -368,11 +391,34 @@ int main(int argc, char **argv) {
             struct epoll_event ev = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
             epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
         }
+        if (rate > 0) {
+            tokens += rate * (double)(t - tokens_at) / 1e9;
+            tokens_at = t;
+            if (tokens > burst) tokens = burst;
+            while (turns_len > 0 && tokens >= 1.0) {
+                struct conn *c = &conns[turns[turns_head]];
+                turns_head = (turns_head + 1) % nconns;
+                turns_len--;
+                tokens -= 1.0;
+                if (c->dead) continue;
+                c->start = now_ns();
+                ssize_t w = write(c->fd, request, request_len);
+                if (w < 0 && errno != EAGAIN) {
+                    c->dead = 1;
+                    alive--;
+                    errors++;
+                    close(c->fd);
+                    continue;
+                }
+                c->sent = w > 0 ? (size_t)w : 0; /* the rest on EPOLLOUT */
+            }
+        }
         int timeout_ms = (int)((hard_end - t) / 1000000ULL) + 1;
         if (!measuring && hold <= 0) {
             int w = (int)((measure_start - t) / 1000000ULL) + 1;
             if (w < timeout_ms) timeout_ms = w;
         }
+        if (turns_len > 0) timeout_ms = 1; /* the next tokens */
         int n = epoll_wait(ep, events, 1024, timeout_ms);
         if (n < 0) {
             if (errno == EINTR) continue;
@@ -423,6 +469,13 @@ int main(int argc, char **argv) {
                         warm_requests++;
                     }
                     c->got = 0;
+                    if (rate > 0) {
+                        /* Wait for its turn; nothing more to read until it has sent. */
+                        c->sent = request_len;
+                        turns[(turns_head + turns_len) % nconns] = (int)(c - conns);
+                        turns_len++;
+                        break;
+                    }
                     c->start = done_at;
                     c->sent = 0;
                     ssize_t w = write(c->fd, request, request_len);
@@ -482,7 +535,7 @@ done:;
            "\"mismatches\": %llu, \"connect_failures\": %d, \"connect_s\": %.3f, "
            "\"elapsed\": %.6f, \"rps\": %.1f, \"mean_us\": %.1f, \"p50_us\": %.1f, "
            "\"p90_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f, \"max_us\": %.1f, "
-           "\"cpu_s\": %.3f, \"cpu_util\": %.3f}\n",
+           "\"cpu_s\": %.3f, \"cpu_util\": %.3f, \"rate\": %.1f}\n",
            nconns, (unsigned long long)requests, (unsigned long long)warm_requests,
            (unsigned long long)errors, (unsigned long long)refused,
            (unsigned long long)warm_refused, elapsed > 0 ? (double)refused / elapsed : 0.0, (unsigned long long)mismatches,
@@ -491,6 +544,7 @@ done:;
            requests ? sum_us / (double)requests : 0.0, percentile_ns(requests, 0.50) / 1000.0,
            percentile_ns(requests, 0.90) / 1000.0, percentile_ns(requests, 0.99) / 1000.0,
            percentile_ns(requests, 0.999) / 1000.0, max_us, cpu,
-           elapsed > 0 ? cpu / ((double)(end - measure_start) / 1e9) : 0.0);
+           elapsed > 0 ? cpu / ((double)(end - measure_start) / 1e9) : 0.0, rate);
+    free(turns);
     return 0;
 }

@@ -63,6 +63,11 @@ GUNICORN_PINS = ("gunicorn==19.9.0", "setproctitle")
 GUNICORN_THRIFT = "gunicorn_thrift==0.2.25"
 
 TARGET_VS_BEST_50 = 1.15
+DELAYED_ACK_US = 40_000
+"""Linux's least delayed-ACK time (``TCP_DELACK_MIN``). Each connection of a cell sends once
+every connections / throughput seconds (one request in flight); past this interval the
+sockets' acknowledgement timers fire between requests and pure ACK segments go out, so 5,000
+connections at 125,000 req/s sit on the edge of a cost 50 or 500 connections never pay."""
 TARGET_GROWTH = {500: 1.10, 5000: 1.25}
 """CPU per request at that many connections, at most this times its own at 50."""
 TARGET_RSS_KB = 12.0
@@ -460,15 +465,17 @@ def run_loadgen(
     duration: float,
     pin: bool,
     loadgens: int = 1,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
-    """Run ``loadgens`` load generators at once, ``conns`` connections split between them.
+    """Run ``loadgens`` load generators at once, ``conns`` connections split between them;
+    ``rate`` > 0: at most that many requests a second in all (``loadgen --rate``).
 
     Their figures are merged: requests, errors and req/s add up, CPU use adds up (in cores),
     and p50/p99 are the request-weighted means of each generator's own (an approximation:
     percentiles do not merge exactly).
     """
     if loadgens <= 1:
-        return _run_one_loadgen(port, msg, conns, warmup, duration, pin, LOADGEN_CORES[0])
+        return _run_one_loadgen(port, msg, conns, warmup, duration, pin, LOADGEN_CORES[0], rate)
     shares = [conns // loadgens + (i < conns % loadgens) for i in range(loadgens)]
     cores = [LOADGEN_CORES[i % len(LOADGEN_CORES)] for i in range(loadgens)]
     from concurrent.futures import ThreadPoolExecutor
@@ -476,7 +483,9 @@ def run_loadgen(
     with ThreadPoolExecutor(loadgens) as pool:
         parts = list(
             pool.map(
-                lambda job: _run_one_loadgen(port, msg, job[0], warmup, duration, pin, job[1]),
+                lambda job: _run_one_loadgen(
+                    port, msg, job[0], warmup, duration, pin, job[1], rate * job[0] / conns
+                ),
                 [(n, core) for n, core in zip(shares, cores, strict=True) if n],
             )
         )
@@ -504,7 +513,14 @@ def run_loadgen(
 
 
 def _run_one_loadgen(
-    port: int, msg: Message, conns: int, warmup: float, duration: float, pin: bool, core: str
+    port: int,
+    msg: Message,
+    conns: int,
+    warmup: float,
+    duration: float,
+    pin: bool,
+    core: str,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     cmd = pinned(
         core,
@@ -525,6 +541,7 @@ def _run_one_loadgen(
             str(duration),
             "--connect-timeout",
             "10",
+            *(("--rate", str(rate)) if rate > 0 else ()),
         ],
         pin,
     )
@@ -656,6 +673,9 @@ class Plan:
     duration: float
     idle_connections: int
     loadgens: int = 1
+    rate: float = 0.0
+    """Requests a second every cell is paced at (``loadgen --rate``); 0: as many as the server
+    answers (closed loop, the server saturated)."""
 
 
 def run(plan: Plan, pin: bool) -> dict[str, Any]:
@@ -703,6 +723,7 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
                                 plan.duration,
                                 pin,
                                 plan.loadgens,
+                                plan.rate,
                             )
                             user1, sys1 = cpu_total_times(pids)
                             t1, ticks1 = time.monotonic(), core_ticks()
@@ -985,7 +1006,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
         + "."
     )
     lines.append(
-        f"Rounds: {plan['rounds']}, warmup {plan['warmup']:g} s, measure "
+        (f"Paced at {plan['rate']:,.0f} requests a second. " if plan.get("rate") else "")
+        + f"Rounds: {plan['rounds']}, warmup {plan['warmup']:g} s, measure "
         f"{plan['duration']:g} s, pinned: {results['pinned']}, load average before/after: "
         f"{' '.join(results['loadavg_before'])} / {' '.join(results['loadavg_after'])}, "
         f"wall {results['wall_s']:g} s."
@@ -1146,10 +1168,20 @@ def _split_growth(
     """One line: how CPU per request grew, in user space and in the kernel."""
     user = many["server_cpu_user_us_per_req"] / few["server_cpu_user_us_per_req"]
     kernel = many["server_cpu_sys_us_per_req"] / few["server_cpu_sys_us_per_req"]
-    return (
+    # A connection has one request in flight: it sends once every conns / rps seconds.
+    interval_us = conns / many["rps"] * 1e6 if many["rps"] else float("nan")
+    line = (
         f"- {method} {wire}, {conns} conns: user space {many['server_cpu_user_us_per_req']:.2f} "
-        f"µs ({user:.2f}x), kernel {many['server_cpu_sys_us_per_req']:.2f} µs ({kernel:.2f}x)"
+        f"µs ({user:.2f}x), kernel {many['server_cpu_sys_us_per_req']:.2f} µs ({kernel:.2f}x); "
+        f"each connection sends every {interval_us / 1000:.1f} ms"
     )
+    if interval_us >= DELAYED_ACK_US:
+        line += (
+            ", past TCP's 40 ms delayed-ACK minimum: acknowledgement timers fire between "
+            "requests and segments of their own are sent, which a cell pays for in kernel time "
+            "(conns.py's split study counts them)"
+        )
+    return line
 
 
 def scaling(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
@@ -1243,6 +1275,13 @@ def main(argv: list[str] | None = None) -> int:
         help="kitegreen's worker counts, comma-separated (1,2,4,8): one server variant each",
     )
     parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="pace every cell at this many requests a second (default: as many as the server "
+        "answers); cells compared at one rate do the same work at the same pace",
+    )
+    parser.add_argument(
         "--loadgens",
         type=int,
         default=1,
@@ -1271,6 +1310,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=args.duration,
         idle_connections=args.idle_connections,
         loadgens=args.loadgens,
+        rate=args.rate,
     )
     peers = [n for n in plan.servers if not n.startswith("kitegreen")]
     if peers and set(plan.wires) & set(servers.HEADER_WIRES):
@@ -1281,6 +1321,8 @@ def main(argv: list[str] | None = None) -> int:
             plan.conns = (50, 500)
     if not 1 <= plan.rounds <= 20 or not 0 < plan.duration <= 120 or not 0 <= plan.warmup <= 120:
         parser.error("rounds must be 1-20, duration 0-120 s, warmup 0-120 s")
+    if plan.rate and not 1 <= plan.rate <= 1e8:
+        parser.error("--rate must be 0 (unpaced) or 1 to 100,000,000 requests a second")
     if any(not 1 <= c <= 5000 for c in plan.conns):
         parser.error("connection counts must be between 1 and 5000")
 
