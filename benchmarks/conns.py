@@ -168,7 +168,7 @@ def study_split(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
     server = run.start_server(args.server, args.wire, msg, pin)
     port = run.free_port()
     cmd = [str(run.LOADGEN), "--port", str(port), "--request", str(msg.request)]
-    cmd += ["--reply", str(msg.reply), "--serve", "3600"]
+    cmd += ["--reply", str(msg.reply), "--serve", "3600", "--touch", str(args.null_touch)]
     null = start(run.pinned(run.SERVER_CORE, cmd, pin), port, msg, 5.0)
     subjects = (("kitegreen", server.proc.pid, server.port), ("null", null.pid, port))
     # (subject, conns) -> per round: (user, kernel) µs per request
@@ -345,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="split: requests a second, every cell (0: as many as the server answers)",
+    )
+    parser.add_argument(
+        "--null-touch",
+        type=int,
+        default=0,
+        help="split: bytes of its own per connection the null server writes a byte of each "
+        "cache line of per request (a server's per-connection state, without its code)",
     )
     parser.add_argument(
         "--server",

@@ -22,7 +22,10 @@
  *                   closes or SECONDS pass (for resident-memory-per-connection checks).
  *   --serve SECONDS a null server on 127.0.0.1:--port: answer every request_len bytes read
  *                   with the reply, for SECONDS at most. Run the load mode against it to
- *                   measure the load generator's own ceiling.
+ *                   measure the load generator's own ceiling. With --touch BYTES, each
+ *                   connection also owns a block of BYTES that every request it answers
+ *                   writes a byte of each cache line of: a server's own per-connection state,
+ *                   so its effect on the kernel's cost can be told from the kernel's.
  *
  * --rate R (load mode): at most R requests a second in all, instead of as many as the server
  * answers. A connection whose reply is in waits in a queue for its turn (a token bucket
@@ -175,6 +178,9 @@ static double cpu_seconds(void) {
 
 /* The null server: the cheapest possible peer, so that a load run against it shows how fast
  * the load generator itself can go. */
+static size_t touch_bytes; /* --touch: per-connection state written per request */
+static unsigned char *touched[65536];
+
 static int serve(int port, double seconds) {
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
@@ -209,6 +215,11 @@ static int serve(int port, double seconds) {
                     }
                     setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                     got[c] = 0;
+                    if (touch_bytes) {
+                        free(touched[c]);
+                        touched[c] = calloc(1, touch_bytes);
+                        if (!touched[c]) die("out of memory");
+                    }
                     struct epoll_event ev = {.events = EPOLLIN, .data.fd = c};
                     epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
                 }
@@ -224,6 +235,7 @@ static int serve(int port, double seconds) {
                 got[fd] += (size_t)r;
                 if (got[fd] == request_len) {
                     got[fd] = 0;
+                    for (size_t i = 0; i < touch_bytes; i += 64) touched[fd][i]++;
                     /* Replies are small and one is outstanding per connection: it fits. */
                     if (write(fd, reply, reply_len) != (ssize_t)reply_len) {
                         close(fd);
@@ -242,7 +254,7 @@ static void usage(void) {
             "               (--port N [--host 127.0.0.1] | --unix PATH)\n"
             "               [--conns N] [--duration S] [--warmup S] [--max-requests N]\n"
             "               [--connect-timeout S] [--hold S] [--rate R]\n"
-            "       loadgen --request FILE --reply FILE --port N --serve S\n");
+            "       loadgen --request FILE --reply FILE --port N --serve S [--touch BYTES]\n");
     exit(2);
 }
 
@@ -269,6 +281,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--hold")) hold = atof(v);
         else if (!strcmp(a, "--serve")) serve_s = atof(v);
         else if (!strcmp(a, "--rate")) rate = atof(v);
+        else if (!strcmp(a, "--touch")) touch_bytes = (size_t)strtoull(v, NULL, 10);
         else if (!strcmp(a, "--request")) req_path = v;
         else if (!strcmp(a, "--reply")) rep_path = v;
         else if (!strcmp(a, "--refusal")) ref_path = v;
@@ -296,6 +309,7 @@ int main(int argc, char **argv) {
     if (!scratch) die("out of memory");
     if (serve_s > 0) {
         if (serve_s > 3600 || unix_path) die("--serve takes a TCP --port and at most 3600 s");
+        if (touch_bytes > 1048576) die("--touch takes at most 1 MiB");
         return serve(port, serve_s);
     }
 
