@@ -246,8 +246,10 @@ def _median_ratio(
     pairs: list[tuple[tuple[float, float], tuple[float, float]]],
     part: Callable[[tuple[float, float]], float],
 ) -> float:
-    """The median over rounds of ``part(at many) / part(at few)``."""
-    return statistics.median(part(many) / part(few) for few, many in pairs)
+    """The median over rounds of ``part(at many) / part(at few)``; nan without a round to
+    divide by (a cell too short for the clock's ticks to see one part's time)."""
+    ratios = [part(many) / part(few) for few, many in pairs if part(few) > 0]
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def study_syscalls(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:

@@ -169,6 +169,20 @@ static int connect_one(const char *host, int port, const char *unix_path, double
     return fd;
 }
 
+/* Send a connection's request from its first byte (the rest on EPOLLOUT); -1 when the write
+ * failed and the connection is closed. */
+static int send_request(struct conn *c) {
+    c->start = now_ns();
+    ssize_t n = write(c->fd, request, request_len);
+    if (n < 0 && errno != EAGAIN) {
+        c->dead = 1;
+        close(c->fd);
+        return -1;
+    }
+    c->sent = n > 0 ? (size_t)n : 0;
+    return 0;
+}
+
 static double cpu_seconds(void) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
@@ -375,16 +389,10 @@ int main(int argc, char **argv) {
             turns[turns_len++] = i;
             continue;
         }
-        c->start = now_ns();
-        ssize_t n = write(c->fd, request, request_len);
-        if (n < 0 && errno != EAGAIN) {
-            c->dead = 1;
+        if (send_request(c) < 0) {
             alive--;
             errors++;
-            close(c->fd);
-            continue;
         }
-        c->sent = n > 0 ? (size_t)n : 0;
     }
 
     struct epoll_event events[1024];
@@ -414,17 +422,10 @@ int main(int argc, char **argv) {
                 turns_head = (turns_head + 1) % nconns;
                 turns_len--;
                 tokens -= 1.0;
-                if (c->dead) continue;
-                c->start = now_ns();
-                ssize_t w = write(c->fd, request, request_len);
-                if (w < 0 && errno != EAGAIN) {
-                    c->dead = 1;
+                if (!c->dead && send_request(c) < 0) {
                     alive--;
                     errors++;
-                    close(c->fd);
-                    continue;
                 }
-                c->sent = w > 0 ? (size_t)w : 0; /* the rest on EPOLLOUT */
             }
         }
         int timeout_ms = (int)((hard_end - t) / 1000000ULL) + 1;

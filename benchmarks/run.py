@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -474,8 +475,9 @@ def run_loadgen(
     and p50/p99 are the request-weighted means of each generator's own (an approximation:
     percentiles do not merge exactly).
     """
+    one = partial(_run_one_loadgen, port, msg, warmup=warmup, duration=duration, pin=pin)
     if loadgens <= 1:
-        return _run_one_loadgen(port, msg, conns, warmup, duration, pin, LOADGEN_CORES[0], rate)
+        return one(conns, LOADGEN_CORES[0], rate=rate)
     shares = [conns // loadgens + (i < conns % loadgens) for i in range(loadgens)]
     cores = [LOADGEN_CORES[i % len(LOADGEN_CORES)] for i in range(loadgens)]
     from concurrent.futures import ThreadPoolExecutor
@@ -483,9 +485,7 @@ def run_loadgen(
     with ThreadPoolExecutor(loadgens) as pool:
         parts = list(
             pool.map(
-                lambda job: _run_one_loadgen(
-                    port, msg, job[0], warmup, duration, pin, job[1], rate * job[0] / conns
-                ),
+                lambda job: one(job[0], job[1], rate=rate * job[0] / conns),
                 [(n, core) for n, core in zip(shares, cores, strict=True) if n],
             )
         )
@@ -516,11 +516,12 @@ def _run_one_loadgen(
     port: int,
     msg: Message,
     conns: int,
+    core: str,
+    *,
     warmup: float,
     duration: float,
     pin: bool,
-    core: str,
-    rate: float = 0.0,
+    rate: float,
 ) -> dict[str, Any]:
     cmd = pinned(
         core,
@@ -1070,6 +1071,13 @@ def targets(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
             f"| {target} | {method} | {wire} | {ours} | {ref} | {ratio:.2f}x | {_verdict(ok)} |"
         )
 
+    def cpu_row(
+        target: str, method: str, wire: str, ours: dict[str, Any], ref: dict[str, Any], most: float
+    ) -> None:
+        """A row comparing CPU per request: ``ours`` at most ``most`` times ``ref``'s."""
+        ratio = cpu(ours) / cpu(ref)
+        row(target, method, wire, f"{cpu(ours):.1f} µs", f"{cpu(ref):.1f} µs", ratio, ratio <= most)
+
     growth: list[str] = []
     for method in plan["methods"]:
         for wire in plan["wires"]:
@@ -1092,43 +1100,24 @@ def targets(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
                 )
             binary = cell(subject, method, "binary-buffered", 50)
             if kg50 and binary and wire.startswith("compact"):
-                ratio = cpu(kg50) / cpu(binary)
-                row(
+                cpu_row(
                     "compact CPU/req within 15% of binary's (50 conns)",
                     method,
                     wire,
-                    f"{cpu(kg50):.1f} µs",
-                    f"{cpu(binary):.1f} µs",
-                    ratio,
-                    ratio <= 1.15,
+                    kg50,
+                    binary,
+                    1.15,
                 )
             for conns in (50, 500):
                 kg = cell(subject, method, wire, conns)
                 thr = cell("thriftpy2-threaded", method, wire, conns)
                 if kg and thr:
-                    ratio = cpu(kg) / cpu(thr)
-                    row(
-                        f"{conns} conns: CPU/req ≤ threaded's",
-                        method,
-                        wire,
-                        f"{cpu(kg):.1f} µs",
-                        f"{cpu(thr):.1f} µs",
-                        ratio,
-                        ratio <= 1.0,
-                    )
+                    cpu_row(f"{conns} conns: CPU/req ≤ threaded's", method, wire, kg, thr, 1.0)
             for conns, most in TARGET_GROWTH.items():
                 many = cell(subject, method, wire, conns)
                 if kg50 and many:
-                    ratio = cpu(many) / cpu(kg50)
-                    row(
-                        f"{conns} conns: CPU/req ≤ {most:.2f}x its own at 50",
-                        method,
-                        wire,
-                        f"{cpu(many):.1f} µs",
-                        f"{cpu(kg50):.1f} µs",
-                        ratio,
-                        ratio <= most,
-                    )
+                    target = f"{conns} conns: CPU/req ≤ {most:.2f}x its own at 50"
+                    cpu_row(target, method, wire, many, kg50, most)
                     if many["server_cpu_user_us_per_req"] == many["server_cpu_user_us_per_req"]:
                         # (nan in results recorded before the split was)
                         growth.append(_split_growth(method, wire, conns, kg50, many))
