@@ -166,54 +166,80 @@ def study_steady(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
 
 def study_split(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
     server = run.start_server(args.server, args.wire, msg, pin)
-    port = run.free_port()
-    cmd = [str(run.LOADGEN), "--port", str(port), "--request", str(msg.request)]
-    cmd += ["--reply", str(msg.reply), "--serve", "3600", "--touch", str(args.null_touch)]
-    null = start(run.pinned(run.SERVER_CORE, cmd, pin), port, msg, 5.0)
-    subjects = (("kitegreen", server.proc.pid, server.port), ("null", null.pid, port))
-    # (subject, conns) -> per round: (user, kernel) µs per request
-    seen: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    null = None
+    # (subject, conns) -> {round: (user, kernel) µs per request}
+    seen: dict[tuple[str, int], dict[int, tuple[float, float]]] = {}
     try:
+        port = run.free_port()
+        cmd = [str(run.LOADGEN), "--port", str(port), "--request", str(msg.request)]
+        cmd += ["--reply", str(msg.reply), "--serve", "3600"]
+        cmd += ["--touch", str(args.null_touch)] if args.null_touch else []
+        null = start(run.pinned(run.SERVER_CORE, cmd, pin), port, msg, 5.0)
+        subjects = (
+            ("kitegreen", server.serving_pids(), server.port),
+            ("null", [null.pid], port),
+        )
         for rnd in range(args.rounds):
-            for label, pid, p in subjects:
+            for label, pids, p in subjects:
                 for conns in args.conns:
-                    tcp0, woken0 = tcp_counters(), loadgen_sleeps()
-                    user0, sys0 = run.cpu_times(pid)
-                    res = run.run_loadgen(
-                        p, msg, conns, args.warmup, args.duration, pin, rate=args.rate
-                    )
-                    user1, sys1 = run.cpu_times(pid)
-                    tcp1, woken1 = tcp_counters(), loadgen_sleeps()
-                    user = run._per_request(user1 - user0, res)
-                    kernel = run._per_request(sys1 - sys0, res)
-                    seen.setdefault((label, conns), []).append((user, kernel))
-                    done = sum(res.get(k, 0) for k in ("requests", "warmup_requests", "refused"))
-                    tcp = " ".join(
-                        f"{name} {(tcp1[key] - tcp0[key]) / done:.3f}"
-                        for key, name in TCP_COUNTERS.items()
-                        if key in tcp0 and key in tcp1
-                    )
-                    print(
-                        f"split round {rnd} {label:9} {conns:5d} conns: {res['rps']:9,.0f} req/s, "
-                        f"p50 {res.get('p50_us', 0) / 1000:5.1f} ms, µs/req user {user:5.2f} "
-                        f"kernel {kernel:5.2f} total {user + kernel:5.2f}; per request: {tcp} "
-                        f"loadgen-sleeps {(woken1 - woken0) / done:.3f}",
-                        flush=True,
-                    )
+                    split_cell(label, pids, p, conns, rnd, args, msg, pin, seen)
     finally:
         server.stop()
-        os.killpg(null.pid, signal.SIGKILL)
-        null.wait(timeout=10)
+        if null is not None:
+            os.killpg(null.pid, signal.SIGKILL)
+            null.wait(timeout=10)
     first = args.conns[0]
-    for label, _, _ in subjects:
+    for label in ("kitegreen", "null"):
         for conns in args.conns[1:]:
-            pairs = list(zip(seen[label, first], seen[label, conns], strict=True))
+            few, many = seen.get((label, first), {}), seen.get((label, conns), {})
+            pairs = [(few[r], many[r]) for r in few if r in many]  # a failed cell: none
             print(
                 f"split {label:9} {conns} against {first} conns, medians of the rounds' ratios: "
                 f"user {_median_ratio(pairs, lambda c: c[0]):.2f}x, "
                 f"kernel {_median_ratio(pairs, lambda c: c[1]):.2f}x, "
                 f"total {_median_ratio(pairs, sum):.2f}x"
             )
+
+
+def split_cell(
+    label: str,
+    pids: list[int],
+    port: int,
+    conns: int,
+    rnd: int,
+    args: argparse.Namespace,
+    msg: run.Message,
+    pin: bool,
+    seen: dict[tuple[str, int], dict[int, tuple[float, float]]],
+) -> None:
+    """One cell of the split study: printed, and its (user, kernel) µs per request kept."""
+    tcp0, woken0 = tcp_counters(), loadgen_sleeps()
+    user0, sys0 = run.cpu_total_times(pids)
+    ticks0 = run.core_ticks()
+    res = run.run_loadgen(port, msg, conns, args.warmup, args.duration, pin, rate=args.rate)
+    ticks1 = run.core_ticks()
+    user1, sys1 = run.cpu_total_times(pids)
+    tcp1, woken1 = tcp_counters(), loadgen_sleeps()
+    if "error" in res:
+        print(f"split round {rnd} {label:9} {conns:5d} conns: failed: {res['error']}", flush=True)
+        return
+    share = run.kernel_share(ticks0, ticks1, run.SERVER_CORE) if pin else None
+    user_s, sys_s = run.split_cpu(user1 - user0 + sys1 - sys0, (user1 - user0, sys1 - sys0), share)
+    user, kernel = run._per_request(user_s, res), run._per_request(sys_s, res)
+    seen.setdefault((label, conns), {})[rnd] = (user, kernel)
+    done = sum(res.get(k, 0) for k in ("requests", "warmup_requests", "refused", "warmup_refused"))
+    tcp = " ".join(
+        f"{name} {(tcp1[key] - tcp0[key]) / done:.3f}"
+        for key, name in TCP_COUNTERS.items()
+        if key in tcp0 and key in tcp1
+    )
+    print(
+        f"split round {rnd} {label:9} {conns:5d} conns: {res['rps']:9,.0f} req/s, "
+        f"p50 {res.get('p50_us', 0) / 1000:5.1f} ms, µs/req user {user:5.2f} "
+        f"kernel {kernel:5.2f} total {user + kernel:5.2f}; per request: {tcp} "
+        f"loadgen-sleeps {(woken1 - woken0) / done:.3f}",
+        flush=True,
+    )
 
 
 TCP_COUNTERS = {"TcpOutSegs": "segments", "TcpExtDelayedACKs": "delayed-ACKs"}
@@ -223,8 +249,9 @@ TCP_COUNTERS = {"TcpOutSegs": "segments", "TcpExtDelayedACKs": "delayed-ACKs"}
 def tcp_counters() -> dict[str, int]:
     """:data:`TCP_COUNTERS` now, machine-wide; empty without ``nstat``. On this loopback-only
     bench nearly every segment is the load's: a request and its reply are 2, and what is
-    above is pure ACKs (a new connection acknowledges its first segments at once; a delayed
-    ACK fires when a request waits for its reply longer than TCP's 40 ms minimum)."""
+    above is pure ACKs (a new connection's first segments are acknowledged at once; a socket
+    that stops seeing its peer answer within TCP's 40 ms least ACK timeout acknowledges
+    segments on their own, and only some of those are the delayed-ACK timer's)."""
     try:
         out = subprocess.run(
             ["nstat", "-az", *TCP_COUNTERS], capture_output=True, text=True, check=True
@@ -235,10 +262,11 @@ def tcp_counters() -> dict[str, int]:
 
 
 def loadgen_sleeps() -> int:
-    """Voluntary context switches of the load generators that have exited so far: each is the
-    load generator waiting for a reply, which a server's send then wakes. The waking is the
-    server's system time (loopback delivers in the sender's system call), so a server that
-    answers slower than the load generator reads pays for waking it."""
+    """Voluntary context switches of the load generators that have exited so far. Unpaced, each
+    is the load generator waiting for a reply, which a server's send then wakes, in the
+    server's system time (loopback delivers in the sender's system call): a server that
+    answers slower than the load generator reads pays for waking it. Paced (``--rate``), the
+    waits for the next turn count too."""
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw
 
 
@@ -368,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the ping's wire (ttheader/theader: a header ping, see run.py)",
     )
     args = parser.parse_args(argv)
+    if not (0 <= args.rate <= 1e8) or not 0 <= args.null_touch <= 16384:
+        parser.error("--rate takes 0 to 1e8 requests a second, --null-touch 0 to 16384 bytes")
     args.conns = [int(c) for c in args.conns.split(",")]
     unknown = [s for s in args.studies if s not in STUDIES]
     if unknown:

@@ -23,7 +23,7 @@
  *   --serve SECONDS a null server on 127.0.0.1:--port: answer every request_len bytes read
  *                   with the reply, for SECONDS at most. Run the load mode against it to
  *                   measure the load generator's own ceiling. With --touch BYTES, each
- *                   connection also owns a block of BYTES that every request it answers
+ *                   connection also owns a block of BYTES (at most 16 KiB) that every request it answers
  *                   writes a byte of each cache line of: a server's own per-connection state,
  *                   so its effect on the kernel's cost can be told from the kernel's.
  *
@@ -306,7 +306,10 @@ int main(int argc, char **argv) {
     if (nconns < 1 || nconns > MAX_CONNS) die("--conns must be between 1 and 20000");
     if (duration <= 0 || duration > 600 || warmup < 0 || warmup > 600) die("--duration/--warmup out of range (0-600 s)");
     if (hold < 0 || hold > 3600) die("--hold out of range (0-3600 s)");
-    if (rate < 0 || rate > 1e8 || (rate > 0 && hold > 0)) die("--rate out of range (0-1e8), or with --hold");
+    if (!(rate >= 0 && rate <= 1e8) || (rate > 0 && (hold > 0 || serve_s > 0)))
+        die("--rate takes 0 to 1e8 requests a second, in load mode only");
+    if (touch_bytes > 16384 || (touch_bytes && serve_s <= 0))
+        die("--touch takes at most 16384 bytes, with --serve only");
     if (!unix_path) {
         struct in_addr addr;
         if (inet_pton(AF_INET, host, &addr) != 1 || (ntohl(addr.s_addr) >> 24) != 127)
@@ -323,7 +326,6 @@ int main(int argc, char **argv) {
     if (!scratch) die("out of memory");
     if (serve_s > 0) {
         if (serve_s > 3600 || unix_path) die("--serve takes a TCP --port and at most 3600 s");
-        if (touch_bytes > 1048576) die("--touch takes at most 1 MiB");
         return serve(port, serve_s);
     }
 
@@ -421,8 +423,9 @@ int main(int argc, char **argv) {
                 struct conn *c = &conns[turns[turns_head]];
                 turns_head = (turns_head + 1) % nconns;
                 turns_len--;
+                if (c->dead) continue; /* its turn goes to the next */
                 tokens -= 1.0;
-                if (!c->dead && send_request(c) < 0) {
+                if (send_request(c) < 0) {
                     alive--;
                     errors++;
                 }
@@ -433,7 +436,11 @@ int main(int argc, char **argv) {
             int w = (int)((measure_start - t) / 1000000ULL) + 1;
             if (w < timeout_ms) timeout_ms = w;
         }
-        if (turns_len > 0) timeout_ms = 1; /* the next tokens */
+        if (turns_len > 0) {
+            /* Until the next turn's token: at least 1 ms, epoll's resolution. */
+            int next_ms = (int)((1.0 - tokens) * 1000.0 / rate) + 1;
+            if (next_ms < timeout_ms) timeout_ms = next_ms;
+        }
         int n = epoll_wait(ep, events, 1024, timeout_ms);
         if (n < 0) {
             if (errno == EINTR) continue;

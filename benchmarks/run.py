@@ -65,10 +65,12 @@ GUNICORN_THRIFT = "gunicorn_thrift==0.2.25"
 
 TARGET_VS_BEST_50 = 1.15
 DELAYED_ACK_US = 40_000
-"""Linux's least delayed-ACK time (``TCP_DELACK_MIN``). Each connection of a cell sends once
-every connections / throughput seconds (one request in flight); past this interval the
-sockets' acknowledgement timers fire between requests and pure ACK segments go out, so 5,000
-connections at 125,000 req/s sit on the edge of a cost 50 or 500 connections never pay."""
+"""Linux's least ACK timeout (``TCP_ATO_MIN``, ``TCP_DELACK_MIN``). Each connection of a cell
+sends once every connections / throughput seconds (one request in flight). Where that interval,
+or a reply's wait, nears 40 ms, the machine's segments per request rise above the 2 of a
+request and its reply (pure ACKs, mostly not sent by the delayed-ACK timer: ``conns.py split``
+counts both), and such cells measure more kernel time: 5,000 connections at 125,000 req/s sit
+there, 50 or 500 connections never do."""
 TARGET_GROWTH = {500: 1.10, 5000: 1.25}
 """CPU per request at that many connections, at most this times its own at 50."""
 TARGET_RSS_KB = 12.0
@@ -311,20 +313,53 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def core_ticks() -> dict[str, tuple[int, int]]:
-    """``{core: (total ticks, stolen ticks)}`` from /proc/stat, for the noise report."""
+Ticks = dict[str, tuple[int, int, int, int]]
+
+
+def core_ticks() -> Ticks:
+    """``{core: (total, stolen, user, kernel)}`` ticks from /proc/stat: kernel is system, irq
+    and softirq together (where the kernel charges a loopback peer's receive done in softirq
+    context without ``CONFIG_IRQ_TIME_ACCOUNTING``, it is the interrupted task's system time)."""
     out = {}
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith("cpu") and line[3:4].isdigit():
             name, *values = line.split()
             ticks = [int(v) for v in values[:8]]
-            out[name[3:]] = (sum(ticks), ticks[7])
+            out[name[3:]] = (
+                sum(ticks),
+                ticks[7],
+                ticks[0] + ticks[1],
+                ticks[2] + ticks[5] + ticks[6],
+            )
     return out
 
 
-def steal_share(
-    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], core: str
-) -> float:
+def kernel_share(before: Ticks, after: Ticks, core: str) -> float | None:
+    """The kernel's share of ``core``'s busy ticks between two reads; None without any."""
+    if core not in before or core not in after:
+        return None
+    user = after[core][2] - before[core][2]
+    kernel = after[core][3] - before[core][3]
+    return kernel / (user + kernel) if user + kernel > 0 else None
+
+
+def split_cpu(
+    total_s: float, process: tuple[float, float], share: float | None
+) -> tuple[float, float]:
+    """``total_s`` of a server's CPU split into user space and kernel.
+
+    With the server alone on a pinned core, by ``share``, that core's kernel share of its busy
+    ticks over the cell. Otherwise by ``process``, the (user, system) difference of the
+    process's own counters, which is noisier: /proc/PID/stat rescales its tick-sampled split
+    over the process's whole life, so the difference of two reads carries the error of both.
+    """
+    if share is not None:
+        return total_s * (1.0 - share), total_s * share
+    user, system = process
+    return user, system
+
+
+def steal_share(before: Ticks, after: Ticks, core: str) -> float:
     """The share of ``core``'s time the hypervisor gave to someone else between two reads."""
     if core not in before or core not in after:
         return 0.0
@@ -729,6 +764,11 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
                             user1, sys1 = cpu_total_times(pids)
                             t1, ticks1 = time.monotonic(), core_ticks()
                             cpu0, cpu1 = user0 + sys0, user1 + sys1
+                            user_s, sys_s = split_cpu(
+                                cpu1 - cpu0,
+                                (user1 - user0, sys1 - sys0),
+                                kernel_share(ticks0, ticks1, SERVER_CORE) if pin else None,
+                            )
                             result.update(
                                 server=name,
                                 wire=wire,
@@ -737,8 +777,8 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
                                 round=rnd,
                                 server_cpu_util=(cpu1 - cpu0) / (t1 - t0),
                                 server_cpu_us_per_req=_per_request(cpu1 - cpu0, result),
-                                server_cpu_user_us_per_req=_per_request(user1 - user0, result),
-                                server_cpu_sys_us_per_req=_per_request(sys1 - sys0, result),
+                                server_cpu_user_us_per_req=_per_request(user_s, result),
+                                server_cpu_sys_us_per_req=_per_request(sys_s, result),
                                 workers=worker_count(name),
                                 server_core_steal=steal_share(
                                     ticks0, ticks1, SERVER_CORE.split(",", maxsplit=1)[0]
@@ -1078,6 +1118,9 @@ def targets(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         ratio = cpu(ours) / cpu(ref)
         row(target, method, wire, f"{cpu(ours):.1f} µs", f"{cpu(ref):.1f} µs", ratio, ratio <= most)
 
+    # Paced cells answer another question than saturated ones (see DELAYED_ACK_US): say so.
+    rate = float(plan.get("rate") or 0.0)
+    paced = f", paced at {rate:,.0f} req/s" if rate else ""
     growth: list[str] = []
     for method in plan["methods"]:
         for wire in plan["wires"]:
@@ -1116,11 +1159,11 @@ def targets(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
             for conns, most in TARGET_GROWTH.items():
                 many = cell(subject, method, wire, conns)
                 if kg50 and many:
-                    target = f"{conns} conns: CPU/req ≤ {most:.2f}x its own at 50"
+                    target = f"{conns} conns: CPU/req ≤ {most:.2f}x its own at 50{paced}"
                     cpu_row(target, method, wire, many, kg50, most)
                     if many["server_cpu_user_us_per_req"] == many["server_cpu_user_us_per_req"]:
                         # (nan in results recorded before the split was)
-                        growth.append(_split_growth(method, wire, conns, kg50, many))
+                        growth.append(_split_growth(method, wire, conns, kg50, many, rate))
             kg500 = cell(subject, method, wire, 500)
             thr500 = cell("thriftpy2-threaded", method, wire, 500)
             if kg500 and thr500:
@@ -1152,24 +1195,30 @@ def targets(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
 
 
 def _split_growth(
-    method: str, wire: str, conns: int, few: dict[str, Any], many: dict[str, Any]
+    method: str, wire: str, conns: int, few: dict[str, Any], many: dict[str, Any], rate: float
 ) -> str:
-    """One line: how CPU per request grew, in user space and in the kernel."""
-    user = many["server_cpu_user_us_per_req"] / few["server_cpu_user_us_per_req"]
-    kernel = many["server_cpu_sys_us_per_req"] / few["server_cpu_sys_us_per_req"]
+    """One line: how CPU per request grew, in user space and in the kernel (ratios of the
+    medians, as the targets table's), each connection's send interval, and a cell that fell
+    short of its pace."""
+
+    def ratio(key: str) -> float:
+        return many[key] / few[key] if few[key] else float("nan")
+
     # A connection has one request in flight: it sends once every conns / rps seconds.
     interval_us = conns / many["rps"] * 1e6 if many["rps"] else float("nan")
     line = (
         f"- {method} {wire}, {conns} conns: user space {many['server_cpu_user_us_per_req']:.2f} "
-        f"µs ({user:.2f}x), kernel {many['server_cpu_sys_us_per_req']:.2f} µs ({kernel:.2f}x); "
+        f"µs ({ratio('server_cpu_user_us_per_req'):.2f}x), kernel "
+        f"{many['server_cpu_sys_us_per_req']:.2f} µs ({ratio('server_cpu_sys_us_per_req'):.2f}x); "
         f"each connection sends every {interval_us / 1000:.1f} ms"
     )
     if interval_us >= DELAYED_ACK_US:
         line += (
-            ", past TCP's 40 ms delayed-ACK minimum: acknowledgement timers fire between "
-            "requests and segments of their own are sent, which a cell pays for in kernel time "
-            "(conns.py's split study counts them)"
+            ", at or past TCP's 40 ms least ACK timeout, where more requests are acknowledged "
+            "by segments of their own (conns.py's split study counts them)"
         )
+    if rate and many["rps"] < 0.98 * rate:
+        line += f"; **short of its pace**: {many['rps']:,.0f} of {rate:,.0f} req/s"
     return line
 
 
