@@ -18,7 +18,8 @@ kitegreen's server CPU per request grows between 50 and 500 connections (``run.p
                 the kernel's growth with the connection count is measured beside kitegreen's;
                 with, per request, the TCP segments and fired delayed ACKs (``nstat``) and
                 the times the load generator slept waiting for a reply (the server's send
-                wakes it, in the server's system time). ``--rate R`` paces every cell at R
+                wakes it, in the server's system time); last, kitegreen's growth over the null
+                server's in the same cells. ``--rate R`` paces every cell at R
                 requests a second, so that both servers and every count do the same work at
                 the same pace (each connection sends every conns / R seconds)
 ``syscalls``    system calls per request (``strace -c -f`` attached for a fixed request count)
@@ -189,16 +190,24 @@ def study_split(args: argparse.Namespace, msg: run.Message, pin: bool) -> None:
             os.killpg(null.pid, signal.SIGKILL)
             null.wait(timeout=10)
     first = args.conns[0]
-    for label in ("kitegreen", "null"):
-        for conns in args.conns[1:]:
+    for conns in args.conns[1:]:
+        totals = {}
+        for label in ("kitegreen", "null"):
             few, many = seen.get((label, first), {}), seen.get((label, conns), {})
             pairs = [(few[r], many[r]) for r in few if r in many]  # a failed cell: none
+            totals[label] = _median_ratio(pairs, sum)
             print(
                 f"split {label:9} {conns} against {first} conns, medians of the rounds' ratios: "
                 f"user {_median_ratio(pairs, lambda c: c[0]):.2f}x, "
                 f"kernel {_median_ratio(pairs, lambda c: c[1]):.2f}x, "
-                f"total {_median_ratio(pairs, sum):.2f}x"
+                f"total {totals[label]:.2f}x"
             )
+        # The server's growth over the kernel's own in the same cells: what the connection
+        # count costs the server beyond what it costs any server on this machine's TCP.
+        print(
+            f"split kitegreen's growth at {conns} over the null server's: "
+            f"{totals['kitegreen'] / totals['null']:.2f}"
+        )
 
 
 def split_cell(
