@@ -223,17 +223,14 @@ def split_cell(
 ) -> None:
     """One cell of the split study: printed, and its (user, kernel) µs per request kept."""
     tcp0, woken0 = tcp_counters(), loadgen_sleeps()
-    user0, sys0 = run.cpu_total_times(pids)
-    ticks0 = run.core_ticks()
+    before = run.CpuSample.of(pids)
     res = run.run_loadgen(port, msg, conns, args.warmup, args.duration, pin, rate=args.rate)
-    ticks1 = run.core_ticks()
-    user1, sys1 = run.cpu_total_times(pids)
+    after = run.CpuSample.of(pids)
     tcp1, woken1 = tcp_counters(), loadgen_sleeps()
     if "error" in res:
         print(f"split round {rnd} {label:9} {conns:5d} conns: failed: {res['error']}", flush=True)
         return
-    share = run.kernel_share(ticks0, ticks1, run.SERVER_CORE) if pin else None
-    user_s, sys_s = run.split_cpu(user1 - user0 + sys1 - sys0, (user1 - user0, sys1 - sys0), share)
+    user_s, sys_s = before.spent_until(after, pin)
     user, kernel = run._per_request(user_s, res), run._per_request(sys_s, res)
     seen.setdefault((label, conns), {})[rnd] = (user, kernel)
     done = sum(res.get(k, 0) for k in ("requests", "warmup_requests", "refused", "warmup_refused"))

@@ -343,20 +343,36 @@ def kernel_share(before: Ticks, after: Ticks, core: str) -> float | None:
     return kernel / (user + kernel) if user + kernel > 0 else None
 
 
-def split_cpu(
-    total_s: float, process: tuple[float, float], share: float | None
-) -> tuple[float, float]:
-    """``total_s`` of a server's CPU split into user space and kernel.
+@dataclass(frozen=True)
+class CpuSample:
+    """A server's CPU so far (its processes' user and system seconds) and every core's ticks,
+    read together at the start or the end of a cell."""
 
-    With the server alone on a pinned core, by ``share``, that core's kernel share of its busy
-    ticks over the cell. Otherwise by ``process``, the (user, system) difference of the
-    process's own counters, which is noisier: /proc/PID/stat rescales its tick-sampled split
-    over the process's whole life, so the difference of two reads carries the error of both.
-    """
-    if share is not None:
-        return total_s * (1.0 - share), total_s * share
-    user, system = process
-    return user, system
+    user: float
+    system: float
+    ticks: Ticks
+    at: float
+
+    @classmethod
+    def of(cls, pids: list[int]) -> CpuSample:
+        user, system = cpu_total_times(pids)
+        return cls(user, system, core_ticks(), time.monotonic())
+
+    def spent_until(self, end: CpuSample, pin: bool) -> tuple[float, float]:
+        """The server's CPU seconds from here to ``end``: (user space, kernel).
+
+        The total is the processes' own. With the server alone on a pinned core, it is split
+        by that core's kernel share of its busy ticks over the cell; otherwise by the
+        processes' own (user, system) difference, which is noisier: /proc/PID/stat rescales
+        its tick-sampled split over the process's whole life, so the difference of two reads
+        carries the error of both.
+        """
+        user, system = end.user - self.user, end.system - self.system
+        share = kernel_share(self.ticks, end.ticks, SERVER_CORE) if pin else None
+        if share is None:
+            return user, system
+        total = user + system
+        return total * (1.0 - share), total * share
 
 
 def steal_share(before: Ticks, after: Ticks, core: str) -> float:
@@ -749,8 +765,7 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
                     for method in plan.methods:
                         for conns in plan.conns:
                             pids = server.serving_pids()
-                            user0, sys0 = cpu_total_times(pids)
-                            t0, ticks0 = time.monotonic(), core_ticks()
+                            before = CpuSample.of(pids)
                             result = run_loadgen(
                                 server.port,
                                 messages[method, wire],
@@ -761,22 +776,17 @@ def run(plan: Plan, pin: bool) -> dict[str, Any]:
                                 plan.loadgens,
                                 plan.rate,
                             )
-                            user1, sys1 = cpu_total_times(pids)
-                            t1, ticks1 = time.monotonic(), core_ticks()
-                            cpu0, cpu1 = user0 + sys0, user1 + sys1
-                            user_s, sys_s = split_cpu(
-                                cpu1 - cpu0,
-                                (user1 - user0, sys1 - sys0),
-                                kernel_share(ticks0, ticks1, SERVER_CORE) if pin else None,
-                            )
+                            after = CpuSample.of(pids)
+                            user_s, sys_s = before.spent_until(after, pin)
+                            ticks0, ticks1 = before.ticks, after.ticks
                             result.update(
                                 server=name,
                                 wire=wire,
                                 method=method,
                                 conns=conns,
                                 round=rnd,
-                                server_cpu_util=(cpu1 - cpu0) / (t1 - t0),
-                                server_cpu_us_per_req=_per_request(cpu1 - cpu0, result),
+                                server_cpu_util=(user_s + sys_s) / (after.at - before.at),
+                                server_cpu_us_per_req=_per_request(user_s + sys_s, result),
                                 server_cpu_user_us_per_req=_per_request(user_s, result),
                                 server_cpu_sys_us_per_req=_per_request(sys_s, result),
                                 workers=worker_count(name),
